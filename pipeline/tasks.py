@@ -1,0 +1,465 @@
+"""Task registry: the eight GLUE tasks and the user's own files, with the paper's splits and metrics.
+
+Sources, in the order a user meets them:
+  * a local directory in the classic ``glue_data`` TSV layout (``--data-dir``),
+  * the Hugging Face hub through ``datasets`` (for users who are online),
+  * the user's own CSV/JSONL files with a column mapping (task ``custom``).
+
+Splits follow the authors' code (LST_REFERENCE.md section 6): the small tasks halve the original
+validation set into validation and test; the large ones hold out 1000 training examples as
+validation and test on the original validation set; MNLI validates on mismatched and tests on
+matched. The shuffles use ``split_seed`` (42 in the reference), fixed across runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+csv.field_size_limit(sys.maxsize)
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    text_fields: tuple[str, ...]  # field names, also the keys of the T5 input template
+    labels: tuple[str, ...] | None  # class names in id order; None for regression (STS-B)
+    metric: str  # "accuracy" | "mcc" | "acc_f1" | "pearson_spearman"
+    glue_dir: str = ""  # folder name in glue_data
+    tsv_columns: tuple[str | int, ...] = ()  # TSV header names (or positions) of text fields
+    tsv_label: str | int = "label"  # TSV header name (or position) of the label
+    tsv_header: bool = True
+    tsv_files: dict[str, str] = field(default_factory=dict)  # original split -> file name
+    hub_columns: tuple[str, ...] = ()  # column names in the hub's "glue" dataset
+    large: bool = False  # large tasks hold out 1000 training examples as validation
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+
+def _glue(name: str, **kw: object) -> TaskSpec:
+    files = {"train": "train.tsv", "validation": "dev.tsv"}
+    return TaskSpec(name=name, tsv_files=kw.pop("tsv_files", files), **kw)  # type: ignore[arg-type]
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        _glue(
+            "cola",
+            text_fields=("sentence",),
+            labels=("unacceptable", "acceptable"),
+            metric="mcc",
+            glue_dir="CoLA",
+            tsv_columns=(3,),
+            tsv_label=1,
+            tsv_header=False,
+            hub_columns=("sentence",),
+        ),
+        _glue(
+            "sst2",
+            text_fields=("sentence",),
+            labels=("negative", "positive"),
+            metric="accuracy",
+            glue_dir="SST-2",
+            tsv_columns=("sentence",),
+            hub_columns=("sentence",),
+            large=True,
+        ),
+        _glue(
+            "mrpc",
+            text_fields=("sentence1", "sentence2"),
+            labels=("not_equivalent", "equivalent"),
+            metric="acc_f1",
+            glue_dir="MRPC",
+            tsv_columns=("#1 String", "#2 String"),
+            tsv_label="Quality",
+            hub_columns=("sentence1", "sentence2"),
+        ),
+        _glue(
+            "qqp",
+            text_fields=("question1", "question2"),
+            labels=("not_duplicate", "duplicate"),
+            metric="acc_f1",
+            glue_dir="QQP",
+            tsv_columns=("question1", "question2"),
+            tsv_label="is_duplicate",
+            hub_columns=("question1", "question2"),
+            large=True,
+        ),
+        _glue(
+            "stsb",
+            text_fields=("sentence1", "sentence2"),
+            labels=None,
+            metric="pearson_spearman",
+            glue_dir="STS-B",
+            tsv_columns=("sentence1", "sentence2"),
+            tsv_label="score",
+            hub_columns=("sentence1", "sentence2"),
+        ),
+        _glue(
+            "mnli",
+            text_fields=("premise", "hypothesis"),
+            labels=("entailment", "neutral", "contradiction"),
+            metric="accuracy",
+            glue_dir="MNLI",
+            tsv_columns=("sentence1", "sentence2"),
+            tsv_label="gold_label",
+            tsv_files={
+                "train": "train.tsv",
+                "validation_matched": "dev_matched.tsv",
+                "validation_mismatched": "dev_mismatched.tsv",
+            },
+            hub_columns=("premise", "hypothesis"),
+            large=True,
+        ),
+        _glue(
+            "qnli",
+            text_fields=("question", "sentence"),
+            labels=("entailment", "not_entailment"),
+            metric="accuracy",
+            glue_dir="QNLI",
+            tsv_columns=("question", "sentence"),
+            hub_columns=("question", "sentence"),
+            large=True,
+        ),
+        _glue(
+            "rte",
+            text_fields=("sentence1", "sentence2"),
+            labels=("entailment", "not_entailment"),
+            metric="accuracy",
+            glue_dir="RTE",
+            tsv_columns=("sentence1", "sentence2"),
+            hub_columns=("sentence1", "sentence2"),
+        ),
+    ]
+}
+METRICS = ("accuracy", "mcc", "acc_f1", "pearson_spearman")
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]
+    label: int | float
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    splits: dict[str, list[Example]]  # "train", "validation", "test"
+    source: str  # a short description of where the data came from
+
+    def fingerprint(self, split: str) -> str:
+        return fingerprint_examples(self.splits[split])
+
+
+def fingerprint_examples(examples: Sequence[Example]) -> str:
+    """A digest of a split's content and order: any edit to the data changes the cache key."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.texts, ex.label], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise PipelineError(
+            f"unknown task {name!r}; allowed: {', '.join(TASKS)}, or 'custom' with your own files"
+        )
+    return TASKS[name]
+
+
+@dataclass(frozen=True)
+class CustomTask:
+    """The user's own CSV/JSONL files: ``files`` maps split -> path."""
+
+    files: dict[str, str]
+    text_columns: tuple[str, ...]
+    label_column: str = "label"
+    problem: str = "classification"  # or "regression"
+    metric: str = "accuracy"
+
+
+def load_task(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    custom: CustomTask | None = None,
+    split_seed: int = 42,
+    limit: int | None = None,
+) -> TaskData:
+    """Load a task's train/validation/test splits (paper splits), optionally the first ``limit`` of each."""
+    if name == "custom":
+        if custom is None:
+            raise PipelineError("task 'custom' needs task.files and task.text_columns")
+        spec, original = _load_custom(custom)
+        source = "files: " + ", ".join(f"{k}={v}" for k, v in custom.files.items())
+    else:
+        spec = get_task(name)
+        if data_dir is not None:
+            original = _load_glue_dir(spec, Path(data_dir))
+            source = f"glue_data TSV at {Path(data_dir).resolve()}"
+        else:
+            original = _load_hub(spec)
+            source = "huggingface hub: glue/" + spec.name
+    splits = paper_splits(spec, original, split_seed)
+    for split, examples in splits.items():
+        if not examples:
+            raise PipelineError(f"split {split!r} of task {spec.name!r} is empty ({source})")
+    if limit is not None:
+        if limit < 1:
+            raise PipelineError(f"--limit must be a positive integer, got {limit}")
+        splits = {k: v[:limit] for k, v in splits.items()}
+    return TaskData(spec=spec, splits=splits, source=source)
+
+
+def paper_splits(
+    spec: TaskSpec, original: dict[str, list[Example]], seed: int
+) -> dict[str, list[Example]]:
+    """Derive train/validation/test from the original splits as the authors' code does."""
+    rng = np.random.RandomState(seed)
+    if spec.name == "mnli":
+        return {
+            "train": original["train"],
+            "validation": original["validation_mismatched"],
+            "test": original["validation_matched"],
+        }
+    if "test" in original:  # custom files with their own test split
+        return {k: original[k] for k in SPLITS}
+    if spec.large:
+        train = original["train"]
+        order = rng.permutation(len(train))
+        return {
+            "train": [train[i] for i in order[1000:]],
+            "validation": [train[i] for i in order[:1000]],
+            "test": original["validation"],
+        }
+    val = original["validation"]
+    order = rng.permutation(len(val))
+    half = len(val) // 2
+    return {
+        "train": original["train"],
+        "validation": [val[i] for i in order[:half]],
+        "test": [val[i] for i in order[half:]],
+    }
+
+
+def _label_value(spec: TaskSpec, raw: str, where: str) -> int | float:
+    if spec.labels is None:
+        try:
+            return float(raw)
+        except ValueError:
+            raise PipelineError(f"{where}: label {raw!r} is not a number") from None
+    if raw.isdigit() and int(raw) < len(spec.labels):
+        return int(raw)
+    if raw in spec.labels:
+        return spec.labels.index(raw)
+    raise PipelineError(
+        f"{where}: label {raw!r} is not one of {', '.join(spec.labels)} "
+        f"(or their ids 0..{len(spec.labels) - 1})"
+    )
+
+
+def read_glue_tsv(spec: TaskSpec, path: Path) -> list[Example]:
+    """Read one glue_data TSV file, checking that it has the task's columns."""
+    if not path.is_file():
+        raise PipelineError(f"missing data file {path} for task {spec.name!r}")
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise PipelineError(f"{path} is empty")
+    wanted = [*spec.tsv_columns, spec.tsv_label]
+    if spec.tsv_header:
+        header, rows = rows[0], rows[1:]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise PipelineError(
+                f"{path} has the wrong columns: missing {', '.join(map(str, missing))}; "
+                f"task {spec.name!r} needs {', '.join(map(str, wanted))} (found {', '.join(header)})"
+            )
+        index = [header.index(c) for c in wanted]
+    else:
+        index = [int(c) for c in wanted]
+    width = max(index) + 1
+    examples = []
+    for n, row in enumerate(rows, start=2 if spec.tsv_header else 1):
+        if len(row) < width:
+            raise PipelineError(
+                f"{path}:{n} has {len(row)} columns; task {spec.name!r} needs at least {width}"
+            )
+        if spec.name == "mnli" and row[index[-1]] == "-":  # no gold label (rare in dev sets)
+            continue
+        texts = tuple(row[i] for i in index[:-1])
+        examples.append(Example(texts, _label_value(spec, row[index[-1]], f"{path}:{n}")))
+    return examples
+
+
+def _load_glue_dir(spec: TaskSpec, data_dir: Path) -> dict[str, list[Example]]:
+    if not data_dir.is_dir():
+        raise PipelineError(f"data directory {data_dir} does not exist")
+    task_dir = data_dir / spec.glue_dir
+    if not task_dir.is_dir():
+        raise PipelineError(
+            f"data directory {data_dir} has no {spec.glue_dir}/ folder for task {spec.name!r} "
+            "(expected the classic glue_data layout)"
+        )
+    return {split: read_glue_tsv(spec, task_dir / fn) for split, fn in spec.tsv_files.items()}
+
+
+def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", spec.name)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipelineError(
+            f"could not load glue/{spec.name} from the Hugging Face hub ({first}); "
+            "pass --data-dir with a glue_data folder instead"
+        ) from None
+    out = {}
+    for split in ds:
+        if split.startswith("test"):
+            continue  # GLUE test labels are not public
+        out[split] = [
+            Example(tuple(row[c] for c in spec.hub_columns), row["label"]) for row in ds[split]
+        ]
+    return out
+
+
+def _read_table(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise PipelineError(f"missing data file {path}")
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+    raise PipelineError(f"{path}: unsupported file type; allowed: .csv, .tsv, .jsonl")
+
+
+def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]]:
+    for split in custom.files:
+        if split not in SPLITS:
+            raise PipelineError(f"task.files has split {split!r}; allowed: {', '.join(SPLITS)}")
+    for split in ("train", "validation"):
+        if split not in custom.files:
+            raise PipelineError(f"task 'custom' needs a {split} file in task.files")
+    if custom.problem not in ("classification", "regression"):
+        raise PipelineError(
+            f"task.problem is {custom.problem!r}; allowed: classification, regression"
+        )
+    if custom.metric not in METRICS:
+        raise PipelineError(f"task.metric is {custom.metric!r}; allowed: {', '.join(METRICS)}")
+    tables = {split: _read_table(Path(p)) for split, p in custom.files.items()}
+    for split, rows in tables.items():
+        needed = [*custom.text_columns, custom.label_column]
+        if rows and (missing := [c for c in needed if c not in rows[0]]):
+            raise PipelineError(
+                f"{custom.files[split]} has the wrong columns: missing {', '.join(missing)} "
+                f"(found {', '.join(rows[0])})"
+            )
+    labels = None
+    if custom.problem == "classification":
+        labels = tuple(sorted({str(r[custom.label_column]) for r in tables["train"]}))
+    spec = TaskSpec(
+        name="custom",
+        text_fields=custom.text_columns,
+        labels=labels,
+        metric=custom.metric,
+    )
+    original = {
+        split: [
+            Example(
+                tuple(str(r[c]) for c in custom.text_columns),
+                _label_value(spec, str(r[custom.label_column]), custom.files[split])
+                if labels is None or str(r[custom.label_column]) not in labels
+                else labels.index(str(r[custom.label_column])),
+            )
+            for r in rows
+        ]
+        for split, rows in tables.items()
+    }
+    return spec, original
+
+
+# --- metrics (the paper's, x100) -------------------------------------------------------------
+
+
+def compute_metrics(spec: TaskSpec, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The task's metric(s) x100 and their mean under ``score`` (the figure the paper reports)."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if spec.metric == "pearson_spearman":
+        from scipy.stats import pearsonr, spearmanr
+
+        p = float(pearsonr(preds, labels)[0]) * 100 if np.std(preds) > 0 else 0.0
+        s = float(spearmanr(preds, labels)[0]) * 100 if np.std(preds) > 0 else 0.0
+        out = {"pearson": p, "spearman": s}
+    elif spec.metric == "mcc":
+        out = {"mcc": _mcc(preds, labels) * 100}
+    elif spec.metric == "acc_f1":
+        out = {"accuracy": float(np.mean(preds == labels)) * 100, "f1": _f1(preds, labels) * 100}
+    else:
+        out = {"accuracy": float(np.mean(preds == labels)) * 100}
+    out["score"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _mcc(preds: np.ndarray, labels: np.ndarray) -> float:
+    tp = float(np.sum((preds == 1) & (labels == 1)))
+    tn = float(np.sum((preds == 0) & (labels == 0)))
+    fp = float(np.sum((preds == 1) & (labels == 0)))
+    fn = float(np.sum((preds == 0) & (labels == 1)))
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denom == 0 else (tp * tn - fp * fn) / denom
+
+
+def _f1(preds: np.ndarray, labels: np.ndarray) -> float:
+    tp = float(np.sum((preds == 1) & (labels == 1)))
+    fp = float(np.sum((preds == 1) & (labels == 0)))
+    fn = float(np.sum((preds == 0) & (labels == 1)))
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+# --- input templates ---------------------------------------------------------------------------
+
+
+def t5_source(spec: TaskSpec, ex: Example) -> str:
+    """The authors' seq2seq input: ``"<task> key1: text1 key2: text2"`` (MNLI: no colon after hypothesis)."""
+    parts = [spec.name]
+    for key, text in zip(spec.text_fields, ex.texts, strict=True):
+        sep = "" if (spec.name == "mnli" and key == "hypothesis") else ":"
+        parts.append(f"{key}{sep} {text}")
+    return " ".join(parts)
+
+
+def t5_target(spec: TaskSpec, label: int | float) -> str:
+    """The verbalised target: the label id as a string; STS-B rounded to the nearest 0.2."""
+    if spec.is_regression:
+        return f"{round(float(label) * 5) / 5:.1f}"
+    return str(int(label))
+
+
+def t5_candidates(spec: TaskSpec) -> list[str]:
+    """Every label string a T5 side network can be scored on (evaluation by ranking candidates)."""
+    if spec.is_regression:
+        return [f"{i / 5:.1f}" for i in range(26)]
+    return [str(i) for i in range(spec.num_labels)]
