@@ -237,20 +237,28 @@ def cache_rm(key: str, config_path: str | None, cache_root: str | None, as_json:
     _emit({"key": key, "removed": True}, as_json, lambda o: click.echo(f"removed {o['key']}"))
 
 
-def main() -> None:
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for bad input, one line on stderr)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        cli(standalone_mode=False)
+        result = cli(args=args, standalone_mode=False)
     except PipelineError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
+    except SystemExit as e:
+        return int(e.code or 0)
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

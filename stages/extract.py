@@ -33,7 +33,7 @@ from cache_store.layout import (
     stored_numpy_dtype,
     stream_prefix,
 )
-from cache_store.manifest import cache_key, library_versions, provenance
+from cache_store.manifest import cache_key, check_compatible, library_versions, provenance
 from cache_store.writer import (
     BackgroundWriter,
     CacheWriter,
@@ -229,6 +229,7 @@ class Extractor:
         store = st.open_root(root, self.cfg.cache.storage_options, write=True)
         existing = committed_manifest(store, self.key)
         if existing is not None:
+            check_compatible(existing, self.key)
             return ExtractResult(self.key, root, True, existing)
         t0 = time.perf_counter()
         writer = CacheWriter.begin(store, root, self.key)

@@ -1,0 +1,106 @@
+"""Shared fixtures: real GLUE files, the packaged MiniLM, and tiny random backbones from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE = REPO.parent / "shared" / "data" / "glue"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    assert GLUE.is_dir(), f"GLUE files expected at {GLUE} (shared/ beside the repo)"
+    return GLUE
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from ladder.backbones import packaged_minilm
+
+    return AutoTokenizer.from_pretrained(packaged_minilm())
+
+
+def tiny_bert(tokenizer, seed: int = 0, layers: int = 3):
+    from transformers import BertConfig, BertModel
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    return from_model("tiny-bert", "", BertModel(cfg, add_pooling_layer=False), tokenizer)
+
+
+def tiny_t5(tokenizer, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        d_kv=8,
+        num_heads=4,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return from_model("tiny-t5", "", T5ForConditionalGeneration(cfg), tokenizer)
+
+
+def tiny_bart(tokenizer, seed: int = 0):
+    from transformers import BartConfig, BartModel
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=tokenizer.vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return from_model("tiny-bart", "", BartModel(cfg), tokenizer)
+
+
+def make_config(tmp_path: Path, glue: Path, **overrides):
+    """A Config on the real GLUE files with a cache root in tmp_path; small chunks, no side_init."""
+    from pipeline.config import Config, apply_overrides
+
+    base = {
+        "task.name": "rte",
+        "task.data_dir": str(glue),
+        "task.limit": 12,
+        "cache.root": str(tmp_path / "cache"),
+        "cache.chunk_mb": 0.01,
+        "cache.shard_chunks": 2,
+        "extract.side_init": [],
+        "extract.batch_tokens": 512,
+    }
+    base.update(overrides)
+    return apply_overrides(Config(), base)
