@@ -90,10 +90,15 @@ def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     raise PipelineError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
+def decode_numpy(codes: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:
+    """Stored codes -> float32 array [n, d] (numpy: no thread-pool overhead on small blocks)."""
+    if dtype == "bfloat16":
+        return (codes.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "int8":
+        return codes.astype(np.float32) * scale[:, None]
+    return codes.astype(np.float32, copy=False)
+
+
 def decode(codes: np.ndarray, scale: np.ndarray | None, dtype: str) -> torch.Tensor:
     """Stored codes -> float32 tensor [n, d] (the side network computes in float32)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(codes.view(np.int16)).view(torch.bfloat16).float()
-    if dtype == "int8":
-        return torch.from_numpy(codes).float() * torch.from_numpy(scale)[:, None]
-    return torch.from_numpy(np.ascontiguousarray(codes)).float()
+    return torch.from_numpy(np.ascontiguousarray(decode_numpy(codes, scale, dtype)))

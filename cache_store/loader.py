@@ -1,0 +1,293 @@
+"""Reading a cache for training: whole blocks, a shuffle buffer, length buckets, prefetch.
+
+Random per-example reads are what makes activation caches slow (DESIGN.md): this loader reads
+blocks of consecutive examples (about ``block_tokens`` tokens, i.e. whole chunks) of only the
+states a side network needs, shuffles block order and then the examples inside a buffer of
+blocks, forms length-bucketed batches (little padding), and builds them on a background thread,
+so the training step does not wait on I/O. Splits that fit in ``memory_budget`` bytes are read
+once and kept (every epoch then shuffles all examples). The order depends only on the seed and
+the epoch.
+
+Threads, not ``DataLoader`` worker processes: zarr 3 under ``fork`` can deadlock once the parent
+has used its event loop.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache_store.layout import decode_numpy, layer_name, meta_prefix
+from cache_store.registry import CommittedCache
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class Batch:
+    """One padded batch. ``states[stream][n]`` is [B, T_stream, d] float32."""
+
+    index: torch.Tensor  # [B] example indices in the split
+    labels: torch.Tensor  # [B] class ids (int64) or scores (float32)
+    states: dict[str, dict[int, torch.Tensor]]
+    masks: dict[str, torch.Tensor]  # [B, T_stream] bool
+    input_ids: dict[str, torch.Tensor]  # [B, T_stream] (pad 0): what online LST feeds a backbone
+    target_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # decoder streams, pad -100
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        return Batch(
+            self.index,
+            self.labels.to(device),
+            {
+                s: {n: x.to(device, non_blocking=True) for n, x in d.items()}
+                for s, d in self.states.items()
+            },
+            {s: m.to(device) for s, m in self.masks.items()},
+            {s: x.to(device) for s, x in self.input_ids.items()},
+            {s: x.to(device) for s, x in self.target_ids.items()},
+        )
+
+
+@dataclass
+class _Block:
+    """Examples [lo, hi) of a split: per stream their offsets and the stored rows."""
+
+    lo: int
+    hi: int
+    offsets: dict[str, np.ndarray]  # relative token offsets, [hi - lo + 1]
+    rows: dict[str, dict[int, tuple[np.ndarray, np.ndarray | None]]]  # codes, int8 scale
+    ids: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray]
+
+
+class CacheLoader:
+    """Batches of one split of a committed cache, for the states in ``layers``.
+
+    ``layers`` maps a stream (``enc``, ``dec``, ``cand_K``) to the state numbers to read.
+    """
+
+    def __init__(
+        self,
+        cache: CommittedCache,
+        split: str,
+        layers: dict[str, list[int]],
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        block_tokens: int | None = None,
+        buffer_blocks: int = 16,
+        bucket_batches: int = 50,
+        prefetch: int = 4,
+        memory_budget: int = 4 << 30,
+    ) -> None:
+        m = cache.manifest
+        if split not in m["splits"]:
+            raise PipelineError(
+                f"cache {cache.key} has no split {split!r}; it has {', '.join(m['splits'])}"
+            )
+        for stream, states in layers.items():
+            if stream not in m["splits"][split]["streams"]:
+                raise PipelineError(
+                    f"cache {cache.key} has no stream {stream!r} in split {split!r}"
+                )
+            stack = "enc" if stream == "enc" else "dec"
+            missing = sorted(set(states) - set(m["layers_stored"][stack]))
+            if missing:
+                raise PipelineError(
+                    f"cache {cache.key} lacks layer state {missing[0]} ({stack}) that the side network "
+                    f"keeps; it stores {m['layers_stored'][stack]}: re-extract with those layers"
+                )
+        self.cache, self.split, self.layers = cache, split, layers
+        self.dtype = m["dtype"]
+        self.d = m["backbone"]["d_model"]
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.bucket_batches, self.prefetch = bucket_batches, prefetch
+        self.offsets = {
+            s: np.asarray(cache.array(f"{meta_prefix(split, s)}/offsets")[:]) for s in layers
+        }
+        self.labels = np.asarray(cache.array(f"{split}/labels")[:])
+        self.n = len(self.labels)
+        self.block_tokens = block_tokens or m["chunk_rows"] * 4
+        enc = self.offsets["enc"]
+        self.blocks = self._plan_blocks(enc)
+        self.buffer_blocks = len(self.blocks) if self._fits(memory_budget) else buffer_blocks
+        self._kept: dict[int, _Block] | None = (
+            {} if self.buffer_blocks == len(self.blocks) else None
+        )
+
+    def _fits(self, budget: int) -> bool:
+        itemsize = 1 if self.dtype == "int8" else (4 if self.dtype == "float32" else 2)
+        total = sum(
+            int(self.offsets[s][-1]) * len(states) * self.d * itemsize
+            for s, states in self.layers.items()
+        )
+        return total <= budget
+
+    def _plan_blocks(self, offsets: np.ndarray) -> list[tuple[int, int]]:
+        blocks, lo = [], 0
+        while lo < self.n:
+            hi = int(np.searchsorted(offsets, offsets[lo] + self.block_tokens, side="left"))
+            hi = min(self.n, max(hi, lo + 1))
+            blocks.append((lo, hi))
+            lo = hi
+        return blocks
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def _read_block(self, b: int) -> _Block:
+        if self._kept is not None and b in self._kept:
+            return self._kept[b]
+        lo, hi = self.blocks[b]
+        offsets, rows, ids, targets = {}, {}, {}, {}
+        for stream, states in self.layers.items():
+            off = self.offsets[stream]
+            t0, t1 = int(off[lo]), int(off[hi])
+            offsets[stream] = off[lo : hi + 1] - t0
+            meta = meta_prefix(self.split, stream)
+            ids[stream] = np.asarray(self.cache.array(f"{meta}/input_ids")[t0:t1])
+            if stream != "enc":
+                targets[stream] = np.asarray(self.cache.array(f"{meta}/target_ids")[t0:t1])
+            rows[stream] = {}
+            for n in states:
+                path = f"{self.split}/{stream}/{layer_name(n)}"
+                codes = np.asarray(self.cache.array(path)[t0:t1])
+                scale = (
+                    np.asarray(self.cache.array(path + "_scale")[t0:t1])
+                    if self.dtype == "int8"
+                    else None
+                )
+                rows[stream][n] = (codes, scale)
+        block = _Block(lo, hi, offsets, rows, ids, targets)
+        if self._kept is not None:
+            self._kept[b] = block
+        return block
+
+    # --- batching --------------------------------------------------------------------------------
+
+    def _batch(self, blocks: list[_Block], picks: list[tuple[int, int]]) -> Batch:
+        """Pad the examples ``picks`` = [(block position, example within block)] into a batch."""
+        B = len(picks)
+        index = torch.tensor([blocks[p].lo + i for p, i in picks])
+        states, masks, input_ids, target_ids = {}, {}, {}, {}
+        for stream in self.layers:
+            lens = [
+                int(blocks[p].offsets[stream][i + 1] - blocks[p].offsets[stream][i])
+                for p, i in picks
+            ]
+            T = max(lens)
+            mask = torch.zeros(B, T, dtype=torch.bool)
+            for b, n in enumerate(lens):
+                mask[b, :n] = True
+            masks[stream] = mask
+            dest = mask.view(-1).nonzero().squeeze(1)
+            dest_np = dest.numpy()
+            # rows of each pick, in batch order, as slices of its block's arrays
+            spans = [
+                (p, int(blocks[p].offsets[stream][i]), int(blocks[p].offsets[stream][i + 1]))
+                for p, i in picks
+            ]
+            ids = torch.zeros(B * T, dtype=torch.long)
+            ids[dest] = torch.from_numpy(
+                np.concatenate([blocks[p].ids[stream][a:z] for p, a, z in spans]).astype(np.int64)
+            )
+            input_ids[stream] = ids.view(B, T)
+            if stream != "enc":
+                tgt = torch.full((B * T,), -100, dtype=torch.long)
+                tgt[dest] = torch.from_numpy(
+                    np.concatenate([blocks[p].targets[stream][a:z] for p, a, z in spans]).astype(
+                        np.int64
+                    )
+                )
+                target_ids[stream] = tgt.view(B, T)
+            states[stream] = {}
+            for n in self.layers[stream]:
+                codes = np.concatenate([blocks[p].rows[stream][n][0][a:z] for p, a, z in spans])
+                scale = None
+                if self.dtype == "int8":
+                    scale = np.concatenate([blocks[p].rows[stream][n][1][a:z] for p, a, z in spans])
+                out = np.zeros((B * T, self.d), dtype=np.float32)
+                out[dest_np] = decode_numpy(codes, scale, self.dtype)
+                states[stream][n] = torch.from_numpy(out).view(B, T, self.d)
+        labels = torch.from_numpy(self.labels[index.numpy()])
+        return Batch(index, labels, states, masks, input_ids, target_ids)
+
+    def _plan_epoch(self, epoch: int) -> Iterator[tuple[list[int], list[list[tuple[int, int]]]]]:
+        """(blocks of a buffer, batches as picks) in this epoch's order."""
+        rng = np.random.default_rng([self.seed, epoch])
+        enc = self.offsets["enc"]
+        order = rng.permutation(len(self.blocks)) if self.shuffle else np.arange(len(self.blocks))
+        for start in range(0, len(order), self.buffer_blocks):
+            chosen = [int(b) for b in order[start : start + self.buffer_blocks]]
+            picks = [
+                (p, i)
+                for p, b in enumerate(chosen)
+                for i in range(self.blocks[b][1] - self.blocks[b][0])
+            ]
+
+            def length(pick: tuple[int, int], chosen: list[int] = chosen) -> int:
+                ex = self.blocks[chosen[pick[0]]][0] + pick[1]
+                return int(enc[ex + 1] - enc[ex])
+
+            if self.shuffle:
+                picks = [picks[i] for i in rng.permutation(len(picks))]
+                group = self.batch_size * self.bucket_batches
+                batches = []
+                for g in range(0, len(picks), group):
+                    bucket = sorted(picks[g : g + group], key=length)
+                    batches += [
+                        bucket[k : k + self.batch_size]
+                        for k in range(0, len(bucket), self.batch_size)
+                    ]
+                batches = [batches[i] for i in rng.permutation(len(batches))]
+            else:
+                ordered = sorted(picks, key=length)
+                batches = [
+                    ordered[k : k + self.batch_size]
+                    for k in range(0, len(ordered), self.batch_size)
+                ]
+            yield chosen, batches
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        """This epoch's batches, built on a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for chosen, batches in self._plan_epoch(epoch):
+                    blocks = [self._read_block(b) for b in chosen]
+                    for picks in batches:
+                        if stop.is_set():
+                            return
+                        q.put(self._batch(blocks, picks))
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=produce, name="cache-loader", daemon=True)
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
