@@ -37,6 +37,7 @@ class Batch:
     masks: dict[str, torch.Tensor]  # [B, T_stream] bool
     input_ids: dict[str, torch.Tensor]  # [B, T_stream] (pad 0): what online LST feeds a backbone
     target_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # decoder streams, pad -100
+    token_type_ids: torch.Tensor | None = None  # [B, T_enc], BERT pairs
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -51,6 +52,7 @@ class Batch:
             {s: m.to(device) for s, m in self.masks.items()},
             {s: x.to(device) for s, x in self.input_ids.items()},
             {s: x.to(device) for s, x in self.target_ids.items()},
+            None if self.token_type_ids is None else self.token_type_ids.to(device),
         )
 
 
@@ -64,6 +66,7 @@ class _Block:
     rows: dict[str, dict[int, tuple[np.ndarray, np.ndarray | None]]]  # codes, int8 scale
     ids: dict[str, np.ndarray]
     targets: dict[str, np.ndarray]
+    types: np.ndarray | None = None  # encoder token type ids
 
 
 class CacheLoader:
@@ -113,6 +116,7 @@ class CacheLoader:
             s: np.asarray(cache.array(f"{meta_prefix(split, s)}/offsets")[:]) for s in layers
         }
         self.labels = np.asarray(cache.array(f"{split}/labels")[:])
+        self.has_types = f"{split}/token_type_ids" in cache.group
         self.n = len(self.labels)
         self.block_tokens = block_tokens or m["chunk_rows"] * 4
         enc = self.offsets["enc"]
@@ -155,6 +159,8 @@ class CacheLoader:
             offsets[stream] = off[lo : hi + 1] - t0
             meta = meta_prefix(self.split, stream)
             ids[stream] = np.asarray(self.cache.array(f"{meta}/input_ids")[t0:t1])
+            if stream == "enc" and self.has_types:
+                types = np.asarray(self.cache.array(f"{meta}/token_type_ids")[t0:t1])
             if stream != "enc":
                 targets[stream] = np.asarray(self.cache.array(f"{meta}/target_ids")[t0:t1])
             rows[stream] = {}
@@ -167,7 +173,7 @@ class CacheLoader:
                     else None
                 )
                 rows[stream][n] = (codes, scale)
-        block = _Block(lo, hi, offsets, rows, ids, targets)
+        block = _Block(lo, hi, offsets, rows, ids, targets, types if self.has_types else None)
         if self._kept is not None:
             self._kept[b] = block
         return block
@@ -179,6 +185,7 @@ class CacheLoader:
         B = len(picks)
         index = torch.tensor([blocks[p].lo + i for p, i in picks])
         states, masks, input_ids, target_ids = {}, {}, {}, {}
+        token_types = None
         for stream in self.layers:
             lens = [
                 int(blocks[p].offsets[stream][i + 1] - blocks[p].offsets[stream][i])
@@ -201,6 +208,10 @@ class CacheLoader:
                 np.concatenate([blocks[p].ids[stream][a:z] for p, a, z in spans]).astype(np.int64)
             )
             input_ids[stream] = ids.view(B, T)
+            if stream == "enc" and self.has_types:
+                tt = np.zeros(B * T, dtype=np.int64)
+                tt[dest_np] = np.concatenate([blocks[p].types[a:z] for p, a, z in spans])
+                token_types = torch.from_numpy(tt).view(B, T)
             if stream != "enc":
                 tgt = torch.full((B * T,), -100, dtype=torch.long)
                 tgt[dest] = torch.from_numpy(
@@ -219,7 +230,7 @@ class CacheLoader:
                 out[dest_np] = decode_numpy(codes, scale, self.dtype)
                 states[stream][n] = torch.from_numpy(out).view(B, T, self.d)
         labels = torch.from_numpy(self.labels[index.numpy()])
-        return Batch(index, labels, states, masks, input_ids, target_ids)
+        return Batch(index, labels, states, masks, input_ids, target_ids, token_types)
 
     def _plan_epoch(self, epoch: int) -> Iterator[tuple[list[int], list[list[tuple[int, int]]]]]:
         """(blocks of a buffer, batches as picks) in this epoch's order."""

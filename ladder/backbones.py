@@ -128,7 +128,6 @@ class Backbone:
             return {"lm_head": self.model.lm_head.weight.detach().float().cpu()}
         return {}
 
-    @torch.inference_mode()
     def states(
         self,
         input_ids: torch.Tensor,
@@ -136,13 +135,26 @@ class Backbone:
         token_type_ids: torch.Tensor | None = None,
         decoder_inputs: dict[str, torch.Tensor] | None = None,
         layers: list[int] | None = None,
+        for_training: bool = False,
     ) -> dict[str, list[torch.Tensor | None]]:
         """The states of one padded batch: ``{"enc": [L+1 x [B,T,d]], <dec stream>: [...]}``.
 
         ``decoder_inputs`` (T5 only) maps a stream name to padded decoder input ids [B, T_dec]
         (teacher forcing); the encoder runs once and the decoder once per stream. States not in
-        ``layers`` come back as None and are never copied.
+        ``layers`` come back as None and are never copied. Runs under ``inference_mode``, or
+        ``no_grad`` with ``for_training`` (online LST feeds the states to a side network).
         """
+        with torch.no_grad() if for_training else torch.inference_mode():
+            return self._states(input_ids, attention_mask, token_type_ids, decoder_inputs, layers)
+
+    def _states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        decoder_inputs: dict[str, torch.Tensor] | None,
+        layers: list[int] | None,
+    ) -> dict[str, list[torch.Tensor | None]]:
         want = (lambda n: True) if layers is None else (lambda n: n in layers)  # noqa: E731
         if self.family == "t5":
             if not decoder_inputs:

@@ -86,6 +86,7 @@ class TrainSideConfig(_Section):
     fusion: Literal["ladder", "late", "none"] = "ladder"
     init: Literal["random", "magnitude", "fisher"] = "fisher"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
+    threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one
     run_dir: str = "runs"  # run folders are created under this directory
 
 

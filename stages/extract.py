@@ -279,6 +279,11 @@ class Extractor:
             writer.create_array(
                 f"{meta}/input_ids", flat.shape, "int32", chunk_rows=1 << 20, data=flat
             )
+            if s.token_types is not None:  # BERT pairs: what online LST and predict feed back
+                tt = np.fromiter((t for x in s.token_types for t in x), np.int8, count=s.n_tokens)
+                writer.create_array(
+                    f"{meta}/token_type_ids", tt.shape, "int8", chunk_rows=1 << 20, data=tt
+                )
             if s.targets is not None:
                 tgt = np.fromiter(
                     (t for x in s.targets for t in x), dtype=np.int32, count=s.n_tokens

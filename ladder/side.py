@@ -1,0 +1,749 @@
+"""Ladder side networks (LST; Sung, Cho and Bansal, NeurIPS 2022) fed by a frozen backbone's states.
+
+The side network never holds backbone weights: it is built from the backbone's
+``PretrainedConfig`` (no weights) and a ``SideConfig``, and reads the backbone's hidden states
+from wherever they come from (the activation cache, or a live backbone in online LST).
+
+State numbering (the cache's, and every forward's ``hiddens`` dict): state 0 is the embedding
+output (BERT family: the embeddings module's output; BART: ``layernorm_embedding(tok + pos)``;
+T5: ``shared(ids)``, unscaled), and state ``i + 1`` is the output of backbone block ``i``
+(T5: before the stack's final layer norm). A backbone with L blocks has L + 1 states per stream;
+``needed_layers()`` says which of them a side network reads, so a loader reads only those.
+
+    side = SideConfig(reduction_factor=8, kept_layers=(1, 2, 3, 5), num_labels=3)
+    net = build_side_network(backbone_config, side)          # T5: pass lm_head=[V, d] too
+    logits = net({k: states[k] for k in net.needed_layers()}, attention_mask)   # [B, 3]
+    loss = net.loss(logits, labels)
+
+Behaviour follows the authors' code (LST_REFERENCE.md sections 1, 3 and 5): side blocks are the
+backbone's blocks at width d/r with the same head count, a gate ``g = sigmoid(alpha_i / T)`` per
+backbone layer mixes ``down_i(state i+1)`` into the side stream *before* side block i, and
+dropped layers have neither a side block nor a down-projection.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.models.t5.modeling_t5 import T5Attention
+
+from pipeline.errors import PipelineError
+
+FUSIONS = ("ladder", "late", "none")
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "bart", "mbart")
+T5_TYPES = ("t5", "mt5")
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    """What to build on top of a backbone config; every field has a safe default."""
+
+    reduction_factor: int = 8  # r: widths d/r, d_kv/r, d_ff/r; head count stays the backbone's
+    kept_layers: tuple[int, ...] | None = None  # 0-based blocks with a side block; None = all
+    fusion: str = "ladder"  # "ladder" | "late" (Side-Tuning: state L fused once) | "none"
+    gate_alpha: float = 0.0  # initial alpha of every gate: sigmoid(0) = 0.5, the paper's zero init
+    gate_T: float = 0.1  # gate temperature T in sigmoid(alpha / T), the authors' default
+    ladder_dropout: float = 0.0  # dropout on ladder inputs: noise an eval-mode cache lacks
+    dropout: float | None = None  # one rate for every side dropout; None = the backbone's own rates
+    num_labels: int = 2  # head outputs (encoder-only families); 1 = regression (MSE); unused by T5
+
+    def __post_init__(self) -> None:
+        r = self.reduction_factor
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise PipelineError(f"side.reduction_factor={r!r}; allowed: an int >= 1")
+        if self.kept_layers is not None:
+            # JSON round trips give lists; sort so the side stream follows the backbone's order.
+            kept = list(self.kept_layers) if isinstance(self.kept_layers, Iterable) else None
+            if kept is None or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in kept
+            ):
+                raise PipelineError(
+                    f"side.kept_layers={self.kept_layers!r}; allowed: None or a list of "
+                    "0-based block indices"
+                )
+            if not kept:
+                raise PipelineError(
+                    "side.kept_layers=[] keeps no layer; allowed: None (all) or a non-empty list"
+                )
+            dup = sorted({i for i in kept if kept.count(i) > 1})
+            if dup:
+                raise PipelineError(f"side.kept_layers repeats {dup}; allowed: each index once")
+            object.__setattr__(self, "kept_layers", tuple(sorted(kept)))
+        if self.fusion not in FUSIONS:
+            raise PipelineError(
+                f"side.fusion={self.fusion!r}; allowed: {', '.join(map(repr, FUSIONS))}"
+            )
+        if not _is_real(self.gate_alpha):
+            raise PipelineError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
+        if not _is_real(self.gate_T) or self.gate_T <= 0:
+            raise PipelineError(f"side.gate_T={self.gate_T!r}; allowed: a number > 0")
+        for name in ("ladder_dropout", "dropout"):
+            p = getattr(self, name)
+            if p is None and name == "dropout":
+                continue
+            if not _is_real(p) or not 0 <= p < 1:
+                raise PipelineError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
+        n = self.num_labels
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise PipelineError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
+
+    def kept(self, n_layers: int) -> list[int]:
+        """The kept block indices for a stack of ``n_layers`` blocks."""
+        return list(range(n_layers)) if self.kept_layers is None else list(self.kept_layers)
+
+    def validate(self, backbone_config: PretrainedConfig) -> None:
+        """Check r and the kept layers against a backbone; raise PipelineError naming the value."""
+        dims = _backbone_dims(backbone_config, self)
+        r = self.reduction_factor
+        sizes = {"d_model": dims.d, "the per-head dim": dims.head_dim, "d_ff": dims.d_ff}
+        common = math.gcd(*sizes.values())
+        for name, value in sizes.items():
+            if value % r:
+                divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
+                raise PipelineError(
+                    f"side.reduction_factor={r} does not divide {name}={value}; "
+                    f"allowed: one of {divisors}"
+                )
+        stacks = (
+            {"encoder": dims.n_layers, "decoder": dims.n_dec_layers}
+            if dims.t5
+            else {"backbone": dims.n_layers}
+        )
+        for stack, n in stacks.items():
+            bad = [i for i in self.kept(n) if not 0 <= i < n]
+            if bad:
+                raise PipelineError(
+                    f"side.kept_layers has {bad} outside the {stack}'s {n} blocks; "
+                    f"allowed: 0..{n - 1}"
+                )
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    """The backbone sizes and settings a side network copies, read from the backbone config."""
+
+    t5: bool  # encoder-decoder T5 family (else an encoder-only family)
+    d: int  # backbone width d_model
+    n_head: int  # attention heads (the side keeps the same count)
+    head_dim: int  # backbone per-head dim (T5: d_kv)
+    d_ff: int  # backbone FFN inner width
+    n_layers: int  # (encoder) blocks L
+    n_dec_layers: int  # T5 decoder blocks; 0 for encoder-only
+    act: str  # FFN activation name in transformers' ACT2FN
+    gated: bool  # T5 v1.1 / mT5 gated FFN (wi_0, wi_1)
+    ln_eps: float
+    pre_ln: bool  # mBART is pre-LN with a final encoder LN; BERT family and BART are post-LN
+    dropout: float  # residual / embedding dropout
+    attn_dropout: float  # dropout on attention probabilities
+    act_dropout: float  # dropout inside the FFN after the activation (0 for the BERT family)
+    cls_dropout: float  # dropout of the classification head
+
+
+def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> _Dims:
+    mt = getattr(cfg, "model_type", None)
+    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        hid, att = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+        cls = getattr(cfg, "classifier_dropout", None)
+        dims = dict(
+            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.intermediate_size,
+            n_layers=cfg.num_hidden_layers, n_dec_layers=0, act=cfg.hidden_act, gated=False,
+            ln_eps=cfg.layer_norm_eps, pre_ln=False, dropout=hid, attn_dropout=att,
+            act_dropout=0.0, cls_dropout=hid if cls is None else cls,
+        )  # fmt: skip
+    elif mt in ("bart", "mbart"):
+        d, h = cfg.d_model, cfg.encoder_attention_heads
+        dims = dict(
+            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.encoder_ffn_dim,
+            n_layers=cfg.encoder_layers, n_dec_layers=0, act=cfg.activation_function, gated=False,
+            ln_eps=1e-5, pre_ln=mt == "mbart", dropout=cfg.dropout,
+            attn_dropout=cfg.attention_dropout, act_dropout=cfg.activation_dropout,
+            cls_dropout=cfg.classifier_dropout or 0.0,
+        )  # fmt: skip
+    elif mt in T5_TYPES:
+        p = cfg.dropout_rate
+        n_dec = cfg.num_decoder_layers if cfg.num_decoder_layers is not None else cfg.num_layers
+        dims = dict(
+            t5=True, d=cfg.d_model, n_head=cfg.num_heads, head_dim=cfg.d_kv, d_ff=cfg.d_ff,
+            n_layers=cfg.num_layers, n_dec_layers=n_dec, act=cfg.dense_act_fn,
+            gated=bool(cfg.is_gated_act), ln_eps=cfg.layer_norm_epsilon, pre_ln=True,
+            dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p,
+        )  # fmt: skip
+    else:
+        allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
+        raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+    if side.dropout is not None:  # one rate for every dropout the family has (BERT: none in FFN)
+        p = side.dropout
+        has_act = mt in ("bart", "mbart") or dims["t5"]
+        dims.update(dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=p if has_act else 0.0)
+    return _Dims(**dims)
+
+
+def _t5_scales_output(cfg: PretrainedConfig) -> bool:
+    """Whether T5 multiplies the decoder output by d**-0.5 before the LM head.
+
+    transformers >= 5 forces ``tie_word_embeddings=True`` and keeps the checkpoint's flag as
+    ``scale_decoder_outputs`` (T5 only; its mT5 never scales); 4.x reads ``tie_word_embeddings``
+    itself, as the authors' 4.6 code does.
+    """
+    flag = getattr(cfg, "scale_decoder_outputs", None)
+    if flag is not None:
+        return bool(flag)
+    if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
+        return False
+    return bool(cfg.tie_word_embeddings)
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The reference's init for modules not loaded from pruning: Linear ~ N(0, 0.01), zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _state(hiddens: Mapping[int, Tensor], k: int, d: int, like: Tensor, stream: str) -> Tensor:
+    """State ``k`` of a stream, checked and cast to the side's dtype (caches may hold fp16)."""
+    h = hiddens.get(k)
+    if h is None:
+        raise PipelineError(
+            f"{stream} hidden state {k} is missing (given: {sorted(hiddens)}); "
+            "allowed: a dict holding every state in needed_layers()"
+        )
+    if h.shape[-1] != d:
+        raise PipelineError(
+            f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}"
+        )
+    return h.to(like.dtype)
+
+
+def _needed(fusion: str, kept: list[int], n_layers: int) -> list[int]:
+    if fusion == "ladder":
+        return [0] + [i + 1 for i in kept]
+    if fusion == "late":
+        return [0, n_layers]
+    return [0]
+
+
+def _load_init(
+    weights: Mapping[str, Tensor],
+    own: Mapping[str, Tensor],
+    is_dropped: Callable[[str], bool],
+    allowed: str,
+) -> None:
+    """Copy canonical side-init tensors into ``own``; all shapes are checked before any copy."""
+    staged = []
+    for key, w in weights.items():
+        if key in own:
+            if tuple(w.shape) != tuple(own[key].shape):
+                raise PipelineError(
+                    f"side init {key!r} has shape {tuple(w.shape)}; "
+                    f"allowed: {tuple(own[key].shape)}"
+                )
+            staged.append((own[key], w))
+        elif not is_dropped(key):
+            raise PipelineError(
+                f"side init key {key!r} is not a side-network key; allowed: {allowed}"
+            )
+    with torch.no_grad():
+        for p, w in staged:
+            p.copy_(w)
+
+
+def _dropped_key(
+    key: str, pattern: re.Pattern[str], kept: Mapping[str, list[int]], n: Mapping[str, int]
+) -> bool:
+    """A canonical key of a block that exists in the backbone but is dropped from the side."""
+    m = pattern.match(key)
+    if m is None:
+        return False
+    stack, i = m.group(1), int(m.group(2))
+    return 0 <= i < n[stack] and i not in kept[stack]
+
+
+# --------------------------------------------------------------------------- encoder-only families
+
+
+class EncoderSideBlock(nn.Module):
+    """A BERT/BART encoder block at side width (post-LN; mBART: pre-LN, each LN before its sublayer)."""
+
+    def __init__(self, dims: _Dims, r: int) -> None:
+        super().__init__()
+        d, d_ff = dims.d // r, dims.d_ff // r  # side widths; the head count stays the backbone's
+        self.n_head, self.head_dim, self.pre_ln = dims.n_head, dims.head_dim // r, dims.pre_ln
+        self.attn_dropout = dims.attn_dropout
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.ln_attn = nn.LayerNorm(d, eps=dims.ln_eps)  # after the attention residual
+        self.ffn_in = nn.Linear(d, d_ff)
+        self.act = ACT2FN[dims.act]
+        self.ffn_out = nn.Linear(d_ff, d)
+        self.ln_ffn = nn.LayerNorm(d, eps=dims.ln_eps)  # after the FFN residual
+        self.drop = nn.Dropout(dims.dropout)
+        self.act_drop = nn.Dropout(dims.act_dropout)
+
+    def attention(self, x: Tensor, mask: Tensor) -> Tensor:
+        B, T, C = x.shape  # batch, tokens, side width
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+    def ffn(self, x: Tensor) -> Tensor:
+        return self.ffn_out(self.act_drop(self.act(self.ffn_in(x))))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x: (B, T, d/r); mask: (B, 1, 1, T) bool, True = a real token to attend to."""
+        if self.pre_ln:
+            x = x + self.drop(self.attention(self.ln_attn(x), mask))
+            return x + self.drop(self.ffn(self.ln_ffn(x)))
+        x = self.ln_attn(x + self.drop(self.attention(x, mask)))
+        return self.ln_ffn(x + self.drop(self.ffn(x)))
+
+
+class EncoderSideNetwork(nn.Module):
+    """Side network for BERT-family and BART/mBART encoders, with a first-token classification head.
+
+    Canonical init keys (``load_side_init``): ``layers.{i}.{q,k,v,o,ffn_in,ffn_out}.{weight,bias}``
+    and ``layers.{i}.{ln_attn,ln_ffn}.{weight,bias}`` for kept ``i`` (mBART also ``final_ln.*``);
+    they are this module's own ``state_dict`` names.
+    """
+
+    def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
+        super().__init__()
+        side.validate(backbone_config)
+        dims = _backbone_dims(backbone_config, side)
+        if dims.t5:
+            raise PipelineError(
+                f"model_type={backbone_config.model_type!r} is encoder-decoder; use T5SideNetwork"
+            )
+        r, L = side.reduction_factor, dims.n_layers
+        self.side, self.n_layers, self.fusion = side, L, side.fusion
+        self.d, self.d_side = dims.d, dims.d // r
+        self.kept = side.kept(L)
+        self.drop = nn.Dropout(dims.dropout)
+        self.ladder_drop = nn.Dropout(side.ladder_dropout)
+        self.first_down = nn.Linear(self.d, self.d_side)
+        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
+        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
+        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.kept})
+        self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
+        self.up = nn.Linear(self.d_side, self.d)
+        # BART/RoBERTa classification head: dropout -> dense -> tanh -> dropout -> out_proj
+        self.head_drop = nn.Dropout(dims.cls_dropout)
+        self.head_dense = nn.Linear(self.d, self.d)
+        self.head_out = nn.Linear(self.d, side.num_labels)
+        self.apply(_init_weights)
+
+    def needed_layers(self, stack: str = "enc") -> list[int]:
+        """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
+        if stack != "enc":
+            raise PipelineError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
+        return _needed(self.fusion, self.kept, self.n_layers)
+
+    def gate_values(self) -> Tensor:
+        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
+        if self.gates is None:
+            return torch.empty(0)
+        return torch.sigmoid(self.gates / self.side.gate_T)
+
+    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
+        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
+        h = _state(hiddens, i + 1, self.d, x, "encoder")
+        return g * x + (1 - g) * self.down[str(i)](self.ladder_drop(h))
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        pool_index: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, num_labels).
+
+        hiddens: {state: (B, T, d)}, at least ``needed_layers()``; attention_mask: (B, T) bool or
+        0/1; pool_index: (B,) position whose side state feeds the head (default 0, [CLS] / <s>).
+        """
+        h0 = _state(hiddens, 0, self.d, self.first_down.weight, "encoder")
+        x = self.first_down(self.drop(h0))  # (B, T, d/r)
+        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        for i in self.kept:
+            if self.fusion == "ladder":
+                x = self._fuse(x, i, hiddens)
+            x = self.layers[str(i)](x, mask)
+        if self.fusion == "late":
+            x = self._fuse(x, self.n_layers - 1, hiddens)
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        if pool_index is None:
+            pooled = x[:, 0]  # (B, d/r): [CLS] / <s>
+        else:  # e.g. the last </s>, as the authors' BART head
+            pooled = x[torch.arange(x.shape[0], device=x.device), pool_index.to(x.device)]
+        h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
+        h = torch.tanh(self.head_dense(self.head_drop(h)))
+        return self.head_out(self.head_drop(h))  # (B, num_labels)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy, or MSE when num_labels == 1 (regression)."""
+        if self.side.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())
+
+    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
+
+        Raises PipelineError on a shape mismatch or a key that is not canonical, before copying.
+        """
+        own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
+        if self.final_ln is not None:
+            own.update({f"final_ln.{k}": p for k, p in self.final_ln.named_parameters()})
+        pattern = re.compile(r"^(layers)\.(\d+)\.")
+        kept, n = {"layers": self.kept}, {"layers": self.n_layers}
+        allowed = "layers.{i}.{q,k,v,o,ln_attn,ffn_in,ffn_out,ln_ffn}.{weight,bias} for i < L"
+        _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
+
+
+# --------------------------------------------------------------------------- T5
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, variance in float32."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+class T5SideAttention(nn.Module):
+    """T5 attention (no biases, no 1/sqrt(d_kv) scaling); the bias holds position bias + mask."""
+
+    def __init__(self, d: int, n_head: int, d_kv: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head, self.d_kv, self.dropout = n_head, d_kv, dropout
+        inner = n_head * d_kv  # equals d/r unless the backbone's heads*d_kv != d (t5-3b)
+        self.q = nn.Linear(d, inner, bias=False)
+        self.k = nn.Linear(d, inner, bias=False)
+        self.v = nn.Linear(d, inner, bias=False)
+        self.o = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: Tensor, kv: Tensor, bias: Tensor) -> Tensor:
+        """x: (B, Tq, d/r); kv: (B, Tk, d/r); bias: additive, broadcastable to (B, nh, Tq, Tk)."""
+        B, Tq, _ = x.shape
+        Tk = kv.shape[1]
+        q = self.q(x).view(B, Tq, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tq, hs)
+        k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
+        v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=1.0
+        )
+        return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
+
+
+class T5SideFF(nn.Module):
+    """T5 FFN: wi -> act -> dropout -> wo; gated (v1.1/mT5): act(wi_0) * wi_1."""
+
+    def __init__(self, d: int, d_ff: int, act: str, gated: bool, dropout: float) -> None:
+        super().__init__()
+        self.gated = gated
+        if gated:
+            self.wi_0 = nn.Linear(d, d_ff, bias=False)
+            self.wi_1 = nn.Linear(d, d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(d, d_ff, bias=False)
+        self.wo = nn.Linear(d_ff, d, bias=False)
+        self.act = ACT2FN[act]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
+        return self.wo(self.drop(h))
+
+
+class T5SideBlock(nn.Module):
+    """A pre-LN T5 block at side width: self-attention, [cross-attention], FFN."""
+
+    def __init__(self, dims: _Dims, r: int, cross: bool) -> None:
+        super().__init__()
+        d = dims.d // r
+        self.n_head, self.head_dim = dims.n_head, dims.head_dim // r
+        self.sa = T5SideAttention(d, dims.n_head, self.head_dim, dims.attn_dropout)
+        self.sa_ln = RMSNorm(d, dims.ln_eps)
+        if cross:
+            self.ca = T5SideAttention(d, dims.n_head, self.head_dim, dims.attn_dropout)
+            self.ca_ln = RMSNorm(d, dims.ln_eps)
+        self.ff = T5SideFF(d, dims.d_ff // r, dims.act, dims.gated, dims.act_dropout)
+        self.ff_ln = RMSNorm(d, dims.ln_eps)
+        self.drop = nn.Dropout(dims.dropout)
+
+    def forward(
+        self, x: Tensor, sa_bias: Tensor, enc: Tensor | None = None, ca_bias: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, d/r); sa_bias: (B, nh, T, T) position bias + mask; enc: (B, Te, d/r)."""
+        h = self.sa_ln(x)
+        x = x + self.drop(self.sa(h, h, sa_bias))
+        if enc is not None:
+            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))
+        return x + self.drop(self.ff(self.ff_ln(x)))
+
+
+class T5SideStack(nn.Module):
+    """One side stack (encoder or decoder). Kept block i is the child module named ``"i"``."""
+
+    def __init__(self, cfg: PretrainedConfig, dims: _Dims, side: SideConfig, decoder: bool) -> None:
+        super().__init__()
+        r = side.reduction_factor
+        L = dims.n_dec_layers if decoder else dims.n_layers
+        self.side, self.decoder, self.n_layers, self.fusion = side, decoder, L, side.fusion
+        self.d, self.d_side = dims.d, dims.d // r
+        self.kept = side.kept(L)
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        self.drop = nn.Dropout(dims.dropout)
+        self.ladder_drop = nn.Dropout(side.ladder_dropout)
+        self.first_down = nn.Linear(self.d, self.d_side)
+        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
+        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
+        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        for i in self.kept:
+            self.add_module(str(i), T5SideBlock(dims, r, cross=decoder))
+        # The reference's first kept side block owns the table and later blocks reuse its bias;
+        # one table per stack, computed once per forward, is the same thing.
+        self.rel_bias = nn.Embedding(self.num_buckets, dims.n_head)
+        self.final_ln = RMSNorm(self.d_side, dims.ln_eps)
+        self.apply(_init_weights)
+        nn.init.normal_(self.rel_bias.weight, std=self.d_side**-0.5)  # HF T5 init at side d_model
+
+    def block(self, i: int) -> T5SideBlock:
+        return getattr(self, str(i))
+
+    def gate_values(self) -> Tensor:
+        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
+        if self.gates is None:
+            return torch.empty(0)
+        return torch.sigmoid(self.gates / self.side.gate_T)
+
+    def position_bias(self, T: int, device: torch.device) -> Tensor:
+        """Relative position bias (1, nh, T, T); bidirectional buckets in the encoder only."""
+        pos = torch.arange(T, dtype=torch.long, device=device)
+        buckets = T5Attention._relative_position_bucket(
+            pos[None, :] - pos[:, None],  # memory - query, (T, T)
+            bidirectional=not self.decoder,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        return self.rel_bias(buckets).permute(2, 0, 1)[None]
+
+    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
+        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
+        h = _state(hiddens, i + 1, self.d, x, "decoder" if self.decoder else "encoder")
+        return g * x + (1 - g) * self.down[str(i)](self.ladder_drop(h))
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        mask: Tensor | None,
+        enc: Tensor | None = None,
+        enc_mask: Tensor | None = None,
+    ) -> Tensor:
+        """(B, T, d/r) from hiddens {state: (B, T, d)} and mask (B, T) or None.
+
+        Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc).
+        """
+        w = self.first_down.weight
+        h0 = _state(hiddens, 0, self.d, w, "decoder" if self.decoder else "encoder")
+        x = self.first_down(self.drop(h0))  # (B, T, d/r)
+        B, T, _ = x.shape
+        allowed = torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device)
+        if mask is not None:
+            allowed = mask.bool().to(x.device)[:, None, None, :]  # (B, 1, 1, T)
+        if self.decoder:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            allowed = allowed & causal  # (B, 1, T, T)
+        neg = torch.finfo(x.dtype).min  # finite, so a fully masked row stays finite
+        sa_bias = self.position_bias(T, x.device) + torch.where(allowed, 0.0, neg).to(x.dtype)
+        ca_bias = None
+        if enc is not None:
+            e = (
+                torch.ones(enc.shape[:2], dtype=torch.bool, device=x.device)
+                if enc_mask is None
+                else enc_mask
+            )
+            ca_bias = torch.where(e.bool().to(x.device)[:, None, None, :], 0.0, neg).to(x.dtype)
+        for i in self.kept:
+            if self.fusion == "ladder":
+                x = self._fuse(x, i, hiddens)
+            x = self.block(i)(x, sa_bias, enc, ca_bias)
+        if self.fusion == "late":
+            x = self._fuse(x, self.n_layers - 1, hiddens)
+        return self.drop(self.final_ln(x))
+
+    def canonical_params(self, prefix: str) -> dict[str, Tensor]:
+        own = {
+            f"{prefix}.{i}.{k}": p for i in self.kept for k, p in self.block(i).named_parameters()
+        }
+        own[f"{prefix}.rel_bias.weight"] = self.rel_bias.weight
+        own[f"{prefix}.final_ln.weight"] = self.final_ln.weight
+        return own
+
+
+class T5SideNetwork(nn.Module):
+    """LST for T5/mT5: side encoder and side decoder, up-projection, frozen LM head.
+
+    Canonical init keys (``load_side_init``) are this module's own ``state_dict`` names:
+    ``enc.{i}.sa.{q,k,v,o}.weight``, ``enc.{i}.{sa_ln,ff_ln}.weight``,
+    ``enc.{i}.ff.{wi|wi_0,wi_1,wo}.weight``, ``enc.rel_bias.weight``, ``enc.final_ln.weight``;
+    the same under ``dec.`` plus ``dec.{i}.ca.{q,k,v,o}.weight`` and ``dec.{i}.ca_ln.weight``.
+    The kept list applies to both stacks.
+    """
+
+    def __init__(
+        self, backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor
+    ) -> None:
+        super().__init__()
+        side.validate(backbone_config)
+        dims = _backbone_dims(backbone_config, side)
+        if not dims.t5:
+            raise PipelineError(
+                f"model_type={backbone_config.model_type!r} is not T5; use EncoderSideNetwork"
+            )
+        if lm_head is None or lm_head.dim() != 2 or lm_head.shape[1] != dims.d:
+            got = None if lm_head is None else tuple(lm_head.shape)
+            raise PipelineError(
+                f"T5 side network lm_head={got}; allowed: the frozen LM head weight [V, {dims.d}]"
+            )
+        self.side, self.d, self.d_side = side, dims.d, dims.d // side.reduction_factor
+        self.enc = T5SideStack(backbone_config, dims, side, decoder=False)
+        self.dec = T5SideStack(backbone_config, dims, side, decoder=True)
+        self.up = nn.Linear(self.d_side, self.d)
+        _init_weights(self.up)
+        self.out_scale = self.d**-0.5 if _t5_scales_output(backbone_config) else 1.0
+        # Frozen and not saved with the side checkpoint: stage two gets it from the cache.
+        lm = lm_head.detach().to(self.up.weight.dtype)
+        self.register_buffer("lm_head", lm, persistent=False)
+
+    def needed_layers(self, stack: str = "enc") -> list[int]:
+        """State numbers stack 'enc' or 'dec' reads (0 = shared(ids), i + 1 = output of block i)."""
+        if stack not in ("enc", "dec"):
+            raise PipelineError(f"stack={stack!r}; allowed: 'enc', 'dec'")
+        s = self.enc if stack == "enc" else self.dec
+        return _needed(s.fusion, s.kept, s.n_layers)
+
+    def _logits(self, dec: Tensor) -> Tensor:
+        return F.linear(self.up(dec) * self.out_scale, self.lm_head)  # (B, T, V)
+
+    def forward(
+        self,
+        enc_hiddens: Mapping[int, Tensor],
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced pass -> (logits (B, T_dec, V), loss or None).
+
+        enc_hiddens: {state: (B, T_enc, d)}; enc_mask: (B, T_enc); dec_hiddens:
+        {state: (B, T_dec, d)} on the shifted-right targets; dec_mask: (B, T_dec) or None
+        (causal only, as the reference trains); labels: (B, T_dec), -100 on padding.
+        """
+        enc = self.enc(enc_hiddens, enc_mask)  # (B, T_enc, d/r)
+        dec = self.dec(dec_hiddens, dec_mask, enc, enc_mask)  # (B, T_dec, d/r)
+        logits = self._logits(dec)
+        loss = None if labels is None else self.loss(logits, labels)
+        return logits, loss
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Token cross-entropy, ignoring -100."""
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=-100
+        )
+
+    def score_candidates(
+        self,
+        enc_hiddens: Mapping[int, Tensor],
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None,
+        labels: Tensor,
+    ) -> Tensor:
+        """Summed log-probability of each candidate label string -> (B, C).
+
+        The side encoder runs once per example. dec_hiddens: {state: (B, C, T_dec, d)} under teacher
+        forcing on each candidate; dec_mask: (B, C, T_dec) or None; labels: (B, C, T_dec), -100 on
+        padding. Pick a prediction with ``argmax(-1)``.
+        """
+        B, C, T = labels.shape
+        enc = self.enc(enc_hiddens, enc_mask).repeat_interleave(C, dim=0)  # (B*C, T_enc, d/r)
+        flat = {k: h.flatten(0, 1) for k, h in dec_hiddens.items()}  # (B*C, T_dec, d)
+        dmask = None if dec_mask is None else dec_mask.flatten(0, 1)
+        dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))
+        logp = self._logits(dec).float().log_softmax(-1)  # (B*C, T_dec, V)
+        tok = labels.flatten(0, 1).to(logp.device)
+        valid = tok != -100
+        lp = logp.gather(-1, tok.clamp(min=0)[..., None]).squeeze(-1) * valid
+        return lp.sum(-1).view(B, C)
+
+    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy canonical (pruned) weights into both stacks' kept layers; see EncoderSideNetwork."""
+        own = {**self.enc.canonical_params("enc"), **self.dec.canonical_params("dec")}
+        pattern = re.compile(r"^(enc|dec)\.(\d+)\.")
+        kept = {"enc": self.enc.kept, "dec": self.dec.kept}
+        n = {"enc": self.enc.n_layers, "dec": self.dec.n_layers}
+        allowed = (
+            "{enc,dec}.{i}.{sa,ca,ff,sa_ln,ca_ln,ff_ln}..., {enc,dec}.{rel_bias,final_ln}.weight"
+        )
+        _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def build_side_network(
+    backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor | None = None
+) -> nn.Module:
+    """EncoderSideNetwork or T5SideNetwork (needs ``lm_head`` [V, d]) for a backbone config."""
+    mt = getattr(backbone_config, "model_type", None)
+    if mt in ENCODER_TYPES:
+        return EncoderSideNetwork(backbone_config, side)
+    if mt in T5_TYPES:
+        if lm_head is None:
+            raise PipelineError(
+                f"model_type={mt!r} needs lm_head (the frozen [V, d] LM head weight); got None"
+            )
+        return T5SideNetwork(backbone_config, side, lm_head)
+    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
+    raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameters that require grad (the frozen LM head is a buffer, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
