@@ -75,6 +75,17 @@ def build_config(config_path: str | None, **opts: Any) -> Config:
         "reduction_factors": "extract.reduction_factors",
         "side_init": "extract.side_init",
         "fisher_samples": "extract.fisher_samples",
+        "train_reduction_factors": "train_side.reduction_factors",
+        "seeds": "train_side.seeds",
+        "learning_rates": "train_side.learning_rates",
+        "epochs": "train_side.epochs",
+        "batch_size": "train_side.batch_size",
+        "kept_layers": "train_side.kept_layers",
+        "fusion": "train_side.fusion",
+        "init": "train_side.init",
+        "ladder_dropout": "train_side.ladder_dropout",
+        "warmup_steps": "train_side.warmup_steps",
+        "run_dir": "train_side.run_dir",
     }
     overrides = {mapping[k]: v for k, v in opts.items() if k in mapping}
     if opts.get("cache_root"):
@@ -127,6 +138,192 @@ def run_extract(config_path: str | None, as_json: bool, **opts: Any) -> None:
             click.echo(f"committed {o['key']}  ({o['root']})  in {t.get('total_s', 0):.1f}s")
 
     _emit(out, as_json, human)
+
+
+def _floats(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def train_options(f: Callable) -> Callable:
+    """Options of stage two."""
+    for opt in reversed(
+        [
+            click.option("--cache-key", help="train from this cache (default: newest matching)"),
+            click.option(
+                "--reduction-factors",
+                "train_reduction_factors",
+                callback=lambda c, p, v: _ints(v),
+                help="one side network per factor, e.g. 4,8,16,32",
+            ),
+            click.option("--seeds", callback=lambda c, p, v: _ints(v), help="e.g. 0,1,2"),
+            click.option("--learning-rates", callback=lambda c, p, v: _floats(v), help="e.g. 3e-3"),
+            click.option("--epochs", type=int, help="default: 20 small tasks, 10 the rest"),
+            click.option("--batch-size", type=int),
+            click.option("--warmup-steps", type=int),
+            click.option("--kept-layers", callback=lambda c, p, v: _ints(v), help="e.g. 1,3,5"),
+            click.option("--fusion", help="ladder | late | none"),
+            click.option("--init", help="random | magnitude | fisher"),
+            click.option("--ladder-dropout", type=float),
+            click.option("--run-dir", help="parent folder of run folders"),
+            click.option("--run-name", help="run folder name (default: cache key + config digest)"),
+            click.option(
+                "--online",
+                type=click.Choice(["dropout", "eval"]),
+                help="reference: online LST with the live backbone (dropout on or off)",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _train(
+    cfg: Config, cache_key: str | None, run_name: str | None, online: str | None, progress: bool
+) -> dict:
+    from stages.train_side import train_side
+
+    backbone = None
+    if online is not None:
+        from ladder.backbones import load_backbone
+
+        backbone = load_backbone(cfg.backbone.name, revision=cfg.backbone.revision)
+    result = train_side(
+        cfg,
+        cache_key=cache_key,
+        run_name=run_name,
+        online=backbone,
+        online_dropout=online == "dropout",
+        progress=progress,
+    )
+    nets = result.metrics["networks"]
+    return {
+        "run": str(result.folder),
+        "cache": result.cache_key,
+        "networks": {
+            k: {
+                "best_epoch": v["best_epoch"],
+                "validation": v["best_validation"],
+                "test": v.get("test"),
+            }
+            for k, v in nets.items()
+        },
+    }
+
+
+def _print_train(o: dict) -> None:
+    click.echo(f"run folder: {o['run']}  (cache {o['cache']})")
+    for name, v in o["networks"].items():
+        test = v["test"] or {}
+        click.echo(
+            f"  {name}: best epoch {v['best_epoch'] + 1}, validation {v['validation']:.2f}, test {test.get('score', float('nan')):.2f}"
+        )
+
+
+@run.command("train-side")
+@common_options
+@train_options
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def run_train_side(
+    config_path: str | None,
+    cache_key: str | None,
+    run_name: str | None,
+    online: str | None,
+    as_json: bool,
+    **opts: Any,
+) -> None:
+    """Stage two: train side networks from the cache (never loads the backbone)."""
+    cfg = build_config(config_path, **opts)
+    _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+
+
+@run.command("all")
+@common_options
+@train_options
+@click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def run_all(
+    config_path: str | None,
+    cache_key: str | None,
+    run_name: str | None,
+    online: str | None,
+    as_json: bool,
+    **opts: Any,
+) -> None:
+    """Extract (or reuse) the cache, then train side networks from it."""
+    from stages.extract import extract
+
+    cfg = build_config(config_path, **opts)
+    if cache_key is None:
+        result = extract(cfg, progress=not as_json)
+        cache_key = result.key
+        if not as_json:
+            click.echo(f"cache {'reused' if result.reused else 'committed'}: {cache_key}")
+    _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+
+
+@cli.command("predict")
+@click.option("--run", "run_folder", required=True, help="a train-side run folder")
+@click.option("--network", help="which network of the run (default: the first)")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def predict(run_folder: str, network: str | None, texts: tuple[str, ...], as_json: bool) -> None:
+    """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks)."""
+    from pipeline.tasks import Example
+    from stages.evaluate import Predictor
+
+    p = Predictor(run_folder, network)
+    n = len(p.spec.text_fields)
+    if len(texts) != n:
+        raise PipelineError(
+            f"task {p.spec.name!r} takes {n} text(s) ({', '.join(p.spec.text_fields)}), got {len(texts)}"
+        )
+    pred = p.predict([Example(tuple(texts), 0)])[0]
+    _emit(
+        {"task": p.spec.name, "prediction": p.label_name(pred)},
+        as_json,
+        lambda o: click.echo(o["prediction"]),
+    )
+
+
+@cli.command("evaluate")
+@click.option("--run", "run_folder", required=True, help="a train-side run folder")
+@click.option("--network", help="which network of the run (default: the first)")
+@click.option("--split", default="test", show_default=True, help="train | validation | test")
+@click.option("--data-dir", help="a glue_data folder (default: the run's)")
+@click.option("--limit", type=int, help="first N examples")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def evaluate_cmd(
+    run_folder: str,
+    network: str | None,
+    split: str,
+    data_dir: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Backbone + trained side network on a dataset split, with the task's metric."""
+    from pipeline.tasks import load_task
+    from stages.evaluate import Predictor, evaluate_split
+
+    p = Predictor(run_folder, network)
+    data = load_task(
+        p.cfg.task.name,
+        data_dir=data_dir or p.cfg.task.data_dir,
+        split_seed=p.cfg.task.split_seed,
+        limit=limit,
+    )
+    if split not in data.splits:
+        raise PipelineError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
+    metrics = evaluate_split(p, data, split)
+    _emit(
+        {"split": split, **metrics},
+        as_json,
+        lambda o: click.echo(" ".join(f"{k}={v:.2f}" for k, v in o.items() if k != "split")),
+    )
 
 
 @cli.group()

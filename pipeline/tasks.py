@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -348,11 +349,35 @@ def _read_table(path: Path) -> list[dict]:
     if not path.is_file():
         raise PipelineError(f"missing data file {path}")
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PipelineError(
+                        f"{path}:{n} is not valid JSON ({e.msg}); expected one JSON object per line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise PipelineError(
+                        f"{path}:{n} is a JSON {type(row).__name__}; expected one JSON object per line"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ","))
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # too many or too few fields
+                    raise PipelineError(
+                        f"{path}:{reader.line_num} does not have the header's "
+                        f"{len(reader.fieldnames or ())} columns"
+                    )
+                rows.append(row)
+        return rows
     raise PipelineError(f"{path}: unsupported file type; allowed: .csv, .tsv, .jsonl")
 
 
@@ -360,6 +385,8 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
     for split in custom.files:
         if split not in SPLITS:
             raise PipelineError(f"task.files has split {split!r}; allowed: {', '.join(SPLITS)}")
+    if not custom.text_columns:
+        raise PipelineError("task 'custom' needs task.text_columns (the text columns, in order)")
     for split in ("train", "validation"):
         if split not in custom.files:
             raise PipelineError(f"task 'custom' needs a {split} file in task.files")
@@ -379,12 +406,17 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
             )
     labels = None
     if custom.problem == "classification":
-        labels = tuple(sorted({str(r[custom.label_column]) for r in tables["train"]}))
+        found = {str(r[custom.label_column]) for r in tables["train"]}
+        numeric = all(v.lstrip("-").isdigit() for v in found)
+        labels = tuple(sorted(found, key=lambda v: (int(v), v) if numeric else (0, v)))
     spec = TaskSpec(
         name="custom",
         text_fields=custom.text_columns,
         labels=labels,
-        metric=custom.metric,
+        # accuracy on float scores means nothing: regression defaults to Pearson/Spearman
+        metric="pearson_spearman"
+        if custom.problem == "regression" and custom.metric == "accuracy"
+        else custom.metric,
     )
     original = {
         split: [
@@ -452,9 +484,13 @@ def t5_source(spec: TaskSpec, ex: Example) -> str:
 
 
 def t5_target(spec: TaskSpec, label: int | float) -> str:
-    """The verbalised target: the label id as a string; STS-B rounded to the nearest 0.2."""
+    """The verbalised target: the label id as a string; STS-B rounded to the nearest 0.2.
+
+    The authors' code rounds STS-B to one decimal (51 strings); the 0.2 grid keeps the candidate
+    set that evaluation scores from the cache at 26 strings, at most 0.1 from the true score.
+    """
     if spec.is_regression:
-        return f"{round(float(label) * 5) / 5:.1f}"
+        return f"{math.floor(float(label) * 5 + 0.5) / 5:.1f}"  # half up: 2.5 -> "2.6"
     return str(int(label))
 
 

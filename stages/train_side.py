@@ -37,7 +37,7 @@ from cache_store.registry import CommittedCache, list_caches, open_cache
 from ladder.side import SideConfig, build_side_network, trainable_parameters
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.tasks import TASKS, TaskSpec, compute_metrics
+from pipeline.tasks import TaskSpec, compute_metrics
 
 SMALL_TASKS = {"rte", "cola", "mrpc", "stsb"}  # 20 epochs in the paper; the rest 10
 
@@ -68,13 +68,9 @@ class TrialState:
 
 
 def task_spec_of(cache: CommittedCache) -> TaskSpec:
-    t = cache.manifest["task"]
-    if t["name"] in TASKS:
-        return TASKS[t["name"]]
-    labels = tuple(t["labels"]) if t["labels"] else None
-    return TaskSpec(
-        name=t["name"], text_fields=tuple(t["text_fields"]), labels=labels, metric=t["metric"]
-    )
+    from stages.evaluate import spec_of
+
+    return spec_of(cache.manifest["task"])
 
 
 def resolve_cache(cfg: Config, key: str | None) -> CommittedCache:
@@ -368,6 +364,9 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
             "cache": cache.key,
             "backbone": cache.manifest["backbone"]["name"],
             "task": cache.manifest["task"]["name"],
+            "task_spec": {
+                k: cache.manifest["task"][k] for k in ("name", "labels", "metric", "text_fields")
+            },
             "epoch": ts.best_epoch,
         },
     )

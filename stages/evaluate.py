@@ -1,0 +1,137 @@
+"""``pipeline predict`` and ``pipeline evaluate``: backbone plus a trained side network on new text.
+
+    pipeline predict  --run runs/<folder> "A man is playing a guitar." "A man plays music."
+    pipeline evaluate --run runs/<folder> --split test --data-dir ../shared/data/glue
+
+These need the backbone (the text is new, so there is no cache for it): it runs live in eval mode
+and feeds the side network exactly the states stage one would have stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from cache_store.loader import Batch
+from ladder.backbones import Backbone, load_backbone
+from ladder.side import SideConfig, build_side_network
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.tasks import TASKS, Example, TaskData, TaskSpec, compute_metrics, t5_candidates
+from stages.extract import Stream, pad, tokenize_split
+from stages.train_side import online_states, predict_batch
+
+
+def load_trained(
+    run: str | Path, network: str | None = None
+) -> tuple[Config, dict[str, Any], Path]:
+    """A run folder's config and the chosen network's saved config and weights."""
+    folder = Path(run)
+    if not (folder / "config.json").is_file():
+        raise PipelineError(f"{folder} is not a train-side run folder (no config.json)")
+    cfg = Config.model_validate(json.loads((folder / "config.json").read_text()))
+    configs = sorted(folder.glob("*.config.json"))
+    if not configs:
+        raise PipelineError(f"run folder {folder} has no trained network yet")
+    names = [p.name.removesuffix(".config.json") for p in configs]
+    name = network or names[0]
+    if name not in names:
+        raise PipelineError(
+            f"run folder {folder} has no network {name!r}; it has {', '.join(names)}"
+        )
+    return (
+        cfg,
+        json.loads((folder / f"{name}.config.json").read_text()),
+        folder / f"{name}.best.safetensors",
+    )
+
+
+def batches_of(
+    streams: dict[str, Stream], labels: np.ndarray, batch_size: int, pad_id: int
+) -> Iterator[Batch]:
+    """Padded batches of token ids (no states: the live backbone computes them)."""
+    n = len(labels)
+    for lo in range(0, n, batch_size):
+        idx = list(range(lo, min(n, lo + batch_size)))
+        ids, masks, targets = {}, {}, {}
+        for name, s in streams.items():
+            ids[name], masks[name] = pad([s.ids[i] for i in idx], pad_id)
+            if s.targets is not None:
+                t, _ = pad([s.targets[i] for i in idx], -100)
+                targets[name] = t
+        types = None
+        if streams["enc"].token_types is not None:
+            types = pad([streams["enc"].token_types[i] for i in idx], 0)[0]
+        yield Batch(
+            torch.tensor(idx), torch.from_numpy(labels[idx]), {}, masks, ids, targets, types
+        )
+
+
+class Predictor:
+    """A live backbone and one trained side network, in eval mode."""
+
+    def __init__(self, run: str | Path, network: str | None = None, device: str = "cpu") -> None:
+        self.cfg, saved, weights = load_trained(run, network)
+        self.backbone: Backbone = load_backbone(
+            self.cfg.backbone.name, revision=self.cfg.backbone.revision, device=device
+        )
+        self.spec = spec_of(saved["task_spec"])
+        side = SideConfig(
+            **{
+                **saved["side"],
+                "kept_layers": saved["side"]["kept_layers"] and tuple(saved["side"]["kept_layers"]),
+            }
+        )
+        lm_head = self.backbone.frozen_tensors().get("lm_head")
+        self.net = build_side_network(self.backbone.config, side, lm_head)
+        self.net.load_state_dict(load_file(str(weights)), strict=False)
+        self.net.eval()
+        self.candidates = t5_candidates(self.spec) if self.backbone.encoder_decoder else None
+        layers = {"enc": self.net.needed_layers("enc")}
+        if self.candidates is not None:
+            layers.update(
+                {f"cand_{k}": self.net.needed_layers("dec") for k in range(len(self.candidates))}
+            )
+        self.states = online_states(self.backbone, False, layers)
+
+    def predict(self, examples: list[Example], batch_size: int = 64) -> np.ndarray:
+        data = TaskData(self.spec, {"test": examples}, "given")
+        streams = tokenize_split(self.backbone, data, "test", self.cfg.backbone.max_length)
+        streams = {k: v for k, v in streams.items() if k != "dec"}
+        labels = np.asarray([ex.label for ex in examples])
+        pad_id = self.backbone.tokenizer.pad_token_id or 0
+        out = [
+            predict_batch(self.net, b, self.states, self.spec, self.candidates)
+            for b in batches_of(streams, labels, batch_size, pad_id)
+        ]
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def label_name(self, pred: Any) -> str:
+        if self.spec.labels is None:
+            return f"{float(pred):.3f}"
+        return self.spec.labels[int(pred)]
+
+
+def spec_of(saved: dict[str, Any]) -> TaskSpec:
+    """The task of a trained network, from its saved description (custom tasks included)."""
+    if saved["name"] in TASKS:
+        return TASKS[saved["name"]]
+    labels = tuple(saved["labels"]) if saved["labels"] else None
+    return TaskSpec(
+        name=saved["name"],
+        text_fields=tuple(saved["text_fields"]),
+        labels=labels,
+        metric=saved["metric"],
+    )
+
+
+def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
+    examples = data.splits[split]
+    preds = predictor.predict(examples)
+    return compute_metrics(predictor.spec, preds, np.asarray([ex.label for ex in examples]))
