@@ -109,7 +109,7 @@ def minilm_cache(tmp_path_factory, glue_dir):
     args += ["--reduction-factors", "8", "--side-init", "magnitude,fisher", "--fisher-samples", "8"]
     assert run_cli(args) == 0
     shutil.rmtree(copy)
-    key = next(root.iterdir()).name
+    key = next(p.name for p in root.iterdir() if p.is_dir())
     return {"root": root, "backbone": str(copy), "key": key, "tmp": tmp}
 
 
