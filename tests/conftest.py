@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+import pipeline  # noqa: F401 - sets OMP_WAIT_POLICY before torch starts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -31,6 +32,7 @@ def minilm_tokenizer():
 
 
 def tiny_bert(tokenizer, seed: int = 0, layers: int = 3):
+    import torch
     from transformers import BertConfig, BertModel
 
     from ladder.backbones import from_model
@@ -48,6 +50,7 @@ def tiny_bert(tokenizer, seed: int = 0, layers: int = 3):
 
 
 def tiny_t5(tokenizer, seed: int = 0):
+    import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
     from ladder.backbones import from_model
@@ -68,6 +71,7 @@ def tiny_t5(tokenizer, seed: int = 0):
 
 
 def tiny_bart(tokenizer, seed: int = 0):
+    import torch
     from transformers import BartConfig, BartModel
 
     from ladder.backbones import from_model
