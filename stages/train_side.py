@@ -506,22 +506,35 @@ def _write_metrics(
 
 
 def plot_curves(folder: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
-    """training-curves.png: train loss and validation metric per epoch, one line per network."""
+    """training-curves.png: train loss and validation metric per epoch, one line per network;
+    a star marks each network's kept (best-validation) checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for ts in runs:
         ep = [h["epoch"] + 1 for h in ts.history]
         a.plot(ep, [h["train_loss"] for h in ts.history], marker="o", label=ts.trial.name)
-        b.plot(ep, [h["validation"]["score"] for h in ts.history], marker="o", label=ts.trial.name)
+        (line,) = b.plot(
+            ep, [h["validation"]["score"] for h in ts.history], marker="o", label=ts.trial.name
+        )
+        if ts.best_epoch >= 0:  # the checkpoint that was kept
+            b.plot(
+                [ts.best_epoch + 1],
+                [ts.best_score],
+                marker="*",
+                markersize=14,
+                color=line.get_color(),
+            )
     a.set(xlabel="epoch", ylabel="train loss", title="training loss")
     b.set(
         xlabel="epoch", ylabel=f"validation {spec.metric} (x100)", title=f"{spec.name}: validation"
     )
     for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

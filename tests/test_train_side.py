@@ -242,3 +242,51 @@ def test_a_run_folder_of_another_configuration_is_not_overwritten(minilm_cache, 
     assert "run folder" in err and "belongs to another configuration" in err
     after = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir() if p.is_file()}
     assert after == before
+
+
+def test_predict_and_evaluate_run_the_live_backbone_like_the_cache(tmp_path, glue_dir, capsys):
+    """evaluate (live backbone + side network) reproduces train-side's test figures from a float32 cache."""
+    from pipeline.cli import run_cli
+
+    root, runs = tmp_path / "cache", tmp_path / "runs"
+    common = [
+        "--task",
+        "rte",
+        "--data-dir",
+        str(glue_dir),
+        "--limit",
+        "16",
+        "--cache-root",
+        str(root),
+    ]
+    extract_args = ["--dtype", "float32", "--reduction-factors", "8", "--side-init", "magnitude"]
+    assert run_cli(["run", "extract", *common, *extract_args, "--json"]) == 0
+    train = [
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--init",
+        "magnitude",
+        "--run-dir",
+        str(runs),
+        "--json",
+    ]
+    assert run_cli(["run", "train-side", *common, *train]) == 0
+    folder = next(runs.iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())["networks"]["r8-s0-lr0.003"]["test"]
+    capsys.readouterr()
+    assert (
+        run_cli(["evaluate", "--run", str(folder), "--split", "test", "--limit", "16", "--json"])
+        == 0
+    )
+    got = json.loads(capsys.readouterr().out)
+    assert got["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert (
+        run_cli(["predict", "--run", str(folder), "--json", "A cat sat on the mat.", "A cat sat."])
+        == 0
+    )
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["prediction"] in ("entailment", "not_entailment")
+    assert run_cli(["predict", "--run", str(folder), "only one text"]) == 2
+    assert "takes 2 text(s)" in capsys.readouterr().err

@@ -1,0 +1,215 @@
+"""Stage two speed: train-side from the cache against online LST and against its own compute.
+
+    python -m bench.train_side_speed --quick --json bench/results/train_side_speed.json
+
+All in one run, on the same SST-2 batches (batch 100) with the default MiniLM backbone, r = 8:
+  1. one epoch of train-side from the cache vs one epoch of online LST (backbone live, dropout on,
+     the authors' setting), same side network and batches (goal: >= 5x faster);
+  2. a train-side epoch vs the side network's own compute on batches already in memory
+     (goal: <= 1.15, i.e. I/O hidden behind compute);
+  3. four reduction factors (4, 8, 16, 32) in one pass vs the four networks' own compute added
+     up (goal: <= 1.1) and vs four separate runs;
+  4. peak memory of a train-side process (one epoch, its own process) vs the backbone's size.
+Repetitions alternate between the arms; medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, glue_dir, median, parser, table, write_json
+
+R4 = [4, 8, 16, 32]
+
+
+def make_cache(root: Path, data: Path, limit: int | None) -> str:
+    from pipeline.config import Config, apply_overrides
+    from stages.extract import extract
+
+    over: dict[str, Any] = {
+        "task.name": "sst2",
+        "task.data_dir": str(data),
+        "task.limit": limit,
+        "cache.root": str(root),
+        "extract.side_init": ["magnitude"],
+        "extract.reduction_factors": R4,
+    }
+    return extract(apply_overrides(Config(), over), progress=True).key
+
+
+def _setup(root: Path, key: str, rs: list[int], seed: int = 0) -> tuple[Any, list[Any], Any]:
+    from pipeline.config import Config, apply_overrides
+    from stages.train_side import (
+        Trial,
+        backbone_config_of,
+        build_trial,
+        resolve_cache,
+        task_spec_of,
+    )
+
+    cfg = apply_overrides(
+        Config(),
+        {"task.name": "sst2", "cache.root": str(root), "train_side.init": "magnitude"},
+    )
+    cache = resolve_cache(cfg, key)
+    spec, bcfg = task_spec_of(cache), backbone_config_of(cache)
+    trials = [build_trial(cfg, cache, bcfg, spec, Trial(r, seed, 3e-3), 10_000) for r in rs]
+    return cache, trials, cfg
+
+
+def _loader(cache: Any, trials: list[Any]) -> Any:
+    from cache_store.loader import CacheLoader
+
+    return CacheLoader(
+        cache, "train", {"enc": trials[0].net.needed_layers()}, batch_size=100, shuffle=True
+    )
+
+
+def epoch_from_cache(root: Path, key: str, rs: list[int], epoch: int) -> dict[str, float]:
+    """One training pass over the loader for the networks ``rs``: wall time and per-net compute."""
+    from stages.train_side import cached_states, train_step
+
+    cache, trials, _ = _setup(root, key, rs)
+    loader = _loader(cache, trials)
+    list(loader.epoch(99))  # a first pass reads the split into memory, as epoch 1 of a run does
+    compute = [0.0] * len(trials)
+    t0 = time.perf_counter()
+    for batch in loader.epoch(epoch):
+        for k, ts in enumerate(trials):
+            c0 = time.perf_counter()
+            train_step(ts, batch, cached_states, 1.0)
+            compute[k] += time.perf_counter() - c0
+    return {"wall_s": time.perf_counter() - t0, "compute_s": sum(compute)}
+
+
+def compute_in_memory(root: Path, key: str, rs: list[int], epoch: int) -> float:
+    """The same steps on batches already materialised in memory: the networks' own compute."""
+    from stages.train_side import cached_states, train_step
+
+    cache, trials, _ = _setup(root, key, rs)
+    batches = list(_loader(cache, trials).epoch(epoch))
+    t0 = time.perf_counter()
+    for batch in batches:
+        for ts in trials:
+            train_step(ts, batch, cached_states, 1.0)
+    return time.perf_counter() - t0
+
+
+def epoch_online(
+    root: Path, key: str, backbone: Any, epoch: int, limit_batches: int | None
+) -> float:
+    """Online LST: the live backbone (dropout on) computes the states of every batch."""
+    import torch
+
+    from stages.train_side import online_states, train_step
+
+    cache, trials, _ = _setup(root, key, [8])
+    loader = _loader(cache, trials)
+    source = online_states(backbone, True, {"enc": trials[0].net.needed_layers()})
+    n = 0
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        for batch in loader.epoch(epoch):
+            train_step(trials[0], batch, source, 1.0)
+            n += 1
+            if limit_batches and n >= limit_batches:
+                break
+    return (time.perf_counter() - t0) * len(loader) / n
+
+
+def peak_memory(root: Path, key: str) -> dict[str, float]:
+    """One train-side epoch in its own process: peak RSS, and RSS once imports and data are in."""
+    code = f"""
+import json, resource, psutil, torch
+from pipeline.config import Config, apply_overrides
+from stages.train_side import train_side, resolve_cache
+cfg = apply_overrides(Config(), {{"task.name": "sst2", "cache.root": {str(root)!r},
+    "train_side.init": "magnitude", "train_side.epochs": 1, "train_side.run_dir": {str(root / "runs")!r}}})
+resolve_cache(cfg, {key!r})
+base = psutil.Process().memory_info().rss
+train_side(cfg, cache_key={key!r}, progress=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({{"base_rss": base, "peak_rss": peak}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    data = glue_dir(args.data_dir)
+    limit = 2000 if args.quick else None
+    reps = 1 if args.quick else 3
+    import torch
+
+    from ladder.backbones import load_backbone
+
+    torch.set_num_threads(
+        1
+    )  # what train-side uses on this 2-core machine (the loader has the other)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cache"
+        key = make_cache(root, data, limit)
+        backbone = load_backbone("minilm-l6")
+        size = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+        rows: dict[str, list[float]] = {
+            k: [] for k in ("cache", "compute", "online", "four", "four_compute", "four_separate")
+        }
+        for rep in range(reps):
+            rows["cache"].append(epoch_from_cache(root, key, [8], rep)["wall_s"])
+            rows["compute"].append(compute_in_memory(root, key, [8], rep))
+            torch.set_num_threads(2)  # the online baseline gets both cores for its backbone
+            rows["online"].append(epoch_online(root, key, backbone, rep, 8 if args.quick else None))
+            torch.set_num_threads(1)
+            rows["four"].append(epoch_from_cache(root, key, R4, rep)["wall_s"])
+            rows["four_compute"].append(sum(compute_in_memory(root, key, [r], rep) for r in R4))
+            rows["four_separate"].append(
+                sum(epoch_from_cache(root, key, [r], rep)["wall_s"] for r in R4)
+            )
+        med = {k: median(v) for k, v in rows.items()}
+        mem = peak_memory(root, key)
+    figures = {
+        "task": "sst2",
+        "train_examples": 2000 if args.quick else "all",
+        "epoch_s": med,
+        "online_over_cache": med["online"] / med["cache"],
+        "cache_over_compute": med["cache"] / med["compute"],
+        "four_over_compute": med["four"] / med["four_compute"],
+        "four_over_separate": med["four"] / med["four_separate"],
+        "peak_rss_bytes": mem["peak_rss"],
+        "rss_after_imports_and_data": mem["base_rss"],
+        "peak_above_base_bytes": mem["peak_rss"] - mem["base_rss"],
+        "backbone_bytes": size,
+        "peak_over_backbone": (mem["peak_rss"] - mem["base_rss"]) / size,
+        "online_estimated_from_batches": 8 if args.quick else None,
+    }
+    print(
+        table(
+            ["ratio", "value", "goal"],
+            [
+                ["online LST epoch / cache epoch", f"{figures['online_over_cache']:.1f}x", ">= 5"],
+                [
+                    "cache epoch / in-memory compute",
+                    f"{figures['cache_over_compute']:.2f}",
+                    "<= 1.15",
+                ],
+                ["4 r one pass / 4 computes", f"{figures['four_over_compute']:.2f}", "<= 1.1"],
+                ["4 r one pass / 4 separate runs", f"{figures['four_over_separate']:.2f}", "< 1"],
+                ["peak RSS above base / backbone", f"{figures['peak_over_backbone']:.2f}", ""],
+            ],
+        )
+    )
+    print("\nepoch seconds (median):", {k: round(v, 2) for k, v in med.items()})
+    write_json(args.json, "train_side_speed", figures)
+
+
+if __name__ == "__main__":
+    main()
