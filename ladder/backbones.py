@@ -291,6 +291,9 @@ def load_backbone(
 ) -> Backbone:
     """Load a frozen backbone (eval mode, no grad) and its tokenizer."""
     from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is going on; errors stay one line
 
     path = resolve_backbone(name)
     config = load_config_only(name, revision)

@@ -41,7 +41,15 @@ from cache_store.writer import (
     key_meta,
     raise_write_error,
 )
-from ladder.backbones import Backbone, d_model, pick_compute_dtype, pick_device
+from ladder.backbones import (
+    Backbone,
+    d_model,
+    family_of,
+    load_config_only,
+    num_blocks,
+    pick_compute_dtype,
+    pick_device,
+)
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.tasks import TaskData, t5_candidates, t5_source, t5_target
@@ -172,11 +180,12 @@ def key_inputs(
     }
 
 
-def stored_layers(cfg: Config, backbone: Backbone) -> dict[str, list[int]]:
-    """State numbers to store per stack; checks ``extract.layers`` against the backbone."""
+def stored_layers(cfg: Config, config: Any) -> dict[str, list[int]]:
+    """State numbers to store per stack; checks ``extract.layers`` against the backbone config."""
     out = {}
-    for stack, n in (("enc", backbone.n_layers), ("dec", backbone.n_dec_layers)):
-        if stack == "dec" and not backbone.encoder_decoder:
+    n_enc, n_dec = num_blocks(config)
+    for stack, n in (("enc", n_enc), ("dec", n_dec)):
+        if stack == "dec" and family_of(config) != "t5":
             continue
         layers = (
             list(range(n + 1)) if cfg.extract.layers is None else sorted(set(cfg.extract.layers))
@@ -215,7 +224,7 @@ class Extractor:
     ) -> None:
         self.cfg, self.backbone, self.data, self.show_progress = cfg, backbone, data, progress
         self.device = backbone.device
-        self.layers = stored_layers(cfg, backbone)
+        self.layers = stored_layers(cfg, backbone.config)
         self.d = d_model(backbone.config)
         self.dtype = cfg.cache.dtype
         self.chunk_rows = rows_per_chunk(self.d, self.dtype, cfg.cache.chunk_mb)
@@ -542,6 +551,8 @@ def extract(
         cfg.cache_root, cfg.cache.storage_options, write=True
     )  # fail early, before loading
     if backbone is None:
+        # bad layer indices fail on the config alone, before any weights are loaded
+        stored_layers(cfg, load_config_only(cfg.backbone.name, cfg.backbone.revision))
         device = pick_device(cfg.extract.device)
         dtype = pick_compute_dtype(cfg.extract.compute_dtype, cfg.cache.dtype, device)
         backbone = load_backbone(
