@@ -345,6 +345,8 @@ class EncoderSideNetwork(nn.Module):
         self.side, self.n_layers, self.fusion = side, L, side.fusion
         self.d, self.d_side = dims.d, dims.d // r
         self.kept = side.kept(L)
+        # BART's classification head reads the last </s> (the last real token); BERT's [CLS]
+        self.pool_last = backbone_config.model_type in ("bart", "mbart")
         self.drop = nn.Dropout(dims.dropout)
         self.ladder_drop = nn.Dropout(side.ladder_dropout)
         self.first_down = nn.Linear(self.d, self.d_side)
@@ -386,7 +388,8 @@ class EncoderSideNetwork(nn.Module):
         """Logits (B, num_labels).
 
         hiddens: {state: (B, T, d)}, at least ``needed_layers()``; attention_mask: (B, T) bool or
-        0/1; pool_index: (B,) position whose side state feeds the head (default 0, [CLS] / <s>).
+        0/1; pool_index: (B,) position whose side state feeds the head (default: [CLS] for
+        the BERT family, the last real token, </s>, for BART, as the authors' heads).
         """
         h0 = _state(hiddens, 0, self.d, self.first_down.weight, "encoder")
         x = self.first_down(self.drop(h0))  # (B, T, d/r)
@@ -399,9 +402,11 @@ class EncoderSideNetwork(nn.Module):
             x = self._fuse(x, self.n_layers - 1, hiddens)
         if self.final_ln is not None:
             x = self.final_ln(x)
+        if pool_index is None and self.pool_last:
+            pool_index = attention_mask.long().sum(1) - 1  # right padding: the last </s>
         if pool_index is None:
-            pooled = x[:, 0]  # (B, d/r): [CLS] / <s>
-        else:  # e.g. the last </s>, as the authors' BART head
+            pooled = x[:, 0]  # (B, d/r): [CLS]
+        else:
             pooled = x[torch.arange(x.shape[0], device=x.device), pool_index.to(x.device)]
         h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
         h = torch.tanh(self.head_dense(self.head_drop(h)))

@@ -388,6 +388,20 @@ def test_encoder_output_does_not_depend_on_batch_padding(family):
         torch.testing.assert_close(net(batch, mask_of([4, 9], 9))[:1], net(alone, torch.ones(1, 4)))
 
 
+@pytest.mark.parametrize("family", ["bert", "bart"])
+def test_default_pooling_follows_the_family_head(family):
+    """BERT's head reads [CLS] (position 0); BART's reads the last </s> (the last real token)."""
+    net = randomize(EncoderSideNetwork(_backbone_cfg(family), SideConfig(kept_layers=(0, 2, 3))))
+    batch, mask = states(L, 2, 9), mask_of([4, 9], 9)
+    last = torch.tensor([3, 8])
+    with torch.no_grad():
+        default = net(batch, mask)
+        expected = net(batch, mask, pool_index=last if family == "bart" else torch.zeros(2).long())
+        other = net(batch, mask, pool_index=torch.zeros(2).long() if family == "bart" else last)
+    torch.testing.assert_close(default, expected)
+    assert not torch.allclose(default, other)
+
+
 def test_t5_output_does_not_depend_on_batch_padding():
     net = randomize(T5SideNetwork(t5_cfg(), SideConfig(), lm_head()))
     e1, d1 = states(2, 1, 4), states(2, 1, 2)
