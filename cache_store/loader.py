@@ -5,8 +5,9 @@ blocks of consecutive examples (about ``block_tokens`` tokens, i.e. whole chunks
 states a side network needs, shuffles block order and then the examples inside a buffer of
 blocks, forms length-bucketed batches (little padding), and builds them on a background thread,
 so the training step does not wait on I/O. Splits that fit in ``memory_budget`` bytes are read
-once and kept (every epoch then shuffles all examples). The order depends only on the seed and
-the epoch.
+once and kept (every epoch then shuffles all examples); larger ones stream through a buffer of at
+most ``buffer_blocks`` blocks that fits the budget, with blocks of one to four chunks. The order
+depends only on the seed, the epoch and the budget.
 
 Threads, not ``DataLoader`` worker processes: zarr 3 under ``fork`` can deadlock once the parent
 has used its event loop.
@@ -118,21 +119,29 @@ class CacheLoader:
         self.labels = np.asarray(cache.array(f"{split}/labels")[:])
         self.has_types = f"{split}/token_type_ids" in cache.group
         self.n = len(self.labels)
-        self.block_tokens = block_tokens or m["chunk_rows"] * 4
-        enc = self.offsets["enc"]
-        self.blocks = self._plan_blocks(enc)
-        self.buffer_blocks = len(self.blocks) if self._fits(memory_budget) else buffer_blocks
-        self._kept: dict[int, _Block] | None = (
-            {} if self.buffer_blocks == len(self.blocks) else None
-        )
-
-    def _fits(self, budget: int) -> bool:
+        chunk = m["chunk_rows"]
         itemsize = 1 if self.dtype == "int8" else (4 if self.dtype == "float32" else 2)
         total = sum(
             int(self.offsets[s][-1]) * len(states) * self.d * itemsize
             for s, states in self.layers.items()
         )
-        return total <= budget
+        fits = total <= memory_budget
+        if block_tokens is None:  # whole chunks; smaller blocks when the budget is tight
+            per_block = memory_budget // max(1, self._token_bytes() * buffer_blocks)
+            block_tokens = chunk * int(np.clip(per_block // chunk, 1, 4))
+        self.block_tokens = block_tokens
+        self.blocks = self._plan_blocks(self.offsets["enc"])
+        if fits:  # read once and kept: every epoch shuffles all examples
+            self.buffer_blocks = len(self.blocks)
+        else:  # stream through a shuffle buffer of as many blocks as the budget holds
+            budget_blocks = memory_budget // max(1, self._token_bytes() * self.block_tokens)
+            self.buffer_blocks = int(np.clip(budget_blocks, 2, max(2, buffer_blocks)))
+        self._kept: dict[int, _Block] | None = {} if fits else None
+
+    def _token_bytes(self) -> int:
+        """Stored bytes of one (encoder) token across every state this loader reads."""
+        itemsize = 1 if self.dtype == "int8" else (4 if self.dtype == "float32" else 2)
+        return sum(len(states) for states in self.layers.values()) * self.d * itemsize
 
     def _plan_blocks(self, offsets: np.ndarray) -> list[tuple[int, int]]:
         blocks, lo = [], 0

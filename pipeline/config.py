@@ -87,6 +87,8 @@ class TrainSideConfig(_Section):
     init: Literal["random", "magnitude", "fisher"] = "fisher"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
     threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one
+    # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer
+    memory_mb: int = Field(default=4096, ge=16)
     run_dir: str = "runs"  # run folders are created under this directory
 
 

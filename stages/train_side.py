@@ -420,9 +420,22 @@ def train_side(
     folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name)
 
     seed0 = trials[0].seed
-    train = CacheLoader(cache, "train", layers, batch_size=t.batch_size, shuffle=True, seed=seed0)
-    val = CacheLoader(cache, "validation", eval_layers, batch_size=t.batch_size * 2, shuffle=False)
-    test = CacheLoader(cache, "test", eval_layers, batch_size=t.batch_size * 2, shuffle=False)
+    budget = t.memory_mb << 20
+    train = CacheLoader(
+        cache,
+        "train",
+        layers,
+        batch_size=t.batch_size,
+        shuffle=True,
+        seed=seed0,
+        memory_budget=budget,
+    )
+    val, test = (
+        CacheLoader(
+            cache, s, eval_layers, batch_size=t.batch_size * 2, shuffle=False, memory_budget=budget
+        )
+        for s in ("validation", "test")
+    )
     states_train: StateSource = cached_states
     states_eval: StateSource = cached_states
     if online is not None:
