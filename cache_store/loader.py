@@ -88,7 +88,7 @@ class CacheLoader:
         block_tokens: int | None = None,
         buffer_blocks: int = 16,
         bucket_batches: int = 50,
-        prefetch: int = 4,
+        prefetch: int = 2,
         memory_budget: int = 4 << 30,
     ) -> None:
         m = cache.manifest
