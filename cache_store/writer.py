@@ -1,13 +1,33 @@
 """Writing a cache: attempts, aligned shard writes, progress records, and the commit.
 
-Commit protocol (DESIGN.md): a writer never touches a committed cache. It writes into its own
-attempt group ``<key>/attempts/<id>``, records after each segment how far every stream is on disk
-(``_progress/<split>.json``), and commits by creating ``<key>/commit.json`` (the manifest,
-pointing at the attempt; also the attempt group's attrs) only if nobody has. Readers open only ``<key>/commit.json``,
-so they never see a partial cache; two racing writers both finish and exactly one commit wins.
+Commit protocol (DESIGN.md), the same on a local disk and on an object store:
 
-A run killed at any point resumes: the next run takes over the unfinished attempt (on a local
-root the attempt's lock is an ``flock`` that the kernel drops with the dead process), skips the
+1. A writer never touches a committed cache. It owns an attempt ``<key>/attempts/<id>`` and
+   writes only there: whole shards (objects never shared by two writers' ranges) and, after each
+   segment, how far every stream is on disk (``_progress/<split>.json``).
+2. It commits by **creating** ``<key>/commit.json`` (the manifest with status ``complete``,
+   pointing at the attempt) with an atomic create-if-absent, after every data object is written:
+   on a local root a hard link of a finished temporary file (fails if the name exists); on S3 a
+   conditional PUT ``If-None-Match: *`` (s3fs ``pipe_file(mode="create")``; AWS S3, MinIO and
+   moto >= 5.0 refuse the second create with 412). So of two writers racing on one key both
+   finish, exactly one commit wins, and the loser deletes its own attempt and reports the
+   winner's cache. A single PUT is atomic, so no reader ever sees a half-written commit.
+3. Readers open only ``<key>/commit.json`` and then the attempt it names, whose objects were all
+   written before it: they see the committed state or, while a write is in progress, a one-line
+   "not committed yet" error; never partial data.
+4. Ownership of an attempt, so that a killed run can be resumed without two live writers sharing
+   an attempt: on a local root an ``flock`` on ``<id>.lock`` (the kernel drops it with a dead
+   process); on an object store, which has no locks, a lease object ``<id>.lease-<generation>``
+   that the owner renews from a heartbeat thread (every TTL/4). An attempt whose newest lease is
+   older than the TTL (``LST_LEASE_TTL_S``, default 120 s; lease times are the writers' clocks,
+   so their skew must stay well below it) is taken over by creating the next generation with the
+   same conditional create: of two resumers exactly one wins. An owner that finds a newer
+   generation stops before its next progress record or commit.
+5. A store without a conditional create (the write probe of ``store.check_remote`` finds out)
+   falls back to exists-then-write plus a read-back: correct unless two commits land within one
+   round trip; this is the only non-atomic case.
+
+A run killed at any point resumes: the next run takes over the unfinished attempt, skips the
 segments whose rows are all on disk, and recomputes the rest with the same batches, so the result
 is identical to an uninterrupted run.
 """
@@ -18,17 +38,19 @@ import fcntl
 import os
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
+from zarr.errors import ContainsGroupError
 
 from cache_store import store as st
 from cache_store.layout import FORMAT, FORMAT_VERSION, compressors
+from cache_store.manifest import provenance
 from pipeline.errors import PipelineError
 
 
@@ -112,6 +134,104 @@ class BackgroundWriter:
         self._raise()
 
 
+def lease_ttl() -> float:
+    """Seconds after which an unrenewed lease on an object store counts as abandoned."""
+    try:
+        return max(0.5, float(os.environ.get("LST_LEASE_TTL_S", "120")))
+    except ValueError:
+        raise PipelineError(
+            f"LST_LEASE_TTL_S must be a number of seconds, got {os.environ['LST_LEASE_TTL_S']!r}"
+        ) from None
+
+
+def is_attempt(name: str) -> bool:
+    """Attempt folders have no dot; ``zarr.json``, ``<id>.lock`` and ``<id>.lease-N`` do."""
+    return "." not in name
+
+
+class Lease:
+    """Ownership of one attempt on an object store: ``<key>/attempts/<id>.lease-<generation>``.
+
+    Created with the store's atomic create-if-absent and renewed (overwritten) by its owner from
+    a heartbeat thread. Taking over an abandoned attempt creates the next generation; an owner
+    that sees a newer generation than its own has lost the attempt (``lost``).
+    """
+
+    def __init__(self, store: Store, key: str, attempt: str, generation: int) -> None:
+        self.store, self.key, self.attempt, self.generation = store, key, attempt, generation
+        self.ttl = lease_ttl()
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cache-lease", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def name(key: str, attempt: str, generation: int) -> str:
+        return f"{key}/attempts/{attempt}.lease-{generation:06d}"
+
+    @staticmethod
+    def record() -> dict[str, Any]:
+        return {"owner": provenance()["created_by"], "pid": os.getpid(), "renewed_at": time.time()}
+
+    @staticmethod
+    def generations(names: list[str], attempt: str) -> list[int]:
+        out = []
+        for n in names:
+            head, sep, gen = n.rpartition(".lease-")
+            if sep and head == attempt and gen.isdigit():
+                out.append(int(gen))
+        return sorted(out)
+
+    @classmethod
+    def create(cls, store: Store, key: str, attempt: str, generation: int = 0) -> Lease | None:
+        if not st.set_json_if_absent(store, cls.name(key, attempt, generation), cls.record()):
+            return None
+        return cls(store, key, attempt, generation)
+
+    @classmethod
+    def take_over(cls, store: Store, key: str, attempt: str, names: list[str]) -> Lease | None:
+        """The next generation of ``attempt``'s lease if its newest is older than the TTL."""
+        gens = cls.generations(names, attempt)
+        if gens:
+            rec = st.get_json(store, cls.name(key, attempt, gens[-1]))
+            renewed = rec.get("renewed_at", 0) if isinstance(rec, dict) else 0
+            if time.time() - float(renewed) < lease_ttl():
+                return None
+        lease = cls.create(store, key, attempt, (gens[-1] + 1) if gens else 0)
+        if lease is not None:
+            for g in gens:
+                st.delete(store, cls.name(key, attempt, g))
+        return lease
+
+    def renew(self) -> None:
+        if st.exists(self.store, self.name(self.key, self.attempt, self.generation + 1)):
+            self.lost = True
+            self._stop.set()
+            return
+        st.set_json(self.store, self.name(self.key, self.attempt, self.generation), self.record())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / 4):
+            try:
+                self.renew()
+            except Exception:  # noqa: BLE001 - a missed renewal is retried; the TTL has slack
+                pass
+
+    def check(self) -> None:
+        if self.lost:
+            raise PipelineError(
+                f"cache {self.key}: another writer took over attempt {self.attempt} after this "
+                f"run had not renewed its lease for {self.ttl:.0f}s; nothing was committed by "
+                "this run"
+            )
+
+    def close(self, *, delete: bool = True) -> None:
+        self._stop.set()
+        self._thread.join()
+        if delete and not self.lost:
+            st.delete(self.store, self.name(self.key, self.attempt, self.generation))
+
+
 class CacheWriter:
     """One attempt at writing cache ``key`` under ``store``."""
 
@@ -127,28 +247,38 @@ class CacheWriter:
     # --- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def begin(cls, store: Store, root: str, key: str) -> CacheWriter:
-        """Take over an unfinished attempt nobody holds, else start a new one."""
+    def begin(cls, store: Store, root: str, key: str, prefer: str | None = None) -> CacheWriter:
+        """Take over an unfinished attempt nobody holds, else start a new one.
+
+        ``prefer`` names the attempt to try first (a pull resumes the copy it left behind); with
+        ``prefer`` set, only that attempt is taken over and a new attempt is named after it.
+        """
         if not st.exists(store, f"{key}/attempts/zarr.json"):
-            zarr.open_group(store, path=f"{key}/attempts", mode="a")
-        for attempt in st.list_dir(store, f"{key}/attempts/"):
-            if attempt.endswith(".lock") or attempt == "zarr.json":
-                continue
-            lock = cls._try_lock(root, key, attempt)
+            try:
+                zarr.open_group(store, path=f"{key}/attempts", mode="a")
+            except ContainsGroupError:  # another writer created it in between: as good
+                pass
+        names = st.list_dir(store, f"{key}/attempts/")
+        candidates = [a for a in names if is_attempt(a)]
+        if prefer is not None:
+            candidates = [prefer]
+        for attempt in candidates:
+            lock = cls._claim(store, root, key, attempt, names)
             if lock is not None:
                 return cls(store, root, key, attempt, lock)
-        attempt = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        lock = cls._try_lock(root, key, attempt)
+        base = prefer or f"{os.getpid()}"
+        attempt = f"{base}-{uuid.uuid4().hex[:8]}"
+        lock = cls._claim(store, root, key, attempt, [])
+        if lock is None:
+            raise PipelineError(f"cache {key}: could not claim a fresh attempt {attempt}")
         return cls(store, root, key, attempt, lock)
 
     @staticmethod
-    def _try_lock(root: str, key: str, attempt: str) -> Any:
-        """An exclusive flock on a local root; remote roots resume the first attempt listed."""
+    def _claim(store: Store, root: str, key: str, attempt: str, names: list[str]) -> Any:
+        """Ownership of ``attempt``: an flock on a local root, a lease on an object store."""
         if st.is_remote(root):
-            return True
-        path = (
-            Path(root.removeprefix("file://")).expanduser() / key / "attempts" / f"{attempt}.lock"
-        )
+            return Lease.take_over(store, key, attempt, names)
+        path = st.local_path(root) / key / "attempts" / f"{attempt}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         f = path.open("a")
         try:
@@ -157,6 +287,11 @@ class CacheWriter:
             f.close()
             return None
         return f
+
+    def check_owner(self) -> None:
+        """Raise when another writer has taken this attempt over (object stores only)."""
+        if isinstance(self._lock, Lease):
+            self._lock.check()
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -173,7 +308,7 @@ class CacheWriter:
         data: np.ndarray | None = None,
     ) -> zarr.Array:
         """Create (or, on resume, reopen) an array; rows chunked, whole trailing dims per chunk."""
-        if path in self.group:
+        if st.exists(self.store, f"{self.prefix}/{path}/zarr.json"):  # one request on S3
             return self.group[path]
         chunks = (max(1, min(chunk_rows, shape[0] or 1)), *shape[1:])
         shards = None
@@ -199,6 +334,7 @@ class CacheWriter:
         return st.get_json(self.store, f"{self.prefix}/_progress/{split}.json")
 
     def save_progress(self, split: str, record: dict[str, Any]) -> None:
+        self.check_owner()
         st.set_json(self.store, f"{self.prefix}/_progress/{split}.json", record)
 
     # --- committing ------------------------------------------------------------------------
@@ -206,6 +342,15 @@ class CacheWriter:
     def commit(self, manifest: dict[str, Any]) -> bool:
         """Publish this attempt under the key if nobody has; False when another writer won."""
         self.group.attrs.update({"manifest": manifest})
+        return self.publish(manifest)
+
+    def publish(self, manifest: dict[str, Any]) -> bool:
+        """Create the commit object (written last); False when another commit won the race.
+
+        The winner deletes the abandoned attempts (those nobody holds); a loser deletes its own
+        attempt, unless the winning commit names this very attempt (a taken-over writer).
+        """
+        self.check_owner()
         meta = {
             **manifest,
             "format": FORMAT,
@@ -215,30 +360,48 @@ class CacheWriter:
         }
         won = st.set_json_if_absent(self.store, key_meta(self.key), meta)
         if won:
-            self._drop_other_attempts()
+            try:  # tidying after the commit: what a failure leaves is unreferenced, harmless
+                self._drop_other_attempts()
+            except Exception:  # noqa: BLE001
+                pass
         else:
-            self.abandon()
+            winner = st.get_json(self.store, key_meta(self.key)) or {}
+            if winner.get("attempt") != meta["attempt"]:
+                self.abandon()
         self.release()
         return won
 
     def _drop_other_attempts(self) -> None:
-        for attempt in st.list_dir(self.store, f"{self.key}/attempts/"):
-            if attempt not in (self.attempt, "zarr.json") and not attempt.endswith(".lock"):
-                if self._try_lock(self.root, self.key, attempt) is not None:
-                    st.delete_dir(self.store, f"{self.key}/attempts/{attempt}")
+        names = st.list_dir(self.store, f"{self.key}/attempts/")
+        for attempt in names:
+            if attempt == self.attempt or not is_attempt(attempt):
+                continue
+            lock = self._claim(self.store, self.root, self.key, attempt, names)
+            if lock is not None:  # nobody holds it: a killed or abandoned attempt
+                st.delete_dir(self.store, f"{self.key}/attempts/{attempt}")
+                lock.close()
         st.delete_dir(self.store, f"{self.prefix}/_progress")
 
     def abandon(self) -> None:
         st.delete_dir(self.store, self.prefix)
 
     def release(self) -> None:
-        if self._lock not in (None, True):
-            self._lock.close()
-        self._lock = None
+        """Give up ownership (the attempt, if not committed, stays for a resume)."""
+        lock, self._lock = self._lock, None
+        if isinstance(lock, Lease):
+            lock.close()
+        elif lock not in (None, True):
+            lock.close()
 
 
 def raise_write_error(e: BaseException, root: str, key: str) -> None:
     """Turn a failed write into one line; a full disk keeps what is done for a resume."""
+    remote = st.describe_remote_error(e, root) if st.is_remote(root) else None
+    if remote is not None:
+        raise PipelineError(
+            f"writing cache {key} failed: {remote}; nothing was committed (run the same "
+            "command again to resume)"
+        ) from None
     if st.is_disk_full(e):
         raise PipelineError(
             f"no space left writing cache {key} under {root}: nothing was committed; free some "

@@ -51,7 +51,9 @@ class CacheConfig(_Section):
     codec: Codec = "lz4"  # lossless codec preset on top of the dtype (raw: checksum only)
     chunk_mb: float = Field(default=2.0, gt=0, le=256)  # target size of one chunk of one layer
     shard_chunks: int = Field(default=8, ge=1, le=4096)  # chunks per shard (objects on disk)
-    storage_options: dict[str, Any] = {}  # fsspec options for remote roots (credentials, endpoint)
+    # fsspec options for remote roots (s3fs: key, secret, profile, endpoint_url, client_kwargs,
+    # config_kwargs); without them botocore reads AWS_* variables, AWS_ENDPOINT_URL included
+    storage_options: dict[str, Any] = {}
 
 
 class ExtractConfig(_Section):
