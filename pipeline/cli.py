@@ -103,6 +103,42 @@ def run() -> None:
     """Run a stage."""
 
 
+def cluster_options(f: Callable) -> Callable:
+    """Dask options: a local cluster (--workers N) or an existing one (--scheduler ADDRESS)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--workers", type=int, help="run on a local Dask cluster of N worker processes"
+            ),
+            click.option("--scheduler", help="run on an existing Dask cluster: tcp://host:8786"),
+            click.option(
+                "--scheduler-timeout",
+                type=float,
+                default=30.0,
+                show_default=True,
+                help="seconds to wait for --scheduler to answer",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _cluster(
+    workers: int | None, scheduler: str | None, timeout: float, default_workers: int | None = None
+) -> Any:
+    """A ``stages.distributed.Cluster`` context when Dask is asked for, else a null context."""
+    import contextlib
+
+    if workers is None and scheduler is None and default_workers is None:
+        return contextlib.nullcontext()
+    from stages.distributed import Cluster
+
+    return Cluster(
+        workers if workers is not None or scheduler else default_workers, scheduler, timeout
+    )
+
+
 @run.command("extract")
 @common_options
 @click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
@@ -119,23 +155,35 @@ def run() -> None:
     "--side-init", callback=lambda c, p, v: _strs(v), help="magnitude,fisher (empty: none)"
 )
 @click.option("--fisher-samples", type=int, help="training examples for the Fisher pass")
+@cluster_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def run_extract(config_path: str | None, as_json: bool, **opts: Any) -> None:
+def run_extract(
+    config_path: str | None,
+    as_json: bool,
+    workers: int | None,
+    scheduler: str | None,
+    scheduler_timeout: float,
+    **opts: Any,
+) -> None:
     """Stage one: run the frozen backbone once and write the activation cache."""
     from stages.extract import extract
 
     cfg = build_config(config_path, **opts)
-    result = extract(cfg, progress=not as_json)
+    with _cluster(workers, scheduler, scheduler_timeout) as cluster:
+        result = extract(cfg, progress=not as_json, cluster=cluster)
     out = {"key": result.key, "root": result.root, "reused": result.reused}
     if not result.reused:
         out["timings"] = result.manifest.get("timings", {})
+        if "distributed" in result.manifest:
+            out["distributed"] = result.manifest["distributed"]
 
     def human(o: dict) -> None:
         if o["reused"]:
             click.echo(f"cache exists, nothing to do: {o['key']}  ({o['root']})")
         else:
             t = o["timings"]
-            click.echo(f"committed {o['key']}  ({o['root']})  in {t.get('total_s', 0):.1f}s")
+            on = f" on {o['distributed']['workers']} Dask workers" if "distributed" in o else ""
+            click.echo(f"committed {o['key']}  ({o['root']})  in {t.get('total_s', 0):.1f}s{on}")
 
     _emit(out, as_json, human)
 
@@ -224,46 +272,135 @@ def _print_train(o: dict) -> None:
         )
 
 
+def _sweep(
+    cfg: Config,
+    cluster: Any,
+    cache_key: str | None,
+    run_name: str | None,
+    online: str | None,
+    progress: bool,
+) -> dict:
+    from stages.distributed import SWEEP_COLUMNS, sweep_train_side
+
+    if online is not None:
+        raise PipelineError("--sweep trains from the cache; --online runs in one process")
+    res = sweep_train_side(
+        cfg, cluster, cache_key=cache_key, sweep_name=run_name, progress=progress
+    )
+    return {
+        "sweep": str(res.folder),
+        "cache": res.cache_key,
+        "task": res.task,
+        "metric": res.metric,
+        "trials": [{k: row[k] for k in SWEEP_COLUMNS} for row in res.rows],
+    }
+
+
+def _print_sweep(o: dict) -> None:
+    click.echo(f"sweep folder: {o['sweep']}  (cache {o['cache']}, {o['task']} {o['metric']})")
+    nan = float("nan")
+    rows = [
+        [
+            t["trial"], str(t["r"]), str(t["seed"]), f"{t['lr']:g}", str(t["best_epoch"] + 1),
+            f"{t['validation']:.2f}", f"{nan if t['test'] is None else t['test']:.2f}",
+            f"{t['wall_s']:.1f}", t["worker"],
+        ]
+        for t in o["trials"]
+    ]  # fmt: skip
+    head = ["trial", "r", "seed", "lr", "best epoch", "validation", "test", "wall s", "worker"]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    for r in [head, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _sweep_workers(cfg: Config, sweep: bool) -> int | None:
+    """Local workers for a --sweep given neither --workers nor --scheduler: one per trial, per core."""
+    if not sweep:
+        return None
+    t = cfg.train_side
+    trials = len(t.reduction_factors) * len(t.seeds) * len(t.learning_rates)
+    return max(1, min(trials, os.cpu_count() or 1))
+
+
+def sweep_option(f: Callable) -> Callable:
+    return click.option(
+        "--sweep",
+        is_flag=True,
+        help="one Dask task per (reduction factor, seed, learning rate); a local cluster by default",
+    )(f)
+
+
 @run.command("train-side")
 @common_options
 @train_options
+@sweep_option
+@cluster_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def run_train_side(
     config_path: str | None,
     cache_key: str | None,
     run_name: str | None,
     online: str | None,
+    sweep: bool,
+    workers: int | None,
+    scheduler: str | None,
+    scheduler_timeout: float,
     as_json: bool,
     **opts: Any,
 ) -> None:
     """Stage two: train side networks from the cache (never loads the backbone)."""
     cfg = build_config(config_path, **opts)
-    _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+    if not sweep:
+        if workers is not None or scheduler is not None:
+            raise PipelineError(
+                "--workers/--scheduler spread a --sweep over Dask workers; add --sweep"
+            )
+        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+        return
+    with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
+        out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
+    _emit(out, as_json, _print_sweep)
 
 
 @run.command("all")
 @common_options
 @train_options
 @click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
+@sweep_option
+@cluster_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def run_all(
     config_path: str | None,
     cache_key: str | None,
     run_name: str | None,
     online: str | None,
+    sweep: bool,
+    workers: int | None,
+    scheduler: str | None,
+    scheduler_timeout: float,
     as_json: bool,
     **opts: Any,
 ) -> None:
-    """Extract (or reuse) the cache, then train side networks from it."""
+    """Extract (or reuse) the cache, then train side networks from it.
+
+    --workers/--scheduler run the extraction on Dask workers (and the --sweep, when given).
+    """
     from stages.extract import extract
 
     cfg = build_config(config_path, **opts)
-    if cache_key is None:
-        result = extract(cfg, progress=not as_json)
-        cache_key = result.key
-        if not as_json:
-            click.echo(f"cache {'reused' if result.reused else 'committed'}: {cache_key}")
-    _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+    on_dask = workers is not None or scheduler is not None
+    with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
+        if cache_key is None:
+            result = extract(cfg, progress=not as_json, cluster=cluster if on_dask else None)
+            cache_key = result.key
+            if not as_json:
+                click.echo(f"cache {'reused' if result.reused else 'committed'}: {cache_key}")
+        if sweep:
+            out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
+    if sweep:
+        _emit(out, as_json, _print_sweep)
+    else:
+        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
 
 
 @cli.command("predict")
@@ -328,7 +465,7 @@ def evaluate_cmd(
 
 @cli.group()
 def cache() -> None:
-    """List, inspect, verify and remove caches."""
+    """List, inspect, verify, remove and copy caches (local roots or s3://, gs:// URLs)."""
 
 
 def _root_option(f: Callable) -> Callable:
@@ -365,7 +502,8 @@ def cache_ls(config_path: str | None, cache_root: str | None, as_json: bool) -> 
                 continue
             click.echo(
                 f"{r['key']}  {r['task']}  {r['backbone']}  {r['dtype']}/{r['codec']}  "
-                f"{r['examples']} ex  {_human_size(r['bytes'])}  {r['created_by']}  {r['created_at']}"
+                f"{r['examples']} ex  {_human_size(r['bytes'])}  "
+                f"{r['created_by'] or '-'}  {r['created_at'] or '-'}"
             )
 
     _emit(rows, as_json, human)
@@ -432,6 +570,56 @@ def cache_rm(key: str, config_path: str | None, cache_root: str | None, as_json:
     cfg = build_config(config_path, cache_root=cache_root)
     remove_cache(cfg.cache_root, key, cfg.cache.storage_options)
     _emit({"key": key, "removed": True}, as_json, lambda o: click.echo(f"removed {o['key']}"))
+
+
+def _copy_command(
+    verb: str, key: str, to: str, config_path: str | None, cache_root: str | None, as_json: bool
+) -> None:
+    from cache_store.registry import copy_cache
+
+    cfg = build_config(config_path, cache_root=cache_root)
+    to = to if "://" in to else os.path.abspath(os.path.expanduser(to))
+    out = copy_cache(
+        cfg.cache_root, to, key, cfg.cache.storage_options, progress=not as_json, verb=verb
+    )
+
+    def human(o: dict) -> None:
+        if o["already_committed"]:
+            click.echo(f"{o['key']} is already committed under {o['to']}, nothing to do")
+        else:
+            click.echo(
+                f"{verb}ed {o['key']} to {o['to']}: {o['objects']} objects, "
+                f"{_human_size(o['bytes'])} in {o['seconds']:.1f}s; "
+                f"{o['verified_objects']} objects verified, committed"
+            )
+
+    _emit(out, as_json, human)
+
+
+@cache.command("pull")
+@click.argument("key")
+@click.option("--to", "to", required=True, help="local cache root to copy the cache into")
+@_root_option
+def cache_pull(
+    key: str, to: str, config_path: str | None, cache_root: str | None, as_json: bool
+) -> None:
+    """Copy cache KEY from the cache root (e.g. s3://...) to a local root; verified, then committed.
+
+    The local commit is written last: a killed pull leaves nothing committed, and running it
+    again resumes (objects already copied are skipped).
+    """
+    _copy_command("pull", key, to, config_path, cache_root, as_json)
+
+
+@cache.command("push")
+@click.argument("key")
+@click.option("--to", "to", required=True, help="remote cache root (s3://bucket/prefix)")
+@_root_option
+def cache_push(
+    key: str, to: str, config_path: str | None, cache_root: str | None, as_json: bool
+) -> None:
+    """Copy cache KEY from the (local) cache root to a remote root; its commit object last."""
+    _copy_command("push", key, to, config_path, cache_root, as_json)
 
 
 def run_cli(args: list[str] | None = None) -> int:

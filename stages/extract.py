@@ -16,7 +16,7 @@ import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from ladder.backbones import (
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.tasks import TaskData, t5_candidates, t5_source, t5_target
+
+if TYPE_CHECKING:
+    from stages.distributed import Cluster
 
 TEMPLATE_VERSION = 1  # bump when tokenisation templates change
 
@@ -144,6 +147,61 @@ def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[b, : len(s)] = True
     return ids, mask
+
+
+def stack_of(stream: str) -> str:
+    """The backbone stack a stream's states come from: ``enc``, else the decoder (``dec``)."""
+    return "enc" if stream == "enc" else "dec"
+
+
+def segment_states(
+    backbone: Backbone,
+    layers: dict[str, list[int]],
+    streams: dict[str, Stream],
+    lo: int,
+    hi: int,
+    batch_tokens: int,
+    max_batch_size: int,
+) -> dict[str, dict[int, torch.Tensor]]:
+    """Hidden states of examples [lo, hi) per stream and state, padding stripped, in order.
+
+    The batches are a function of the segment's lengths alone (``plan_batches``), so any process
+    that runs the same segment gets bit-identical rows (Dask workers rely on this).
+    """
+    enc = streams["enc"]
+    d, device, compute_dtype = backbone.d_model, backbone.device, backbone.dtype
+    bufs: dict[str, dict[int, torch.Tensor]] = {}
+    for name, s in streams.items():
+        n_tok = int(s.offsets[hi] - s.offsets[lo])
+        bufs[name] = {
+            n: torch.empty((n_tok, d), dtype=compute_dtype) for n in layers[stack_of(name)]
+        }
+    lengths = [enc.length(i) for i in range(lo, hi)]
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    for batch in plan_batches(lengths, batch_tokens, max_batch_size):
+        idx = [lo + b for b in batch]
+        ids, mask = pad([enc.ids[i] for i in idx], pad_id)
+        kw: dict[str, Any] = {}
+        if enc.token_types is not None:
+            kw["token_type_ids"] = pad([enc.token_types[i] for i in idx], 0)[0].to(device)
+        dec_masks = {}
+        if backbone.encoder_decoder:
+            dec = {}
+            for name, s in streams.items():
+                if name != "enc":
+                    dec[name], dec_masks[name] = pad([s.ids[i] for i in idx], pad_id)
+                    dec[name] = dec[name].to(device)
+            kw["decoder_inputs"] = dec
+        states = backbone.states(ids.to(device), mask.to(device), layers=layers["enc"], **kw)
+        for name, s in streams.items():
+            m = mask if name == "enc" else dec_masks[name]
+            dest = torch.cat([torch.arange(s.offsets[i], s.offsets[i + 1]) for i in idx]) - int(
+                s.offsets[lo]
+            )
+            for n, buf in bufs[name].items():
+                h = states[name][n]
+                buf[dest] = h[m.to(h.device)].to("cpu", non_blocking=False)
+    return bufs
 
 
 # --- the key -------------------------------------------------------------------------------------
@@ -271,7 +329,7 @@ class Extractor:
     # --- per split ---------------------------------------------------------------------------
 
     def _stack(self, stream: str) -> str:
-        return "enc" if stream == "enc" else "dec"
+        return stack_of(stream)
 
     def _create_split(self, writer: CacheWriter, split: str, streams: dict[str, Stream]) -> None:
         labels = np.asarray([ex.label for ex in self.data.splits[split]])
@@ -421,44 +479,15 @@ class Extractor:
         self, streams: dict[str, Stream], lo: int, hi: int
     ) -> dict[str, dict[int, torch.Tensor]]:
         """Hidden states of examples [lo, hi) per stream and state, padding stripped, in order."""
-        enc = streams["enc"]
-        bufs: dict[str, dict[int, torch.Tensor]] = {}
-        for name, s in streams.items():
-            n_tok = int(s.offsets[hi] - s.offsets[lo])
-            bufs[name] = {
-                n: torch.empty((n_tok, self.d), dtype=self.compute_dtype)
-                for n in self.layers[self._stack(name)]
-            }
-        lengths = [enc.length(i) for i in range(lo, hi)]
-        pad_id = self.backbone.tokenizer.pad_token_id or 0
-        for batch in plan_batches(
-            lengths, self.cfg.extract.batch_tokens, self.cfg.extract.max_batch_size
-        ):
-            idx = [lo + b for b in batch]
-            ids, mask = pad([enc.ids[i] for i in idx], pad_id)
-            kw: dict[str, Any] = {}
-            if enc.token_types is not None:
-                kw["token_type_ids"] = pad([enc.token_types[i] for i in idx], 0)[0].to(self.device)
-            dec_masks = {}
-            if self.backbone.encoder_decoder:
-                dec = {}
-                for name, s in streams.items():
-                    if name != "enc":
-                        dec[name], dec_masks[name] = pad([s.ids[i] for i in idx], pad_id)
-                        dec[name] = dec[name].to(self.device)
-                kw["decoder_inputs"] = dec
-            states = self.backbone.states(
-                ids.to(self.device), mask.to(self.device), layers=self.layers["enc"], **kw
-            )
-            for name, s in streams.items():
-                m = mask if name == "enc" else dec_masks[name]
-                dest = torch.cat([torch.arange(s.offsets[i], s.offsets[i + 1]) for i in idx]) - int(
-                    s.offsets[lo]
-                )
-                for n, buf in bufs[name].items():
-                    h = states[name][n]
-                    buf[dest] = h[m.to(h.device)].to("cpu", non_blocking=False)
-        return bufs
+        return segment_states(
+            self.backbone,
+            self.layers,
+            streams,
+            lo,
+            hi,
+            self.cfg.extract.batch_tokens,
+            self.cfg.extract.max_batch_size,
+        )
 
     # --- side_init and manifest -----------------------------------------------------------------
 
@@ -525,8 +554,13 @@ def extract(
     backbone: Backbone | None = None,
     data: TaskData | None = None,
     progress: bool = True,
+    cluster: Cluster | None = None,
 ) -> ExtractResult:
-    """Run stage one for ``cfg``; ``backbone``/``data`` may be given (tests build tiny ones)."""
+    """Run stage one for ``cfg``; ``backbone``/``data`` may be given (tests build tiny ones).
+
+    With a ``cluster`` (``stages.distributed.Cluster``: ``--workers N`` or ``--scheduler``), the
+    segments run on Dask workers that load the backbone by name; the result is bit-identical.
+    """
     from ladder.backbones import load_backbone
     from pipeline.tasks import CustomTask, load_task
 
@@ -558,4 +592,8 @@ def extract(
         backbone = load_backbone(
             cfg.backbone.name, revision=cfg.backbone.revision, device=device, dtype=dtype
         )
-    return Extractor(cfg, backbone, data, progress=progress).run()
+    if cluster is None:
+        return Extractor(cfg, backbone, data, progress=progress).run()
+    from stages.distributed import DistributedExtractor
+
+    return DistributedExtractor(cfg, backbone, data, cluster, progress=progress).run()
