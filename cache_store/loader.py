@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,9 @@ import torch
 from cache_store.layout import decode_numpy, layer_name, meta_prefix
 from cache_store.registry import CommittedCache
 from pipeline.errors import PipelineError
+
+# the reads of one block's arrays overlap: object stores answer in parallel, codecs decode in C
+_READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-read")
 
 
 @dataclass
@@ -161,28 +165,39 @@ class CacheLoader:
         if self._kept is not None and b in self._kept:
             return self._kept[b]
         lo, hi = self.blocks[b]
-        offsets, rows, ids, targets = {}, {}, {}, {}
+        spans, reads = {}, {}  # every array of the block, read concurrently (one request each)
         for stream, states in self.layers.items():
             off = self.offsets[stream]
             t0, t1 = int(off[lo]), int(off[hi])
-            offsets[stream] = off[lo : hi + 1] - t0
+            spans[stream] = (t0, t1)
             meta = meta_prefix(self.split, stream)
-            ids[stream] = np.asarray(self.cache.array(f"{meta}/input_ids")[t0:t1])
+            reads[(stream, "ids")] = f"{meta}/input_ids"
             if stream == "enc" and self.has_types:
-                types = np.asarray(self.cache.array(f"{meta}/token_type_ids")[t0:t1])
+                reads[(stream, "types")] = f"{meta}/token_type_ids"
             if stream != "enc":
-                targets[stream] = np.asarray(self.cache.array(f"{meta}/target_ids")[t0:t1])
-            rows[stream] = {}
+                reads[(stream, "targets")] = f"{meta}/target_ids"
             for n in states:
                 path = f"{self.split}/{stream}/{layer_name(n)}"
-                codes = np.asarray(self.cache.array(path)[t0:t1])
-                scale = (
-                    np.asarray(self.cache.array(path + "_scale")[t0:t1])
-                    if self.dtype == "int8"
-                    else None
-                )
-                rows[stream][n] = (codes, scale)
-        block = _Block(lo, hi, offsets, rows, ids, targets, types if self.has_types else None)
+                reads[(stream, n)] = path
+                if self.dtype == "int8":
+                    reads[(stream, f"{n}_scale")] = path + "_scale"
+
+        def read(item: tuple[tuple[str, object], str]) -> np.ndarray:
+            (stream, _), path = item
+            t0, t1 = spans[stream]
+            return np.asarray(self.cache.array(path)[t0:t1])
+
+        got = dict(zip(reads, _READS.map(read, reads.items()), strict=True))
+        offsets, rows, ids, targets = {}, {}, {}, {}
+        for stream, states in self.layers.items():
+            off = self.offsets[stream]
+            offsets[stream] = off[lo : hi + 1] - off[lo]
+            ids[stream] = got[(stream, "ids")]
+            if stream != "enc":
+                targets[stream] = got[(stream, "targets")]
+            rows[stream] = {n: (got[(stream, n)], got.get((stream, f"{n}_scale"))) for n in states}
+        types = got.get(("enc", "types"))
+        block = _Block(lo, hi, offsets, rows, ids, targets, types)
         if self._kept is not None:
             self._kept[b] = block
         return block

@@ -36,6 +36,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from ladder.attention import attention, mask_bias
 from pipeline.errors import PipelineError
 
 FUSIONS = ("ladder", "late", "none")
@@ -310,7 +311,7 @@ class EncoderSideBlock(nn.Module):
         k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
+        y = attention(q, k, v, mask, dropout_p=p)  # (B, nh, T, hs)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
     def ffn(self, x: Tensor) -> Tensor:
@@ -393,7 +394,7 @@ class EncoderSideNetwork(nn.Module):
         """
         h0 = _state(hiddens, 0, self.d, self.first_down.weight, "encoder")
         x = self.first_down(self.drop(h0))  # (B, T, d/r)
-        mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
             if self.fusion == "ladder":
                 x = self._fuse(x, i, hiddens)
@@ -468,9 +469,7 @@ class T5SideAttention(nn.Module):
         k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
         v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=1.0
-        )
+        y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
 
 

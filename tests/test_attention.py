@@ -1,0 +1,75 @@
+"""The side network's attention: SDPA's values and gradients, 1 byte per score kept for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ladder.attention import attention, keep_mask, mask_bias
+
+
+def _inputs(seed: int, bias_grad: bool):
+    g = torch.Generator().manual_seed(seed)
+    B, H, T, hd = 3, 4, 7, 5
+    q, k, v = (torch.randn(B, H, T, hd, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 6:] = False
+    bias = mask_bias(mask[:, None, None, :], torch.float32)
+    if bias_grad:  # a learned bias, like T5's relative positions: (1, H, T, T)
+        bias = (bias + torch.randn(1, H, T, T, generator=g)).detach().requires_grad_(True)
+    return q, k, v, bias
+
+
+def _reference(q, k, v, bias, p, scale, seed):
+    """The textbook computation with the same keep-mask as ``attention`` draws."""
+    scores = q @ k.transpose(-1, -2) * scale + bias
+    probs = torch.softmax(scores, -1)
+    torch.manual_seed(seed)
+    keep, p = keep_mask(probs.shape, p)
+    return (probs * keep / (1 - p)) @ v
+
+
+@pytest.mark.parametrize("bias_grad", [False, True])
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_dropout_attention_matches_the_textbook_values_and_gradients(bias_grad, scale):
+    p = 0.3
+    ours_in = _inputs(0, bias_grad)
+    ref_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in ours_in]
+    torch.manual_seed(7)
+    ours = attention(*ours_in, dropout_p=p, scale=scale)
+    s = ours_in[0].shape[-1] ** -0.5 if scale is None else scale
+    ref = _reference(*ref_in, p, s, seed=7)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    ref.backward(g)
+    for a, b in zip(ours_in, ref_in, strict=True):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_without_dropout_it_is_sdpa_and_a_boolean_mask_is_accepted():
+    q, k, v, bias = _inputs(1, False)
+    mask = bias == 0
+    torch.testing.assert_close(
+        attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    )
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask_drops_p_rounded_to_1_256(p):
+    torch.manual_seed(0)
+    keep, rate = keep_mask((64, 1000, 3), p)
+    assert rate == round(p * 256) / 256
+    assert abs(1 - keep.float().mean().item() - rate) < 0.005
+    assert 0.4 < keep[..., 0].float().mean() / keep[..., 2].float().mean() < 2.5  # every byte drawn
+
+
+def test_dropout_drops_about_p_and_keeps_the_expectation():
+    q, k, v, bias = _inputs(2, False)
+    with torch.no_grad():
+        mean = torch.stack([attention(q, k, v, bias, dropout_p=0.5) for _ in range(400)]).mean(0)
+        exact = attention(q, k, v, bias)
+    torch.testing.assert_close(mean, exact, rtol=0.15, atol=0.1)
