@@ -94,6 +94,7 @@ class CacheLoader:
         bucket_batches: int = 50,
         prefetch: int = 2,
         memory_budget: int = 4 << 30,
+        read_states: bool = True,
     ) -> None:
         m = cache.manifest
         if split not in m["splits"]:
@@ -113,6 +114,9 @@ class CacheLoader:
                     f"keeps; it stores {m['layers_stored'][stack]}: re-extract with those layers"
                 )
         self.cache, self.split, self.layers = cache, split, layers
+        # False: batches carry ids and masks only (online LST computes the states), in the order
+        # that reading them would give
+        self.read_states = read_states
         self.dtype = m["dtype"]
         self.d = m["backbone"]["d_model"]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -176,7 +180,7 @@ class CacheLoader:
                 reads[(stream, "types")] = f"{meta}/token_type_ids"
             if stream != "enc":
                 reads[(stream, "targets")] = f"{meta}/target_ids"
-            for n in states:
+            for n in states if self.read_states else []:
                 path = f"{self.split}/{stream}/{layer_name(n)}"
                 reads[(stream, n)] = path
                 if self.dtype == "int8":
@@ -195,7 +199,11 @@ class CacheLoader:
             ids[stream] = got[(stream, "ids")]
             if stream != "enc":
                 targets[stream] = got[(stream, "targets")]
-            rows[stream] = {n: (got[(stream, n)], got.get((stream, f"{n}_scale"))) for n in states}
+            rows[stream] = {
+                n: (got[(stream, n)], got.get((stream, f"{n}_scale")))
+                for n in states
+                if self.read_states
+            }
         types = got.get(("enc", "types"))
         block = _Block(lo, hi, offsets, rows, ids, targets, types)
         if self._kept is not None:
@@ -245,7 +253,7 @@ class CacheLoader:
                 )
                 target_ids[stream] = tgt.view(B, T)
             states[stream] = {}
-            for n in self.layers[stream]:
+            for n in self.layers[stream] if self.read_states else []:
                 codes = np.concatenate([blocks[p].rows[stream][n][0][a:z] for p, a, z in spans])
                 scale = None
                 if self.dtype == "int8":

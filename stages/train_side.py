@@ -429,10 +429,17 @@ def train_side(
         shuffle=True,
         seed=seed0,
         memory_budget=budget,
+        read_states=online is None,
     )
     val, test = (
         CacheLoader(
-            cache, s, eval_layers, batch_size=t.batch_size * 2, shuffle=False, memory_budget=budget
+            cache,
+            s,
+            eval_layers,
+            batch_size=t.batch_size * 2,
+            shuffle=False,
+            memory_budget=budget,
+            read_states=online is None,
         )
         for s in ("validation", "test")
     )

@@ -86,3 +86,25 @@ def test_length_buckets_cut_padding(cache):
         for idx in np.array_split(rng.permutation(len(lengths)), -(-len(lengths) // 6))
     )
     assert padded / real < 0.8 * random_padded / real
+
+
+def test_without_states_the_batches_come_in_the_same_order(cache):
+    """Online LST reads ids and masks only, in the order the cached run sees."""
+
+    def batches(read_states):
+        loader = CacheLoader(
+            cache,
+            "train",
+            {"enc": [0, 1]},
+            batch_size=5,
+            shuffle=True,
+            memory_budget=1 << 16,
+            read_states=read_states,
+        )
+        return list(loader.epoch(3))
+
+    with_states, ids_only = batches(True), batches(False)
+    assert [b.index.tolist() for b in with_states] == [b.index.tolist() for b in ids_only]
+    for a, b in zip(with_states, ids_only, strict=True):
+        assert torch.equal(a.input_ids["enc"], b.input_ids["enc"])
+        assert set(a.states["enc"]) == {0, 1} and b.states["enc"] == {}
