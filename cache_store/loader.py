@@ -15,9 +15,10 @@ has used its event loop.
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +28,19 @@ import torch
 from cache_store.layout import decode_numpy, layer_name, meta_prefix
 from cache_store.registry import CommittedCache
 from pipeline.errors import PipelineError
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's ``malloc_trim``: batches built on one thread and freed on another leave the
+    allocator holding freed pages (RSS grew by 0.5 GB over 80 CoLA batches here); giving them
+    back every 16 batches costs a few milliseconds at most. A no-op where glibc is absent."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda *_: None
+
+
+_TRIM = _malloc_trim()
 
 # the reads of one block's arrays overlap: object stores answer in parallel, codecs decode in C
 _READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-read")
@@ -320,10 +334,14 @@ class CacheLoader:
         thread = threading.Thread(target=produce, name="cache-loader", daemon=True)
         thread.start()
         try:
+            n = 0
             while (item := q.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                n += 1
+                if n % 16 == 0:
+                    _TRIM(0)
         finally:
             stop.set()
             while thread.is_alive():  # unblock a producer waiting on a full queue
