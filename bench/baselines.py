@@ -876,7 +876,9 @@ def extract_in_child(opt: Options) -> dict[str, Any]:
 def loader_bytes(cache: Any, layers: list[int], budget: int = 4 << 30) -> int:
     """Bytes of cached states the train-side loaders keep in RAM (splits under the 4 GiB budget)."""
     m = cache.manifest
-    itemsize = {"int8": 1, "float32": 4}.get(m["dtype"], 2)
+    from cache_store.layout import stored_numpy_dtype
+
+    itemsize = stored_numpy_dtype(m["dtype"]).itemsize
     total = 0
     for split in ("train", "validation", "test"):
         n_tokens = m["splits"][split]["streams"]["enc"]["n_tokens"]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bench import common  # sets HF_HUB_OFFLINE before transformers is imported
+from bench.extract_throughput import make_config
 from ladder.backbones import Backbone, load_backbone, pick_compute_dtype, pick_device
 from pipeline.config import Config, apply_overrides
 from pipeline.tasks import TaskData, load_task
@@ -34,19 +35,6 @@ from stages.extract import extract
 
 QUICK_LIMIT = 250  # examples per split in --quick (RTE: about 34k tokens, 4 segments)
 ARMS = ("workers2", "workers1", "inprocess")
-
-
-def make_config(task: str, data_dir: Path, limit: int | None, root: str) -> Config:
-    return apply_overrides(
-        Config(),
-        {
-            "task.name": task,
-            "task.data_dir": str(data_dir),
-            "task.limit": limit,
-            "cache.root": root,
-            "extract.side_init": [],
-        },
-    )
 
 
 def one_run(
@@ -84,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_task(args.task, data_dir=data_dir, limit=limit)
     warm = load_task(args.task, data_dir=data_dir, limit=8)
     base = Path(tempfile.mkdtemp(prefix="lst-bench-workers-", dir=args.tmp))
-    cfg = make_config(args.task, data_dir, limit, str(base))
+    cfg = make_config(args.task, data_dir, limit, "float16", "lz4", str(base))
     device = pick_device(cfg.extract.device)
     dtype = pick_compute_dtype(cfg.extract.compute_dtype, cfg.cache.dtype, device)
     backbone = load_backbone(cfg.backbone.name, device=device, dtype=dtype)

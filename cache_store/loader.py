@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cache_store.layout import decode_numpy, layer_name, meta_prefix
+from cache_store.layout import decode_numpy, layer_name, meta_prefix, stored_numpy_dtype
 from cache_store.registry import CommittedCache
 from pipeline.errors import PipelineError
 
@@ -142,9 +142,9 @@ class CacheLoader:
         self.has_types = f"{split}/token_type_ids" in cache.group
         self.n = len(self.labels)
         chunk = m["chunk_rows"]
-        itemsize = 1 if self.dtype == "int8" else (4 if self.dtype == "float32" else 2)
+        self._itemsize = stored_numpy_dtype(self.dtype).itemsize
         total = sum(
-            int(self.offsets[s][-1]) * len(states) * self.d * itemsize
+            int(self.offsets[s][-1]) * len(states) * self.d * self._itemsize
             for s, states in self.layers.items()
         )
         fits = total <= memory_budget
@@ -162,8 +162,7 @@ class CacheLoader:
 
     def _token_bytes(self) -> int:
         """Stored bytes of one (encoder) token across every state this loader reads."""
-        itemsize = 1 if self.dtype == "int8" else (4 if self.dtype == "float32" else 2)
-        return sum(len(states) for states in self.layers.values()) * self.d * itemsize
+        return sum(len(states) for states in self.layers.values()) * self.d * self._itemsize
 
     def _plan_blocks(self, offsets: np.ndarray) -> list[tuple[int, int]]:
         blocks, lo = [], 0

@@ -53,7 +53,7 @@ from cache_store.layout import encode, layer_name, stream_prefix
 from cache_store.writer import BackgroundWriter, CacheWriter, StreamWriter
 from pipeline.config import Config, apply_overrides
 from pipeline.errors import PipelineError
-from stages.extract import Extractor, Stream, plan_segments, segment_states, stack_of
+from stages.extract import Extractor, Stream, segment_states, stack_of
 
 if TYPE_CHECKING:
     import torch
@@ -586,20 +586,7 @@ class DistributedExtractor(Extractor):
         )
 
     def _extract_all(self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]) -> None:
-        plans = []
-        for split, streams in all_streams.items():
-            prog = writer.progress(split)
-            if prog is None or not prog.get("created"):
-                self._create_split(writer, split, streams)
-                prog = writer.progress(split)
-            segments = plan_segments(streams["enc"].offsets, self.shard_rows)
-            first = self._resume_segment(segments, streams, prog["flushed"])
-            plans.append((split, streams, segments, first, dict(prog["flushed"])))
-        remaining = sum(
-            int(s["enc"].n_tokens - s["enc"].offsets[seg[first]])
-            for _, s, seg, first, _ in plans
-            if first < len(seg) - 1
-        )
+        plans, remaining = self._plan_work(writer, all_streams)
         t0 = time.perf_counter()
         n_workers = self.cluster.n_workers()
         target = max(self.shard_rows, -(-remaining // (n_workers * self.units_per_worker)))

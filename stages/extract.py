@@ -381,7 +381,11 @@ class Extractor:
                     )
         writer.save_progress(split, {"created": True, "flushed": {k: 0 for k in streams}})
 
-    def _extract_all(self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]) -> None:
+    def _plan_work(
+        self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]
+    ) -> tuple[list[tuple[str, dict[str, Stream], list[int], int, dict[str, int]]], int]:
+        """Per split (created if new): its segments, the first one not yet flushed, and the
+        flushed token counts; and the tokens still to extract."""
         work = []
         for split, streams in all_streams.items():
             prog = writer.progress(split)
@@ -390,12 +394,16 @@ class Extractor:
                 prog = writer.progress(split)
             segments = plan_segments(streams["enc"].offsets, self.shard_rows)
             first = self._resume_segment(segments, streams, prog["flushed"])
-            work.append((split, streams, segments, first, prog["flushed"]))
-        total = sum(
+            work.append((split, streams, segments, first, dict(prog["flushed"])))
+        remaining = sum(
             int(s["enc"].n_tokens - s["enc"].offsets[seg[first]])
             for _, s, seg, first, _ in work
             if first < len(seg) - 1
         )
+        return work, remaining
+
+    def _extract_all(self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]) -> None:
+        work, total = self._plan_work(writer, all_streams)
         bar = tqdm(
             total=total,
             unit="tok",

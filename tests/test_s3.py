@@ -27,20 +27,11 @@ from cache_store.writer import CacheWriter, Lease
 from pipeline.cli import run_cli
 from pipeline.errors import PipelineError
 from tests.conftest import make_config, tiny_bert
+from tests.test_resume_and_errors import all_arrays
 
 pytest_plugins = ("tests.s3_server",)  # the s3_server and s3_env fixtures
 
 NO_SIDE_INIT = ["--side-init", "", "--reduction-factors", ""]
-
-
-def all_arrays(group: zarr.Group, prefix: str = "") -> dict[str, np.ndarray]:
-    out = {}
-    for name, node in group.members():
-        if isinstance(node, zarr.Array):
-            out[prefix + name] = node[...]
-        else:
-            out.update(all_arrays(node, prefix + name + "/"))
-    return out
 
 
 def commits(server, prefix: str) -> list[str]:
