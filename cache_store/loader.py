@@ -48,7 +48,8 @@ _READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-read")
 
 @dataclass
 class Batch:
-    """One padded batch. ``states[stream][n]`` is [B, T_stream, d] float32."""
+    """One padded batch. ``states[stream][n]`` is [B, T_stream, d]: float16/bfloat16 as cached,
+    else float32."""
 
     index: torch.Tensor  # [B] example indices in the split
     labels: torch.Tensor  # [B] class ids (int64) or scores (float32)
@@ -271,11 +272,23 @@ class CacheLoader:
                 scale = None
                 if self.dtype == "int8":
                     scale = np.concatenate([blocks[p].rows[stream][n][1][a:z] for p, a, z in spans])
-                out = np.zeros((B * T, self.d), dtype=np.float32)
-                out[dest_np] = decode_numpy(codes, scale, self.dtype)
-                states[stream][n] = torch.from_numpy(out).view(B, T, self.d)
+                states[stream][n] = self._padded(codes, scale, dest_np, B, T)
         labels = torch.from_numpy(self.labels[index.numpy()])
         return Batch(index, labels, states, masks, input_ids, target_ids, token_types)
+
+    def _padded(
+        self, codes: np.ndarray, scale: np.ndarray | None, dest: np.ndarray, B: int, T: int
+    ) -> torch.Tensor:
+        """Rows at ``dest`` of a zero [B, T, d] tensor: float16 and bfloat16 as stored (the side
+        network widens one state at a time), int8 and float32 decoded to float32."""
+        if self.dtype in ("float16", "bfloat16"):
+            out = np.zeros((B * T, self.d), dtype=codes.dtype)
+            out[dest] = codes
+            t = torch.from_numpy(out)
+            return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).view(B, T, self.d)
+        out = np.zeros((B * T, self.d), dtype=np.float32)
+        out[dest] = decode_numpy(codes, scale, self.dtype)
+        return torch.from_numpy(out).view(B, T, self.d)
 
     def _plan_epoch(self, epoch: int) -> Iterator[tuple[list[int], list[list[tuple[int, int]]]]]:
         """(blocks of a buffer, batches as picks) in this epoch's order."""

@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -223,8 +224,8 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _state(hiddens: Mapping[int, Tensor], k: int, d: int, like: Tensor, stream: str) -> Tensor:
-    """State ``k`` of a stream, checked and cast to the side's dtype (caches may hold fp16)."""
+def _state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor:
+    """State ``k`` of a stream, checked; left in its dtype (caches hand over float16/bfloat16)."""
     h = hiddens.get(k)
     if h is None:
         raise PipelineError(
@@ -235,7 +236,38 @@ def _state(hiddens: Mapping[int, Tensor], k: int, d: int, like: Tensor, stream: 
         raise PipelineError(
             f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}"
         )
-    return h.to(like.dtype)
+    return h
+
+
+class _NarrowInputLinear(torch.autograd.Function):
+    """``x W^T + b`` for a constant ``x`` held in a narrower dtype than ``W`` (cached states).
+
+    ``nn.Linear`` on ``x.float()`` would keep that float32 copy for the weight's gradient, one per
+    ladder, for the whole step; this keeps the float16/bfloat16 ``x`` the batch holds anyway and
+    widens it again in backward, so the states of a step cost their stored size once.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.has_bias = bias is not None
+        return F.linear(x.to(weight.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
+        (x,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        gw = g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype) if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return None, gw, gb
+
+
+def ladder_linear(linear: nn.Linear, h: Tensor) -> Tensor:
+    """``linear(h)`` in the linear's dtype; a constant narrower ``h`` is saved as it is."""
+    w = linear.weight
+    if h.dtype == w.dtype or h.requires_grad or not torch.is_grad_enabled():
+        return linear(h.to(w.dtype))
+    return _NarrowInputLinear.apply(h, w, linear.bias)
 
 
 def _needed(fusion: str, kept: list[int], n_layers: int) -> list[int]:
@@ -377,8 +409,8 @@ class EncoderSideNetwork(nn.Module):
 
     def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
         g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, x, "encoder")
-        return g * x + (1 - g) * self.down[str(i)](self.ladder_drop(h))
+        h = _state(hiddens, i + 1, self.d, "encoder")
+        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def forward(
         self,
@@ -392,8 +424,8 @@ class EncoderSideNetwork(nn.Module):
         0/1; pool_index: (B,) position whose side state feeds the head (default: [CLS] for
         the BERT family, the last real token, </s>, for BART, as the authors' heads).
         """
-        h0 = _state(hiddens, 0, self.d, self.first_down.weight, "encoder")
-        x = self.first_down(self.drop(h0))  # (B, T, d/r)
+        h0 = _state(hiddens, 0, self.d, "encoder")
+        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
             if self.fusion == "ladder":
@@ -569,8 +601,8 @@ class T5SideStack(nn.Module):
 
     def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
         g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, x, "decoder" if self.decoder else "encoder")
-        return g * x + (1 - g) * self.down[str(i)](self.ladder_drop(h))
+        h = _state(hiddens, i + 1, self.d, "decoder" if self.decoder else "encoder")
+        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def forward(
         self,
@@ -583,9 +615,8 @@ class T5SideStack(nn.Module):
 
         Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc).
         """
-        w = self.first_down.weight
-        h0 = _state(hiddens, 0, self.d, w, "decoder" if self.decoder else "encoder")
-        x = self.first_down(self.drop(h0))  # (B, T, d/r)
+        h0 = _state(hiddens, 0, self.d, "decoder" if self.decoder else "encoder")
+        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
         B, T, _ = x.shape
         allowed = torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device)
         if mask is not None:

@@ -652,3 +652,37 @@ def test_t5_a_few_steps_reduce_the_loss_and_leave_the_lm_head_alone():
     ):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
     assert torch.equal(net.lm_head, head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["bert", "t5"])
+def test_narrow_cached_states_train_as_their_float32_values_and_are_saved_narrow(kind, dtype):
+    """States handed over as cached (float16/bfloat16) give the logits and gradients of the same
+    values in float32, and backward keeps no float32 copy of any state."""
+    if kind == "bert":
+        net = randomize(EncoderSideNetwork(bert_cfg(), SideConfig(num_labels=3)))
+        narrow = {k: v.to(dtype) for k, v in states(L, 3, 7).items()}
+        run = lambda hs: net(hs, torch.ones(3, 7))  # noqa: E731
+    else:
+        net = randomize(T5SideNetwork(t5_cfg(), SideConfig(), lm_head()))
+        narrow = {k: v.to(dtype) for k, v in states(2, 3, 7).items()}
+        run = lambda hs: net.enc(hs, torch.ones(3, 7))  # noqa: E731
+    wide = {k: v.float() for k, v in narrow.items()}
+    grads = []
+    for hs in (wide, narrow):
+        net.zero_grad()
+        saved: list[torch.Tensor] = []
+        keep = saved.append
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, k=keep: k(t) or t, lambda t: t):
+            out = run(hs)
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        state_sized = {t.dtype for t in saved if t.numel() == 3 * 7 * D}  # states, as saved
+        assert state_sized == ({dtype} if hs is narrow else {torch.float32})
+        if hs is wide:
+            ref = out.detach()
+        else:
+            torch.testing.assert_close(out.detach(), ref)
+    assert grads[0].keys() == grads[1].keys() and "down.0.weight" in "".join(grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
