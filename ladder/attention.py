@@ -21,24 +21,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+CHUNK_BYTES = 16 << 20  # float32 (.., Tq, Tk) maps computed at once: batch rows per chunk
+
+
+def _chunks(B: int, per_row: int) -> list[slice]:
+    """Batch slices whose full-size float32 maps take about ``CHUNK_BYTES`` each."""
+    n = max(1, CHUNK_BYTES // max(1, per_row * 4))
+    return [slice(i, min(B, i + n)) for i in range(0, B, n)]
+
 
 class _DropoutAttention(torch.autograd.Function):
     """Saves q, k, v, bias, out and the keep-mask; recomputes the probabilities in backward.
 
     Constants are folded into the small (.., T, hd) operands so that every full-size (T x T)
     pass is one that cannot be avoided; the softmax backward's row sums come from out and its
-    gradient, as in FlashAttention: sum_j dP_ij P_ij = dO_i . O_i.
+    gradient, as in FlashAttention: sum_j dP_ij P_ij = dO_i . O_i. The float32 maps are made a
+    few batch rows at a time (``CHUNK_BYTES``), so a step never holds more than a chunk of them;
+    the keep-mask is drawn whole first, so chunking does not change which scores are dropped.
     """
 
     @staticmethod
     def forward(
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, p: float, scale: float
     ) -> Tensor:
-        probs = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(dim=-1)
-        keep, p = keep_mask(probs.shape, p, probs.device)
-        out = torch.matmul(probs.mul_(keep), v * (1.0 / (1.0 - p)))
+        B, H, Tq, _ = q.shape
+        shape = torch.broadcast_shapes((B, H, Tq, k.shape[-2]), bias.shape)
+        keep, p = keep_mask(shape, p, q.device)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        batched = bias.dim() == 4 and bias.shape[0] == B and B > 1
+        for sl in _chunks(B, math.prod(shape[1:])):
+            b = bias[sl] if batched else bias
+            probs = torch.matmul(q[sl] * scale, k[sl].transpose(-1, -2)).add_(b).softmax(dim=-1)
+            out[sl] = torch.matmul(probs.mul_(keep[sl]), v[sl] * (1.0 / (1.0 - p)))
         ctx.save_for_backward(q, k, v, bias, keep, out)
-        ctx.p, ctx.scale = p, scale
+        ctx.p, ctx.scale, ctx.batched = p, scale, batched
         return out
 
     @staticmethod
@@ -46,13 +62,22 @@ class _DropoutAttention(torch.autograd.Function):
         q, k, v, bias, keep, out = ctx.saved_tensors
         p, scale = ctx.p, ctx.scale
         grad_c = grad * (1.0 / (1.0 - p))
-        probs = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(dim=-1)
-        grad_v = torch.matmul(probs.mul(keep).transpose(-1, -2), grad_c)
-        row = (grad * out).sum(-1, keepdim=True)  # sum_j dP_ij P_ij
-        grad_scores = torch.matmul(grad_c, v.transpose(-1, -2)).mul_(keep).sub_(row).mul_(probs)
-        grad_bias = grad_scores.sum_to_size(bias.shape) if ctx.needs_input_grad[3] else None
-        grad_q = torch.matmul(grad_scores, k * scale)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q * scale)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        need_bias = ctx.needs_input_grad[3]
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        for sl in _chunks(q.shape[0], math.prod(keep.shape[1:])):
+            b = bias[sl] if ctx.batched else bias
+            qs, ks, kp = q[sl] * scale, k[sl], keep[sl]
+            probs = torch.matmul(qs, ks.transpose(-1, -2)).add_(b).softmax(dim=-1)
+            grad_v[sl] = torch.matmul(probs.mul(kp).transpose(-1, -2), grad_c[sl])
+            row = (grad[sl] * out[sl]).sum(-1, keepdim=True)  # sum_j dP_ij P_ij
+            gs = torch.matmul(grad_c[sl], v[sl].transpose(-1, -2)).mul_(kp).sub_(row).mul_(probs)
+            if grad_bias is not None and ctx.batched:
+                grad_bias[sl] = gs.sum_to_size(b.shape)
+            elif grad_bias is not None:
+                grad_bias += gs.sum_to_size(bias.shape)
+            grad_q[sl] = torch.matmul(gs, ks * scale)
+            grad_k[sl] = torch.matmul(gs.transpose(-1, -2), qs)
         return grad_q, grad_k, grad_v, grad_bias, None, None
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ladder import attention as attention_module
 from ladder.attention import attention, keep_mask, mask_bias
 
 
@@ -17,7 +18,9 @@ def _inputs(seed: int, bias_grad: bool):
     mask[0, 4:] = False
     mask[1, 6:] = False
     bias = mask_bias(mask[:, None, None, :], torch.float32)
-    if bias_grad:  # a learned bias, like T5's relative positions: (1, H, T, T)
+    if bias_grad == "shared":  # one learned (1, H, T, T) bias for every row of the batch
+        bias = torch.randn(1, H, T, T, generator=g).requires_grad_(True)
+    elif bias_grad:  # a learned bias, like T5's relative positions, plus the padding mask
         bias = (bias + torch.randn(1, H, T, T, generator=g)).detach().requires_grad_(True)
     return q, k, v, bias
 
@@ -31,9 +34,15 @@ def _reference(q, k, v, bias, p, scale, seed):
     return (probs * keep / (1 - p)) @ v
 
 
-@pytest.mark.parametrize("bias_grad", [False, True])
+@pytest.mark.parametrize("bias_grad", [False, True, "shared"])
 @pytest.mark.parametrize("scale", [None, 1.0])
-def test_dropout_attention_matches_the_textbook_values_and_gradients(bias_grad, scale):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_dropout_attention_matches_the_textbook_values_and_gradients(
+    bias_grad, scale, chunked, monkeypatch
+):
+    if chunked:  # one batch row per chunk: the maps are made row by row
+        monkeypatch.setattr(attention_module, "CHUNK_BYTES", 1)
+        assert len(attention_module._chunks(3, 4 * 7 * 7)) == 3
     p = 0.3
     ours_in = _inputs(0, bias_grad)
     ref_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in ours_in]
