@@ -829,6 +829,7 @@ def run_extract(opt: Options) -> dict[str, Any]:
         "reused": res.reused,
         "extract_total_s": total,
         "side_init_s": side_init,
+        "fisher_s": timings.get("fisher_s"),  # the Fisher pass alone, shared by every r
         "extract_states_s": total - side_init,
         "wall_s": wall,
         "cache_bytes": dir_bytes(Path(cfg.cache_root) / res.key),

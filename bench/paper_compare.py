@@ -29,6 +29,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,74 +64,169 @@ def fail(msg: str) -> None:
 
 
 class Runner:
-    """Runs ``bench.baselines`` children; their JSONs in ``work`` are reused when present."""
+    """Runs ``bench.baselines`` children, ``jobs`` at a time; their JSONs in ``work`` are reused
+    when present, so a killed run resumes where it stopped."""
 
-    def __init__(self, work: Path, common: list[str]) -> None:
-        self.work, self.common = work, common
+    def __init__(self, work: Path, common: list[str], jobs: int = 1) -> None:
+        self.work, self.common, self.jobs = work, common, jobs
 
-    def __call__(self, name: str, task: str, args: list[str]) -> dict[str, Any]:
+    def __call__(
+        self, name: str, task: str, args: list[str], env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         out = self.work / task / f"{name}.json"
         if out.exists():
             print(f"[paper_compare] {task} {name}: done before, reusing {out}", flush=True)
             return json.loads(out.read_text())
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "bench.baselines", *args, *self.common, "--json", str(out)]
-        print(f"[paper_compare] {task} {name}: {' '.join(cmd[1:])}", flush=True)
-        rc = subprocess.run(cmd, cwd=REPO).returncode
+        shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
+        print(f"[paper_compare] {task} {name}: {shown} {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}).returncode
         if rc != 0 or not out.exists():
             print(f"[paper_compare] {task} {name} FAILED (exit {rc})", flush=True)
             return {"error": f"exit {rc}", "command": " ".join(cmd[1:])}
         return json.loads(out.read_text())
 
+    def many(self, runs: list[Run]) -> list[dict[str, Any]]:
+        """Every run, ``jobs`` processes at a time, results in the order given."""
+        with ThreadPoolExecutor(self.jobs) as pool:
+            return list(pool.map(lambda r: self(r.name, r.task, r.args, r.env), runs))
 
-def run_task(task: str, args: Any, run: Runner) -> dict[str, Any]:
-    data = ["--task", task]
+
+@dataclass
+class Run:
+    """One child process: its result lands at ``results[task]`` under ``where``."""
+
+    task: str
+    name: str
+    args: list[str]
+    where: tuple[str, ...]
+    env: dict[str, str] | None = None
+
+
+# Measuring memory: glibc keeps freed pages (per-thread arenas, a trim threshold), so a process's
+# peak RSS overstates what it used by an amount that differs per method. With every allocation
+# over 64 KiB mapped on its own and returned when freed, peak RSS follows the live bytes, as
+# torch.cuda.max_memory_allocated does on a GPU. It costs time, so only the probes run this way.
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+STREAM_MB = 16  # the streamed LST probe: a 16 MB shuffle buffer instead of whole splits in RAM
+
+
+def data_args(task: str, args: Any) -> list[str]:
     if args.limit and (task in args.limit_tasks or "all" in args.limit_tasks):
-        data += ["--limit", str(args.limit)]
-    base = [*data, "--seeds", args.seeds, *(["--epochs", str(args.epochs)] if args.epochs else [])]
-    if args.warmup_steps is not None:
-        base += ["--warmup-steps", str(args.warmup_steps)]
-    out: dict[str, Any] = {"methods": {}, "sweeps": {}}
-    lst = any(m.startswith("lst") for m in args.methods) or bool(args.sweeps)
-    cache: list[str] = []
-    if lst:
-        ex = run("extract", task, ["--method", "extract", *base])
-        out["extract"] = ex
-        if "error" in ex:
-            return out
-        cache = ["--cache-key", ex["cache_key"]]
-    for m in args.methods:
-        out["methods"][m] = run(m, task, ["--method", m, *base, *(cache if "lst" in m else [])])
-    if not lst:
-        return out
+        return ["--task", task, "--limit", str(args.limit)]
+    return ["--task", task]
+
+
+def plan_task(task: str, args: Any, cache_key: str | None) -> list[Run]:
+    """The runs of one task once its cache exists: methods, sweeps, memory probes."""
+    data = data_args(task, args)
+    base = [*data, "--seeds", args.seeds, "--batch-size", str(args.batch_size)]
+    base += ["--epochs", str(args.epochs)] if args.epochs else []
+    base += ["--warmup-steps", str(args.warmup_steps)] if args.warmup_steps is not None else []
+    cache = ["--cache-key", cache_key] if cache_key else []
+    methods = list(args.methods)
+    if args.sweeps and "lst-cache" not in methods:
+        methods.append("lst-cache")  # the ablations' default arm
+    runs = [
+        Run(task, m, ["--method", m, *base, *(cache if "lst" in m else [])], ("methods", m))
+        for m in methods
+    ]
+    if not cache_key:
+        return runs
     lstc = ["--method", "lst-cache", *base, *cache]
     first_seed = args.seeds.split(",")[0]
-    sw = out["sweeps"]
-    main = out["methods"].get("lst-cache") or run("lst-cache", task, lstc)
     if "r" in args.sweeps:
-        sw["r"] = run("sweep-r", task, [*lstc, "--r", ",".join(map(str, SWEEP_RS)), "--one-pass"])
+        sweep = [*lstc, "--r", ",".join(map(str, SWEEP_RS)), "--one-pass"]
+        runs.append(Run(task, "sweep-r", sweep, ("sweeps", "r")))
         if task == args.memory_task:  # one network per process: its memory alone
             probe = ["--method", "lst-cache", *data, *cache, "--seeds", first_seed, "--epochs", "1"]
-            sw["r_memory"] = {
-                str(r): run(f"probe-r{r}", task, [*probe, "--r", str(r)]) for r in SWEEP_RS
-            }
+            env = LIVE_MALLOC if args.memory_probes else None  # as the methods' probes
+            runs += [
+                Run(
+                    task,
+                    f"probe-r{r}",
+                    [*probe, "--r", str(r)],
+                    ("sweeps", "r_memory", str(r)),
+                    env,
+                )
+                for r in SWEEP_RS
+            ]
     if "layers" in args.sweeps:
-        sw["layers"] = {
-            name: main
-            if kept is None
-            else run(f"layers-{name.replace(',', '')}", task, [*lstc, "--kept-layers", name])
-            for name, kept in args.layer_variants.items()
-        }
+        runs += [
+            Run(task, f"layers-{n.replace(',', '')}", [*lstc, "--kept-layers", n], ("layers", n))
+            for n, kept in args.layer_variants.items()
+            if kept is not None
+        ]
     if "fusion" in args.sweeps:
-        sw["fusion"] = {
-            f: main if f == "ladder" else run(f"fusion-{f}", task, [*lstc, "--fusion", f])
+        runs += [
+            Run(task, f"fusion-{f}", [*lstc, "--fusion", f], ("fusion", f))
             for f in args.fusions
-        }
+            if f != "ladder"
+        ]
     if "init" in args.sweeps:
         rs = ",".join(map(str, args.init_rs))
-        sw["init"] = {
-            i: run(f"init-{i}", task, [*lstc, "--init", i, "--r", rs, "--one-pass"]) for i in INITS
-        }
+        runs += [
+            Run(task, f"init-{i}", [*lstc, "--init", i, "--r", rs, "--one-pass"], ("init", i))
+            for i in INITS
+        ]
+    if args.memory_probes and task == args.memory_task:
+        # one epoch of one seed at the paper's batch size, freed memory returned at once
+        probe = [*data, "--seeds", first_seed, "--epochs", "1", "--batch-size", "100"]
+        for m in args.methods:
+            runs.append(
+                Run(
+                    task,
+                    f"live-{m}",
+                    ["--method", m, *probe, *(cache if "lst" in m else [])],
+                    ("memory_probes", m),
+                    LIVE_MALLOC,
+                )
+            )
+        if "lst-cache" in args.methods:
+            streamed = ["--method", "lst-cache", *probe, *cache, "--memory-mb", str(STREAM_MB)]
+            runs.append(
+                Run(
+                    task,
+                    "live-lst-cache-streamed",
+                    streamed,
+                    ("memory_probes", STREAMED),
+                    LIVE_MALLOC,
+                )
+            )
+    return runs
+
+
+STREAMED = "lst-cache, streamed"
+
+
+def run_tasks(tasks: list[str], args: Any, run: Runner) -> dict[str, dict[str, Any]]:
+    """Stage one for every task first (LST needs its cache), then everything else, in parallel."""
+    out: dict[str, dict[str, Any]] = {t: {"methods": {}, "sweeps": {}} for t in tasks}
+    lst = any(m.startswith("lst") for m in args.methods) or bool(args.sweeps)
+    keys: dict[str, str | None] = dict.fromkeys(tasks)
+    if lst:
+        extracts = [
+            Run(t, "extract", ["--method", "extract", *data_args(t, args)], ("extract",))
+            for t in tasks
+        ]
+        for r, ex in zip(extracts, run.many(extracts), strict=True):
+            out[r.task]["extract"] = ex
+            keys[r.task] = None if "error" in ex else ex["cache_key"]
+    runs = [r for t in tasks for r in plan_task(t, args, keys[t])]
+    for r, fig in zip(runs, run.many(runs), strict=True):
+        node = out[r.task]
+        if r.where[0] in ("layers", "fusion", "init"):
+            node = node["sweeps"]
+        for k in r.where[:-1]:
+            node = node.setdefault(k, {})
+        node[r.where[-1]] = fig
+    for t in tasks:  # the ablations' default arm is the main LST run
+        sw, main = out[t]["sweeps"], out[t]["methods"].get("lst-cache")
+        if "layers" in sw and main:
+            sw["layers"] = {"all": main, **sw["layers"]}
+        if "fusion" in sw and main:
+            sw["fusion"] = {"ladder": main, **sw["fusion"]}
     return out
 
 
@@ -151,19 +248,33 @@ def epochs_time(fig: dict[str, Any], n: int) -> float:
     return first + (n - 1) * (fig["epoch_s"] if fig["epoch_s"] is not None else first)
 
 
+def side_init_one_s(ex: dict[str, Any]) -> float:
+    """Seconds of the side_init one LST run needs: the Fisher pass and one (r, method) pruning.
+
+    The bench's extraction prunes every r and method the sweeps use; each pruning does the same
+    work, so one run's share is their mean. Without a separate Fisher time: all of side_init.
+    """
+    pairs = sum(len(v) for v in ex.get("side_init", {}).values())
+    if ex.get("fisher_s") is None or pairs == 0:
+        return ex["side_init_s"]
+    return ex["fisher_s"] + (ex["side_init_s"] - ex["fisher_s"]) / pairs
+
+
 def time_to_result(task_res: dict[str, Any], ns: list[int]) -> dict[str, dict[int, float]]:
     """Seconds to a model after N epochs, from measured epoch and extraction times (not run).
 
-    cache: extraction of the states + side_init + N epochs from the cache; online LST:
-    side_init (its Fisher init) + N epochs with the live backbone; LoRA, full: N epochs.
+    cache: extraction of the states + side_init (Fisher, pruning at r = 8) + N epochs from the
+    cache; online LST: the same side_init (its Fisher init) + N epochs with the live backbone;
+    LoRA, full: N epochs.
     """
     ex, meth = task_res.get("extract"), task_res["methods"]
     out: dict[str, dict[int, float]] = {}
+    init = side_init_one_s(ex) if ok(ex) else 0.0
     if ok(ex) and ok(meth.get("lst-cache")):
-        once = ex["extract_states_s"] + ex["side_init_s"]
+        once = ex["extract_states_s"] + init
         out["lst-cache"] = {n: once + epochs_time(meth["lst-cache"], n) for n in ns}
     if ok(ex) and ok(meth.get("lst-online")):
-        out["lst-online"] = {n: ex["side_init_s"] + epochs_time(meth["lst-online"], n) for n in ns}
+        out["lst-online"] = {n: init + epochs_time(meth["lst-online"], n) for n in ns}
     for m in ("lora", "full"):
         if ok(meth.get(m)):
             out[m] = {n: epochs_time(meth[m], n) for n in ns}
@@ -322,6 +433,8 @@ def tables(summary: dict[str, Any]) -> str:
                     ex["train_tokens"],
                     fmt(ex["extract_states_s"]),
                     fmt(ex["side_init_s"]),
+                    fmt(ex.get("fisher_s")),
+                    fmt(side_init_one_s(ex)),
                     fmt(ex["cache_bytes"] / MB),
                     fmt(ex["memory"]["abs_peak_rss"] / MB, ".0f"),
                 ]
@@ -329,19 +442,23 @@ def tables(summary: dict[str, Any]) -> str:
     if ex_rows:
         parts.append(
             "## LST from the cache: the one-off extraction (all splits, float16/lz4; side_init ="
-            " magnitude + Fisher pruning for r in 4, 8, 16, 32)\n\n"
+            " magnitude + Fisher pruning for every r the sweeps use; one run needs the Fisher pass"
+            " and one pruning)\n\n"
             + md_table(
                 [
                     "task",
                     "train tokens",
                     "states s",
-                    "side_init s",
+                    "side_init s (all)",
+                    "of which Fisher s",
+                    "one run's side_init s",
                     "cache MB on disk",
                     "peak RSS MB",
                 ],
                 ex_rows,
             )
         )
+    parts += probe_tables(summary)
     parts += sweep_tables(summary)
     ttr_rows = []
     for t in tasks:
@@ -351,8 +468,9 @@ def tables(summary: dict[str, Any]) -> str:
     if ttr_rows:
         parts.append(
             "## Time to a result, minutes (computed from the measured epoch and extraction times, "
-            "not run; lst-cache = extraction + side_init + N epochs, lst-online = side_init + N "
-            "epochs)\n\n" + md_table(["task", "method", "N = 1", "N = 10", "N = 20"], ttr_rows)
+            "not run; lst-cache = extraction + one run's side_init + N epochs, lst-online = the "
+            "same side_init + N epochs)\n\n"
+            + md_table(["task", "method", "N = 1", "N = 10", "N = 20"], ttr_rows)
         )
     est = summary.get("estimate_full")
     if est:
@@ -366,6 +484,50 @@ def tables(summary: dict[str, Any]) -> str:
         )
     parts.append("## Settings\n\n" + settings_table())
     return "\n\n".join(parts) + "\n"
+
+
+def memory_ratios(summary: dict[str, Any]) -> dict[str, float]:
+    """Each probe's peak training memory as a fraction of full fine-tuning's (live-bytes probes)."""
+    probes = summary["results"][summary["memory_task"]].get("memory_probes", {})
+    full = probes.get("full")
+    if not ok(full):
+        return {}
+    ref = full["memory"]["peak_above_base"]
+    return {m: f["memory"]["peak_above_base"] / ref for m, f in probes.items() if ok(f)}
+
+
+def probe_tables(summary: dict[str, Any]) -> list[str]:
+    mem_task = summary["memory_task"]
+    probes = summary["results"][mem_task].get("memory_probes", {})
+    if not probes:
+        return []
+    ratios = memory_ratios(summary)
+    rows = [
+        [
+            m,
+            fmt(f["memory"]["peak_above_base"] / MB, ".0f") if ok(f) else "failed",
+            fmt(100 * ratios[m], ".0f") if m in ratios else "–",
+            fmt(f["memory"]["abs_peak_rss"] / MB, ".0f") if ok(f) else "–",
+            fmt(f.get("cache_in_ram_bytes", 0) / MB, ".0f") if ok(f) and "lst" in m else "",
+        ]
+        for m, f in probes.items()
+    ]
+    return [
+        f"## Peak training memory with freed memory returned at once ({mem_task}, batch 100, one "
+        f"epoch of seed {summary['seeds'].split(',')[0]}; glibc {', '.join(f'{k}={v}' for k, v in LIVE_MALLOC.items())}"
+        f" so that peak RSS follows live bytes; '{STREAMED}' reads through a {STREAM_MB} MB "
+        "shuffle buffer instead of holding the splits)\n\n"
+        + md_table(
+            [
+                "method",
+                "train memory MB (peak − base)",
+                "% of full FT",
+                "abs peak RSS MB",
+                "cached states in RAM MB",
+            ],
+            rows,
+        )
+    ]
 
 
 def sweep_avg(results: dict[str, Any], tasks: list[str], pick: Any) -> float | None:
@@ -493,6 +655,19 @@ def main() -> None:
         default=None,
         help="default: the authors' 500, capped at a tenth of each run (500: exactly theirs)",
     )
+    p.add_argument("--batch-size", type=int, default=100, help="training batch (paper: 100)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="children at once; with more than 1 each gets cpu_count/jobs threads",
+    )
+    p.add_argument(
+        "--no-memory-probes",
+        dest="memory_probes",
+        action="store_false",
+        help="skip the one-epoch probes of each method's memory with freed memory returned",
+    )
     p.add_argument("--work", type=Path, default=None, help="keep per-configuration JSONs here")
     args = p.parse_args()
     args.layer_variants, args.fusions, args.init_rs = LAYER_VARIANTS, FUSIONS, INIT_RS
@@ -515,6 +690,9 @@ def main() -> None:
     bad = [s for s in args.sweeps if s not in SWEEPS]
     if bad:
         fail(f"unknown sweep {bad[0]!r}; allowed: {', '.join(SWEEPS)}, or none")
+    for name in ("jobs", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')}={getattr(args, name)}; allowed: an integer >= 1")
     args.limit_tasks = set(args.limit_tasks.split(","))
     args.memory_task = args.memory_task or ("rte" if "rte" in tasks else tasks[0])
     if args.memory_task not in tasks:
@@ -543,8 +721,10 @@ def main() -> None:
         "--memory-mb",
         str(args.memory_mb),
     ]
-    run = Runner(work, common)
-    results = {t: run_task(t, args, run) for t in tasks}
+    if args.jobs > 1:  # the cores shared out: every child gets the same number of threads
+        common += ["--threads", str(max(1, (os.cpu_count() or 2) // args.jobs))]
+    run = Runner(work, common, args.jobs)
+    results = run_tasks(tasks, args, run)
     summary: dict[str, Any] = {
         "tasks": tasks,
         "methods": args.methods,

@@ -79,13 +79,27 @@ def accuracy_memory(summary: dict[str, Any], path: Path) -> Path:
     mem_task = summary["memory_task"]
     res = summary["results"][mem_task]
     fig, ax = plt.subplots(figsize=(10.5, 5.5))
-    for m in summary["methods"]:
-        f = res["methods"].get(m)
-        y = _avg(summary, lambda r, m=m: r["methods"][m]["mean"] if _ok(r["methods"][m]) else None)
-        if not _ok(f) or y is None:
+    live = res.get("memory_probes", {})  # freed memory returned at once: peak RSS ~ live bytes
+    for m in [*summary["methods"], *(["lst-cache, streamed"] if "lst-cache" in live else [])]:
+        acc = m.split(",")[0]  # the streamed probe scores as the main LST run
+        f = live.get(m) if live else res["methods"].get(m)
+        y = _avg(
+            summary, lambda r, a=acc: r["methods"][a]["mean"] if _ok(r["methods"][a]) else None
+        )
+        if not isinstance(f, dict) or "error" in f or y is None:
             continue
         x = f["memory"]["peak_above_base"] / MB
-        ax.scatter([x], [y], s=90, color=COLORS[m], label=LABELS[m], zorder=3, edgecolor="black")
+        streamed = m != acc
+        ax.scatter(
+            [x],
+            [y],
+            s=90,
+            color=COLORS[acc],
+            label=LABELS[acc] + (", streamed (16 MB buffer)" if streamed else ""),
+            zorder=3,
+            edgecolor="black",
+            marker="D" if streamed else "o",
+        )
     sw = res.get("sweeps", {})
     probes = sw.get("r_memory", {})
     pts = []
@@ -134,7 +148,9 @@ def accuracy_memory(summary: dict[str, Any], path: Path) -> Path:
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(
-        xlabel=f"peak training memory above base, MB ({mem_task}, CPU RSS; log scale)",
+        xlabel=f"peak training memory above base, MB ({mem_task}, CPU RSS"
+        + (", freed memory returned at once" if live else "")
+        + "; log scale)",
         ylabel=_metric_label(summary),
         title="Accuracy against training memory (paper Fig. 1/5/6), MiniLM-L6 on CPU",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -198,9 +199,82 @@ def test_paper_compare_refuses_unknown_names(monkeypatch, capsys):
         (["--tasks", "rte,imdb"], "error: unknown task 'imdb'"),
         (["--methods", "lora,qlora"], "error: unknown method 'qlora'"),
         (["--sweeps", "depth"], "error: unknown sweep 'depth'"),
+        (["--jobs", "0"], "error: --jobs=0; allowed: an integer >= 1"),
     ]:
         monkeypatch.setattr(sys, "argv", ["paper_compare", *argv])
         with pytest.raises(SystemExit) as e:
             paper_compare.main()
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and err.startswith(msg) and "\n" not in err, err
+
+
+def _compare_args(**kw):
+    from bench import paper_compare as pc
+
+    base = dict(
+        limit=50,
+        limit_tasks={"all"},
+        seeds="0,1,2",
+        batch_size=32,
+        epochs=3,
+        warmup_steps=None,
+        methods=["full", "lst-cache"],
+        sweeps=[],
+        memory_task="rte",
+        memory_probes=True,
+        layer_variants=pc.LAYER_VARIANTS,
+        fusions=pc.FUSIONS,
+        init_rs=pc.INIT_RS,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_paper_compare_probes_memory_on_the_memory_task_alone_with_freed_memory_returned():
+    from bench import paper_compare as pc
+
+    args = _compare_args()
+    rte = {r.name: r for r in pc.plan_task("rte", args, "key-rte")}
+    mrpc = {r.name: r for r in pc.plan_task("mrpc", args, "key-mrpc")}
+    assert set(mrpc) == {"full", "lst-cache"} and all(r.env is None for r in mrpc.values())
+    probes = {n: r for n, r in rte.items() if n.startswith("live-")}
+    assert set(probes) == {"live-full", "live-lst-cache", "live-lst-cache-streamed"}
+    for r in probes.values():
+        assert r.env == pc.LIVE_MALLOC and r.where[0] == "memory_probes"
+        a = r.args
+        assert a[a.index("--batch-size") + 1] == "100" and a[a.index("--epochs") + 1] == "1"
+        assert a[a.index("--seeds") + 1] == "0"
+    streamed = probes["live-lst-cache-streamed"].args
+    assert streamed[streamed.index("--memory-mb") + 1] == str(pc.STREAM_MB)
+    assert "--cache-key" in streamed and "--cache-key" not in probes["live-full"].args
+    main = rte["full"].args  # the accuracy runs keep the study's batch, epochs and seeds
+    assert main[main.index("--batch-size") + 1] == "32" and "0,1,2" in main
+    assert not any(
+        r.name.startswith("live-")
+        for r in pc.plan_task("rte", _compare_args(memory_probes=False), "k")
+    )
+
+
+def test_time_to_result_charges_one_runs_side_init_to_both_lst_arms():
+    from bench import paper_compare as pc
+
+    ex = {
+        "side_init_s": 100.0,
+        "fisher_s": 60.0,
+        "extract_states_s": 30.0,
+        "side_init": {"r4": ["fisher", "magnitude"], "r8": ["fisher", "magnitude"]},
+    }
+    assert pc.side_init_one_s(ex) == 70.0  # Fisher + a quarter of the four prunings
+    assert pc.side_init_one_s({**ex, "fisher_s": None}) == 100.0
+    epochs = {"epoch_s_first": 5.0, "epoch_s": 4.0}
+    res = {
+        "extract": ex,
+        "methods": {
+            "lst-cache": {**epochs},
+            "lst-online": {"epoch_s_first": 20.0, "epoch_s": 20.0},
+            "full": {"epoch_s_first": 40.0, "epoch_s": None},
+        },
+    }
+    ttr = pc.time_to_result(res, [1, 10])
+    assert ttr["lst-cache"] == {1: 30 + 70 + 5, 10: 30 + 70 + 5 + 9 * 4}
+    assert ttr["lst-online"] == {1: 70 + 20, 10: 70 + 200}
+    assert ttr["full"] == {1: 40, 10: 400}
