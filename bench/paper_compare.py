@@ -281,6 +281,36 @@ def time_to_result(task_res: dict[str, Any], ns: list[int]) -> dict[str, dict[in
     return out
 
 
+def time_to_result_full(
+    task_res: dict[str, Any], size: dict[str, int], ns: list[int]
+) -> dict[str, dict[int, float]]:
+    """``time_to_result`` for the task's full splits, scaled from this run's rates per token.
+
+    A run with ``--limit`` on every split extracts as many validation and test examples as
+    training ones, which a full run does not; scaled per token, extraction covers all three
+    full splits and each epoch the full training split. Fisher's 1024 examples do not scale.
+    """
+    ex, meth = task_res.get("extract"), task_res["methods"]
+    if not ok(ex):
+        return {}
+    all_tokens = size["train_tokens"] + size["validation_tokens"] + size["test_tokens"]
+    once = ex["extract_states_s"] / ex["all_tokens"] * all_tokens
+    init = side_init_one_s(ex)
+    out: dict[str, dict[int, float]] = {}
+    for m, start in (
+        ("lst-cache", once + init),
+        ("lst-online", init),
+        ("lora", 0.0),
+        ("full", 0.0),
+    ):
+        fig = meth.get(m)
+        if ok(fig):
+            per_epoch = fig["epoch_s"] or fig["epoch_s_first"]
+            scale = size["train_tokens"] / fig["train_tokens"]
+            out[m] = {n: start + n * per_epoch * scale for n in ns}
+    return out
+
+
 def full_train_tokens(tasks: list[str], data: Path) -> dict[str, dict[str, int]]:
     """Tokens and examples of each task's full training split (the estimate's scale)."""
     from transformers import AutoTokenizer
@@ -464,13 +494,36 @@ def tables(summary: dict[str, Any]) -> str:
     for t in tasks:
         ttr = time_to_result(results[t], [1, 10, 20])
         for m, v in ttr.items():
-            ttr_rows.append([t, m, *[fmt(v[n] / 60) for n in (1, 10, 20)]])
+            base = ttr.get("lst-cache")
+            ratio = fmt(v[10] / base[10], ".2f") if base and m != "lst-cache" else ""
+            ttr_rows.append([t, m, *[fmt(v[n] / 60) for n in (1, 10, 20)], ratio])
     if ttr_rows:
         parts.append(
             "## Time to a result, minutes (computed from the measured epoch and extraction times, "
             "not run; lst-cache = extraction + one run's side_init + N epochs, lst-online = the "
             "same side_init + N epochs)\n\n"
-            + md_table(["task", "method", "N = 1", "N = 10", "N = 20"], ttr_rows)
+            + md_table(
+                ["task", "method", "N = 1", "N = 10", "N = 20", "N = 10 against lst-cache"],
+                ttr_rows,
+            )
+        )
+    full_rows = []
+    for t in tasks:
+        ttr = summary.get("time_to_result_full_splits", {}).get(t, {})
+        for m, v in ttr.items():
+            row = [t, m, *[fmt(v[n] / 60) for n in (1, 10, 20)]]
+            base = ttr.get("lst-cache")
+            row.append(fmt(v[10] / base[10], ".2f") if base and m != "lst-cache" else "")
+            full_rows.append(row)
+    if full_rows:
+        parts.append(
+            "## Time to a result on the full splits, minutes (estimated: this run's seconds per "
+            "token scaled to each task's full train, validation and test splits; one run's "
+            "side_init as measured)\n\n"
+            + md_table(
+                ["task", "method", "N = 1", "N = 10", "N = 20", "N = 10 against lst-cache"],
+                full_rows,
+            )
         )
     est = summary.get("estimate_full")
     if est:
@@ -750,10 +803,12 @@ def main() -> None:
     summary["peft"] = peft.__version__
     summary["load_average_at_end"] = os.getloadavg()  # the machine is shared: how busy it was
     summary["estimate_seeds"] = 3
-    summary["estimate_full"] = estimate_full(
-        results, args.memory_task, full_train_tokens(ALL_TASKS, data), 3
-    )
+    sizes = full_train_tokens(ALL_TASKS, data)
+    summary["estimate_full"] = estimate_full(results, args.memory_task, sizes, 3)
     summary["time_to_result"] = {t: time_to_result(results[t], list(range(1, 21))) for t in tasks}
+    summary["time_to_result_full_splits"] = {
+        t: time_to_result_full(results[t], sizes[t], list(range(1, 21))) for t in tasks
+    }
     md = tables(summary)
     print("\n" + md)
     if args.json:
