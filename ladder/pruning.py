@@ -52,6 +52,11 @@ def compute_fisher(
     dropout does not add noise to the scores. ``requires_grad``, existing ``.grad`` and the
     train/eval mode are restored afterwards so the caller's model is left as it was.
 
+    Two things keep it fast without changing a bit of the result (see :class:`_SparseTables`):
+    embedding tables that only their own ``nn.Embedding`` reads get sparse gradients, so only the
+    rows an example looks up are squared and added (every other row of its gradient is exactly
+    zero); and squares go through one reused buffer instead of a new tensor per parameter.
+
     Returns parameter name (as in ``model.named_parameters()``) -> float32 tensor of its shape.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -70,26 +75,150 @@ def compute_fisher(
     saved_grads = {name: p.grad for name, p in params.items()}
     was_training = model.training
     model.eval()
+    tables = _SparseTables(model)
     try:
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
+        squares = _Squares()
         seen = 0
         for batch in itertools.islice(batches, num_samples):
-            _example_loss(model, batch, device).backward()
+            _example_backward(model, batch, device, tables, params.values())
             for name, p in params.items():
-                if p.grad is not None:  # None: the parameter is not on the loss path (e.g. pooler)
-                    fisher[name] += p.grad.detach().float() ** 2
-                    p.grad = None
+                grad, p.grad = p.grad, None
+                if grad is None:  # the parameter is not on the loss path (e.g. pooler)
+                    continue
+                if grad.is_sparse:
+                    _add_sparse_square(fisher[name], grad)
+                else:
+                    fisher[name].add_(squares(grad))
             seen += 1
         if seen == 0:
             raise PipelineError("no batches for the Fisher pass; allowed: at least one example")
     finally:
+        tables.restore()
         for name, p in params.items():
             p.requires_grad_(saved_requires_grad[name])
             p.grad = saved_grads[name]
         model.train(was_training)
     return fisher
+
+
+class _SparseTables:
+    """Sparse gradients for the embedding tables of a model during the Fisher pass.
+
+    A table qualifies when its weight belongs to that one ``nn.Embedding`` only (not tied to an
+    ``lm_head`` or shared by several lookups, as T5's and BART's ``shared``), lives on the CPU and
+    has no ``max_norm`` or ``scale_grad_by_freq``. Its gradient then comes back as the looked-up
+    rows in lookup order, which :func:`_add_sparse_square` sums exactly as the dense CPU backward
+    does. (On a GPU the dense gradient is cheap, and ``index_add_`` there is not deterministic.)
+
+    Two uses would change the rounding of that sum, so a table seen in one is switched back to
+    dense and the example redone: a second lookup in one forward (checked by a hook before the
+    backward) and a use outside the module, which turns its gradient dense (checked after it).
+    ``restore`` puts back every table's ``sparse`` flag and removes the hooks.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        owners: dict[int, int] = {}
+        for _, module in model.named_modules(remove_duplicate=False):
+            for p in module._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        self.tables = [
+            m
+            for m in model.modules()
+            if isinstance(m, torch.nn.Embedding)
+            and not m.sparse
+            and m.max_norm is None
+            and not m.scale_grad_by_freq
+            and m.weight.device.type == "cpu"
+            and owners[id(m.weight)] == 1
+        ]
+        self.calls = dict.fromkeys(self.tables, 0)
+        self.hooks = [m.register_forward_hook(self._count) for m in self.tables]
+        for m in self.tables:
+            m.sparse = True
+
+    def _count(self, module: torch.nn.Module, args: object, output: object) -> None:
+        if module in self.calls:
+            self.calls[module] += 1
+
+    def start(self) -> None:
+        """Reset the lookup counts before a forward."""
+        for m in self.calls:
+            self.calls[m] = 0
+
+    def drop_reused(self) -> bool:
+        """Switch tables looked up more than once since ``start`` to dense; True if any."""
+        return self._drop([m for m, n in self.calls.items() if n > 1])
+
+    def drop_mixed(self) -> bool:
+        """Switch tables whose gradient came back dense to dense; True if any."""
+        return self._drop(
+            [m for m in self.calls if m.weight.grad is not None and not m.weight.grad.is_sparse]
+        )
+
+    def _drop(self, modules: list[torch.nn.Module]) -> bool:
+        for m in modules:
+            m.sparse = False
+            del self.calls[m]
+        return bool(modules)
+
+    def restore(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for m in self.tables:
+            m.sparse = False
+
+
+def _example_backward(
+    model: torch.nn.Module,
+    batch: Mapping[str, Tensor],
+    device: torch.device,
+    tables: _SparseTables,
+    params: Iterable[torch.nn.Parameter],
+) -> None:
+    """Forward and backward of one example into ``.grad``; redone if a sparse table must go dense."""
+    while True:
+        tables.start()
+        loss = _example_loss(model, batch, device)
+        if tables.drop_reused():
+            continue
+        loss.backward()
+        if not tables.drop_mixed():
+            return
+        for p in params:
+            p.grad = None
+
+
+class _Squares:
+    """``grad**2`` in float32 into one reused buffer (valid until the next call)."""
+
+    def __init__(self) -> None:
+        self.buffer: Tensor | None = None
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        grad = grad.detach().float()
+        buf = self.buffer
+        if buf is None or buf.numel() < grad.numel() or buf.device != grad.device:
+            buf = self.buffer = torch.empty(grad.numel(), dtype=torch.float32, device=grad.device)
+        return torch.mul(grad, grad, out=buf[: grad.numel()].view(grad.shape))
+
+
+def _add_sparse_square(acc: Tensor, grad: Tensor) -> None:
+    """``acc += grad**2`` for a sparse embedding gradient, bit for bit as with its dense form.
+
+    The dense backward adds the looked-up rows into zeros one by one in lookup order (skipping the
+    padding index, which the sparse one drops too); ``index_add_`` sums duplicates in that same
+    order, in the gradient's own dtype. Rows never looked up stay untouched: their square is 0.
+    """
+    idx = grad._indices()[0]  # uncoalesced: lookup order
+    values = grad._values().detach()
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    summed = values.new_zeros((rows.numel(), *values.shape[1:])).index_add_(0, inverse, values)
+    summed = summed.float()
+    acc.index_add_(0, rows, summed.mul_(summed))
 
 
 def _example_loss(

@@ -309,7 +309,7 @@ class Extractor:
             self._extract_all(writer, streams)
             t1 = time.perf_counter()
             side_init = self._side_init(writer, streams["train"])
-            self.timings["side_init_s"] = time.perf_counter() - t1
+            self.timings["side_init_s"] = time.perf_counter() - t1  # fisher_s is part of it
             frozen = self.backbone.frozen_tensors()
             for name, t in frozen.items():
                 writer.create_array(
@@ -502,7 +502,9 @@ class Extractor:
     def _side_init(self, writer: CacheWriter, train: Stream) -> dict[str, list[str]]:
         from stages.side_init import write_side_init
 
-        return write_side_init(self.cfg, self.backbone, self.data, train, writer)
+        return write_side_init(
+            self.cfg, self.backbone, self.data, train, writer, timings=self.timings
+        )
 
     def _manifest(
         self,

@@ -9,6 +9,7 @@ names, with the selected indices beside them (``idx.*``) so anyone can check the
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,9 +69,18 @@ def fisher_importance(
 
 
 def write_side_init(
-    cfg: Config, backbone: Backbone, data: TaskData, train: dict[str, Stream], writer: CacheWriter
+    cfg: Config,
+    backbone: Backbone,
+    data: TaskData,
+    train: dict[str, Stream],
+    writer: CacheWriter,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, list[str]]:
-    """Write every (R, method) of the config; returns ``{"r8": ["fisher", ...], ...}``."""
+    """Write every (R, method) of the config; returns ``{"r8": ["fisher", ...], ...}``.
+
+    With ``timings``, the Fisher pass alone (shared by every R) is recorded as ``fisher_s`` when
+    the config asks for the Fisher method, so its cost can be told from the pruning's.
+    """
     methods = sorted(set(cfg.extract.side_init))
     if not methods or not cfg.extract.reduction_factors:
         return {}
@@ -79,9 +89,12 @@ def write_side_init(
     if "magnitude" in methods:
         importances["magnitude"] = None
     if "fisher" in methods:
+        t0 = time.perf_counter()
         importances["fisher"] = {
             k: v.cpu() for k, v in fisher_importance(cfg, backbone, data, train).items()
         }
+        if timings is not None:
+            timings["fisher_s"] = time.perf_counter() - t0
     done: dict[str, list[str]] = {}
     for r in sorted(set(cfg.extract.reduction_factors)):
         for method, imp in importances.items():
