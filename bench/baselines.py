@@ -962,7 +962,7 @@ def run_lst(opt: Options) -> dict[str, Any]:
         "by_r": by_r,
         "run_s_per_seed": sum(run_s) / len(opt.seeds),  # one pass: its time shared out
         "cache_key": opt.cache_key,
-        "cache_in_ram_bytes": loader_bytes(cache, needed, opt.memory_mb << 20),
+        "cache_in_ram_bytes": 0 if online else loader_bytes(cache, needed, opt.memory_mb << 20),
         "n_train": n_train,
         "train_tokens": cache.manifest["splits"]["train"]["streams"]["enc"]["n_tokens"],
         "eval_tokens": {

@@ -78,7 +78,7 @@ class Runner:
             print(f"[paper_compare] {task} {name}: done before, reusing {out}", flush=True)
             return json.loads(out.read_text())
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "bench.baselines", *args, *self.common, "--json", str(out)]
+        cmd = self.command(args, out)
         shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
         print(f"[paper_compare] {task} {name}: {shown} {' '.join(cmd[1:])}", flush=True)
         rc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}).returncode
@@ -86,6 +86,11 @@ class Runner:
             print(f"[paper_compare] {task} {name} FAILED (exit {rc})", flush=True)
             return {"error": f"exit {rc}", "command": " ".join(cmd[1:])}
         return json.loads(out.read_text())
+
+    def command(self, args: list[str], out: Path) -> list[str]:
+        """The child's command line: the run's own options last, so that they override the
+        common ones (the streamed probe's ``--memory-mb``)."""
+        return [sys.executable, "-m", "bench.baselines", *self.common, *args, "--json", str(out)]
 
     def many(self, runs: list[Run]) -> list[dict[str, Any]]:
         """Every run, ``jobs`` processes at a time, results in the order given."""
@@ -410,7 +415,9 @@ def tables(summary: dict[str, Any]) -> str:
                 m,
                 pct(mt) if ok(mt) else "–",
                 fmt(mem and mem["peak_above_base"] / MB, ".0f"),
-                fmt(mt.get("cache_in_ram_bytes", 0) / MB, ".0f") if ok(mt) and "lst" in m else "",
+                fmt(mt.get("cache_in_ram_bytes", 0) / MB, ".0f")
+                if ok(mt) and m == "lst-cache"
+                else "",
                 fmt(mem and mem["abs_peak_rss"] / MB, ".0f"),
                 fmt(mt["epoch_s"] if ok(mt) else None),
                 *[score(f) for f in figs],
@@ -561,7 +568,7 @@ def probe_tables(summary: dict[str, Any]) -> list[str]:
             fmt(f["memory"]["peak_above_base"] / MB, ".0f") if ok(f) else "failed",
             fmt(100 * ratios[m], ".0f") if m in ratios else "–",
             fmt(f["memory"]["abs_peak_rss"] / MB, ".0f") if ok(f) else "–",
-            fmt(f.get("cache_in_ram_bytes", 0) / MB, ".0f") if ok(f) and "lst" in m else "",
+            fmt(f.get("cache_in_ram_bytes", 0) / MB, ".0f") if ok(f) and "lst-cache" in m else "",
         ]
         for m, f in probes.items()
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,8 +244,10 @@ def test_paper_compare_probes_memory_on_the_memory_task_alone_with_freed_memory_
         a = r.args
         assert a[a.index("--batch-size") + 1] == "100" and a[a.index("--epochs") + 1] == "1"
         assert a[a.index("--seeds") + 1] == "0"
-    streamed = probes["live-lst-cache-streamed"].args
-    assert streamed[streamed.index("--memory-mb") + 1] == str(pc.STREAM_MB)
+    runner = pc.Runner(Path("work"), ["--memory-mb", "4096", "--threads", "1"])
+    streamed = runner.command(probes["live-lst-cache-streamed"].args, Path("out.json"))
+    assert bl.parse_options(streamed[3:]).memory_mb == pc.STREAM_MB  # the probe's budget wins
+    assert bl.parse_options(runner.command(rte["lst-cache"].args, Path("o"))[3:]).memory_mb == 4096
     assert "--cache-key" in streamed and "--cache-key" not in probes["live-full"].args
     main = rte["full"].args  # the accuracy runs keep the study's batch, epochs and seeds
     assert main[main.index("--batch-size") + 1] == "32" and "0,1,2" in main
