@@ -233,30 +233,37 @@ def ablations(summary: dict[str, Any], path: Path) -> Path:
 
 
 def time_to_result(summary: dict[str, Any], path: Path) -> Path:
-    """Minutes to a model after N epochs, per task (computed from measured times)."""
+    """Minutes to a model after N epochs, per task: this run (top) and scaled to the full splits
+    (bottom, when the summary has that estimate)."""
     plt = _plt()
+    rows = [("time_to_result", "this run")]
+    if any(summary.get("time_to_result_full_splits", {}).values()):
+        rows.append(("time_to_result_full_splits", "full splits (estimated)"))
     tasks = [t for t in summary["tasks"] if summary.get("time_to_result", {}).get(t)]
     n = max(1, len(tasks))
-    fig, axes = plt.subplots(1, n, figsize=(max(7.5, 5 * n), 4.6), squeeze=False)
-    for ax, t in zip(axes[0], tasks, strict=False):
-        for m, series in summary["time_to_result"][t].items():
-            ns = sorted(int(n) for n in series)
-            ys = [series[n if n in series else str(n)] / 60 for n in ns]
-            ax.plot(ns, ys, color=COLORS.get(m), label=LABELS.get(m, m))
-            marks = [n for n in ns if n in (1, 10, 20)]
-            ax.scatter(marks, [ys[ns.index(n)] for n in marks], color=COLORS.get(m), s=25)
-        ax.set(title=f"{t}: time to a result", xlabel="training epochs N", ylabel="minutes")
-        ax.grid(alpha=0.3)
-        ax.set_xticks([1, 5, 10, 15, 20])
-        ax.legend(fontsize=8)
+    fig, axes = plt.subplots(
+        len(rows), n, figsize=(max(7.5, 3.6 * n), 3.6 * len(rows) + 0.8), squeeze=False
+    )
+    for row, (key, what) in zip(axes, rows, strict=True):
+        for ax, t in zip(row, tasks, strict=False):
+            for m, series in summary[key].get(t, {}).items():
+                ns = sorted(int(n) for n in series)
+                ys = [series[n if n in series else str(n)] / 60 for n in ns]
+                ax.plot(ns, ys, color=COLORS.get(m), label=LABELS.get(m, m))
+                marks = [n for n in ns if n in (1, 10, 20)]
+                ax.scatter(marks, [ys[ns.index(n)] for n in marks], color=COLORS.get(m), s=25)
+            ax.set(title=f"{t}, {what}", xlabel="training epochs N", ylabel="minutes")
+            ax.grid(alpha=0.3)
+            ax.set_xticks([1, 5, 10, 15, 20])
+            ax.legend(fontsize=7)
     fig.suptitle(
-        "LST from cache: extraction + side_init once, then N epochs; LST online: side_init, "
-        "then N epochs;\nLoRA, full: N epochs (computed from the measured epoch and extraction "
-        "times)",
+        "Time to a result. LST from cache: extraction + side_init once, then N epochs; LST online:"
+        " side_init, then N epochs;\nLoRA, full: N epochs (computed from the measured epoch and "
+        "extraction times)",
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
