@@ -131,7 +131,8 @@ def accuracy_memory(summary: dict[str, Any], path: Path) -> Path:
             "s:",
             color="tab:red",
             alpha=0.7,
-            label="LST from cache, layer dropping (r = 8)",
+            label="LST from cache, layer dropping (r = 8)"
+            + (": memory of the training runs, default malloc" if live else ""),
         )
         for x, y, name in pts:
             ax.annotate(
