@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 FORMAT = "lst-cache"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def compressors(codec: str) -> list[Any]:
         return [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec()]
     if codec == "zstd":
         return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
-    raise PipelineError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
+    raise CacheError(f"unknown codec {codec!r}; allowed: {', '.join(CODECS)}")
 
 
 def stored_numpy_dtype(dtype: str) -> np.dtype:
@@ -65,7 +65,7 @@ def stored_numpy_dtype(dtype: str) -> np.dtype:
     try:
         return np.dtype({"float32": "f4", "float16": "f2", "bfloat16": "u2", "int8": "i1"}[dtype])
     except KeyError:
-        raise PipelineError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}") from None
+        raise CacheError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}") from None
 
 
 def rows_per_chunk(d: int, dtype: str, chunk_mb: float) -> int:
@@ -87,7 +87,7 @@ def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
         scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
         codes = torch.round(x / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return codes.cpu().numpy(), scale.cpu().numpy()
-    raise PipelineError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    raise CacheError(f"unsupported dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
 def decode_numpy(codes: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:

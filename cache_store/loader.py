@@ -27,7 +27,7 @@ import torch
 
 from cache_store.layout import decode_numpy, layer_name, meta_prefix, stored_numpy_dtype
 from cache_store.registry import CommittedCache
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -113,18 +113,18 @@ class CacheLoader:
     ) -> None:
         m = cache.manifest
         if split not in m["splits"]:
-            raise PipelineError(
+            raise CacheError(
                 f"cache {cache.key} has no split {split!r}; it has {', '.join(m['splits'])}"
             )
         for stream, states in layers.items():
             if stream not in m["splits"][split]["streams"]:
-                raise PipelineError(
+                raise CacheError(
                     f"cache {cache.key} has no stream {stream!r} in split {split!r}"
                 )
             stack = "enc" if stream == "enc" else "dec"
             missing = sorted(set(states) - set(m["layers_stored"][stack]))
             if missing:
-                raise PipelineError(
+                raise CacheError(
                     f"cache {cache.key} lacks layer state {missing[0]} ({stack}) that the side network "
                     f"keeps; it stores {m['layers_stored'][stack]}: re-extract with those layers"
                 )

@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from cache_store.layout import FORMAT, FORMAT_VERSION
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 # bump when the way activations are computed or laid out changes, so old keys are not reused
 KEY_SCHEMA = 1
@@ -51,10 +51,10 @@ def provenance() -> dict[str, str]:
 def check_compatible(manifest: dict[str, Any], key: str) -> None:
     """Refuse a cache that this version cannot read, with what to do about it."""
     if manifest.get("format") != FORMAT:
-        raise PipelineError(f"{key} is not an lst-pipeline cache (no '{FORMAT}' manifest)")
+        raise CacheError(f"{key} is not an lst-pipeline cache (no '{FORMAT}' manifest)")
     v = manifest.get("format_version")
     if v != FORMAT_VERSION:
-        raise PipelineError(
+        raise CacheError(
             f"cache {key} was written with cache format version {v}; this lst-pipeline reads "
             f"version {FORMAT_VERSION}: re-run extract (or use a matching lst-pipeline)"
         )

@@ -22,7 +22,7 @@ from zarr.abc.store import Store
 from cache_store import store as st
 from cache_store.manifest import check_compatible, provenance
 from cache_store.writer import CacheWriter, key_meta
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 
 @dataclass
@@ -52,10 +52,10 @@ def _open_committed(store: Store, root: str, key: str) -> CommittedCache:
     meta = st.get_json(store, key_meta(key))
     if meta is None:
         if st.list_dir(store, f"{key}/attempts/"):
-            raise PipelineError(
+            raise CacheError(
                 f"cache {key} under {root} is not committed yet (a write is in progress or was interrupted)"
             )
-        raise PipelineError(f"no cache {key} under {root}; `pipeline cache ls` lists what is there")
+        raise CacheError(f"no cache {key} under {root}; `pipeline cache ls` lists what is there")
     manifest = meta
     check_compatible(manifest, key)
     group = zarr.open_group(store, path=f"{key}/{manifest['attempt']}", mode="r")
@@ -178,7 +178,7 @@ def remove_cache(root: str, key: str, storage_options: dict[str, Any] | None = N
     store = st.open_root(root, storage_options, write=True)
     with st.remote_errors(root):
         if not st.exists(store, key_meta(key)) and not st.list_dir(store, f"{key}/"):
-            raise PipelineError(
+            raise CacheError(
                 f"no cache {key} under {root}; `pipeline cache ls` lists what is there"
             )
         # the commit object goes first: from then on no reader opens the key
@@ -205,7 +205,7 @@ def copy_cache(
     from tqdm import tqdm
 
     if src_root.rstrip("/") == dst_root.rstrip("/"):
-        raise PipelineError(f"source and destination are the same cache root {src_root}")
+        raise CacheError(f"source and destination are the same cache root {src_root}")
     src = open_cache(src_root, key, storage_options)
     dst = st.open_root(dst_root, storage_options, write=True)
     side = dst_root if st.is_remote(dst_root) else src_root
@@ -244,7 +244,7 @@ def copy_cache(
                 bar.close()
             problems = _check_copy(dst, dst_base, sizes, src.manifest)
             if problems:
-                raise PipelineError(
+                raise CacheError(
                     f"the copy of cache {key} at {dst_root} failed verification ({problems[0]}"
                     f"{f'; +{len(problems) - 1} more' if len(problems) > 1 else ''}); nothing was "
                     "committed: run the same command again"
@@ -257,7 +257,7 @@ def copy_cache(
         except BaseException as e:
             writer.release()
             if st.is_disk_full(e):
-                raise PipelineError(
+                raise CacheError(
                     f"no space left copying cache {key} to {dst_root}: nothing was committed; "
                     "free some space and run the same command again to resume"
                 ) from None

@@ -38,7 +38,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, cpu, default_buffer_protot
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def open_root(root: str, storage_options: dict[str, Any] | None = None, *, write
     """The store for a cache root; with ``write`` the root is created and checked writable.
 
     A remote root is checked with a real request (see ``check_remote``); its failures are one
-    ``PipelineError`` line naming the cause (endpoint, bucket, credentials).
+    ``CacheError`` line naming the cause (endpoint, bucket, credentials).
     """
     if not is_remote(root):
         path = local_path(root)
@@ -91,12 +91,12 @@ def open_root(root: str, storage_options: dict[str, Any] | None = None, *, write
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as e:
-                raise PipelineError(
+                raise CacheError(
                     f"cache root {path} is not writable ({e.strerror}); "
                     "choose another with --cache-root or cache.root"
                 ) from None
         elif not path.is_dir():
-            raise PipelineError(f"cache root {path} does not exist")
+            raise CacheError(f"cache root {path} does not exist")
         return LocalStore(path, read_only=not write)
     store = _remote_store(root, remote_options(root, storage_options), read_only=not write)
     with remote_errors(root):
@@ -173,9 +173,9 @@ def _remote_store(root: str, opts: dict[str, Any], *, read_only: bool) -> Object
     try:
         store = ObjectStore.from_url(root, storage_options=opts, read_only=read_only)
     except ImportError as e:
-        raise PipelineError(f"cache root {root} needs a package that is missing: {e}") from None
+        raise CacheError(f"cache root {root} needs a package that is missing: {e}") from None
     except (TypeError, ValueError) as e:
-        raise PipelineError(
+        raise CacheError(
             f"cache root {root}: bad cache.storage_options ({one_line(e)})"
         ) from None
     if not _FILESYSTEMS:
@@ -259,10 +259,10 @@ def describe_remote_error(e: BaseException, root: str) -> str | None:
 
 @contextlib.contextmanager
 def remote_errors(root: str) -> Iterator[None]:
-    """Turn a failure of the object store behind ``root`` into one ``PipelineError`` line."""
+    """Turn a failure of the object store behind ``root`` into one ``CacheError`` line."""
     try:
         yield
-    except PipelineError:
+    except CacheError:
         raise
     except Exception as e:
         if not is_remote(root):
@@ -270,7 +270,7 @@ def remote_errors(root: str) -> Iterator[None]:
         message = describe_remote_error(e, root)
         if message is None:
             raise
-        raise PipelineError(message) from None
+        raise CacheError(message) from None
 
 
 def _fs_path(store: FsspecStore, key: str) -> str:
@@ -488,7 +488,7 @@ def copy_objects(
                 try:
                     buf = await src.get(src_key, prototype=proto)
                     if buf is None:
-                        raise PipelineError(
+                        raise CacheError(
                             f"object {src_key} disappeared from the source during the copy"
                         )
                     await dst.set(dst_key, buf)

@@ -51,7 +51,7 @@ from zarr.errors import ContainsGroupError
 from cache_store import store as st
 from cache_store.layout import FORMAT, FORMAT_VERSION, compressors
 from cache_store.manifest import provenance
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 
 
 def key_meta(key: str) -> str:
@@ -139,7 +139,7 @@ def lease_ttl() -> float:
     try:
         return max(0.5, float(os.environ.get("LST_LEASE_TTL_S", "120")))
     except ValueError:
-        raise PipelineError(
+        raise CacheError(
             f"LST_LEASE_TTL_S must be a number of seconds, got {os.environ['LST_LEASE_TTL_S']!r}"
         ) from None
 
@@ -219,7 +219,7 @@ class Lease:
 
     def check(self) -> None:
         if self.lost:
-            raise PipelineError(
+            raise CacheError(
                 f"cache {self.key}: another writer took over attempt {self.attempt} after this "
                 f"run had not renewed its lease for {self.ttl:.0f}s; nothing was committed by "
                 "this run"
@@ -270,7 +270,7 @@ class CacheWriter:
         attempt = f"{base}-{uuid.uuid4().hex[:8]}"
         lock = cls._claim(store, root, key, attempt, [])
         if lock is None:
-            raise PipelineError(f"cache {key}: could not claim a fresh attempt {attempt}")
+            raise CacheError(f"cache {key}: could not claim a fresh attempt {attempt}")
         return cls(store, root, key, attempt, lock)
 
     @staticmethod
@@ -398,15 +398,15 @@ def raise_write_error(e: BaseException, root: str, key: str) -> None:
     """Turn a failed write into one line; a full disk keeps what is done for a resume."""
     remote = st.describe_remote_error(e, root) if st.is_remote(root) else None
     if remote is not None:
-        raise PipelineError(
+        raise CacheError(
             f"writing cache {key} failed: {remote}; nothing was committed (run the same "
             "command again to resume)"
         ) from None
     if st.is_disk_full(e):
-        raise PipelineError(
+        raise CacheError(
             f"no space left writing cache {key} under {root}: nothing was committed; free some "
             "space and run the same command again to resume"
         ) from None
     if isinstance(e, PermissionError):
-        raise PipelineError(f"cannot write cache {key} under {root}: {e}") from None
+        raise CacheError(f"cannot write cache {key} under {root}: {e}") from None
     raise e

@@ -16,7 +16,7 @@ import pytest
 import zarr
 
 from cache_store.registry import list_caches, open_cache
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 from tests.conftest import REPO
 
 SMALL = ["--side-init", "", "--reduction-factors", ""]
@@ -93,7 +93,7 @@ def test_sigkill_at_a_random_point_then_resume_gives_an_identical_cache(tmp_path
     assert not committed(root), "a killed run committed"
     key = ref.key
     assert [r["status"] for r in list_caches(str(root))] == ["incomplete"]
-    with pytest.raises(PipelineError, match="not committed yet"):
+    with pytest.raises(CacheError, match="not committed yet"):
         open_cache(str(root), key)
 
     attempts = [p.name for p in (root / key / "attempts").iterdir() if p.is_dir()]

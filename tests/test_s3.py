@@ -25,7 +25,7 @@ from cache_store.manifest import provenance
 from cache_store.registry import open_cache, verify_cache
 from cache_store.writer import CacheWriter, Lease
 from pipeline.cli import run_cli
-from pipeline.errors import PipelineError
+from cache_store.errors import CacheError
 from tests.conftest import make_config, tiny_bert
 from tests.test_resume_and_errors import all_arrays
 
@@ -173,7 +173,7 @@ def test_an_interrupted_pull_commits_nothing_and_the_next_one_resumes(
     capsys.readouterr()
     assert run_cli(["cache", "ls", "--cache-root", str(local), "--json"]) == 0
     assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["incomplete"]
-    with pytest.raises(PipelineError, match="not committed yet"):
+    with pytest.raises(CacheError, match="not committed yet"):
         open_cache(str(local), key)
 
     resumed = cli_json(capsys, "cache", "pull", key, "--cache-root", root, "--to", str(local))
@@ -261,7 +261,7 @@ def test_two_processes_racing_on_one_key_one_commit_readers_never_see_partial_da
             continue
         try:
             cache = open_cache(root, keys[0])
-        except PipelineError as e:
+        except CacheError as e:
             assert "not committed yet" in str(e) and "\n" not in str(e)
             outcomes["not committed"] += 1
             time.sleep(0.3)
@@ -314,7 +314,7 @@ def test_a_live_lease_is_respected_and_a_dead_one_taken_over(s3_env, monkeypatch
     names = st.list_dir(store, "k/attempts/")
     assert Lease.generations(names, a.attempt) == [1]
     lease_a.renew()  # the stalled owner wakes up: it has lost the attempt and stops
-    with pytest.raises(PipelineError, match="another writer took over attempt"):
+    with pytest.raises(CacheError, match="another writer took over attempt"):
         a.save_progress("train", {"created": True})
 
     assert e.commit({"splits": {}})

@@ -209,7 +209,7 @@ def test_bad_train_side_input_is_one_line_and_exit_2(
 
 
 def test_a_cache_lacking_a_kept_layer_is_refused(tmp_path, glue_dir, minilm_tokenizer):
-    from pipeline.errors import PipelineError
+    from cache_store.errors import CacheError
 
     backbone = tiny_bert(minilm_tokenizer)
     cfg = make_config(tmp_path, glue_dir, **{"extract.layers": [0, 1, 2], "task.limit": 6})
@@ -223,7 +223,7 @@ def test_a_cache_lacking_a_kept_layer_is_refused(tmp_path, glue_dir, minilm_toke
     )
     extract(cfg, backbone=backbone, progress=False)
     with pytest.raises(
-        PipelineError, match=r"lacks layer state 3 \(enc\) that the side network keeps"
+        CacheError, match=r"lacks layer state 3 \(enc\) that the side network keeps"
     ):
         train_side(apply_overrides(cfg, {"train_side.kept_layers": [0, 2]}), progress=False)
 
