@@ -21,13 +21,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import torch
 
-from cache_store.layout import decode_numpy, layer_name, meta_prefix, stored_numpy_dtype
-from cache_store.registry import CommittedCache
+from cache_store import layout
 from cache_store.errors import CacheError
+from cache_store.layout import decode_numpy, stored_numpy_dtype
+from cache_store.reader import CommittedCache, grid_of
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -47,33 +48,21 @@ _READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-read")
 
 
 @dataclass
-class Batch:
-    """One padded batch. ``states[stream][n]`` is [B, T_stream, d]: float16/bfloat16 as cached,
-    else float32."""
+class NumpyBatch:
+    """One padded batch, numpy only (``stages.batches.to_torch`` makes torch tensors of it,
+    without copies). ``states[stream][n]`` is [B, T_stream, d]: float16 as cached, bfloat16 as
+    its bits in uint16 (``state_dtype`` says so), else float32."""
 
-    index: torch.Tensor  # [B] example indices in the split
-    labels: torch.Tensor  # [B] class ids (int64) or scores (float32)
-    states: dict[str, dict[int, torch.Tensor]]
-    masks: dict[str, torch.Tensor]  # [B, T_stream] bool
-    input_ids: dict[str, torch.Tensor]  # [B, T_stream] (pad 0): what online LST feeds a backbone
-    target_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # decoder streams, pad -100
-    token_type_ids: torch.Tensor | None = None  # [B, T_enc], BERT pairs
-
-    def to(self, device: torch.device) -> Batch:
-        if device.type == "cpu":
-            return self
-        return Batch(
-            self.index,
-            self.labels.to(device),
-            {
-                s: {n: x.to(device, non_blocking=True) for n, x in d.items()}
-                for s, d in self.states.items()
-            },
-            {s: m.to(device) for s, m in self.masks.items()},
-            {s: x.to(device) for s, x in self.input_ids.items()},
-            {s: x.to(device) for s, x in self.target_ids.items()},
-            None if self.token_type_ids is None else self.token_type_ids.to(device),
-        )
+    index: np.ndarray  # [B] int64 example indices in the split
+    labels: np.ndarray  # [B] class ids (int64) or scores (float32)
+    states: dict[str, dict[int, np.ndarray]]
+    masks: dict[str, np.ndarray]  # [B, T_stream] bool
+    input_ids: dict[
+        str, np.ndarray
+    ]  # [B, T_stream] int64 (pad 0): what online LST feeds a backbone
+    target_ids: dict[str, np.ndarray] = field(default_factory=dict)  # decoder streams, pad -100
+    token_type_ids: np.ndarray | None = None  # [B, T_enc] int64, BERT pairs
+    state_dtype: str = "float32"  # the dtype of ``states``: float32, float16 or bfloat16 (bits)
 
 
 @dataclass
@@ -87,6 +76,20 @@ class _Block:
     ids: dict[str, np.ndarray]
     targets: dict[str, np.ndarray]
     types: np.ndarray | None = None  # encoder token type ids
+
+
+def _padded_ids(
+    arrays: list[np.ndarray],
+    spans: list[tuple[int, int, int]],
+    dest: np.ndarray,
+    B: int,
+    T: int,
+    fill: int,
+) -> np.ndarray:
+    """[B, T] int64 of the rows ``spans`` = [(block, start, end)] of ``arrays`` at ``dest``."""
+    out = np.full(B * T, fill, dtype=np.int64)
+    out[dest] = np.concatenate([arrays[p][a:z] for p, a, z in spans])
+    return out.reshape(B, T)
 
 
 class CacheLoader:
@@ -118,10 +121,8 @@ class CacheLoader:
             )
         for stream, states in layers.items():
             if stream not in m["splits"][split]["streams"]:
-                raise CacheError(
-                    f"cache {cache.key} has no stream {stream!r} in split {split!r}"
-                )
-            stack = "enc" if stream == "enc" else "dec"
+                raise CacheError(f"cache {cache.key} has no stream {stream!r} in split {split!r}")
+            stack = layout.stack_of(stream)
             missing = sorted(set(states) - set(m["layers_stored"][stack]))
             if missing:
                 raise CacheError(
@@ -137,10 +138,10 @@ class CacheLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.bucket_batches, self.prefetch = bucket_batches, prefetch
         self.offsets = {
-            s: np.asarray(cache.array(f"{meta_prefix(split, s)}/offsets")[:]) for s in layers
+            s: np.asarray(cache.array(layout.offsets_path(split, s))[:]) for s in layers
         }
-        self.labels = np.asarray(cache.array(f"{split}/labels")[:])
-        self.has_types = f"{split}/token_type_ids" in cache.group
+        self.labels = np.asarray(cache.array(layout.labels_path(split))[:])
+        self.has_types = layout.token_type_ids_path(split) in cache.group
         self.n = len(self.labels)
         chunk = m["chunk_rows"]
         self._itemsize = stored_numpy_dtype(self.dtype).itemsize
@@ -188,22 +189,20 @@ class CacheLoader:
             off = self.offsets[stream]
             t0, t1 = int(off[lo]), int(off[hi])
             spans[stream] = (t0, t1)
-            meta = meta_prefix(self.split, stream)
-            reads[(stream, "ids")] = f"{meta}/input_ids"
+            reads[(stream, "ids")] = layout.input_ids_path(self.split, stream)
             if stream == "enc" and self.has_types:
-                reads[(stream, "types")] = f"{meta}/token_type_ids"
+                reads[(stream, "types")] = layout.token_type_ids_path(self.split)
             if stream != "enc":
-                reads[(stream, "targets")] = f"{meta}/target_ids"
+                reads[(stream, "targets")] = layout.target_ids_path(self.split, stream)
             for n in states if self.read_states else []:
-                path = f"{self.split}/{stream}/{layer_name(n)}"
-                reads[(stream, n)] = path
+                reads[(stream, n)] = layout.state_path(self.split, stream, n)
                 if self.dtype == "int8":
-                    reads[(stream, f"{n}_scale")] = path + "_scale"
+                    reads[(stream, f"{n}_scale")] = layout.scale_path(self.split, stream, n)
 
         def read(item: tuple[tuple[str, object], str]) -> np.ndarray:
             (stream, _), path = item
             t0, t1 = spans[stream]
-            return np.asarray(self.cache.array(path)[t0:t1])
+            return self._read(path, t0, t1)
 
         got = dict(zip(reads, _READS.map(read, reads.items()), strict=True))
         offsets, rows, ids, targets = {}, {}, {}, {}
@@ -224,71 +223,90 @@ class CacheLoader:
             self._kept[b] = block
         return block
 
+    def _read(self, path: str, t0: int, t1: int) -> np.ndarray:
+        """Rows [t0, t1) of an array; a chunk that fails to decode (crc32c) is one line."""
+        arr = self.cache.array(path)
+        try:
+            return np.asarray(arr[t0:t1])
+        except Exception as e:  # noqa: BLE001 - named below, chunk by chunk
+            raise CacheError(self._read_failure(arr, path, t0, t1, e)) from None
+
+    def _read_failure(self, arr: Any, path: str, t0: int, t1: int, error: BaseException) -> str:
+        c = self.cache
+        rows = grid_of(arr)[0]
+        where = f"rows {t0}:{t1}"
+        for i in range(t0 // rows, -(-t1 // rows)):  # the first object that fails on its own
+            try:
+                arr[i * rows : min((i + 1) * rows, arr.shape[0])]
+            except Exception as e:  # noqa: BLE001
+                where, error = f"chunk {layout.chunk_key(path, (i,) + (0,) * (arr.ndim - 1))}", e
+                break
+        detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        return (
+            f"cache {c.key} under {c.root}: {where} of array {path} cannot be read ({detail}); "
+            f"`pipeline cache verify {c.key}` lists every bad chunk, `pipeline cache rm {c.key}` "
+            "then a new extract (or pull) replaces the cache"
+        )
+
     # --- batching --------------------------------------------------------------------------------
 
-    def _batch(self, blocks: list[_Block], picks: list[tuple[int, int]]) -> Batch:
+    def _batch(self, blocks: list[_Block], picks: list[tuple[int, int]]) -> NumpyBatch:
         """Pad the examples ``picks`` = [(block position, example within block)] into a batch."""
         B = len(picks)
-        index = torch.tensor([blocks[p].lo + i for p, i in picks])
+        index = np.array([blocks[p].lo + i for p, i in picks], dtype=np.int64)
         states, masks, input_ids, target_ids = {}, {}, {}, {}
         token_types = None
         for stream in self.layers:
-            lens = [
-                int(blocks[p].offsets[stream][i + 1] - blocks[p].offsets[stream][i])
-                for p, i in picks
-            ]
-            T = max(lens)
-            mask = torch.zeros(B, T, dtype=torch.bool)
-            for b, n in enumerate(lens):
-                mask[b, :n] = True
+            lens = np.array(
+                [
+                    int(blocks[p].offsets[stream][i + 1] - blocks[p].offsets[stream][i])
+                    for p, i in picks
+                ]
+            )
+            T = int(lens.max())
+            mask = np.arange(T)[None, :] < lens[:, None]
             masks[stream] = mask
-            dest = mask.view(-1).nonzero().squeeze(1)
-            dest_np = dest.numpy()
+            dest = np.flatnonzero(mask)
             # rows of each pick, in batch order, as slices of its block's arrays
             spans = [
                 (p, int(blocks[p].offsets[stream][i]), int(blocks[p].offsets[stream][i + 1]))
                 for p, i in picks
             ]
-            ids = torch.zeros(B * T, dtype=torch.long)
-            ids[dest] = torch.from_numpy(
-                np.concatenate([blocks[p].ids[stream][a:z] for p, a, z in spans]).astype(np.int64)
-            )
-            input_ids[stream] = ids.view(B, T)
+
+            def gather(arrays: list[np.ndarray], fill: int) -> np.ndarray:
+                return _padded_ids(arrays, spans, dest, B, T, fill)  # noqa: B023 - used at once
+
+            input_ids[stream] = gather([blk.ids[stream] for blk in blocks], 0)
             if stream == "enc" and self.has_types:
-                tt = np.zeros(B * T, dtype=np.int64)
-                tt[dest_np] = np.concatenate([blocks[p].types[a:z] for p, a, z in spans])
-                token_types = torch.from_numpy(tt).view(B, T)
+                token_types = gather([blk.types for blk in blocks], 0)
             if stream != "enc":
-                tgt = torch.full((B * T,), -100, dtype=torch.long)
-                tgt[dest] = torch.from_numpy(
-                    np.concatenate([blocks[p].targets[stream][a:z] for p, a, z in spans]).astype(
-                        np.int64
-                    )
-                )
-                target_ids[stream] = tgt.view(B, T)
+                target_ids[stream] = gather([blk.targets[stream] for blk in blocks], -100)
             states[stream] = {}
             for n in self.layers[stream] if self.read_states else []:
                 codes = np.concatenate([blocks[p].rows[stream][n][0][a:z] for p, a, z in spans])
                 scale = None
                 if self.dtype == "int8":
                     scale = np.concatenate([blocks[p].rows[stream][n][1][a:z] for p, a, z in spans])
-                states[stream][n] = self._padded(codes, scale, dest_np, B, T)
-        labels = torch.from_numpy(self.labels[index.numpy()])
-        return Batch(index, labels, states, masks, input_ids, target_ids, token_types)
+                states[stream][n] = self._padded(codes, scale, dest, B, T)
+        labels = self.labels[index]
+        state_dtype = self.dtype if self.dtype in ("float16", "bfloat16") else "float32"
+        return NumpyBatch(
+            index, labels, states, masks, input_ids, target_ids, token_types, state_dtype
+        )
 
     def _padded(
         self, codes: np.ndarray, scale: np.ndarray | None, dest: np.ndarray, B: int, T: int
-    ) -> torch.Tensor:
-        """Rows at ``dest`` of a zero [B, T, d] tensor: float16 and bfloat16 as stored (the side
-        network widens one state at a time), int8 and float32 decoded to float32."""
+    ) -> np.ndarray:
+        """Rows at ``dest`` of a zero [B, T, d] array: float16 and bfloat16 (uint16 bits) as
+        stored (the side network widens one state at a time), int8 and float32 decoded to
+        float32."""
         if self.dtype in ("float16", "bfloat16"):
             out = np.zeros((B * T, self.d), dtype=codes.dtype)
             out[dest] = codes
-            t = torch.from_numpy(out)
-            return (t.view(torch.bfloat16) if self.dtype == "bfloat16" else t).view(B, T, self.d)
+            return out.reshape(B, T, self.d)
         out = np.zeros((B * T, self.d), dtype=np.float32)
         out[dest] = decode_numpy(codes, scale, self.dtype)
-        return torch.from_numpy(out).view(B, T, self.d)
+        return out.reshape(B, T, self.d)
 
     def _plan_epoch(self, epoch: int) -> Iterator[tuple[list[int], list[list[tuple[int, int]]]]]:
         """(blocks of a buffer, batches as picks) in this epoch's order."""
@@ -326,7 +344,7 @@ class CacheLoader:
                 ]
             yield chosen, batches
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int = 0) -> Iterator[NumpyBatch]:
         """This epoch's batches, built on a background thread."""
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -362,5 +380,5 @@ class CacheLoader:
                 except queue.Empty:
                     thread.join(0.01)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[NumpyBatch]:
         return self.epoch(0)

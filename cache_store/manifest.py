@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from cache_store.layout import FORMAT, FORMAT_VERSION
 from cache_store.errors import CacheError
+from cache_store.layout import FORMAT, FORMAT_VERSION
 
 # bump when the way activations are computed or laid out changes, so old keys are not reused
 KEY_SCHEMA = 1

@@ -10,60 +10,32 @@ next copy resumes it, skipping objects already there with the right size).
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 
+from cache_store import layout
 from cache_store import store as st
-from cache_store.manifest import check_compatible, provenance
-from cache_store.writer import CacheWriter, key_meta
 from cache_store.errors import CacheError
+from cache_store.manifest import provenance
+from cache_store.reader import (
+    CommittedCache,
+    damaged_message,
+    grid_indices,
+    grid_of,
+    objects_by_array,
+    open_cache,
+    read_commit,
+)
 
-
-@dataclass
-class CommittedCache:
-    """A committed cache: its manifest and the zarr group of its data."""
-
-    store: Store
-    root: str
-    key: str
-    manifest: dict[str, Any]
-    group: zarr.Group
-
-    def array(self, path: str) -> zarr.Array:
-        return self.group[path]
-
-
-def open_cache(
-    root: str, key: str, storage_options: dict[str, Any] | None = None
-) -> CommittedCache:
-    """Open a committed cache for reading; a clear error for a missing or unfinished one."""
-    store = st.open_root(root, storage_options, write=False)
-    with st.remote_errors(root):
-        return _open_committed(store, root, key)
-
-
-def _open_committed(store: Store, root: str, key: str) -> CommittedCache:
-    meta = st.get_json(store, key_meta(key))
-    if meta is None:
-        if st.list_dir(store, f"{key}/attempts/"):
-            raise CacheError(
-                f"cache {key} under {root} is not committed yet (a write is in progress or was interrupted)"
-            )
-        raise CacheError(f"no cache {key} under {root}; `pipeline cache ls` lists what is there")
-    manifest = meta
-    check_compatible(manifest, key)
-    group = zarr.open_group(store, path=f"{key}/{manifest['attempt']}", mode="r")
-    return CommittedCache(store, root, key, manifest, group)
+__all__ = ["CommittedCache", "open_cache", "list_caches", "cache_info", "verify_cache"]
 
 
 def list_caches(root: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One summary row per key under ``root``: committed ones and unfinished attempts."""
+    """One summary row per key under ``root``: committed, damaged and unfinished ones."""
     store = st.open_root(root, storage_options, write=False)
     with st.remote_errors(root):
         return _list(store)
@@ -74,12 +46,21 @@ def _list(store: Store) -> list[dict[str, Any]]:
     for key in st.list_dir(store, ""):
         if key.startswith(".") or "." in key:
             continue
-        meta = st.get_json(store, key_meta(key))
-        if meta is None:
-            if st.list_dir(store, f"{key}/attempts/"):
+        commit = read_commit(store, key)
+        if commit.status == "damaged":
+            rows.append(
+                {
+                    "key": key,
+                    "status": "damaged",
+                    "fix": f"pipeline cache rm {key}, then extract it again",
+                }
+            )
+            continue
+        if commit.status == "absent":
+            if st.list_dir(store, f"{layout.attempts_prefix(key)}/"):
                 rows.append({"key": key, "status": "incomplete"})
             continue
-        m = meta
+        m = commit.manifest
         rows.append(
             {
                 "key": key,
@@ -101,50 +82,65 @@ def _list(store: Store) -> list[dict[str, Any]]:
 def cache_info(
     root: str, key: str, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    cache = open_cache(root, key, storage_options)
-    info = dict(cache.manifest)
+    cache = open_cache(root, key, storage_options, check=False)
+    info = {k: v for k, v in cache.manifest.items() if k != "inventory"}
+    if "inventory" in cache.manifest:
+        info["arrays"] = len(cache.manifest["inventory"])
     with st.remote_errors(root):
-        info["bytes"] = st.size_of(cache.store, f"{key}/{cache.manifest['attempt']}")
+        info["bytes"] = st.size_of(cache.store, cache.base)
     info["backbone"] = {k: v for k, v in info["backbone"].items() if k != "config"}
     return info
-
-
-def _arrays(group: zarr.Group, prefix: str = "") -> list[tuple[str, zarr.Array]]:
-    out = []
-    for name, node in sorted(group.members()):
-        path = f"{prefix}{name}"
-        if isinstance(node, zarr.Array):
-            out.append((path, node))
-        else:
-            out.extend(_arrays(node, path + "/"))
-    return out
 
 
 def verify_cache(
     root: str, key: str, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Read every stored object back: a missing or corrupt chunk is named in ``problems``."""
-    cache = open_cache(root, key, storage_options)
+    """Read every stored object back: a missing or corrupt chunk, or missing or unreadable array
+    metadata, is named in ``problems``."""
+    cache = open_cache(root, key, storage_options, check=False)
     with st.remote_errors(root):
-        problems, n_objects = verify_group(
-            cache.store, f"{key}/{cache.manifest['attempt']}", cache.group, cache.manifest
-        )
+        problems, n_objects = verify_group(cache.store, cache.base, cache.group, cache.manifest)
     return {"key": key, "ok": not problems, "objects": n_objects, "problems": problems}
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
 
 
 def verify_group(
     store: Store, base: str, group: zarr.Group, manifest: dict[str, Any]
 ) -> tuple[list[str], int]:
-    """Problems of the cache data under ``base`` (decoding checks every chunk's crc32c)."""
+    """Problems of the cache data under ``base`` (decoding checks every chunk's crc32c).
+
+    The arrays checked are those the commit's inventory records, those the layout expects of the
+    manifest, and any array with chunks in the listing; each must have readable metadata (with
+    the recorded shape and dtype) and every chunk object, each decoding cleanly."""
     problems: list[str] = []
     n_objects = 0
     present = set(st.list_sizes(store, f"{base}/"))
-    for path, arr in _arrays(group):
-        grid = arr.shards or arr.chunks
-        counts = [max(1, -(-s // c)) for s, c in zip(arr.shape, grid, strict=True)]
-        for idx in itertools.product(*(range(n) for n in counts)):
+    inv = manifest.get("inventory") or {}
+    paths = set(inv) | layout.expected_arrays(manifest) | set(objects_by_array(present, base))
+    paths |= {p for p in layout.optional_arrays(manifest) if f"{base}/{p}/zarr.json" in present}
+    for path in sorted(paths):
+        if f"{base}/{path}/zarr.json" not in present:
+            problems.append(f"missing array metadata {path}/zarr.json")
+            continue
+        try:
+            arr = zarr.open_array(store, path=f"{base}/{path}", mode="r")
+        except Exception as e:  # noqa: BLE001 - garbled metadata
+            problems.append(f"unreadable array metadata {path}/zarr.json ({_first_line(e)})")
+            continue
+        rec = inv.get(path)
+        if rec is not None and (list(arr.shape) != rec["shape"] or str(arr.dtype) != rec["dtype"]):
+            problems.append(
+                f"array {path} is {list(arr.shape)} {arr.dtype}; its commit recorded "
+                f"{rec['shape']} {rec['dtype']}"
+            )
+            continue
+        grid = grid_of(arr)
+        for idx in grid_indices(arr.shape, grid):
             n_objects += 1
-            obj = f"{path}/c/{'/'.join(map(str, idx))}"
+            obj = layout.chunk_key(path, idx)
             if f"{base}/{obj}" not in present:
                 problems.append(f"missing chunk {obj}")
                 continue
@@ -155,12 +151,10 @@ def verify_group(
             try:
                 arr[region]
             except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt chunk
-                problems.append(
-                    f"corrupt chunk {obj} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-                )
+                problems.append(f"corrupt chunk {obj} ({_first_line(e)})")
     for split, s in manifest["splits"].items():
         for stream, info in s["streams"].items():
-            offsets_path = f"{split}/offsets" if stream == "enc" else f"{split}/{stream}/offsets"
+            offsets_path = layout.offsets_path(split, stream)
             try:
                 off = np.asarray(group[offsets_path][:])
             except Exception:  # noqa: BLE001 - already reported above
@@ -177,12 +171,12 @@ def verify_group(
 def remove_cache(root: str, key: str, storage_options: dict[str, Any] | None = None) -> None:
     store = st.open_root(root, storage_options, write=True)
     with st.remote_errors(root):
-        if not st.exists(store, key_meta(key)) and not st.list_dir(store, f"{key}/"):
+        if not st.exists(store, layout.commit_key(key)) and not st.list_dir(store, f"{key}/"):
             raise CacheError(
                 f"no cache {key} under {root}; `pipeline cache ls` lists what is there"
             )
         # the commit object goes first: from then on no reader opens the key
-        st.delete(store, key_meta(key))
+        st.delete(store, layout.commit_key(key))
         st.delete_dir(store, key)
 
 
@@ -204,6 +198,8 @@ def copy_cache(
     """
     from tqdm import tqdm
 
+    from cache_store.writer import CacheWriter  # only copies write: readers never import it
+
     if src_root.rstrip("/") == dst_root.rstrip("/"):
         raise CacheError(f"source and destination are the same cache root {src_root}")
     src = open_cache(src_root, key, storage_options)
@@ -212,16 +208,18 @@ def copy_cache(
     t0 = time.perf_counter()
     result: dict[str, Any] = {"key": key, "from": src_root, "to": dst_root}
     with st.remote_errors(side):
-        existing = st.get_json(dst, key_meta(key))
-        if existing is not None:
+        existing = read_commit(dst, key)
+        if existing.status == "damaged":
+            raise CacheError(damaged_message(existing, dst_root))
+        if existing.status == "committed":
             return {**result, "copied": False, "already_committed": True, "objects": 0, "bytes": 0}
-        src_base = f"{key}/{src.manifest['attempt']}"
+        src_base = src.base
         sizes = {
             k.removeprefix(src_base + "/"): n
             for k, n in st.list_sizes(src.store, f"{src_base}/").items()
-            if not k.removeprefix(src_base + "/").startswith("_progress/")
+            if not k.removeprefix(src_base + "/").startswith(layout.PROGRESS + "/")
         }
-        source_attempt = src.manifest["attempt"].removeprefix("attempts/")
+        source_attempt = layout.attempt_of_ref(src.manifest["attempt"])
         writer = CacheWriter.begin(dst, dst_root, key, prefer=source_attempt)
         try:
             dst_base = writer.prefix
@@ -249,7 +247,7 @@ def copy_cache(
                     f"{f'; +{len(problems) - 1} more' if len(problems) > 1 else ''}); nothing was "
                     "committed: run the same command again"
                 )
-            meta = {k: v for k, v in src.manifest.items() if k != "attempt"}
+            meta = {k: v for k, v in src.manifest.items() if k not in ("attempt", "inventory")}
             stamp = provenance()
             meta["copied_from"] = src_root
             meta["copied_by"], meta["copied_at"] = stamp["created_by"], stamp["created_at"]

@@ -175,9 +175,7 @@ def _remote_store(root: str, opts: dict[str, Any], *, read_only: bool) -> Object
     except ImportError as e:
         raise CacheError(f"cache root {root} needs a package that is missing: {e}") from None
     except (TypeError, ValueError) as e:
-        raise CacheError(
-            f"cache root {root}: bad cache.storage_options ({one_line(e)})"
-        ) from None
+        raise CacheError(f"cache root {root}: bad cache.storage_options ({one_line(e)})") from None
     if not _FILESYSTEMS:
         atexit.register(_close_filesystems)
     _FILESYSTEMS[token] = (store.fs, store.path)

@@ -48,15 +48,14 @@ import zarr
 from zarr.abc.store import Store
 from zarr.errors import ContainsGroupError
 
+from cache_store import layout
 from cache_store import store as st
-from cache_store.layout import FORMAT, FORMAT_VERSION, compressors
-from cache_store.manifest import provenance
 from cache_store.errors import CacheError
+from cache_store.layout import FORMAT, FORMAT_VERSION, compressors, is_attempt
+from cache_store.manifest import provenance
+from cache_store.reader import damaged_message, inventory, read_commit
 
-
-def key_meta(key: str) -> str:
-    """The commit object: the manifest, pointing at the attempt that holds the data."""
-    return f"{key}/commit.json"
+key_meta = layout.commit_key  # the name stages used
 
 
 class StreamWriter:
@@ -144,11 +143,6 @@ def lease_ttl() -> float:
         ) from None
 
 
-def is_attempt(name: str) -> bool:
-    """Attempt folders have no dot; ``zarr.json``, ``<id>.lock`` and ``<id>.lease-N`` do."""
-    return "." not in name
-
-
 class Lease:
     """Ownership of one attempt on an object store: ``<key>/attempts/<id>.lease-<generation>``.
 
@@ -165,22 +159,13 @@ class Lease:
         self._thread = threading.Thread(target=self._loop, name="cache-lease", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def name(key: str, attempt: str, generation: int) -> str:
-        return f"{key}/attempts/{attempt}.lease-{generation:06d}"
+    name = staticmethod(layout.lease_key)
 
     @staticmethod
     def record() -> dict[str, Any]:
         return {"owner": provenance()["created_by"], "pid": os.getpid(), "renewed_at": time.time()}
 
-    @staticmethod
-    def generations(names: list[str], attempt: str) -> list[int]:
-        out = []
-        for n in names:
-            head, sep, gen = n.rpartition(".lease-")
-            if sep and head == attempt and gen.isdigit():
-                out.append(int(gen))
-        return sorted(out)
+    generations = staticmethod(layout.lease_generations)
 
     @classmethod
     def create(cls, store: Store, key: str, attempt: str, generation: int = 0) -> Lease | None:
@@ -240,7 +225,7 @@ class CacheWriter:
         self.root = root
         self.key = key
         self.attempt = attempt
-        self.prefix = f"{key}/attempts/{attempt}"
+        self.prefix = layout.attempt_prefix(key, attempt)
         self._lock = lock
         self.group = zarr.open_group(store, path=self.prefix, mode="a")
 
@@ -252,16 +237,24 @@ class CacheWriter:
 
         ``prefer`` names the attempt to try first (a pull resumes the copy it left behind); with
         ``prefer`` set, only that attempt is taken over and a new attempt is named after it.
+        An attempt that the key's commit names is never taken over (it is the cache), and a key
+        whose commit is damaged is refused: nothing can be committed over it, and its data must
+        not be reused or deleted.
         """
-        if not st.exists(store, f"{key}/attempts/zarr.json"):
+        commit = read_commit(store, key)
+        if commit.status == "damaged":
+            raise CacheError(damaged_message(commit, root))
+        attempts = layout.attempts_prefix(key)
+        if not st.exists(store, f"{attempts}/zarr.json"):
             try:
-                zarr.open_group(store, path=f"{key}/attempts", mode="a")
+                zarr.open_group(store, path=attempts, mode="a")
             except ContainsGroupError:  # another writer created it in between: as good
                 pass
-        names = st.list_dir(store, f"{key}/attempts/")
+        names = st.list_dir(store, f"{attempts}/")
         candidates = [a for a in names if is_attempt(a)]
         if prefer is not None:
             candidates = [prefer]
+        candidates = [a for a in candidates if a != commit.attempt]
         for attempt in candidates:
             lock = cls._claim(store, root, key, attempt, names)
             if lock is not None:
@@ -278,7 +271,7 @@ class CacheWriter:
         """Ownership of ``attempt``: an flock on a local root, a lease on an object store."""
         if st.is_remote(root):
             return Lease.take_over(store, key, attempt, names)
-        path = st.local_path(root) / key / "attempts" / f"{attempt}.lock"
+        path = st.local_path(root) / layout.attempts_prefix(key) / layout.lock_name(attempt)
         path.parent.mkdir(parents=True, exist_ok=True)
         f = path.open("a")
         try:
@@ -331,11 +324,11 @@ class CacheWriter:
         return arr
 
     def progress(self, split: str) -> dict[str, Any] | None:
-        return st.get_json(self.store, f"{self.prefix}/_progress/{split}.json")
+        return st.get_json(self.store, layout.progress_key(self.prefix, split))
 
     def save_progress(self, split: str, record: dict[str, Any]) -> None:
         self.check_owner()
-        st.set_json(self.store, f"{self.prefix}/_progress/{split}.json", record)
+        st.set_json(self.store, layout.progress_key(self.prefix, split), record)
 
     # --- committing ------------------------------------------------------------------------
 
@@ -347,40 +340,45 @@ class CacheWriter:
     def publish(self, manifest: dict[str, Any]) -> bool:
         """Create the commit object (written last); False when another commit won the race.
 
-        The winner deletes the abandoned attempts (those nobody holds); a loser deletes its own
-        attempt, unless the winning commit names this very attempt (a taken-over writer).
+        The commit records the inventory of the attempt's arrays (shape, grid, dtype, chunk
+        objects written; see ``cache_store.reader``) from one listing made now. The winner
+        deletes the abandoned attempts (those nobody holds); a loser deletes its own attempt,
+        unless the winning commit names this very attempt (a taken-over writer) or cannot be
+        read (a damaged commit: nothing is deleted).
         """
         self.check_owner()
+        listing = st.list_sizes(self.store, f"{self.prefix}/")
         meta = {
             **manifest,
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "status": "complete",
-            "attempt": f"attempts/{self.attempt}",
+            "inventory": inventory(self.group, listing, self.prefix),
+            "attempt": layout.attempt_ref(self.attempt),
         }
-        won = st.set_json_if_absent(self.store, key_meta(self.key), meta)
+        won = st.set_json_if_absent(self.store, layout.commit_key(self.key), meta)
         if won:
             try:  # tidying after the commit: what a failure leaves is unreferenced, harmless
                 self._drop_other_attempts()
             except Exception:  # noqa: BLE001
                 pass
         else:
-            winner = st.get_json(self.store, key_meta(self.key)) or {}
-            if winner.get("attempt") != meta["attempt"]:
+            winner = read_commit(self.store, self.key)
+            if winner.status == "committed" and winner.attempt != self.attempt:
                 self.abandon()
         self.release()
         return won
 
     def _drop_other_attempts(self) -> None:
-        names = st.list_dir(self.store, f"{self.key}/attempts/")
+        names = st.list_dir(self.store, f"{layout.attempts_prefix(self.key)}/")
         for attempt in names:
             if attempt == self.attempt or not is_attempt(attempt):
                 continue
             lock = self._claim(self.store, self.root, self.key, attempt, names)
             if lock is not None:  # nobody holds it: a killed or abandoned attempt
-                st.delete_dir(self.store, f"{self.key}/attempts/{attempt}")
+                st.delete_dir(self.store, layout.attempt_prefix(self.key, attempt))
                 lock.close()
-        st.delete_dir(self.store, f"{self.prefix}/_progress")
+        st.delete_dir(self.store, layout.progress_prefix(self.prefix))
 
     def abandon(self) -> None:
         st.delete_dir(self.store, self.prefix)
