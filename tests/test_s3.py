@@ -21,11 +21,11 @@ import s3fs
 import zarr
 
 from cache_store import store as st
+from cache_store.errors import CacheError
 from cache_store.manifest import provenance
 from cache_store.registry import open_cache, verify_cache
 from cache_store.writer import CacheWriter, Lease
 from pipeline.cli import run_cli
-from cache_store.errors import CacheError
 from tests.conftest import make_config, tiny_bert
 from tests.test_resume_and_errors import all_arrays
 
@@ -199,6 +199,23 @@ def test_a_corrupt_source_object_fails_the_pull_and_verify_names_it(
     finally:  # the shared cache is whole again for the other tests
         client.put_object(Bucket=bucket, Key=obj, Body=original)
     assert verify_cache(root, key)["ok"]
+
+
+def test_a_missing_chunk_on_s3_is_refused_at_open_with_one_listing(tiny_s3_cache, s3_env):
+    """Issue 11 #1: zarr reads a missing chunk as zeros; the commit's inventory refuses it."""
+    root, key = tiny_s3_cache
+    cache = open_cache(root, key)
+    obj = f"{root.split('/', 3)[3]}/{key}/{cache.manifest['attempt']}/train/enc/layer_01/c/0/0"
+    client, bucket = s3_env.server.client(), s3_env.server.bucket
+    original = client.get_object(Bucket=bucket, Key=obj)["Body"].read()
+    client.delete_object(Bucket=bucket, Key=obj)
+    try:
+        with pytest.raises(CacheError, match="missing chunk train/enc/layer_01/c/0/0") as e:
+            open_cache(root, key)
+        assert "\n" not in str(e.value) and "pipeline cache verify" in str(e.value)
+    finally:  # the shared cache is whole again for the other tests
+        client.put_object(Bucket=bucket, Key=obj, Body=original)
+    assert open_cache(root, key).manifest["inventory"]
 
 
 def _pull_of_a_corrupt_cache_fails(root: str, key: str, tmp_path: Path, capsys) -> None:
