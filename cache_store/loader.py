@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cache_store import layout
+from cache_store import store as st
 from cache_store.errors import CacheError
 from cache_store.layout import decode_numpy, stored_numpy_dtype
 from cache_store.reader import CommittedCache, grid_of
@@ -241,7 +242,7 @@ class CacheLoader:
             except Exception as e:  # noqa: BLE001
                 where, error = f"chunk {layout.chunk_key(path, (i,) + (0,) * (arr.ndim - 1))}", e
                 break
-        detail = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+        detail = st.describe(error)
         return (
             f"cache {c.key} under {c.root}: {where} of array {path} cannot be read ({detail}); "
             f"`pipeline cache verify {c.key}` lists every bad chunk, `pipeline cache rm {c.key}` "

@@ -103,10 +103,6 @@ def verify_cache(
     return {"key": key, "ok": not problems, "objects": n_objects, "problems": problems}
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-
-
 def verify_group(
     store: Store, base: str, group: zarr.Group, manifest: dict[str, Any]
 ) -> tuple[list[str], int]:
@@ -128,7 +124,7 @@ def verify_group(
         try:
             arr = zarr.open_array(store, path=f"{base}/{path}", mode="r")
         except Exception as e:  # noqa: BLE001 - garbled metadata
-            problems.append(f"unreadable array metadata {path}/zarr.json ({_first_line(e)})")
+            problems.append(f"unreadable array metadata {path}/zarr.json ({st.describe(e)})")
             continue
         rec = inv.get(path)
         if rec is not None and (list(arr.shape) != rec["shape"] or str(arr.dtype) != rec["dtype"]):
@@ -151,7 +147,7 @@ def verify_group(
             try:
                 arr[region]
             except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt chunk
-                problems.append(f"corrupt chunk {obj} ({_first_line(e)})")
+                problems.append(f"corrupt chunk {obj} ({st.describe(e)})")
     for split, s in manifest["splits"].items():
         for stream, info in s["streams"].items():
             offsets_path = layout.offsets_path(split, stream)

@@ -202,6 +202,11 @@ def one_line(e: BaseException) -> str:
     return text[:300]
 
 
+def describe(e: BaseException) -> str:
+    """``Type: first words of the message``, on one line (decode and metadata failures)."""
+    return f"{type(e).__name__}: {one_line(e)[:120]}"
+
+
 def _names(e: BaseException) -> set[str]:
     return {c.__name__ for c in type(e).__mro__}
 
@@ -312,6 +317,8 @@ def get_bytes(store: Store, key: str) -> bytes | None:
 
 
 def get_json(store: Store, key: str) -> Any | None:
+    """A progress or lease record; a torn one reads as absent. Not for commits: a damaged
+    commit is not an absent one (``cache_store.reader.read_commit``)."""
     raw = get_bytes(store, key)
     if raw is None:
         return None
