@@ -33,10 +33,12 @@ from cache_store import store as st
 from cache_store.layout import (
     CODECS,
     DTYPES,
+    attempt_prefix,
     decode,
     encode,
     layer_name,
     rows_per_chunk,
+    scale_name,
     stored_numpy_dtype,
 )
 from cache_store.writer import CacheWriter
@@ -88,8 +90,8 @@ def recon_error(states: list[torch.Tensor], dtype: str) -> tuple[float, list[flo
     num = den = 0.0
     per = []
     for x in states:
-        codes, scale = encode(x, dtype)
-        err = float(((decode(codes, scale, dtype) - x) ** 2).sum())
+        codes, scale = encode(x.float().numpy(), dtype)
+        err = float(((torch.from_numpy(decode(codes, scale, dtype)) - x) ** 2).sum())
         ref = float((x.double() ** 2).sum())
         per.append((err / ref) ** 0.5)
         num, den = num + err, den + ref
@@ -103,7 +105,7 @@ class Writer:
         self.root, self.cfg, self.d = root, cfg, d
         store = st.open_root(str(root), write=True)
         self.cw = CacheWriter(store, str(root), "bench", "a")
-        self.prefix = root / "bench" / "attempts" / "a"
+        self.prefix = root / attempt_prefix("bench", "a")
 
     def create(self, group: str, n_tokens: int, n_states: int, dtype: str, codec: str) -> list:
         chunk_rows = rows_per_chunk(self.d, dtype, self.cfg.cache.chunk_mb)
@@ -118,7 +120,7 @@ class Writer:
             scale = None
             if dtype == "int8":
                 scale = self.cw.create_array(
-                    f"{group}/{layer_name(n)}_scale", (n_tokens,), "float32", **kw
+                    scale_name(f"{group}/{layer_name(n)}"), (n_tokens,), "float32", **kw
                 )
             arrays.append((codes, scale))
         return arrays
@@ -132,7 +134,7 @@ class Writer:
 
 def encode_write(states: list[torch.Tensor], arrays: list, dtype: str) -> None:
     for x, (codes_arr, scale_arr) in zip(states, arrays, strict=True):
-        codes, scale = encode(x, dtype)
+        codes, scale = encode(x.float().numpy(), dtype)
         codes_arr[...] = codes
         if scale_arr is not None:
             scale_arr[...] = scale
