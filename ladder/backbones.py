@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from ladder.errors import LadderError
 
 ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "electra", "bart", "mbart"}
 ENCODER_DECODER = {"t5", "mt5"}
@@ -53,7 +53,7 @@ def family_of(config: Any) -> str:
         return "bart"
     if mt in ENCODER_DECODER:
         return "t5"
-    raise PipelineError(
+    raise LadderError(
         f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
         "xlm-roberta, electra), bart, t5"
     )
@@ -243,11 +243,11 @@ def pick_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise PipelineError(
+        raise LadderError(
             f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(
+        raise LadderError(
             f"device {device!r} asked for, but no CUDA GPU is available; use auto or cpu"
         )
     return dev
@@ -271,7 +271,7 @@ def load_config_only(name: str, revision: str | None = None) -> Any:
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
-        raise PipelineError(_unknown_backbone(name, e)) from None
+        raise LadderError(_unknown_backbone(name, e)) from None
 
 
 def _unknown_backbone(name: str, e: Exception) -> str:
@@ -304,7 +304,7 @@ def load_backbone(
         cls = T5ForConditionalGeneration if family == "t5" else AutoModel
         model = cls.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise PipelineError(_unknown_backbone(name, e)) from None
+        raise LadderError(_unknown_backbone(name, e)) from None
     model.eval().requires_grad_(False).to(dev)
     return from_model(name, path, model, tokenizer, revision=revision)
 

@@ -33,7 +33,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from pipeline.errors import PipelineError
+from ladder.errors import LadderError
 
 FAMILIES = ("bert", "bart", "t5")
 
@@ -60,12 +60,10 @@ def compute_fisher(
     Returns parameter name (as in ``model.named_parameters()``) -> float32 tensor of its shape.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise PipelineError(
-            f"num_samples={num_samples!r} for the Fisher pass; allowed: an int >= 1"
-        )
+        raise LadderError(f"num_samples={num_samples!r} for the Fisher pass; allowed: an int >= 1")
     params = dict(model.named_parameters())
     if not params:
-        raise PipelineError("the Fisher model has no parameters; allowed: a model with parameters")
+        raise LadderError("the Fisher model has no parameters; allowed: a model with parameters")
     device = next(iter(params.values())).device
     fisher = {
         name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -94,7 +92,7 @@ def compute_fisher(
                     fisher[name].add_(squares(grad))
             seen += 1
         if seen == 0:
-            raise PipelineError("no batches for the Fisher pass; allowed: at least one example")
+            raise LadderError("no batches for the Fisher pass; allowed: at least one example")
     finally:
         tables.restore()
         for name, p in params.items():
@@ -229,14 +227,14 @@ def _example_loss(
     for key, value in batch.items():
         if isinstance(value, Tensor):
             if value.dim() > 0 and value.shape[0] != 1:
-                raise PipelineError(
+                raise LadderError(
                     f"Fisher batch field {key!r} has batch size {value.shape[0]}; allowed: 1"
                 )
             value = value.to(device)
         inputs[key] = value
     loss = getattr(model(**inputs), "loss", None)
     if loss is None:
-        raise PipelineError(
+        raise LadderError(
             "the model returned no loss for a Fisher batch; allowed: batches with labels"
         )
     return loss
@@ -268,7 +266,7 @@ def _keep_rows(score: Tensor, r: int, what: str) -> Tensor:
     """
     n = score.shape[0]
     if n % r:
-        raise PipelineError(f"{what} has {n} rows, not divisible by r={r}; allowed: r dividing {n}")
+        raise LadderError(f"{what} has {n} rows, not divisible by r={r}; allowed: r dividing {n}")
     l1 = score.reshape(n, -1).abs().sum(1)  # [n]
     pruned = torch.argsort(l1, stable=True)[: n - n // r]
     keep = torch.ones(n, dtype=torch.bool, device=l1.device)
@@ -303,19 +301,17 @@ class _Pruner:
 
     def _weight(self, key: str) -> Tensor:
         if key not in self.weights:
-            raise PipelineError(
+            raise LadderError(
                 f"backbone state_dict has no {key!r}; allowed: a {self.family} state_dict"
             )
         return self.weights[key]
 
     def _importance(self, key: str) -> Tensor:
         if key not in self.importance:
-            raise PipelineError(
-                f"importance has no {key!r}; allowed: one entry per backbone weight"
-            )
+            raise LadderError(f"importance has no {key!r}; allowed: one entry per backbone weight")
         imp = self.importance[key]
         if imp.shape != self._weight(key).shape:
-            raise PipelineError(
+            raise LadderError(
                 f"importance {key!r} has shape {tuple(imp.shape)}; allowed: the weight's shape "
                 f"{tuple(self._weight(key).shape)}"
             )
@@ -326,7 +322,7 @@ class _Pruner:
         key = next((k for k in candidates if k in self.importance), candidates[0])
         imp = self._importance(key)  # [vocab, d]
         if imp.shape[1] != d_model:
-            raise PipelineError(
+            raise LadderError(
                 f"{key!r} is {imp.shape[1]} wide; allowed: embeddings as wide as d_model={d_model}"
             )
         rows = _keep_rows(imp.t(), self.r, key)  # [d/r]
@@ -496,7 +492,7 @@ def _prune_t5_stack(
 def _check_family(family: str) -> None:
     if family not in FAMILIES:
         allowed = ", ".join(repr(f) for f in FAMILIES)
-        raise PipelineError(f"unknown model family {family!r}; allowed: {allowed}")
+        raise LadderError(f"unknown model family {family!r}; allowed: {allowed}")
 
 
 def _pruned_dims(family: str, config: transformers.PretrainedConfig) -> dict[str, int]:
@@ -515,10 +511,10 @@ def _check_r(r: int, dims: Mapping[str, int]) -> None:
     common = math.gcd(*dims.values())
     divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PipelineError(f"reduction factor r={r!r}; allowed: one of {divisors}")
+        raise LadderError(f"reduction factor r={r!r}; allowed: one of {divisors}")
     for name, value in dims.items():
         if value % r:
-            raise PipelineError(
+            raise LadderError(
                 f"reduction factor r={r} does not divide {name}={value}; allowed: one of {divisors}"
             )
 
@@ -535,7 +531,7 @@ def _strip_prefix(tensors: Mapping[str, Tensor], anchor: str, what: str) -> dict
     }
     if len(prefixes) != 1:
         found = "no key" if not prefixes else f"several keys ({sorted(prefixes)})"
-        raise PipelineError(f"{what} has {found} ending in {anchor!r}; allowed: exactly one")
+        raise LadderError(f"{what} has {found} ending in {anchor!r}; allowed: exactly one")
     prefix = prefixes.pop()
     return {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
 
@@ -611,7 +607,7 @@ def fisher_model_for(
         cls = transformers.T5ForConditionalGeneration
     else:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise PipelineError(f"num_labels={num_labels!r}; allowed: an int >= 1 (1 = regression)")
+            raise LadderError(f"num_labels={num_labels!r}; allowed: an int >= 1 (1 = regression)")
         cls = transformers.AutoModelForSequenceClassification
         problem = "regression" if num_labels == 1 else "single_label_classification"
         kwargs = {"num_labels": num_labels, "problem_type": problem}
@@ -642,7 +638,7 @@ def _from_path(
         return cls.from_pretrained(path, **kwargs)
     except OSError as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PipelineError(
+        raise LadderError(
             f"cannot load a {family} model from {str(path)!r} ({first_line}); "
             "allowed: a local model folder or a PretrainedConfig"
         ) from err

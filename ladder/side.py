@@ -38,7 +38,7 @@ from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ladder.attention import attention, mask_bias
-from pipeline.errors import PipelineError
+from ladder.errors import LadderError
 
 FUSIONS = ("ladder", "late", "none")
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "bart", "mbart")
@@ -65,49 +65,49 @@ class SideConfig:
     def __post_init__(self) -> None:
         r = self.reduction_factor
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise PipelineError(f"side.reduction_factor={r!r}; allowed: an int >= 1")
+            raise LadderError(f"side.reduction_factor={r!r}; allowed: an int >= 1")
         if self.kept_layers is not None:
             # JSON round trips give lists; sort so the side stream follows the backbone's order.
             kept = list(self.kept_layers) if isinstance(self.kept_layers, Iterable) else None
             if kept is None or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in kept
             ):
-                raise PipelineError(
+                raise LadderError(
                     f"side.kept_layers={self.kept_layers!r}; allowed: None or a list of "
                     "0-based block indices"
                 )
             if not kept:
-                raise PipelineError(
+                raise LadderError(
                     "side.kept_layers=[] keeps no layer; allowed: None (all) or a non-empty list"
                 )
             dup = sorted({i for i in kept if kept.count(i) > 1})
             if dup:
-                raise PipelineError(f"side.kept_layers repeats {dup}; allowed: each index once")
+                raise LadderError(f"side.kept_layers repeats {dup}; allowed: each index once")
             object.__setattr__(self, "kept_layers", tuple(sorted(kept)))
         if self.fusion not in FUSIONS:
-            raise PipelineError(
+            raise LadderError(
                 f"side.fusion={self.fusion!r}; allowed: {', '.join(map(repr, FUSIONS))}"
             )
         if not _is_real(self.gate_alpha):
-            raise PipelineError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
+            raise LadderError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
         if not _is_real(self.gate_T) or self.gate_T <= 0:
-            raise PipelineError(f"side.gate_T={self.gate_T!r}; allowed: a number > 0")
+            raise LadderError(f"side.gate_T={self.gate_T!r}; allowed: a number > 0")
         for name in ("ladder_dropout", "dropout"):
             p = getattr(self, name)
             if p is None and name == "dropout":
                 continue
             if not _is_real(p) or not 0 <= p < 1:
-                raise PipelineError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
+                raise LadderError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise PipelineError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
+            raise LadderError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
 
     def kept(self, n_layers: int) -> list[int]:
         """The kept block indices for a stack of ``n_layers`` blocks."""
         return list(range(n_layers)) if self.kept_layers is None else list(self.kept_layers)
 
     def validate(self, backbone_config: PretrainedConfig) -> None:
-        """Check r and the kept layers against a backbone; raise PipelineError naming the value."""
+        """Check r and the kept layers against a backbone; raise LadderError naming the value."""
         dims = _backbone_dims(backbone_config, self)
         r = self.reduction_factor
         sizes = {"d_model": dims.d, "the per-head dim": dims.head_dim, "d_ff": dims.d_ff}
@@ -115,7 +115,7 @@ class SideConfig:
         for name, value in sizes.items():
             if value % r:
                 divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
-                raise PipelineError(
+                raise LadderError(
                     f"side.reduction_factor={r} does not divide {name}={value}; "
                     f"allowed: one of {divisors}"
                 )
@@ -127,7 +127,7 @@ class SideConfig:
         for stack, n in stacks.items():
             bad = [i for i in self.kept(n) if not 0 <= i < n]
             if bad:
-                raise PipelineError(
+                raise LadderError(
                     f"side.kept_layers has {bad} outside the {stack}'s {n} blocks; "
                     f"allowed: 0..{n - 1}"
                 )
@@ -190,7 +190,7 @@ def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> _Dims:
         )  # fmt: skip
     else:
         allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-        raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+        raise LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
     if side.dropout is not None:  # one rate for every dropout the family has (BERT: none in FFN)
         p = side.dropout
         has_act = mt in ("bart", "mbart") or dims["t5"]
@@ -228,14 +228,12 @@ def _state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor
     """State ``k`` of a stream, checked; left in its dtype (caches hand over float16/bfloat16)."""
     h = hiddens.get(k)
     if h is None:
-        raise PipelineError(
+        raise LadderError(
             f"{stream} hidden state {k} is missing (given: {sorted(hiddens)}); "
             "allowed: a dict holding every state in needed_layers()"
         )
     if h.shape[-1] != d:
-        raise PipelineError(
-            f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}"
-        )
+        raise LadderError(f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}")
     return h
 
 
@@ -289,13 +287,13 @@ def _load_init(
     for key, w in weights.items():
         if key in own:
             if tuple(w.shape) != tuple(own[key].shape):
-                raise PipelineError(
+                raise LadderError(
                     f"side init {key!r} has shape {tuple(w.shape)}; "
                     f"allowed: {tuple(own[key].shape)}"
                 )
             staged.append((own[key], w))
         elif not is_dropped(key):
-            raise PipelineError(
+            raise LadderError(
                 f"side init key {key!r} is not a side-network key; allowed: {allowed}"
             )
     with torch.no_grad():
@@ -371,7 +369,7 @@ class EncoderSideNetwork(nn.Module):
         side.validate(backbone_config)
         dims = _backbone_dims(backbone_config, side)
         if dims.t5:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={backbone_config.model_type!r} is encoder-decoder; use T5SideNetwork"
             )
         r, L = side.reduction_factor, dims.n_layers
@@ -398,7 +396,7 @@ class EncoderSideNetwork(nn.Module):
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
         if stack != "enc":
-            raise PipelineError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
+            raise LadderError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
         return _needed(self.fusion, self.kept, self.n_layers)
 
     def gate_values(self) -> Tensor:
@@ -454,7 +452,7 @@ class EncoderSideNetwork(nn.Module):
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
         """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
 
-        Raises PipelineError on a shape mismatch or a key that is not canonical, before copying.
+        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
         """
         own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
         if self.final_ln is not None:
@@ -668,12 +666,12 @@ class T5SideNetwork(nn.Module):
         side.validate(backbone_config)
         dims = _backbone_dims(backbone_config, side)
         if not dims.t5:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={backbone_config.model_type!r} is not T5; use EncoderSideNetwork"
             )
         if lm_head is None or lm_head.dim() != 2 or lm_head.shape[1] != dims.d:
             got = None if lm_head is None else tuple(lm_head.shape)
-            raise PipelineError(
+            raise LadderError(
                 f"T5 side network lm_head={got}; allowed: the frozen LM head weight [V, {dims.d}]"
             )
         self.side, self.d, self.d_side = side, dims.d, dims.d // side.reduction_factor
@@ -689,7 +687,7 @@ class T5SideNetwork(nn.Module):
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers stack 'enc' or 'dec' reads (0 = shared(ids), i + 1 = output of block i)."""
         if stack not in ("enc", "dec"):
-            raise PipelineError(f"stack={stack!r}; allowed: 'enc', 'dec'")
+            raise LadderError(f"stack={stack!r}; allowed: 'enc', 'dec'")
         s = self.enc if stack == "enc" else self.dec
         return _needed(s.fusion, s.kept, s.n_layers)
 
@@ -771,12 +769,12 @@ def build_side_network(
         return EncoderSideNetwork(backbone_config, side)
     if mt in T5_TYPES:
         if lm_head is None:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={mt!r} needs lm_head (the frozen [V, d] LM head weight); got None"
             )
         return T5SideNetwork(backbone_config, side, lm_head)
     allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-    raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+    raise LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
 
 
 def trainable_parameters(model: nn.Module) -> int:
