@@ -24,8 +24,8 @@ from torch import nn
 
 from ladder.errors import LadderError
 
-ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "electra", "bart", "mbart"}
-ENCODER_DECODER = {"t5", "mt5"}
+# family_of, num_blocks and d_model live in ladder.families; stages and bench import them from here
+from ladder.families import d_model, family_of, num_blocks
 
 
 def packaged_minilm() -> str:
@@ -42,35 +42,6 @@ def resolve_backbone(name: str) -> str:
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]()
     return name
-
-
-def family_of(config: Any) -> str:
-    """ "bert" (BERT family), "bart" or "t5"; an error for architectures we do not support."""
-    mt = config.model_type
-    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
-        return "bert"
-    if mt in ("bart", "mbart"):
-        return "bart"
-    if mt in ENCODER_DECODER:
-        return "t5"
-    raise LadderError(
-        f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
-        "xlm-roberta, electra), bart, t5"
-    )
-
-
-def num_blocks(config: Any) -> tuple[int, int]:
-    """(encoder blocks, decoder blocks) of a backbone config; decoder 0 for encoder-only."""
-    fam = family_of(config)
-    if fam == "bert":
-        return config.num_hidden_layers, 0
-    if fam == "bart":
-        return config.encoder_layers, 0
-    return config.num_layers, config.num_decoder_layers
-
-
-def d_model(config: Any) -> int:
-    return getattr(config, "hidden_size", None) or config.d_model
 
 
 def _digest_files(folder: Path, patterns: tuple[str, ...]) -> str:

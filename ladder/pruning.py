@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,9 +33,7 @@ import transformers
 from torch import Tensor
 
 from ladder.errors import LadderError
-
-FAMILIES = ("bert", "bart", "t5")
-
+from ladder.families import Dims, check_family, dims_of, divisors
 
 # --------------------------------------------------------------------------- importance
 
@@ -437,7 +434,7 @@ def _prune_post_ln_encoder(p: _Pruner, names: _EncoderNames, n_layers: int, d_mo
         p.norm(c + "ln_ffn", hf + names.ln_ffn, idxs)
 
 
-def _prune_t5(p: _Pruner, config: transformers.PretrainedConfig) -> None:
+def _prune_t5(p: _Pruner, dims: Dims) -> None:
     """T5 encoder then decoder, in the reference's order.
 
     Quirk kept from the reference: ``decoder.embed_tokens`` does not reset the idxs, so decoder
@@ -445,13 +442,10 @@ def _prune_t5(p: _Pruner, config: transformers.PretrainedConfig) -> None:
     """
     # Gated FFN (T5 v1.1 wi_0/wi_1): the reference has no code path for it. We treat the pair like
     # q,k,v: one product score and one shared row set, since both feed the same elementwise gate.
-    wi = ("wi_0", "wi_1") if getattr(config, "is_gated_act", False) else ("wi",)
-    idxs = p.embedding(_T5_EMBEDDINGS, config.d_model)
-    idxs = _prune_t5_stack(p, "encoder", "enc", config.num_layers, idxs, wi)
-    n_dec = (
-        config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
-    )
-    _prune_t5_stack(p, "decoder", "dec", n_dec, idxs, wi)
+    wi = ("wi_0", "wi_1") if dims.gated else ("wi",)
+    idxs = p.embedding(_T5_EMBEDDINGS, dims.d)
+    idxs = _prune_t5_stack(p, "encoder", "enc", dims.n_layers, idxs, wi)
+    _prune_t5_stack(p, "decoder", "dec", dims.n_dec_layers, idxs, wi)
 
 
 def _prune_t5_stack(
@@ -489,33 +483,15 @@ def _prune_t5_stack(
 # --------------------------------------------------------------------------- entry points
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        allowed = ", ".join(repr(f) for f in FAMILIES)
-        raise LadderError(f"unknown model family {family!r}; allowed: {allowed}")
-
-
-def _pruned_dims(family: str, config: transformers.PretrainedConfig) -> dict[str, int]:
-    """The dimensions r must divide: d_model, the per-head dim and d_ff."""
-    if family == "bert":
-        d, heads, d_ff = config.hidden_size, config.num_attention_heads, config.intermediate_size
-        return {"d_model": d, "per-head dim": d // heads, "d_ff": d_ff}
-    if family == "bart":
-        d, heads, d_ff = config.d_model, config.encoder_attention_heads, config.encoder_ffn_dim
-        return {"d_model": d, "per-head dim": d // heads, "d_ff": d_ff}
-    return {"d_model": config.d_model, "per-head dim": config.d_kv, "d_ff": config.d_ff}
-
-
 def _check_r(r: int, dims: Mapping[str, int]) -> None:
     """r must be a positive int dividing every pruned dimension, so each keeps exactly n/r."""
-    common = math.gcd(*dims.values())
-    divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise LadderError(f"reduction factor r={r!r}; allowed: one of {divisors}")
+        raise LadderError(f"reduction factor r={r!r}; allowed: one of {divisors(dims)}")
     for name, value in dims.items():
         if value % r:
             raise LadderError(
-                f"reduction factor r={r} does not divide {name}={value}; allowed: one of {divisors}"
+                f"reduction factor r={r} does not divide {name}={value}; "
+                f"allowed: one of {divisors(dims)}"
             )
 
 
@@ -562,16 +538,13 @@ def prune_backbone(
     with every pruned tensor equal to ``W[rows][:, cols]``; ``idx.embeddings.rows`` is the initial
     hidden-dim set. Layer dropping is left to the consumer: all layers are pruned.
     """
-    _check_family(family)
-    _check_r(r, _pruned_dims(family, config))
+    check_family(family)
+    dims = dims_of(config)
+    _check_r(r, dims.r_divides())
     if importance is None:
         importance = magnitude_importance(state_dict)
-    if family == "t5":
-        anchor, d_model = _T5_ANCHOR, config.d_model
-    else:
-        names = _BERT if family == "bert" else _BART
-        anchor = names.anchor
-        d_model = config.hidden_size if family == "bert" else config.d_model
+    names = _BERT if family == "bert" else _BART
+    anchor = _T5_ANCHOR if family == "t5" else names.anchor
     pruner = _Pruner(
         family,
         _strip_prefix(state_dict, anchor, "state_dict"),
@@ -579,11 +552,9 @@ def prune_backbone(
         r,
     )
     if family == "t5":
-        _prune_t5(pruner, config)
-    elif family == "bert":
-        _prune_post_ln_encoder(pruner, names, config.num_hidden_layers, d_model)
+        _prune_t5(pruner, dims)
     else:
-        _prune_post_ln_encoder(pruner, names, config.encoder_layers, d_model)
+        _prune_post_ln_encoder(pruner, names, dims.n_layers, dims.d)
     return pruner.out, pruner.idx
 
 
@@ -601,7 +572,7 @@ def fisher_model_for(
     A ``PretrainedConfig`` gives a randomly initialised model (for tests). The global RNG state is
     left untouched.
     """
-    _check_family(family)
+    check_family(family)
     kwargs: dict[str, object] = {}
     if family == "t5":
         cls = transformers.T5ForConditionalGeneration

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,10 +39,9 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 from ladder.attention import attention, mask_bias
 from ladder.errors import LadderError
+from ladder.families import ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of, divisors
 
 FUSIONS = ("ladder", "late", "none")
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "bart", "mbart")
-T5_TYPES = ("t5", "mt5")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -110,14 +109,13 @@ class SideConfig:
         """Check r and the kept layers against a backbone; raise LadderError naming the value."""
         dims = _backbone_dims(backbone_config, self)
         r = self.reduction_factor
-        sizes = {"d_model": dims.d, "the per-head dim": dims.head_dim, "d_ff": dims.d_ff}
-        common = math.gcd(*sizes.values())
+        sizes = dims.r_divides()
         for name, value in sizes.items():
             if value % r:
-                divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
+                name = "the per-head dim" if name == "per-head dim" else name
                 raise LadderError(
                     f"side.reduction_factor={r} does not divide {name}={value}; "
-                    f"allowed: one of {divisors}"
+                    f"allowed: one of {divisors(sizes)}"
                 )
         stacks = (
             {"encoder": dims.n_layers, "decoder": dims.n_dec_layers}
@@ -137,65 +135,22 @@ def _is_real(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-@dataclass(frozen=True)
-class _Dims:
-    """The backbone sizes and settings a side network copies, read from the backbone config."""
-
-    t5: bool  # encoder-decoder T5 family (else an encoder-only family)
-    d: int  # backbone width d_model
-    n_head: int  # attention heads (the side keeps the same count)
-    head_dim: int  # backbone per-head dim (T5: d_kv)
-    d_ff: int  # backbone FFN inner width
-    n_layers: int  # (encoder) blocks L
-    n_dec_layers: int  # T5 decoder blocks; 0 for encoder-only
-    act: str  # FFN activation name in transformers' ACT2FN
-    gated: bool  # T5 v1.1 / mT5 gated FFN (wi_0, wi_1)
-    ln_eps: float
-    pre_ln: bool  # mBART is pre-LN with a final encoder LN; BERT family and BART are post-LN
-    dropout: float  # residual / embedding dropout
-    attn_dropout: float  # dropout on attention probabilities
-    act_dropout: float  # dropout inside the FFN after the activation (0 for the BERT family)
-    cls_dropout: float  # dropout of the classification head
-
-
-def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> _Dims:
+def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> Dims:
+    """The backbone's :class:`Dims`, with ``side.dropout`` (if set) in place of its dropouts."""
     mt = getattr(cfg, "model_type", None)
-    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
-        d, h = cfg.hidden_size, cfg.num_attention_heads
-        hid, att = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
-        cls = getattr(cfg, "classifier_dropout", None)
-        dims = dict(
-            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.intermediate_size,
-            n_layers=cfg.num_hidden_layers, n_dec_layers=0, act=cfg.hidden_act, gated=False,
-            ln_eps=cfg.layer_norm_eps, pre_ln=False, dropout=hid, attn_dropout=att,
-            act_dropout=0.0, cls_dropout=hid if cls is None else cls,
-        )  # fmt: skip
-    elif mt in ("bart", "mbart"):
-        d, h = cfg.d_model, cfg.encoder_attention_heads
-        dims = dict(
-            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.encoder_ffn_dim,
-            n_layers=cfg.encoder_layers, n_dec_layers=0, act=cfg.activation_function, gated=False,
-            ln_eps=1e-5, pre_ln=mt == "mbart", dropout=cfg.dropout,
-            attn_dropout=cfg.attention_dropout, act_dropout=cfg.activation_dropout,
-            cls_dropout=cfg.classifier_dropout or 0.0,
-        )  # fmt: skip
-    elif mt in T5_TYPES:
-        p = cfg.dropout_rate
-        n_dec = cfg.num_decoder_layers if cfg.num_decoder_layers is not None else cfg.num_layers
-        dims = dict(
-            t5=True, d=cfg.d_model, n_head=cfg.num_heads, head_dim=cfg.d_kv, d_ff=cfg.d_ff,
-            n_layers=cfg.num_layers, n_dec_layers=n_dec, act=cfg.dense_act_fn,
-            gated=bool(cfg.is_gated_act), ln_eps=cfg.layer_norm_epsilon, pre_ln=True,
-            dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p,
-        )  # fmt: skip
-    else:
-        allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-        raise LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
-    if side.dropout is not None:  # one rate for every dropout the family has (BERT: none in FFN)
-        p = side.dropout
-        has_act = mt in ("bart", "mbart") or dims["t5"]
-        dims.update(dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=p if has_act else 0.0)
-    return _Dims(**dims)
+    if mt not in FAMILY:
+        raise _no_side_network(mt)
+    dims = dims_of(cfg)
+    if side.dropout is None:
+        return dims
+    p = side.dropout  # one rate for every dropout the family has (BERT: none in the FFN)
+    act = p if dims.family != "bert" else 0.0
+    return replace(dims, dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=act)
+
+
+def _no_side_network(mt: object) -> LadderError:
+    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
+    return LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
 
 
 def _t5_scales_output(cfg: PretrainedConfig) -> bool:
@@ -318,7 +273,7 @@ def _dropped_key(
 class EncoderSideBlock(nn.Module):
     """A BERT/BART encoder block at side width (post-LN; mBART: pre-LN, each LN before its sublayer)."""
 
-    def __init__(self, dims: _Dims, r: int) -> None:
+    def __init__(self, dims: Dims, r: int) -> None:
         super().__init__()
         d, d_ff = dims.d // r, dims.d_ff // r  # side widths; the head count stays the backbone's
         self.n_head, self.head_dim, self.pre_ln = dims.n_head, dims.head_dim // r, dims.pre_ln
@@ -377,7 +332,7 @@ class EncoderSideNetwork(nn.Module):
         self.d, self.d_side = dims.d, dims.d // r
         self.kept = side.kept(L)
         # BART's classification head reads the last </s> (the last real token); BERT's [CLS]
-        self.pool_last = backbone_config.model_type in ("bart", "mbart")
+        self.pool_last = dims.family == "bart"
         self.drop = nn.Dropout(dims.dropout)
         self.ladder_drop = nn.Dropout(side.ladder_dropout)
         self.first_down = nn.Linear(self.d, self.d_side)
@@ -526,7 +481,7 @@ class T5SideFF(nn.Module):
 class T5SideBlock(nn.Module):
     """A pre-LN T5 block at side width: self-attention, [cross-attention], FFN."""
 
-    def __init__(self, dims: _Dims, r: int, cross: bool) -> None:
+    def __init__(self, dims: Dims, r: int, cross: bool) -> None:
         super().__init__()
         d = dims.d // r
         self.n_head, self.head_dim = dims.n_head, dims.head_dim // r
@@ -553,7 +508,7 @@ class T5SideBlock(nn.Module):
 class T5SideStack(nn.Module):
     """One side stack (encoder or decoder). Kept block i is the child module named ``"i"``."""
 
-    def __init__(self, cfg: PretrainedConfig, dims: _Dims, side: SideConfig, decoder: bool) -> None:
+    def __init__(self, cfg: PretrainedConfig, dims: Dims, side: SideConfig, decoder: bool) -> None:
         super().__init__()
         r = side.reduction_factor
         L = dims.n_dec_layers if decoder else dims.n_layers
@@ -773,8 +728,7 @@ def build_side_network(
                 f"model_type={mt!r} needs lm_head (the frozen [V, d] LM head weight); got None"
             )
         return T5SideNetwork(backbone_config, side, lm_head)
-    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-    raise LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+    raise _no_side_network(mt)
 
 
 def trainable_parameters(model: nn.Module) -> int:
