@@ -27,7 +27,6 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from ladder.attention import attention, mask_bias
 from ladder.errors import LadderError
 from ladder.families import ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of, divisors
+from ladder.ladders import Ladders
 
 FUSIONS = ("ladder", "late", "none")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -179,58 +179,6 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor:
-    """State ``k`` of a stream, checked; left in its dtype (caches hand over float16/bfloat16)."""
-    h = hiddens.get(k)
-    if h is None:
-        raise LadderError(
-            f"{stream} hidden state {k} is missing (given: {sorted(hiddens)}); "
-            "allowed: a dict holding every state in needed_layers()"
-        )
-    if h.shape[-1] != d:
-        raise LadderError(f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}")
-    return h
-
-
-class _NarrowInputLinear(torch.autograd.Function):
-    """``x W^T + b`` for a constant ``x`` held in a narrower dtype than ``W`` (cached states).
-
-    ``nn.Linear`` on ``x.float()`` would keep that float32 copy for the weight's gradient, one per
-    ladder, for the whole step; this keeps the float16/bfloat16 ``x`` the batch holds anyway and
-    widens it again in backward, so the states of a step cost their stored size once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.has_bias = bias is not None
-        return F.linear(x.to(weight.dtype), weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        (x,) = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gw = g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype) if ctx.needs_input_grad[1] else None
-        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return None, gw, gb
-
-
-def ladder_linear(linear: nn.Linear, h: Tensor) -> Tensor:
-    """``linear(h)`` in the linear's dtype; a constant narrower ``h`` is saved as it is."""
-    w = linear.weight
-    if h.dtype == w.dtype or h.requires_grad or not torch.is_grad_enabled():
-        return linear(h.to(w.dtype))
-    return _NarrowInputLinear.apply(h, w, linear.bias)
-
-
-def _needed(fusion: str, kept: list[int], n_layers: int) -> list[int]:
-    if fusion == "ladder":
-        return [0] + [i + 1 for i in kept]
-    if fusion == "late":
-        return [0, n_layers]
-    return [0]
-
-
 def _load_init(
     weights: Mapping[str, Tensor],
     own: Mapping[str, Tensor],
@@ -311,7 +259,7 @@ class EncoderSideBlock(nn.Module):
         return self.ln_ffn(x + self.drop(self.ffn(x)))
 
 
-class EncoderSideNetwork(nn.Module):
+class EncoderSideNetwork(Ladders):
     """Side network for BERT-family and BART/mBART encoders, with a first-token classification head.
 
     Canonical init keys (``load_side_init``): ``layers.{i}.{q,k,v,o,ffn_in,ffn_out}.{weight,bias}``
@@ -327,18 +275,10 @@ class EncoderSideNetwork(nn.Module):
             raise LadderError(
                 f"model_type={backbone_config.model_type!r} is encoder-decoder; use T5SideNetwork"
             )
-        r, L = side.reduction_factor, dims.n_layers
-        self.side, self.n_layers, self.fusion = side, L, side.fusion
-        self.d, self.d_side = dims.d, dims.d // r
-        self.kept = side.kept(L)
+        r = side.reduction_factor
         # BART's classification head reads the last </s> (the last real token); BERT's [CLS]
         self.pool_last = dims.family == "bart"
-        self.drop = nn.Dropout(dims.dropout)
-        self.ladder_drop = nn.Dropout(side.ladder_dropout)
-        self.first_down = nn.Linear(self.d, self.d_side)
-        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
-        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
-        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "encoder")
         self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.kept})
         self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
         self.up = nn.Linear(self.d_side, self.d)
@@ -352,18 +292,7 @@ class EncoderSideNetwork(nn.Module):
         """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
         if stack != "enc":
             raise LadderError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
-        return _needed(self.fusion, self.kept, self.n_layers)
-
-    def gate_values(self) -> Tensor:
-        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
-        if self.gates is None:
-            return torch.empty(0)
-        return torch.sigmoid(self.gates / self.side.gate_T)
-
-    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
-        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, "encoder")
-        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
+        return self.needed_states()
 
     def forward(
         self,
@@ -377,15 +306,11 @@ class EncoderSideNetwork(nn.Module):
         0/1; pool_index: (B,) position whose side state feeds the head (default: [CLS] for
         the BERT family, the last real token, </s>, for BART, as the authors' heads).
         """
-        h0 = _state(hiddens, 0, self.d, "encoder")
-        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
+        x = self.side_input(hiddens)  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
-            if self.fusion == "ladder":
-                x = self._fuse(x, i, hiddens)
-            x = self.layers[str(i)](x, mask)
-        if self.fusion == "late":
-            x = self._fuse(x, self.n_layers - 1, hiddens)
+            x = self.layers[str(i)](self.before_block(x, i, hiddens), mask)  # (B, T, d/r)
+        x = self.after_blocks(x, hiddens)  # (B, T, d/r)
         if self.final_ln is not None:
             x = self.final_ln(x)
         if pool_index is None and self.pool_last:
@@ -505,24 +430,17 @@ class T5SideBlock(nn.Module):
         return x + self.drop(self.ff(self.ff_ln(x)))
 
 
-class T5SideStack(nn.Module):
+class T5SideStack(Ladders):
     """One side stack (encoder or decoder). Kept block i is the child module named ``"i"``."""
 
     def __init__(self, cfg: PretrainedConfig, dims: Dims, side: SideConfig, decoder: bool) -> None:
         super().__init__()
         r = side.reduction_factor
         L = dims.n_dec_layers if decoder else dims.n_layers
-        self.side, self.decoder, self.n_layers, self.fusion = side, decoder, L, side.fusion
-        self.d, self.d_side = dims.d, dims.d // r
-        self.kept = side.kept(L)
+        self.decoder = decoder
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
-        self.drop = nn.Dropout(dims.dropout)
-        self.ladder_drop = nn.Dropout(side.ladder_dropout)
-        self.first_down = nn.Linear(self.d, self.d_side)
-        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
-        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
-        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        self.build_ladders(side, dims.d, L, dims.dropout, "decoder" if decoder else "encoder")
         for i in self.kept:
             self.add_module(str(i), T5SideBlock(dims, r, cross=decoder))
         # The reference's first kept side block owns the table and later blocks reuse its bias;
@@ -535,12 +453,6 @@ class T5SideStack(nn.Module):
     def block(self, i: int) -> T5SideBlock:
         return getattr(self, str(i))
 
-    def gate_values(self) -> Tensor:
-        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
-        if self.gates is None:
-            return torch.empty(0)
-        return torch.sigmoid(self.gates / self.side.gate_T)
-
     def position_bias(self, T: int, device: torch.device) -> Tensor:
         """Relative position bias (1, nh, T, T); bidirectional buckets in the encoder only."""
         pos = torch.arange(T, dtype=torch.long, device=device)
@@ -551,11 +463,6 @@ class T5SideStack(nn.Module):
             max_distance=self.max_distance,
         )
         return self.rel_bias(buckets).permute(2, 0, 1)[None]
-
-    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
-        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, "decoder" if self.decoder else "encoder")
-        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def forward(
         self,
@@ -568,8 +475,7 @@ class T5SideStack(nn.Module):
 
         Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc).
         """
-        h0 = _state(hiddens, 0, self.d, "decoder" if self.decoder else "encoder")
-        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
+        x = self.side_input(hiddens)  # (B, T, d/r)
         B, T, _ = x.shape
         allowed = torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device)
         if mask is not None:
@@ -588,11 +494,8 @@ class T5SideStack(nn.Module):
             )
             ca_bias = torch.where(e.bool().to(x.device)[:, None, None, :], 0.0, neg).to(x.dtype)
         for i in self.kept:
-            if self.fusion == "ladder":
-                x = self._fuse(x, i, hiddens)
-            x = self.block(i)(x, sa_bias, enc, ca_bias)
-        if self.fusion == "late":
-            x = self._fuse(x, self.n_layers - 1, hiddens)
+            x = self.block(i)(self.before_block(x, i, hiddens), sa_bias, enc, ca_bias)
+        x = self.after_blocks(x, hiddens)  # (B, T, d/r)
         return self.drop(self.final_ln(x))
 
     def canonical_params(self, prefix: str) -> dict[str, Tensor]:
@@ -644,7 +547,7 @@ class T5SideNetwork(nn.Module):
         if stack not in ("enc", "dec"):
             raise LadderError(f"stack={stack!r}; allowed: 'enc', 'dec'")
         s = self.enc if stack == "enc" else self.dec
-        return _needed(s.fusion, s.kept, s.n_layers)
+        return s.needed_states()
 
     def _logits(self, dec: Tensor) -> Tensor:
         return F.linear(self.up(dec) * self.out_scale, self.lm_head)  # (B, T, V)
