@@ -19,6 +19,11 @@ Behaviour follows the authors' code (LST_REFERENCE.md sections 1, 3 and 5): side
 backbone's blocks at width d/r with the same head count, a gate ``g = sigmoid(alpha_i / T)`` per
 backbone layer mixes ``down_i(state i+1)`` into the side stream *before* side block i, and
 dropped layers have neither a side block nor a down-projection.
+
+The file reads top to bottom: configuration (``SideConfig``), shared pieces, the encoder-only
+family (BERT, RoBERTa, ELECTRA, BART/mBART encoder), the T5 family, the builder. The family table
+and the sizes read from a backbone config live in ``ladder.families``; the ladders (first and
+per-layer down-projections, gates, fusion) that both families share live in ``ladder.ladders``.
 """
 
 from __future__ import annotations
@@ -153,21 +158,6 @@ def _no_side_network(mt: object) -> LadderError:
     return LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
 
 
-def _t5_scales_output(cfg: PretrainedConfig) -> bool:
-    """Whether T5 multiplies the decoder output by d**-0.5 before the LM head.
-
-    transformers >= 5 forces ``tie_word_embeddings=True`` and keeps the checkpoint's flag as
-    ``scale_decoder_outputs`` (T5 only; its mT5 never scales); 4.x reads ``tie_word_embeddings``
-    itself, as the authors' 4.6 code does.
-    """
-    flag = getattr(cfg, "scale_decoder_outputs", None)
-    if flag is not None:
-        return bool(flag)
-    if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
-        return False
-    return bool(cfg.tie_word_embeddings)
-
-
 # --------------------------------------------------------------------------- shared pieces
 
 
@@ -248,14 +238,15 @@ class EncoderSideBlock(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
     def ffn(self, x: Tensor) -> Tensor:
-        return self.ffn_out(self.act_drop(self.act(self.ffn_in(x))))
+        h = self.act_drop(self.act(self.ffn_in(x)))  # (B, T, d_ff/r)
+        return self.ffn_out(h)  # (B, T, d/r)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: (B, T, d/r); mask: (B, 1, 1, T) bool, True = a real token to attend to."""
         if self.pre_ln:
-            x = x + self.drop(self.attention(self.ln_attn(x), mask))
+            x = x + self.drop(self.attention(self.ln_attn(x), mask))  # (B, T, d/r)
             return x + self.drop(self.ffn(self.ln_ffn(x)))
-        x = self.ln_attn(x + self.drop(self.attention(x, mask)))
+        x = self.ln_attn(x + self.drop(self.attention(x, mask)))  # (B, T, d/r)
         return self.ln_ffn(x + self.drop(self.ffn(x)))
 
 
@@ -309,7 +300,8 @@ class EncoderSideNetwork(Ladders):
         x = self.side_input(hiddens)  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
-            x = self.layers[str(i)](self.before_block(x, i, hiddens), mask)  # (B, T, d/r)
+            x = self.before_block(x, i, hiddens)
+            x = self.layers[str(i)](x, mask)  # (B, T, d/r)
         x = self.after_blocks(x, hiddens)  # (B, T, d/r)
         if self.final_ln is not None:
             x = self.final_ln(x)
@@ -318,9 +310,10 @@ class EncoderSideNetwork(Ladders):
         if pool_index is None:
             pooled = x[:, 0]  # (B, d/r): [CLS]
         else:
-            pooled = x[torch.arange(x.shape[0], device=x.device), pool_index.to(x.device)]
+            rows = torch.arange(x.shape[0], device=x.device)
+            pooled = x[rows, pool_index.to(x.device)]  # (B, d/r)
         h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
-        h = torch.tanh(self.head_dense(self.head_drop(h)))
+        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
         return self.head_out(self.head_drop(h))  # (B, num_labels)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -343,7 +336,22 @@ class EncoderSideNetwork(Ladders):
         _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
 
 
-# --------------------------------------------------------------------------- T5
+# --------------------------------------------------------------------------- T5 family
+
+
+def _t5_scales_output(cfg: PretrainedConfig) -> bool:
+    """Whether T5 multiplies the decoder output by d**-0.5 before the LM head.
+
+    transformers >= 5 forces ``tie_word_embeddings=True`` and keeps the checkpoint's flag as
+    ``scale_decoder_outputs`` (T5 only; its mT5 never scales); 4.x reads ``tie_word_embeddings``
+    itself, as the authors' 4.6 code does.
+    """
+    flag = getattr(cfg, "scale_decoder_outputs", None)
+    if flag is not None:
+        return bool(flag)
+    if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
+        return False
+    return bool(cfg.tie_word_embeddings)
 
 
 class RMSNorm(nn.Module):
@@ -379,7 +387,7 @@ class T5SideAttention(nn.Module):
         k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
         v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)
+        y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)  # (B, nh, Tq, hs)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
 
 
@@ -399,8 +407,9 @@ class T5SideFF(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, d/r) -> (B, T, d/r), through (B, T, d_ff/r)."""
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(self.drop(h))
+        return self.wo(self.drop(h))  # (B, T, d/r)
 
 
 class T5SideBlock(nn.Module):
@@ -424,9 +433,9 @@ class T5SideBlock(nn.Module):
     ) -> Tensor:
         """x: (B, T, d/r); sa_bias: (B, nh, T, T) position bias + mask; enc: (B, Te, d/r)."""
         h = self.sa_ln(x)
-        x = x + self.drop(self.sa(h, h, sa_bias))
+        x = x + self.drop(self.sa(h, h, sa_bias))  # (B, T, d/r)
         if enc is not None:
-            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))
+            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))  # (B, T, d/r)
         return x + self.drop(self.ff(self.ff_ln(x)))
 
 
@@ -484,6 +493,7 @@ class T5SideStack(Ladders):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             allowed = allowed & causal  # (B, 1, T, T)
         neg = torch.finfo(x.dtype).min  # finite, so a fully masked row stays finite
+        # (B, nh, T, T): relative position bias + mask
         sa_bias = self.position_bias(T, x.device) + torch.where(allowed, 0.0, neg).to(x.dtype)
         ca_bias = None
         if enc is not None:
@@ -492,11 +502,13 @@ class T5SideStack(Ladders):
                 if enc_mask is None
                 else enc_mask
             )
-            ca_bias = torch.where(e.bool().to(x.device)[:, None, None, :], 0.0, neg).to(x.dtype)
+            e = e.bool().to(x.device)[:, None, None, :]  # (B, 1, 1, T_enc)
+            ca_bias = torch.where(e, 0.0, neg).to(x.dtype)  # (B, 1, 1, T_enc)
         for i in self.kept:
-            x = self.block(i)(self.before_block(x, i, hiddens), sa_bias, enc, ca_bias)
+            x = self.before_block(x, i, hiddens)
+            x = self.block(i)(x, sa_bias, enc, ca_bias)  # (B, T, d/r)
         x = self.after_blocks(x, hiddens)  # (B, T, d/r)
-        return self.drop(self.final_ln(x))
+        return self.drop(self.final_ln(x))  # (B, T, d/r)
 
     def canonical_params(self, prefix: str) -> dict[str, Tensor]:
         own = {
@@ -596,11 +608,11 @@ class T5SideNetwork(nn.Module):
         enc = self.enc(enc_hiddens, enc_mask).repeat_interleave(C, dim=0)  # (B*C, T_enc, d/r)
         flat = {k: h.flatten(0, 1) for k, h in dec_hiddens.items()}  # (B*C, T_dec, d)
         dmask = None if dec_mask is None else dec_mask.flatten(0, 1)
-        dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))
+        dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))  # (B*C, T_dec, d/r)
         logp = self._logits(dec).float().log_softmax(-1)  # (B*C, T_dec, V)
         tok = labels.flatten(0, 1).to(logp.device)
         valid = tok != -100
-        lp = logp.gather(-1, tok.clamp(min=0)[..., None]).squeeze(-1) * valid
+        lp = logp.gather(-1, tok.clamp(min=0)[..., None]).squeeze(-1) * valid  # (B*C, T_dec)
         return lp.sum(-1).view(B, C)
 
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
@@ -615,7 +627,7 @@ class T5SideNetwork(nn.Module):
         _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
 
 
-# --------------------------------------------------------------------------- entry points
+# --------------------------------------------------------------------------- builder
 
 
 def build_side_network(
