@@ -384,7 +384,7 @@ def predict(model: Any, enc: Encoded, spec: Any, batch_size: int, pad_id: int) -
 
 
 def evaluate(model: Any, enc: Encoded, spec: Any, batch_size: int, pad_id: int) -> dict:
-    from pipeline.tasks import compute_metrics
+    from stages.tasks import compute_metrics
 
     return compute_metrics(spec, predict(model, enc, spec, batch_size, pad_id), enc.labels)
 
@@ -584,12 +584,12 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         args.epochs = args.epochs or 1
     args.task = args.task or "rte"
     args.seeds = args.seeds or "0,1,2"
-    from pipeline.errors import PipelineError
-    from pipeline.tasks import get_task
+    from pipeline.errors import USER_ERRORS
+    from stages.tasks import get_task
 
     try:
         get_task(args.task)
-    except PipelineError as e:
+    except USER_ERRORS as e:
         raise BenchError(str(e)) from None
     if args.fusion not in ("ladder", "late", "none"):
         raise BenchError(f"--fusion={args.fusion!r}; allowed: ladder, late, none")
@@ -659,12 +659,12 @@ def check_backbone_name(method: str, name: str) -> Any:
     """Unknown backbones and unsupported families fail here, on the config, before any weights;
     returns the backbone's config."""
     from ladder.backbones import family_of, load_config_only
-    from pipeline.errors import PipelineError
+    from pipeline.errors import USER_ERRORS
 
     try:
         config = load_config_only(name)
         family_of(config)
-    except PipelineError as e:
+    except USER_ERRORS as e:
         raise BenchError(str(e)) from None
     if method in IN_BACKBONE:
         check_backbone(method, config)
@@ -674,7 +674,7 @@ def check_backbone_name(method: str, name: str) -> Any:
 def check_side(config: Any, rs: list[int], kept: list[int] | None, fusion: str) -> None:
     """Reduction factors and kept layers against the backbone, before any extraction."""
     from ladder.side import SideConfig
-    from pipeline.errors import PipelineError
+    from pipeline.errors import USER_ERRORS
 
     try:
         for r in rs:
@@ -684,7 +684,7 @@ def check_side(config: Any, rs: list[int], kept: list[int] | None, fusion: str) 
                 fusion=fusion,
             )
             side.validate(config)
-    except PipelineError as e:
+    except USER_ERRORS as e:
         raise BenchError(str(e)) from None
 
 
@@ -714,7 +714,7 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from ladder.backbones import load_config_only, resolve_backbone
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     torch.set_num_threads(opt.threads or 2)
     path = resolve_backbone(opt.backbone)
@@ -1046,12 +1046,12 @@ def print_summary(fig: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from pipeline.errors import PipelineError
+    from pipeline.errors import USER_ERRORS
 
     try:
         opt = parse_options(argv)
         result = run(opt)
-    except (BenchError, PipelineError) as e:
+    except (BenchError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     fig = figures_of(opt, result)

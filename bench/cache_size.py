@@ -44,8 +44,8 @@ from cache_store.layout import (
 from cache_store.writer import CacheWriter
 from ladder.backbones import Backbone, d_model, load_backbone
 from pipeline.config import Config
-from pipeline.tasks import TaskData, load_task
-from stages.extract import pad, plan_batches, tokenize_split
+from stages.tasks import TaskData, load_task
+from stages.tokens import pad, plan_batches, tokenize_split
 
 QUICK_SAMPLES = 100
 FULL_SAMPLES = 1000

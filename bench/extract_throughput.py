@@ -28,8 +28,9 @@ from bench import common  # sets HF_HUB_OFFLINE before transformers is imported
 from cache_store.layout import rows_per_chunk
 from ladder.backbones import Backbone, d_model, load_backbone, pick_compute_dtype, pick_device
 from pipeline.config import Config, apply_overrides
-from pipeline.tasks import TaskData, load_task
-from stages.extract import extract, pad, plan_batches, plan_segments, tokenize_split
+from stages.extract import extract
+from stages.tasks import TaskData, load_task
+from stages.tokens import pad, plan_batches, plan_segments, tokenize_split
 
 QUICK_LIMIT = 100  # examples per split in --quick (RTE: about 19k tokens over three splits)
 

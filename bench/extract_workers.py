@@ -29,9 +29,10 @@ from bench import common  # sets HF_HUB_OFFLINE before transformers is imported
 from bench.extract_throughput import make_config
 from ladder.backbones import Backbone, load_backbone, pick_compute_dtype, pick_device
 from pipeline.config import Config, apply_overrides
-from pipeline.tasks import TaskData, load_task
-from stages.distributed import Cluster
+from stages.cluster import Cluster
 from stages.extract import extract
+from stages.extract_dask import DaskSegments
+from stages.tasks import TaskData, load_task
 
 QUICK_LIMIT = 250  # examples per split in --quick (RTE: about 34k tokens, 4 segments)
 ARMS = ("workers2", "workers1", "inprocess")
@@ -48,7 +49,7 @@ def one_run(
         backbone=backbone,
         data=data,
         progress=False,
-        cluster=cluster,
+        runner=None if cluster is None else DaskSegments(cluster),
     )
     wall = time.perf_counter() - t0
     shutil.rmtree(root)

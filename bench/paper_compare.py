@@ -322,7 +322,7 @@ def full_train_tokens(tasks: list[str], data: Path) -> dict[str, dict[str, int]]
 
     from bench.baselines import encode_split
     from ladder.backbones import resolve_backbone
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     tok = AutoTokenizer.from_pretrained(resolve_backbone("minilm-l6"))
     out = {}
@@ -736,7 +736,7 @@ def main() -> None:
         args.epochs, args.seeds = args.epochs or 1, "0"
         args.layer_variants = {k: LAYER_VARIANTS[k] for k in ("all", "1,3,5")}
         args.fusions, args.init_rs = ("ladder", "none"), [8]
-    from pipeline.tasks import TASKS
+    from stages.tasks import TASKS
 
     tasks = [t for t in args.tasks.split(",") if t]
     bad = [t for t in tasks if t not in TASKS]

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from ladder.errors import LadderError
 
-ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "electra", "bart", "mbart"}
-ENCODER_DECODER = {"t5", "mt5"}
+# family_of, num_blocks and d_model live in ladder.families; stages and bench import them from here
+from ladder.families import d_model, family_of, num_blocks
 
 
 def packaged_minilm() -> str:
@@ -42,35 +42,6 @@ def resolve_backbone(name: str) -> str:
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]()
     return name
-
-
-def family_of(config: Any) -> str:
-    """ "bert" (BERT family), "bart" or "t5"; an error for architectures we do not support."""
-    mt = config.model_type
-    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
-        return "bert"
-    if mt in ("bart", "mbart"):
-        return "bart"
-    if mt in ENCODER_DECODER:
-        return "t5"
-    raise PipelineError(
-        f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
-        "xlm-roberta, electra), bart, t5"
-    )
-
-
-def num_blocks(config: Any) -> tuple[int, int]:
-    """(encoder blocks, decoder blocks) of a backbone config; decoder 0 for encoder-only."""
-    fam = family_of(config)
-    if fam == "bert":
-        return config.num_hidden_layers, 0
-    if fam == "bart":
-        return config.encoder_layers, 0
-    return config.num_layers, config.num_decoder_layers
-
-
-def d_model(config: Any) -> int:
-    return getattr(config, "hidden_size", None) or config.d_model
 
 
 def _digest_files(folder: Path, patterns: tuple[str, ...]) -> str:
@@ -243,11 +214,11 @@ def pick_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise PipelineError(
+        raise LadderError(
             f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(
+        raise LadderError(
             f"device {device!r} asked for, but no CUDA GPU is available; use auto or cpu"
         )
     return dev
@@ -271,7 +242,7 @@ def load_config_only(name: str, revision: str | None = None) -> Any:
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
-        raise PipelineError(_unknown_backbone(name, e)) from None
+        raise LadderError(_unknown_backbone(name, e)) from None
 
 
 def _unknown_backbone(name: str, e: Exception) -> str:
@@ -304,7 +275,7 @@ def load_backbone(
         cls = T5ForConditionalGeneration if family == "t5" else AutoModel
         model = cls.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise PipelineError(_unknown_backbone(name, e)) from None
+        raise LadderError(_unknown_backbone(name, e)) from None
     model.eval().requires_grad_(False).to(dev)
     return from_model(name, path, model, tokenizer, revision=revision)
 

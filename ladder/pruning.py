@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,10 +32,8 @@ import torch
 import transformers
 from torch import Tensor
 
-from pipeline.errors import PipelineError
-
-FAMILIES = ("bert", "bart", "t5")
-
+from ladder.errors import LadderError
+from ladder.families import Dims, check_family, dims_of, divisors
 
 # --------------------------------------------------------------------------- importance
 
@@ -60,12 +57,10 @@ def compute_fisher(
     Returns parameter name (as in ``model.named_parameters()``) -> float32 tensor of its shape.
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise PipelineError(
-            f"num_samples={num_samples!r} for the Fisher pass; allowed: an int >= 1"
-        )
+        raise LadderError(f"num_samples={num_samples!r} for the Fisher pass; allowed: an int >= 1")
     params = dict(model.named_parameters())
     if not params:
-        raise PipelineError("the Fisher model has no parameters; allowed: a model with parameters")
+        raise LadderError("the Fisher model has no parameters; allowed: a model with parameters")
     device = next(iter(params.values())).device
     fisher = {
         name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -94,7 +89,7 @@ def compute_fisher(
                     fisher[name].add_(squares(grad))
             seen += 1
         if seen == 0:
-            raise PipelineError("no batches for the Fisher pass; allowed: at least one example")
+            raise LadderError("no batches for the Fisher pass; allowed: at least one example")
     finally:
         tables.restore()
         for name, p in params.items():
@@ -229,14 +224,14 @@ def _example_loss(
     for key, value in batch.items():
         if isinstance(value, Tensor):
             if value.dim() > 0 and value.shape[0] != 1:
-                raise PipelineError(
+                raise LadderError(
                     f"Fisher batch field {key!r} has batch size {value.shape[0]}; allowed: 1"
                 )
             value = value.to(device)
         inputs[key] = value
     loss = getattr(model(**inputs), "loss", None)
     if loss is None:
-        raise PipelineError(
+        raise LadderError(
             "the model returned no loss for a Fisher batch; allowed: batches with labels"
         )
     return loss
@@ -268,7 +263,7 @@ def _keep_rows(score: Tensor, r: int, what: str) -> Tensor:
     """
     n = score.shape[0]
     if n % r:
-        raise PipelineError(f"{what} has {n} rows, not divisible by r={r}; allowed: r dividing {n}")
+        raise LadderError(f"{what} has {n} rows, not divisible by r={r}; allowed: r dividing {n}")
     l1 = score.reshape(n, -1).abs().sum(1)  # [n]
     pruned = torch.argsort(l1, stable=True)[: n - n // r]
     keep = torch.ones(n, dtype=torch.bool, device=l1.device)
@@ -303,19 +298,17 @@ class _Pruner:
 
     def _weight(self, key: str) -> Tensor:
         if key not in self.weights:
-            raise PipelineError(
+            raise LadderError(
                 f"backbone state_dict has no {key!r}; allowed: a {self.family} state_dict"
             )
         return self.weights[key]
 
     def _importance(self, key: str) -> Tensor:
         if key not in self.importance:
-            raise PipelineError(
-                f"importance has no {key!r}; allowed: one entry per backbone weight"
-            )
+            raise LadderError(f"importance has no {key!r}; allowed: one entry per backbone weight")
         imp = self.importance[key]
         if imp.shape != self._weight(key).shape:
-            raise PipelineError(
+            raise LadderError(
                 f"importance {key!r} has shape {tuple(imp.shape)}; allowed: the weight's shape "
                 f"{tuple(self._weight(key).shape)}"
             )
@@ -326,7 +319,7 @@ class _Pruner:
         key = next((k for k in candidates if k in self.importance), candidates[0])
         imp = self._importance(key)  # [vocab, d]
         if imp.shape[1] != d_model:
-            raise PipelineError(
+            raise LadderError(
                 f"{key!r} is {imp.shape[1]} wide; allowed: embeddings as wide as d_model={d_model}"
             )
         rows = _keep_rows(imp.t(), self.r, key)  # [d/r]
@@ -441,7 +434,7 @@ def _prune_post_ln_encoder(p: _Pruner, names: _EncoderNames, n_layers: int, d_mo
         p.norm(c + "ln_ffn", hf + names.ln_ffn, idxs)
 
 
-def _prune_t5(p: _Pruner, config: transformers.PretrainedConfig) -> None:
+def _prune_t5(p: _Pruner, dims: Dims) -> None:
     """T5 encoder then decoder, in the reference's order.
 
     Quirk kept from the reference: ``decoder.embed_tokens`` does not reset the idxs, so decoder
@@ -449,13 +442,10 @@ def _prune_t5(p: _Pruner, config: transformers.PretrainedConfig) -> None:
     """
     # Gated FFN (T5 v1.1 wi_0/wi_1): the reference has no code path for it. We treat the pair like
     # q,k,v: one product score and one shared row set, since both feed the same elementwise gate.
-    wi = ("wi_0", "wi_1") if getattr(config, "is_gated_act", False) else ("wi",)
-    idxs = p.embedding(_T5_EMBEDDINGS, config.d_model)
-    idxs = _prune_t5_stack(p, "encoder", "enc", config.num_layers, idxs, wi)
-    n_dec = (
-        config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
-    )
-    _prune_t5_stack(p, "decoder", "dec", n_dec, idxs, wi)
+    wi = ("wi_0", "wi_1") if dims.gated else ("wi",)
+    idxs = p.embedding(_T5_EMBEDDINGS, dims.d)
+    idxs = _prune_t5_stack(p, "encoder", "enc", dims.n_layers, idxs, wi)
+    _prune_t5_stack(p, "decoder", "dec", dims.n_dec_layers, idxs, wi)
 
 
 def _prune_t5_stack(
@@ -493,33 +483,15 @@ def _prune_t5_stack(
 # --------------------------------------------------------------------------- entry points
 
 
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        allowed = ", ".join(repr(f) for f in FAMILIES)
-        raise PipelineError(f"unknown model family {family!r}; allowed: {allowed}")
-
-
-def _pruned_dims(family: str, config: transformers.PretrainedConfig) -> dict[str, int]:
-    """The dimensions r must divide: d_model, the per-head dim and d_ff."""
-    if family == "bert":
-        d, heads, d_ff = config.hidden_size, config.num_attention_heads, config.intermediate_size
-        return {"d_model": d, "per-head dim": d // heads, "d_ff": d_ff}
-    if family == "bart":
-        d, heads, d_ff = config.d_model, config.encoder_attention_heads, config.encoder_ffn_dim
-        return {"d_model": d, "per-head dim": d // heads, "d_ff": d_ff}
-    return {"d_model": config.d_model, "per-head dim": config.d_kv, "d_ff": config.d_ff}
-
-
 def _check_r(r: int, dims: Mapping[str, int]) -> None:
     """r must be a positive int dividing every pruned dimension, so each keeps exactly n/r."""
-    common = math.gcd(*dims.values())
-    divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PipelineError(f"reduction factor r={r!r}; allowed: one of {divisors}")
+        raise LadderError(f"reduction factor r={r!r}; allowed: one of {divisors(dims)}")
     for name, value in dims.items():
         if value % r:
-            raise PipelineError(
-                f"reduction factor r={r} does not divide {name}={value}; allowed: one of {divisors}"
+            raise LadderError(
+                f"reduction factor r={r} does not divide {name}={value}; "
+                f"allowed: one of {divisors(dims)}"
             )
 
 
@@ -535,7 +507,7 @@ def _strip_prefix(tensors: Mapping[str, Tensor], anchor: str, what: str) -> dict
     }
     if len(prefixes) != 1:
         found = "no key" if not prefixes else f"several keys ({sorted(prefixes)})"
-        raise PipelineError(f"{what} has {found} ending in {anchor!r}; allowed: exactly one")
+        raise LadderError(f"{what} has {found} ending in {anchor!r}; allowed: exactly one")
     prefix = prefixes.pop()
     return {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
 
@@ -566,16 +538,13 @@ def prune_backbone(
     with every pruned tensor equal to ``W[rows][:, cols]``; ``idx.embeddings.rows`` is the initial
     hidden-dim set. Layer dropping is left to the consumer: all layers are pruned.
     """
-    _check_family(family)
-    _check_r(r, _pruned_dims(family, config))
+    check_family(family)
+    dims = dims_of(config)
+    _check_r(r, dims.r_divides())
     if importance is None:
         importance = magnitude_importance(state_dict)
-    if family == "t5":
-        anchor, d_model = _T5_ANCHOR, config.d_model
-    else:
-        names = _BERT if family == "bert" else _BART
-        anchor = names.anchor
-        d_model = config.hidden_size if family == "bert" else config.d_model
+    names = _BERT if family == "bert" else _BART
+    anchor = _T5_ANCHOR if family == "t5" else names.anchor
     pruner = _Pruner(
         family,
         _strip_prefix(state_dict, anchor, "state_dict"),
@@ -583,11 +552,9 @@ def prune_backbone(
         r,
     )
     if family == "t5":
-        _prune_t5(pruner, config)
-    elif family == "bert":
-        _prune_post_ln_encoder(pruner, names, config.num_hidden_layers, d_model)
+        _prune_t5(pruner, dims)
     else:
-        _prune_post_ln_encoder(pruner, names, config.encoder_layers, d_model)
+        _prune_post_ln_encoder(pruner, names, dims.n_layers, dims.d)
     return pruner.out, pruner.idx
 
 
@@ -605,13 +572,13 @@ def fisher_model_for(
     A ``PretrainedConfig`` gives a randomly initialised model (for tests). The global RNG state is
     left untouched.
     """
-    _check_family(family)
+    check_family(family)
     kwargs: dict[str, object] = {}
     if family == "t5":
         cls = transformers.T5ForConditionalGeneration
     else:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise PipelineError(f"num_labels={num_labels!r}; allowed: an int >= 1 (1 = regression)")
+            raise LadderError(f"num_labels={num_labels!r}; allowed: an int >= 1 (1 = regression)")
         cls = transformers.AutoModelForSequenceClassification
         problem = "regression" if num_labels == 1 else "single_label_classification"
         kwargs = {"num_labels": num_labels, "problem_type": problem}
@@ -642,7 +609,7 @@ def _from_path(
         return cls.from_pretrained(path, **kwargs)
     except OSError as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PipelineError(
+        raise LadderError(
             f"cannot load a {family} model from {str(path)!r} ({first_line}); "
             "allowed: a local model folder or a PretrainedConfig"
         ) from err

@@ -19,6 +19,11 @@ Behaviour follows the authors' code (LST_REFERENCE.md sections 1, 3 and 5): side
 backbone's blocks at width d/r with the same head count, a gate ``g = sigmoid(alpha_i / T)`` per
 backbone layer mixes ``down_i(state i+1)`` into the side stream *before* side block i, and
 dropped layers have neither a side block nor a down-projection.
+
+The file reads top to bottom: configuration (``SideConfig``), shared pieces, the encoder-only
+family (BERT, RoBERTa, ELECTRA, BART/mBART encoder), the T5 family, the builder. The family table
+and the sizes read from a backbone config live in ``ladder.families``; the ladders (first and
+per-layer down-projections, gates, fusion) that both families share live in ``ladder.ladders``.
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +42,11 @@ from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ladder.attention import attention, mask_bias
-from pipeline.errors import PipelineError
+from ladder.errors import LadderError
+from ladder.families import ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of, divisors
+from ladder.ladders import Ladders
 
 FUSIONS = ("ladder", "late", "none")
-ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "bart", "mbart")
-T5_TYPES = ("t5", "mt5")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -65,59 +69,58 @@ class SideConfig:
     def __post_init__(self) -> None:
         r = self.reduction_factor
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise PipelineError(f"side.reduction_factor={r!r}; allowed: an int >= 1")
+            raise LadderError(f"side.reduction_factor={r!r}; allowed: an int >= 1")
         if self.kept_layers is not None:
             # JSON round trips give lists; sort so the side stream follows the backbone's order.
             kept = list(self.kept_layers) if isinstance(self.kept_layers, Iterable) else None
             if kept is None or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in kept
             ):
-                raise PipelineError(
+                raise LadderError(
                     f"side.kept_layers={self.kept_layers!r}; allowed: None or a list of "
                     "0-based block indices"
                 )
             if not kept:
-                raise PipelineError(
+                raise LadderError(
                     "side.kept_layers=[] keeps no layer; allowed: None (all) or a non-empty list"
                 )
             dup = sorted({i for i in kept if kept.count(i) > 1})
             if dup:
-                raise PipelineError(f"side.kept_layers repeats {dup}; allowed: each index once")
+                raise LadderError(f"side.kept_layers repeats {dup}; allowed: each index once")
             object.__setattr__(self, "kept_layers", tuple(sorted(kept)))
         if self.fusion not in FUSIONS:
-            raise PipelineError(
+            raise LadderError(
                 f"side.fusion={self.fusion!r}; allowed: {', '.join(map(repr, FUSIONS))}"
             )
         if not _is_real(self.gate_alpha):
-            raise PipelineError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
+            raise LadderError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
         if not _is_real(self.gate_T) or self.gate_T <= 0:
-            raise PipelineError(f"side.gate_T={self.gate_T!r}; allowed: a number > 0")
+            raise LadderError(f"side.gate_T={self.gate_T!r}; allowed: a number > 0")
         for name in ("ladder_dropout", "dropout"):
             p = getattr(self, name)
             if p is None and name == "dropout":
                 continue
             if not _is_real(p) or not 0 <= p < 1:
-                raise PipelineError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
+                raise LadderError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise PipelineError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
+            raise LadderError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
 
     def kept(self, n_layers: int) -> list[int]:
         """The kept block indices for a stack of ``n_layers`` blocks."""
         return list(range(n_layers)) if self.kept_layers is None else list(self.kept_layers)
 
     def validate(self, backbone_config: PretrainedConfig) -> None:
-        """Check r and the kept layers against a backbone; raise PipelineError naming the value."""
+        """Check r and the kept layers against a backbone; raise LadderError naming the value."""
         dims = _backbone_dims(backbone_config, self)
         r = self.reduction_factor
-        sizes = {"d_model": dims.d, "the per-head dim": dims.head_dim, "d_ff": dims.d_ff}
-        common = math.gcd(*sizes.values())
+        sizes = dims.r_divides()
         for name, value in sizes.items():
             if value % r:
-                divisors = ", ".join(str(k) for k in range(1, common + 1) if common % k == 0)
-                raise PipelineError(
+                name = "the per-head dim" if name == "per-head dim" else name
+                raise LadderError(
                     f"side.reduction_factor={r} does not divide {name}={value}; "
-                    f"allowed: one of {divisors}"
+                    f"allowed: one of {divisors(sizes)}"
                 )
         stacks = (
             {"encoder": dims.n_layers, "decoder": dims.n_dec_layers}
@@ -127,7 +130,7 @@ class SideConfig:
         for stack, n in stacks.items():
             bad = [i for i in self.kept(n) if not 0 <= i < n]
             if bad:
-                raise PipelineError(
+                raise LadderError(
                     f"side.kept_layers has {bad} outside the {stack}'s {n} blocks; "
                     f"allowed: 0..{n - 1}"
                 )
@@ -137,80 +140,22 @@ def _is_real(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-@dataclass(frozen=True)
-class _Dims:
-    """The backbone sizes and settings a side network copies, read from the backbone config."""
-
-    t5: bool  # encoder-decoder T5 family (else an encoder-only family)
-    d: int  # backbone width d_model
-    n_head: int  # attention heads (the side keeps the same count)
-    head_dim: int  # backbone per-head dim (T5: d_kv)
-    d_ff: int  # backbone FFN inner width
-    n_layers: int  # (encoder) blocks L
-    n_dec_layers: int  # T5 decoder blocks; 0 for encoder-only
-    act: str  # FFN activation name in transformers' ACT2FN
-    gated: bool  # T5 v1.1 / mT5 gated FFN (wi_0, wi_1)
-    ln_eps: float
-    pre_ln: bool  # mBART is pre-LN with a final encoder LN; BERT family and BART are post-LN
-    dropout: float  # residual / embedding dropout
-    attn_dropout: float  # dropout on attention probabilities
-    act_dropout: float  # dropout inside the FFN after the activation (0 for the BERT family)
-    cls_dropout: float  # dropout of the classification head
-
-
-def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> _Dims:
+def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> Dims:
+    """The backbone's :class:`Dims`, with ``side.dropout`` (if set) in place of its dropouts."""
     mt = getattr(cfg, "model_type", None)
-    if mt in ("bert", "roberta", "xlm-roberta", "electra"):
-        d, h = cfg.hidden_size, cfg.num_attention_heads
-        hid, att = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
-        cls = getattr(cfg, "classifier_dropout", None)
-        dims = dict(
-            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.intermediate_size,
-            n_layers=cfg.num_hidden_layers, n_dec_layers=0, act=cfg.hidden_act, gated=False,
-            ln_eps=cfg.layer_norm_eps, pre_ln=False, dropout=hid, attn_dropout=att,
-            act_dropout=0.0, cls_dropout=hid if cls is None else cls,
-        )  # fmt: skip
-    elif mt in ("bart", "mbart"):
-        d, h = cfg.d_model, cfg.encoder_attention_heads
-        dims = dict(
-            t5=False, d=d, n_head=h, head_dim=d // h, d_ff=cfg.encoder_ffn_dim,
-            n_layers=cfg.encoder_layers, n_dec_layers=0, act=cfg.activation_function, gated=False,
-            ln_eps=1e-5, pre_ln=mt == "mbart", dropout=cfg.dropout,
-            attn_dropout=cfg.attention_dropout, act_dropout=cfg.activation_dropout,
-            cls_dropout=cfg.classifier_dropout or 0.0,
-        )  # fmt: skip
-    elif mt in T5_TYPES:
-        p = cfg.dropout_rate
-        n_dec = cfg.num_decoder_layers if cfg.num_decoder_layers is not None else cfg.num_layers
-        dims = dict(
-            t5=True, d=cfg.d_model, n_head=cfg.num_heads, head_dim=cfg.d_kv, d_ff=cfg.d_ff,
-            n_layers=cfg.num_layers, n_dec_layers=n_dec, act=cfg.dense_act_fn,
-            gated=bool(cfg.is_gated_act), ln_eps=cfg.layer_norm_epsilon, pre_ln=True,
-            dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p,
-        )  # fmt: skip
-    else:
-        allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-        raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
-    if side.dropout is not None:  # one rate for every dropout the family has (BERT: none in FFN)
-        p = side.dropout
-        has_act = mt in ("bart", "mbart") or dims["t5"]
-        dims.update(dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=p if has_act else 0.0)
-    return _Dims(**dims)
+    if mt not in FAMILY:
+        raise _no_side_network(mt)
+    dims = dims_of(cfg)
+    if side.dropout is None:
+        return dims
+    p = side.dropout  # one rate for every dropout the family has (BERT: none in the FFN)
+    act = p if dims.family != "bert" else 0.0
+    return replace(dims, dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=act)
 
 
-def _t5_scales_output(cfg: PretrainedConfig) -> bool:
-    """Whether T5 multiplies the decoder output by d**-0.5 before the LM head.
-
-    transformers >= 5 forces ``tie_word_embeddings=True`` and keeps the checkpoint's flag as
-    ``scale_decoder_outputs`` (T5 only; its mT5 never scales); 4.x reads ``tie_word_embeddings``
-    itself, as the authors' 4.6 code does.
-    """
-    flag = getattr(cfg, "scale_decoder_outputs", None)
-    if flag is not None:
-        return bool(flag)
-    if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
-        return False
-    return bool(cfg.tie_word_embeddings)
+def _no_side_network(mt: object) -> LadderError:
+    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
+    return LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -224,60 +169,6 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor:
-    """State ``k`` of a stream, checked; left in its dtype (caches hand over float16/bfloat16)."""
-    h = hiddens.get(k)
-    if h is None:
-        raise PipelineError(
-            f"{stream} hidden state {k} is missing (given: {sorted(hiddens)}); "
-            "allowed: a dict holding every state in needed_layers()"
-        )
-    if h.shape[-1] != d:
-        raise PipelineError(
-            f"{stream} hidden state {k} is {h.shape[-1]} wide; allowed: d_model={d}"
-        )
-    return h
-
-
-class _NarrowInputLinear(torch.autograd.Function):
-    """``x W^T + b`` for a constant ``x`` held in a narrower dtype than ``W`` (cached states).
-
-    ``nn.Linear`` on ``x.float()`` would keep that float32 copy for the weight's gradient, one per
-    ladder, for the whole step; this keeps the float16/bfloat16 ``x`` the batch holds anyway and
-    widens it again in backward, so the states of a step cost their stored size once.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.has_bias = bias is not None
-        return F.linear(x.to(weight.dtype), weight, bias)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        (x,) = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        gw = g.t() @ x.reshape(-1, x.shape[-1]).to(g.dtype) if ctx.needs_input_grad[1] else None
-        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return None, gw, gb
-
-
-def ladder_linear(linear: nn.Linear, h: Tensor) -> Tensor:
-    """``linear(h)`` in the linear's dtype; a constant narrower ``h`` is saved as it is."""
-    w = linear.weight
-    if h.dtype == w.dtype or h.requires_grad or not torch.is_grad_enabled():
-        return linear(h.to(w.dtype))
-    return _NarrowInputLinear.apply(h, w, linear.bias)
-
-
-def _needed(fusion: str, kept: list[int], n_layers: int) -> list[int]:
-    if fusion == "ladder":
-        return [0] + [i + 1 for i in kept]
-    if fusion == "late":
-        return [0, n_layers]
-    return [0]
-
-
 def _load_init(
     weights: Mapping[str, Tensor],
     own: Mapping[str, Tensor],
@@ -289,13 +180,13 @@ def _load_init(
     for key, w in weights.items():
         if key in own:
             if tuple(w.shape) != tuple(own[key].shape):
-                raise PipelineError(
+                raise LadderError(
                     f"side init {key!r} has shape {tuple(w.shape)}; "
                     f"allowed: {tuple(own[key].shape)}"
                 )
             staged.append((own[key], w))
         elif not is_dropped(key):
-            raise PipelineError(
+            raise LadderError(
                 f"side init key {key!r} is not a side-network key; allowed: {allowed}"
             )
     with torch.no_grad():
@@ -320,7 +211,7 @@ def _dropped_key(
 class EncoderSideBlock(nn.Module):
     """A BERT/BART encoder block at side width (post-LN; mBART: pre-LN, each LN before its sublayer)."""
 
-    def __init__(self, dims: _Dims, r: int) -> None:
+    def __init__(self, dims: Dims, r: int) -> None:
         super().__init__()
         d, d_ff = dims.d // r, dims.d_ff // r  # side widths; the head count stays the backbone's
         self.n_head, self.head_dim, self.pre_ln = dims.n_head, dims.head_dim // r, dims.pre_ln
@@ -347,18 +238,19 @@ class EncoderSideBlock(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
     def ffn(self, x: Tensor) -> Tensor:
-        return self.ffn_out(self.act_drop(self.act(self.ffn_in(x))))
+        h = self.act_drop(self.act(self.ffn_in(x)))  # (B, T, d_ff/r)
+        return self.ffn_out(h)  # (B, T, d/r)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """x: (B, T, d/r); mask: (B, 1, 1, T) bool, True = a real token to attend to."""
         if self.pre_ln:
-            x = x + self.drop(self.attention(self.ln_attn(x), mask))
+            x = x + self.drop(self.attention(self.ln_attn(x), mask))  # (B, T, d/r)
             return x + self.drop(self.ffn(self.ln_ffn(x)))
-        x = self.ln_attn(x + self.drop(self.attention(x, mask)))
+        x = self.ln_attn(x + self.drop(self.attention(x, mask)))  # (B, T, d/r)
         return self.ln_ffn(x + self.drop(self.ffn(x)))
 
 
-class EncoderSideNetwork(nn.Module):
+class EncoderSideNetwork(Ladders):
     """Side network for BERT-family and BART/mBART encoders, with a first-token classification head.
 
     Canonical init keys (``load_side_init``): ``layers.{i}.{q,k,v,o,ffn_in,ffn_out}.{weight,bias}``
@@ -371,21 +263,13 @@ class EncoderSideNetwork(nn.Module):
         side.validate(backbone_config)
         dims = _backbone_dims(backbone_config, side)
         if dims.t5:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={backbone_config.model_type!r} is encoder-decoder; use T5SideNetwork"
             )
-        r, L = side.reduction_factor, dims.n_layers
-        self.side, self.n_layers, self.fusion = side, L, side.fusion
-        self.d, self.d_side = dims.d, dims.d // r
-        self.kept = side.kept(L)
+        r = side.reduction_factor
         # BART's classification head reads the last </s> (the last real token); BERT's [CLS]
-        self.pool_last = backbone_config.model_type in ("bart", "mbart")
-        self.drop = nn.Dropout(dims.dropout)
-        self.ladder_drop = nn.Dropout(side.ladder_dropout)
-        self.first_down = nn.Linear(self.d, self.d_side)
-        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
-        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
-        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        self.pool_last = dims.family == "bart"
+        self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "encoder")
         self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.kept})
         self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
         self.up = nn.Linear(self.d_side, self.d)
@@ -398,19 +282,8 @@ class EncoderSideNetwork(nn.Module):
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
         if stack != "enc":
-            raise PipelineError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
-        return _needed(self.fusion, self.kept, self.n_layers)
-
-    def gate_values(self) -> Tensor:
-        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
-        if self.gates is None:
-            return torch.empty(0)
-        return torch.sigmoid(self.gates / self.side.gate_T)
-
-    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
-        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, "encoder")
-        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
+            raise LadderError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
+        return self.needed_states()
 
     def forward(
         self,
@@ -424,15 +297,12 @@ class EncoderSideNetwork(nn.Module):
         0/1; pool_index: (B,) position whose side state feeds the head (default: [CLS] for
         the BERT family, the last real token, </s>, for BART, as the authors' heads).
         """
-        h0 = _state(hiddens, 0, self.d, "encoder")
-        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
+        x = self.side_input(hiddens)  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
-            if self.fusion == "ladder":
-                x = self._fuse(x, i, hiddens)
-            x = self.layers[str(i)](x, mask)
-        if self.fusion == "late":
-            x = self._fuse(x, self.n_layers - 1, hiddens)
+            x = self.before_block(x, i, hiddens)
+            x = self.layers[str(i)](x, mask)  # (B, T, d/r)
+        x = self.after_blocks(x, hiddens)  # (B, T, d/r)
         if self.final_ln is not None:
             x = self.final_ln(x)
         if pool_index is None and self.pool_last:
@@ -440,9 +310,10 @@ class EncoderSideNetwork(nn.Module):
         if pool_index is None:
             pooled = x[:, 0]  # (B, d/r): [CLS]
         else:
-            pooled = x[torch.arange(x.shape[0], device=x.device), pool_index.to(x.device)]
+            rows = torch.arange(x.shape[0], device=x.device)
+            pooled = x[rows, pool_index.to(x.device)]  # (B, d/r)
         h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
-        h = torch.tanh(self.head_dense(self.head_drop(h)))
+        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
         return self.head_out(self.head_drop(h))  # (B, num_labels)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -454,7 +325,7 @@ class EncoderSideNetwork(nn.Module):
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
         """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
 
-        Raises PipelineError on a shape mismatch or a key that is not canonical, before copying.
+        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
         """
         own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
         if self.final_ln is not None:
@@ -465,7 +336,22 @@ class EncoderSideNetwork(nn.Module):
         _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
 
 
-# --------------------------------------------------------------------------- T5
+# --------------------------------------------------------------------------- T5 family
+
+
+def _t5_scales_output(cfg: PretrainedConfig) -> bool:
+    """Whether T5 multiplies the decoder output by d**-0.5 before the LM head.
+
+    transformers >= 5 forces ``tie_word_embeddings=True`` and keeps the checkpoint's flag as
+    ``scale_decoder_outputs`` (T5 only; its mT5 never scales); 4.x reads ``tie_word_embeddings``
+    itself, as the authors' 4.6 code does.
+    """
+    flag = getattr(cfg, "scale_decoder_outputs", None)
+    if flag is not None:
+        return bool(flag)
+    if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
+        return False
+    return bool(cfg.tie_word_embeddings)
 
 
 class RMSNorm(nn.Module):
@@ -501,7 +387,7 @@ class T5SideAttention(nn.Module):
         k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
         v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)
+        y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)  # (B, nh, Tq, hs)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
 
 
@@ -521,14 +407,15 @@ class T5SideFF(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, d/r) -> (B, T, d/r), through (B, T, d_ff/r)."""
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        return self.wo(self.drop(h))
+        return self.wo(self.drop(h))  # (B, T, d/r)
 
 
 class T5SideBlock(nn.Module):
     """A pre-LN T5 block at side width: self-attention, [cross-attention], FFN."""
 
-    def __init__(self, dims: _Dims, r: int, cross: bool) -> None:
+    def __init__(self, dims: Dims, r: int, cross: bool) -> None:
         super().__init__()
         d = dims.d // r
         self.n_head, self.head_dim = dims.n_head, dims.head_dim // r
@@ -546,30 +433,23 @@ class T5SideBlock(nn.Module):
     ) -> Tensor:
         """x: (B, T, d/r); sa_bias: (B, nh, T, T) position bias + mask; enc: (B, Te, d/r)."""
         h = self.sa_ln(x)
-        x = x + self.drop(self.sa(h, h, sa_bias))
+        x = x + self.drop(self.sa(h, h, sa_bias))  # (B, T, d/r)
         if enc is not None:
-            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))
+            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))  # (B, T, d/r)
         return x + self.drop(self.ff(self.ff_ln(x)))
 
 
-class T5SideStack(nn.Module):
+class T5SideStack(Ladders):
     """One side stack (encoder or decoder). Kept block i is the child module named ``"i"``."""
 
-    def __init__(self, cfg: PretrainedConfig, dims: _Dims, side: SideConfig, decoder: bool) -> None:
+    def __init__(self, cfg: PretrainedConfig, dims: Dims, side: SideConfig, decoder: bool) -> None:
         super().__init__()
         r = side.reduction_factor
         L = dims.n_dec_layers if decoder else dims.n_layers
-        self.side, self.decoder, self.n_layers, self.fusion = side, decoder, L, side.fusion
-        self.d, self.d_side = dims.d, dims.d // r
-        self.kept = side.kept(L)
+        self.decoder = decoder
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
-        self.drop = nn.Dropout(dims.dropout)
-        self.ladder_drop = nn.Dropout(side.ladder_dropout)
-        self.first_down = nn.Linear(self.d, self.d_side)
-        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
-        self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
-        self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
+        self.build_ladders(side, dims.d, L, dims.dropout, "decoder" if decoder else "encoder")
         for i in self.kept:
             self.add_module(str(i), T5SideBlock(dims, r, cross=decoder))
         # The reference's first kept side block owns the table and later blocks reuse its bias;
@@ -582,12 +462,6 @@ class T5SideStack(nn.Module):
     def block(self, i: int) -> T5SideBlock:
         return getattr(self, str(i))
 
-    def gate_values(self) -> Tensor:
-        """sigmoid(alpha / T) per backbone layer, (L,); empty when fusion is 'none'."""
-        if self.gates is None:
-            return torch.empty(0)
-        return torch.sigmoid(self.gates / self.side.gate_T)
-
     def position_bias(self, T: int, device: torch.device) -> Tensor:
         """Relative position bias (1, nh, T, T); bidirectional buckets in the encoder only."""
         pos = torch.arange(T, dtype=torch.long, device=device)
@@ -598,11 +472,6 @@ class T5SideStack(nn.Module):
             max_distance=self.max_distance,
         )
         return self.rel_bias(buckets).permute(2, 0, 1)[None]
-
-    def _fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
-        g = torch.sigmoid(self.gates[i] / self.side.gate_T)
-        h = _state(hiddens, i + 1, self.d, "decoder" if self.decoder else "encoder")
-        return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def forward(
         self,
@@ -615,8 +484,7 @@ class T5SideStack(nn.Module):
 
         Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc).
         """
-        h0 = _state(hiddens, 0, self.d, "decoder" if self.decoder else "encoder")
-        x = ladder_linear(self.first_down, self.drop(h0))  # (B, T, d/r)
+        x = self.side_input(hiddens)  # (B, T, d/r)
         B, T, _ = x.shape
         allowed = torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device)
         if mask is not None:
@@ -625,6 +493,7 @@ class T5SideStack(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             allowed = allowed & causal  # (B, 1, T, T)
         neg = torch.finfo(x.dtype).min  # finite, so a fully masked row stays finite
+        # (B, nh, T, T): relative position bias + mask
         sa_bias = self.position_bias(T, x.device) + torch.where(allowed, 0.0, neg).to(x.dtype)
         ca_bias = None
         if enc is not None:
@@ -633,14 +502,13 @@ class T5SideStack(nn.Module):
                 if enc_mask is None
                 else enc_mask
             )
-            ca_bias = torch.where(e.bool().to(x.device)[:, None, None, :], 0.0, neg).to(x.dtype)
+            e = e.bool().to(x.device)[:, None, None, :]  # (B, 1, 1, T_enc)
+            ca_bias = torch.where(e, 0.0, neg).to(x.dtype)  # (B, 1, 1, T_enc)
         for i in self.kept:
-            if self.fusion == "ladder":
-                x = self._fuse(x, i, hiddens)
-            x = self.block(i)(x, sa_bias, enc, ca_bias)
-        if self.fusion == "late":
-            x = self._fuse(x, self.n_layers - 1, hiddens)
-        return self.drop(self.final_ln(x))
+            x = self.before_block(x, i, hiddens)
+            x = self.block(i)(x, sa_bias, enc, ca_bias)  # (B, T, d/r)
+        x = self.after_blocks(x, hiddens)  # (B, T, d/r)
+        return self.drop(self.final_ln(x))  # (B, T, d/r)
 
     def canonical_params(self, prefix: str) -> dict[str, Tensor]:
         own = {
@@ -668,12 +536,12 @@ class T5SideNetwork(nn.Module):
         side.validate(backbone_config)
         dims = _backbone_dims(backbone_config, side)
         if not dims.t5:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={backbone_config.model_type!r} is not T5; use EncoderSideNetwork"
             )
         if lm_head is None or lm_head.dim() != 2 or lm_head.shape[1] != dims.d:
             got = None if lm_head is None else tuple(lm_head.shape)
-            raise PipelineError(
+            raise LadderError(
                 f"T5 side network lm_head={got}; allowed: the frozen LM head weight [V, {dims.d}]"
             )
         self.side, self.d, self.d_side = side, dims.d, dims.d // side.reduction_factor
@@ -689,9 +557,9 @@ class T5SideNetwork(nn.Module):
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers stack 'enc' or 'dec' reads (0 = shared(ids), i + 1 = output of block i)."""
         if stack not in ("enc", "dec"):
-            raise PipelineError(f"stack={stack!r}; allowed: 'enc', 'dec'")
+            raise LadderError(f"stack={stack!r}; allowed: 'enc', 'dec'")
         s = self.enc if stack == "enc" else self.dec
-        return _needed(s.fusion, s.kept, s.n_layers)
+        return s.needed_states()
 
     def _logits(self, dec: Tensor) -> Tensor:
         return F.linear(self.up(dec) * self.out_scale, self.lm_head)  # (B, T, V)
@@ -740,11 +608,11 @@ class T5SideNetwork(nn.Module):
         enc = self.enc(enc_hiddens, enc_mask).repeat_interleave(C, dim=0)  # (B*C, T_enc, d/r)
         flat = {k: h.flatten(0, 1) for k, h in dec_hiddens.items()}  # (B*C, T_dec, d)
         dmask = None if dec_mask is None else dec_mask.flatten(0, 1)
-        dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))
+        dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))  # (B*C, T_dec, d/r)
         logp = self._logits(dec).float().log_softmax(-1)  # (B*C, T_dec, V)
         tok = labels.flatten(0, 1).to(logp.device)
         valid = tok != -100
-        lp = logp.gather(-1, tok.clamp(min=0)[..., None]).squeeze(-1) * valid
+        lp = logp.gather(-1, tok.clamp(min=0)[..., None]).squeeze(-1) * valid  # (B*C, T_dec)
         return lp.sum(-1).view(B, C)
 
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
@@ -759,7 +627,7 @@ class T5SideNetwork(nn.Module):
         _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
 
 
-# --------------------------------------------------------------------------- entry points
+# --------------------------------------------------------------------------- builder
 
 
 def build_side_network(
@@ -771,12 +639,11 @@ def build_side_network(
         return EncoderSideNetwork(backbone_config, side)
     if mt in T5_TYPES:
         if lm_head is None:
-            raise PipelineError(
+            raise LadderError(
                 f"model_type={mt!r} needs lm_head (the frozen [V, d] LM head weight); got None"
             )
         return T5SideNetwork(backbone_config, side, lm_head)
-    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-    raise PipelineError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+    raise _no_side_network(mt)
 
 
 def trainable_parameters(model: nn.Module) -> int:

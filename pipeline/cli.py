@@ -1,10 +1,14 @@
-"""The ``pipeline`` command.
+"""The ``pipeline`` command: parse, build the configuration, dispatch to a stage, report.
 
-pipeline run extract --task rte --data-dir ../shared/data/glue
-pipeline cache ls
-pipeline cache info KEY --json
-pipeline cache verify KEY
-pipeline cache rm KEY
+    pipeline run extract --task rte --data-dir ../shared/data/glue
+    pipeline run train-side --task rte --reduction-factors 4,8
+    pipeline cache ls
+    pipeline cache verify KEY
+
+This is the only module that knows about exit codes: every error the packages below raise
+(``StageError``, ``CacheError``, ``LadderError``, ``PipelineError``) is one ``error: ...`` line and
+exit status 2; anything else that escapes is one line too, with the traceback behind
+``--verbose`` (or ``LST_DEBUG=1``).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline.config import Config, apply_overrides, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import USER_ERRORS, PipelineError
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -94,8 +100,11 @@ def build_config(config_path: str | None, **opts: Any) -> Config:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="show the traceback of an error (also: LST_DEBUG=1)")
+def cli(verbose: bool) -> None:
     """lst-pipeline: Ladder Side-Tuning from an activation cache."""
+    if verbose:
+        os.environ["LST_DEBUG"] = "1"
 
 
 @cli.group()
@@ -127,12 +136,12 @@ def cluster_options(f: Callable) -> Callable:
 def _cluster(
     workers: int | None, scheduler: str | None, timeout: float, default_workers: int | None = None
 ) -> Any:
-    """A ``stages.distributed.Cluster`` context when Dask is asked for, else a null context."""
+    """A ``stages.cluster.Cluster`` context when Dask is asked for, else a null context."""
     import contextlib
 
     if workers is None and scheduler is None and default_workers is None:
         return contextlib.nullcontext()
-    from stages.distributed import Cluster
+    from stages.cluster import Cluster
 
     return Cluster(
         workers if workers is not None or scheduler else default_workers, scheduler, timeout
@@ -166,11 +175,9 @@ def run_extract(
     **opts: Any,
 ) -> None:
     """Stage one: run the frozen backbone once and write the activation cache."""
-    from stages.extract import extract
-
     cfg = build_config(config_path, **opts)
     with _cluster(workers, scheduler, scheduler_timeout) as cluster:
-        result = extract(cfg, progress=not as_json, cluster=cluster)
+        result = _extract(cfg, cluster, progress=not as_json)
     out = {"key": result.key, "root": result.root, "reused": result.reused}
     if not result.reused:
         out["timings"] = result.manifest.get("timings", {})
@@ -186,6 +193,18 @@ def run_extract(
             click.echo(f"committed {o['key']}  ({o['root']})  in {t.get('total_s', 0):.1f}s{on}")
 
     _emit(out, as_json, human)
+
+
+def _extract(cfg: Config, cluster: Any, progress: bool) -> Any:
+    """Stage one, on the Dask ``cluster`` when there is one."""
+    from stages.extract import extract
+
+    runner = None
+    if cluster is not None:
+        from stages.extract_dask import DaskSegments
+
+        runner = DaskSegments(cluster)
+    return extract(cfg, progress=progress, runner=runner)
 
 
 def _floats(value: str | None) -> list[float] | None:
@@ -280,7 +299,7 @@ def _sweep(
     online: str | None,
     progress: bool,
 ) -> dict:
-    from stages.distributed import SWEEP_COLUMNS, sweep_train_side
+    from stages.sweep import SWEEP_COLUMNS, sweep_train_side
 
     if online is not None:
         raise PipelineError("--sweep trains from the cache; --online runs in one process")
@@ -317,9 +336,9 @@ def _sweep_workers(cfg: Config, sweep: bool) -> int | None:
     """Local workers for a --sweep given neither --workers nor --scheduler: one per trial, per core."""
     if not sweep:
         return None
-    t = cfg.train_side
-    trials = len(t.reduction_factors) * len(t.seeds) * len(t.learning_rates)
-    return max(1, min(trials, os.cpu_count() or 1))
+    from stages.train_side import trials_of
+
+    return max(1, min(len(trials_of(cfg)), os.cpu_count() or 1))
 
 
 def sweep_option(f: Callable) -> Callable:
@@ -350,16 +369,27 @@ def run_train_side(
 ) -> None:
     """Stage two: train side networks from the cache (never loads the backbone)."""
     cfg = build_config(config_path, **opts)
-    if not sweep:
-        if workers is not None or scheduler is not None:
-            raise PipelineError(
-                "--workers/--scheduler spread a --sweep over Dask workers; add --sweep"
-            )
-        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
-        return
+    if not sweep and (workers is not None or scheduler is not None):
+        raise PipelineError("--workers/--scheduler spread a --sweep over Dask workers; add --sweep")
     with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
+        _stage_two(cfg, cluster, sweep, cache_key, run_name, online, as_json)
+
+
+def _stage_two(
+    cfg: Config,
+    cluster: Any,
+    sweep: bool,
+    cache_key: str | None,
+    run_name: str | None,
+    online: str | None,
+    as_json: bool,
+) -> None:
+    """``train-side`` and the second half of ``all``: one run, or a sweep on ``cluster``."""
+    if sweep:
         out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
-    _emit(out, as_json, _print_sweep)
+        _emit(out, as_json, _print_sweep)
+    else:
+        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
 
 
 @run.command("all")
@@ -385,22 +415,15 @@ def run_all(
 
     --workers/--scheduler run the extraction on Dask workers (and the --sweep, when given).
     """
-    from stages.extract import extract
-
     cfg = build_config(config_path, **opts)
     on_dask = workers is not None or scheduler is not None
     with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
         if cache_key is None:
-            result = extract(cfg, progress=not as_json, cluster=cluster if on_dask else None)
+            result = _extract(cfg, cluster if on_dask else None, progress=not as_json)
             cache_key = result.key
             if not as_json:
                 click.echo(f"cache {'reused' if result.reused else 'committed'}: {cache_key}")
-        if sweep:
-            out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
-    if sweep:
-        _emit(out, as_json, _print_sweep)
-    else:
-        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+        _stage_two(cfg, cluster, sweep, cache_key, run_name, online, as_json)
 
 
 @cli.command("predict")
@@ -410,8 +433,8 @@ def run_all(
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def predict(run_folder: str, network: str | None, texts: tuple[str, ...], as_json: bool) -> None:
     """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks)."""
-    from pipeline.tasks import Example
     from stages.evaluate import Predictor
+    from stages.tasks import Example
 
     p = Predictor(run_folder, network)
     n = len(p.spec.text_fields)
@@ -443,16 +466,12 @@ def evaluate_cmd(
     as_json: bool,
 ) -> None:
     """Backbone + trained side network on a dataset split, with the task's metric."""
-    from pipeline.tasks import load_task
     from stages.evaluate import Predictor, evaluate_split
+    from stages.tasks import load_task_of
 
     p = Predictor(run_folder, network)
-    data = load_task(
-        p.cfg.task.name,
-        data_dir=data_dir or p.cfg.task.data_dir,
-        split_seed=p.cfg.task.split_seed,
-        limit=limit,
-    )
+    task = p.task if data_dir is None else p.task.model_copy(update={"data_dir": data_dir})
+    data = load_task_of(task, limit=limit)
     if split not in data.splits:
         raise PipelineError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
     metrics = evaluate_split(p, data, split)
@@ -491,11 +510,11 @@ def cache_ls(config_path: str | None, cache_root: str | None, as_json: bool) -> 
     from cache_store.registry import list_caches
 
     cfg = build_config(config_path, cache_root=cache_root)
-    rows = list_caches(cfg.cache_root, cfg.cache.storage_options)
+    rows = list_caches(cfg.cache.resolved_root, cfg.cache.storage_options)
 
     def human(rows: list[dict]) -> None:
         if not rows:
-            click.echo(f"no caches under {cfg.cache_root}")
+            click.echo(f"no caches under {cfg.cache.resolved_root}")
         for r in rows:
             if r["status"] != "complete":
                 click.echo(f"{r['key']}  {r['status']}")
@@ -519,7 +538,7 @@ def cache_info_cmd(
     from cache_store.registry import cache_info
 
     cfg = build_config(config_path, cache_root=cache_root)
-    info = cache_info(cfg.cache_root, key, cfg.cache.storage_options)
+    info = cache_info(cfg.cache.resolved_root, key, cfg.cache.storage_options)
 
     def human(i: dict) -> None:
         click.echo(f"key:       {i['key']}")
@@ -547,7 +566,7 @@ def cache_verify(key: str, config_path: str | None, cache_root: str | None, as_j
     from cache_store.registry import verify_cache
 
     cfg = build_config(config_path, cache_root=cache_root)
-    report = verify_cache(cfg.cache_root, key, cfg.cache.storage_options)
+    report = verify_cache(cfg.cache.resolved_root, key, cfg.cache.storage_options)
 
     def human(r: dict) -> None:
         for p in r["problems"]:
@@ -568,7 +587,7 @@ def cache_rm(key: str, config_path: str | None, cache_root: str | None, as_json:
     from cache_store.registry import remove_cache
 
     cfg = build_config(config_path, cache_root=cache_root)
-    remove_cache(cfg.cache_root, key, cfg.cache.storage_options)
+    remove_cache(cfg.cache.resolved_root, key, cfg.cache.storage_options)
     _emit({"key": key, "removed": True}, as_json, lambda o: click.echo(f"removed {o['key']}"))
 
 
@@ -580,7 +599,7 @@ def _copy_command(
     cfg = build_config(config_path, cache_root=cache_root)
     to = to if "://" in to else os.path.abspath(os.path.expanduser(to))
     out = copy_cache(
-        cfg.cache_root, to, key, cfg.cache.storage_options, progress=not as_json, verb=verb
+        cfg.cache.resolved_root, to, key, cfg.cache.storage_options, progress=not as_json, verb=verb
     )
 
     def human(o: dict) -> None:
@@ -622,15 +641,29 @@ def cache_push(
     _copy_command("push", key, to, config_path, cache_root, as_json)
 
 
+def _one_line(e: BaseException) -> str:
+    """``error: ...`` for an exception: its own message for a user error, else its type too."""
+    text = " ".join(str(e).split())
+    if isinstance(e, USER_ERRORS):
+        return f"error: {text}"
+    where = ""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" (in {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+    return (
+        f"error: {type(e).__name__}: {text or 'no message'}{where}; "
+        "re-run with --verbose (or LST_DEBUG=1) for the traceback"
+    )
+
+
 def run_cli(args: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for bad input, one line on stderr)."""
+    """Run the command line; returns the exit status (2 for an error, one line on stderr)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         result = cli(args=args, standalone_mode=False)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -639,6 +672,11 @@ def run_cli(args: list[str] | None = None) -> int:
         return e.exit_code
     except SystemExit as e:
         return int(e.code or 0)
+    except Exception as e:  # one handler at the top: every failure is one line and exit 2
+        if os.environ.get("LST_DEBUG") not in (None, "", "0"):
+            traceback.print_exc()
+        click.echo(_one_line(e), err=True)
+        return 2
     return result if isinstance(result, int) else 0
 
 

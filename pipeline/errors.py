@@ -1,5 +1,15 @@
-"""The one exception type users see: a one-line message naming what is wrong and what is allowed."""
+"""The errors users see: one line naming what is wrong and what is allowed.
+
+Each package raises its own type (``CacheError``, ``LadderError``, ``StageError``, and
+``PipelineError`` for the CLI and the configuration file); ``USER_ERRORS`` is all of them, the set
+the CLI (and ``bench``) print as one ``error: ...`` line with exit status 2.
+"""
+
+from stages.errors import StageError
 
 
 class PipelineError(Exception):
-    """Bad input or an unusable environment; the CLI prints it on one line and exits with 2."""
+    """Bad input on the command line or in the configuration file."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, StageError)

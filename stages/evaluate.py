@@ -21,32 +21,33 @@ from safetensors.torch import load_file
 from cache_store.loader import Batch
 from ladder.backbones import Backbone, load_backbone
 from ladder.side import SideConfig, build_side_network
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.tasks import TASKS, Example, TaskData, TaskSpec, compute_metrics, t5_candidates
-from stages.extract import Stream, pad, tokenize_split
+from stages.config import BackboneConfig
+from stages.errors import StageError
+from stages.tasks import Example, TaskConfig, TaskData, compute_metrics, spec_of, t5_candidates
+from stages.tokens import Stream, pad, tokenize_split
 from stages.train_side import online_states, predict_batch
 
 
 def load_trained(
     run: str | Path, network: str | None = None
-) -> tuple[Config, dict[str, Any], Path]:
-    """A run folder's config and the chosen network's saved config and weights."""
+) -> tuple[TaskConfig, BackboneConfig, dict[str, Any], Path]:
+    """A run folder's task and backbone, and the chosen network's saved config and weights."""
     folder = Path(run)
     if not (folder / "config.json").is_file():
-        raise PipelineError(f"{folder} is not a train-side run folder (no config.json)")
-    cfg = Config.model_validate(json.loads((folder / "config.json").read_text()))
+        raise StageError(f"{folder} is not a train-side run folder (no config.json)")
+    saved_cfg = json.loads((folder / "config.json").read_text())
+    task = TaskConfig.model_validate(saved_cfg["task"])
+    backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
     configs = sorted(folder.glob("*.config.json"))
     if not configs:
-        raise PipelineError(f"run folder {folder} has no trained network yet")
+        raise StageError(f"run folder {folder} has no trained network yet")
     names = [p.name.removesuffix(".config.json") for p in configs]
     name = network or names[0]
     if name not in names:
-        raise PipelineError(
-            f"run folder {folder} has no network {name!r}; it has {', '.join(names)}"
-        )
+        raise StageError(f"run folder {folder} has no network {name!r}; it has {', '.join(names)}")
     return (
-        cfg,
+        task,
+        backbone,
         json.loads((folder / f"{name}.config.json").read_text()),
         folder / f"{name}.best.safetensors",
     )
@@ -77,9 +78,9 @@ class Predictor:
     """A live backbone and one trained side network, in eval mode."""
 
     def __init__(self, run: str | Path, network: str | None = None, device: str = "cpu") -> None:
-        self.cfg, saved, weights = load_trained(run, network)
+        self.task, self.backbone_cfg, saved, weights = load_trained(run, network)
         self.backbone: Backbone = load_backbone(
-            self.cfg.backbone.name, revision=self.cfg.backbone.revision, device=device
+            self.backbone_cfg.name, revision=self.backbone_cfg.revision, device=device
         )
         self.spec = spec_of(saved["task_spec"])
         side = SideConfig(
@@ -102,7 +103,7 @@ class Predictor:
 
     def predict(self, examples: list[Example], batch_size: int = 64) -> np.ndarray:
         data = TaskData(self.spec, {"test": examples}, "given")
-        streams = tokenize_split(self.backbone, data, "test", self.cfg.backbone.max_length)
+        streams = tokenize_split(self.backbone, data, "test", self.backbone_cfg.max_length)
         streams = {k: v for k, v in streams.items() if k != "dec"}
         labels = np.asarray([ex.label for ex in examples])
         pad_id = self.backbone.tokenizer.pad_token_id or 0
@@ -116,19 +117,6 @@ class Predictor:
         if self.spec.labels is None:
             return f"{float(pred):.3f}"
         return self.spec.labels[int(pred)]
-
-
-def spec_of(saved: dict[str, Any]) -> TaskSpec:
-    """The task of a trained network, from its saved description (custom tasks included)."""
-    if saved["name"] in TASKS:
-        return TASKS[saved["name"]]
-    labels = tuple(saved["labels"]) if saved["labels"] else None
-    return TaskSpec(
-        name=saved["name"],
-        text_fields=tuple(saved["text_fields"]),
-        labels=labels,
-        metric=saved["metric"],
-    )
 
 
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:

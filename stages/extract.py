@@ -8,15 +8,20 @@ of tokens, group each segment's examples by length into batches (little padding)
 backbone under ``torch.inference_mode()``, strip padding, and hand the rows to a background
 writer that encodes, compresses and writes whole shards. Running it again with the same inputs
 does no work and prints the existing key.
+
+Where the segments run is a ``SegmentRunner``: in this process (``run_segments_here``), or on a
+Dask cluster (``stages.extract_dask.DaskSegments``); planning, side_init and the commit are the
+same either way.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -45,113 +50,19 @@ from ladder.backbones import (
     Backbone,
     d_model,
     family_of,
+    load_backbone,
     load_config_only,
     num_blocks,
     pick_compute_dtype,
     pick_device,
 )
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.tasks import TaskData, t5_candidates, t5_source, t5_target
-
-if TYPE_CHECKING:
-    from stages.distributed import Cluster
+from stages.config import StageConfig
+from stages.errors import StageError
+from stages.side_init import write_side_init
+from stages.tasks import TaskData, load_task_of, t5_candidates
+from stages.tokens import Stream, pad, plan_batches, plan_segments, stack_of, tokenize_split
 
 TEMPLATE_VERSION = 1  # bump when tokenisation templates change
-
-
-# --- tokenisation and planning ---------------------------------------------------------------
-
-
-@dataclass
-class Stream:
-    """One token axis of a split: per-example token ids, and T5 decoder targets."""
-
-    name: str
-    ids: list[list[int]]  # encoder: input ids; decoder: decoder *input* ids (shifted right)
-    token_types: list[list[int]] | None = None
-    targets: list[list[int]] | None = None  # decoder: the labels the side network predicts
-    offsets: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        lengths = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    def length(self, i: int) -> int:
-        return int(self.offsets[i + 1] - self.offsets[i])
-
-
-def tokenize_split(
-    backbone: Backbone, data: TaskData, split: str, max_length: int
-) -> dict[str, Stream]:
-    """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation."""
-    spec, examples = data.spec, data.splits[split]
-    tok = backbone.tokenizer
-    if not backbone.encoder_decoder:
-        columns = list(zip(*(ex.texts for ex in examples), strict=True))
-        enc = tok(*columns[:2], truncation=True, max_length=max_length)
-        types = enc.get("token_type_ids")
-        return {"enc": Stream("enc", enc["input_ids"], token_types=types)}
-    sources = [t5_source(spec, ex) for ex in examples]
-    enc = tok(sources, truncation=True, max_length=max_length)
-    streams = {"enc": Stream("enc", enc["input_ids"])}
-    start = backbone.config.decoder_start_token_id or 0
-
-    def teacher(targets: list[list[int]], name: str) -> Stream:
-        return Stream(name, [[start, *t[:-1]] for t in targets], targets=targets)
-
-    targets = tok([t5_target(spec, ex.label) for ex in examples])["input_ids"]
-    streams["dec"] = teacher(targets, "dec")
-    if split != "train":
-        for k, cand in enumerate(t5_candidates(spec)):
-            ids = tok([cand])["input_ids"][0]
-            streams[f"cand_{k}"] = teacher([ids] * len(examples), f"cand_{k}")
-    return streams
-
-
-def plan_segments(offsets: np.ndarray, segment_tokens: int) -> list[int]:
-    """Example indices where segments start (plus the end): about one shard of tokens each."""
-    starts, n = [0], len(offsets) - 1
-    while starts[-1] < n:
-        target = offsets[starts[-1]] + segment_tokens
-        nxt = int(np.searchsorted(offsets, target, side="left"))
-        starts.append(min(n, max(nxt, starts[-1] + 1)))
-    return starts
-
-
-def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Length-grouped batches (indices into ``lengths``): longest first, padded tokens bounded."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]
-        if cur and ((len(cur) + 1) * width > batch_tokens or len(cur) >= max_batch_size):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[b, : len(s)] = True
-    return ids, mask
-
-
-def stack_of(stream: str) -> str:
-    """The backbone stack a stream's states come from: ``enc``, else the decoder (``dec``)."""
-    return "enc" if stream == "enc" else "dec"
 
 
 def segment_states(
@@ -208,7 +119,7 @@ def segment_states(
 
 
 def key_inputs(
-    cfg: Config, backbone: Backbone, data: TaskData, compute_dtype: torch.dtype
+    cfg: StageConfig, backbone: Backbone, data: TaskData, compute_dtype: torch.dtype
 ) -> dict[str, Any]:
     """Everything that changes the stored activations (and the derived side_init)."""
     return {
@@ -238,7 +149,7 @@ def key_inputs(
     }
 
 
-def stored_layers(cfg: Config, config: Any) -> dict[str, list[int]]:
+def stored_layers(cfg: StageConfig, config: Any) -> dict[str, list[int]]:
     """State numbers to store per stack; checks ``extract.layers`` against the backbone config."""
     out = {}
     n_enc, n_dec = num_blocks(config)
@@ -250,7 +161,7 @@ def stored_layers(cfg: Config, config: Any) -> dict[str, list[int]]:
         )
         bad = [i for i in layers if not 0 <= i <= n]
         if bad:
-            raise PipelineError(
+            raise StageError(
                 f"layer index {bad[0]} is out of range for {cfg.backbone.name} "
                 f"({'decoder' if stack == 'dec' else 'encoder'}): allowed 0 (embeddings) .. {n}"
             )
@@ -270,17 +181,40 @@ class ExtractResult:
 
 
 def committed_manifest(store: Any, key: str) -> dict[str, Any] | None:
-    meta = st.get_json(store, key_meta(key))
-    return meta
+    return st.get_json(store, key_meta(key))
+
+
+class SplitWork(NamedTuple):
+    """What is left of one split: its segments, the first not yet on disk, the rows on disk."""
+
+    split: str
+    streams: dict[str, Stream]
+    segments: list[int]  # example indices where segments start, and the end
+    first: int  # the first segment with rows not yet on disk
+    flushed: dict[str, int]  # per stream: rows [0, flushed) are on disk
+
+
+class SegmentRunner(Protocol):
+    """Runs the segments of ``work`` and has their rows written; returns stats for the manifest."""
+
+    def __call__(
+        self, ex: Extractor, writer: CacheWriter, work: list[SplitWork], remaining: int
+    ) -> dict[str, Any]: ...
 
 
 class Extractor:
     """Extraction of one task with one backbone into one cache key."""
 
     def __init__(
-        self, cfg: Config, backbone: Backbone, data: TaskData, progress: bool = True
+        self,
+        cfg: StageConfig,
+        backbone: Backbone,
+        data: TaskData,
+        progress: bool = True,
+        runner: SegmentRunner | None = None,
     ) -> None:
         self.cfg, self.backbone, self.data, self.show_progress = cfg, backbone, data, progress
+        self.runner: SegmentRunner = runner or run_segments_here
         self.device = backbone.device
         self.layers = stored_layers(cfg, backbone.config)
         self.d = d_model(backbone.config)
@@ -290,9 +224,10 @@ class Extractor:
         self.compute_dtype = backbone.dtype
         self.key = cache_key(key_inputs(cfg, backbone, data, self.compute_dtype))
         self.timings: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}  # the runner's, recorded in the manifest when any
 
     def run(self) -> ExtractResult:
-        root = self.cfg.cache_root
+        root = self.cfg.cache.resolved_root
         store = st.open_root(root, self.cfg.cache.storage_options, write=True)
         existing = committed_manifest(store, self.key)
         if existing is not None:
@@ -306,9 +241,14 @@ class Extractor:
                 for split in self.data.splits
             }
             self.timings["tokenize_s"] = time.perf_counter() - t0
-            self._extract_all(writer, streams)
+            work, remaining = self.plan_work(writer, streams)
             t1 = time.perf_counter()
-            side_init = self._side_init(writer, streams["train"])
+            self.stats = self.runner(self, writer, work, remaining)
+            self.timings["extract_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            side_init = write_side_init(
+                self.cfg, self.backbone, self.data, streams["train"], writer, self.timings
+            )
             self.timings["side_init_s"] = time.perf_counter() - t1  # fisher_s is part of it
             frozen = self.backbone.frozen_tensors()
             for name, t in frozen.items():
@@ -319,7 +259,9 @@ class Extractor:
             manifest = self._manifest(streams, side_init, list(frozen))
             won = writer.commit(manifest)
         except BaseException as e:
-            writer.release()
+            # cleanup must not hide the error (a dead object store fails the release too)
+            with contextlib.suppress(Exception):
+                writer.release()
             raise_write_error(e, root, self.key)
             raise
         if not won:  # another writer committed the same key first: use theirs
@@ -328,8 +270,12 @@ class Extractor:
 
     # --- per split ---------------------------------------------------------------------------
 
-    def _stack(self, stream: str) -> str:
-        return stack_of(stream)
+    def state_arrays(self, split: str, stream: str) -> dict[str, str]:
+        """The state arrays of one stream (int8 scales included): name -> path in the attempt."""
+        names = [layer_name(n) for n in self.layers[stack_of(stream)]]
+        if self.dtype == "int8":
+            names += [f"{n}_scale" for n in names]
+        return {n: f"{stream_prefix(split, stream)}/{n}" for n in names}
 
     def _create_split(self, writer: CacheWriter, split: str, streams: dict[str, Stream]) -> None:
         labels = np.asarray([ex.label for ex in self.data.splits[split]])
@@ -358,7 +304,7 @@ class Extractor:
                 writer.create_array(
                     f"{meta}/target_ids", tgt.shape, "int32", chunk_rows=1 << 20, data=tgt
                 )
-            for n in self.layers[self._stack(name)]:
+            for n in self.layers[stack_of(name)]:
                 kw = dict(
                     chunk_rows=self.chunk_rows,
                     shard_rows=self.shard_rows,
@@ -381,11 +327,10 @@ class Extractor:
                     )
         writer.save_progress(split, {"created": True, "flushed": {k: 0 for k in streams}})
 
-    def _plan_work(
+    def plan_work(
         self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]
-    ) -> tuple[list[tuple[str, dict[str, Stream], list[int], int, dict[str, int]]], int]:
-        """Per split (created if new): its segments, the first one not yet flushed, and the
-        flushed token counts; and the tokens still to extract."""
+    ) -> tuple[list[SplitWork], int]:
+        """Per split (created if new): what is left of it; and the tokens still to extract."""
         work = []
         for split, streams in all_streams.items():
             prog = writer.progress(split)
@@ -393,97 +338,16 @@ class Extractor:
                 self._create_split(writer, split, streams)
                 prog = writer.progress(split)
             segments = plan_segments(streams["enc"].offsets, self.shard_rows)
-            first = self._resume_segment(segments, streams, prog["flushed"])
-            work.append((split, streams, segments, first, dict(prog["flushed"])))
+            first = resume_segment(segments, streams, prog["flushed"])
+            work.append(SplitWork(split, streams, segments, first, dict(prog["flushed"])))
         remaining = sum(
-            int(s["enc"].n_tokens - s["enc"].offsets[seg[first]])
-            for _, s, seg, first, _ in work
-            if first < len(seg) - 1
+            int(w.streams["enc"].n_tokens - w.streams["enc"].offsets[w.segments[w.first]])
+            for w in work
+            if w.first < len(w.segments) - 1
         )
         return work, remaining
 
-    def _extract_all(self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]) -> None:
-        work, total = self._plan_work(writer, all_streams)
-        bar = tqdm(
-            total=total,
-            unit="tok",
-            unit_scale=True,
-            desc=f"extract {self.key}",
-            disable=not self.show_progress,
-        )
-        bg = BackgroundWriter()
-        t0, n_ex = time.perf_counter(), 0
-        try:
-            for split, streams, segments, first, flushed in work:
-                writers = self._stream_writers(writer, split, streams, segments[first], flushed)
-                for k in range(first, len(segments) - 1):
-                    lo, hi = segments[k], segments[k + 1]
-                    rows = self._run_segment(streams, lo, hi)
-                    bg.submit(self._write_job(writer, split, writers, rows))
-                    n_ex += hi - lo
-                    bar.update(int(streams["enc"].offsets[hi] - streams["enc"].offsets[lo]))
-                    bar.set_postfix(split=split, ex_s=f"{n_ex / (time.perf_counter() - t0):.0f}")
-            bg.close()
-        finally:
-            bar.close()
-        self.timings["extract_s"] = time.perf_counter() - t0
-
-    @staticmethod
-    def _resume_segment(
-        segments: list[int], streams: dict[str, Stream], flushed: dict[str, int]
-    ) -> int:
-        """The first segment holding an example with rows not yet on disk in some stream."""
-        first = len(segments) - 1
-        for name, s in streams.items():
-            pos = flushed.get(name, 0)
-            if pos < s.n_tokens:
-                example = int(np.searchsorted(s.offsets, pos, side="right")) - 1
-                first = min(first, bisect.bisect_right(segments, example) - 1)
-        return first
-
-    def _stream_writers(
-        self,
-        writer: CacheWriter,
-        split: str,
-        streams: dict[str, Stream],
-        start_example: int,
-        flushed: dict[str, int],
-    ) -> dict[str, StreamWriter]:
-        out = {}
-        for name, s in streams.items():
-            names = [layer_name(n) for n in self.layers[self._stack(name)]]
-            if self.dtype == "int8":
-                names += [f"{n}_scale" for n in names]
-            arrays = {n: writer.group[f"{stream_prefix(split, name)}/{n}"] for n in names}
-            pos = (
-                int(s.offsets[start_example]) if start_example < len(s.offsets) - 1 else s.n_tokens
-            )
-            out[name] = StreamWriter(arrays, s.n_tokens, self.shard_rows, pos, flushed.get(name, 0))
-        return out
-
-    def _write_job(
-        self,
-        writer: CacheWriter,
-        split: str,
-        writers: dict[str, StreamWriter],
-        rows: dict[str, dict[int, torch.Tensor]],
-    ) -> Callable[[], None]:
-        def job() -> None:
-            for name, layers in rows.items():
-                packed: dict[str, np.ndarray] = {}
-                for n, x in layers.items():
-                    codes, scale = encode(x, self.dtype)
-                    packed[layer_name(n)] = codes
-                    if scale is not None:
-                        packed[f"{layer_name(n)}_scale"] = scale
-                writers[name].append(packed)
-            writer.save_progress(
-                split, {"created": True, "flushed": {k: w.flushed for k, w in writers.items()}}
-            )
-
-        return job
-
-    def _run_segment(
+    def segment_rows(
         self, streams: dict[str, Stream], lo: int, hi: int
     ) -> dict[str, dict[int, torch.Tensor]]:
         """Hidden states of examples [lo, hi) per stream and state, padding stripped, in order."""
@@ -497,14 +361,7 @@ class Extractor:
             self.cfg.extract.max_batch_size,
         )
 
-    # --- side_init and manifest -----------------------------------------------------------------
-
-    def _side_init(self, writer: CacheWriter, train: Stream) -> dict[str, list[str]]:
-        from stages.side_init import write_side_init
-
-        return write_side_init(
-            self.cfg, self.backbone, self.data, train, writer, timings=self.timings
-        )
+    # --- the manifest ---------------------------------------------------------------------------
 
     def _manifest(
         self,
@@ -554,46 +411,103 @@ class Extractor:
             "versions": library_versions(),
             **provenance(),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            **({"distributed": self.stats} if self.stats else {}),
             "status": "complete",
         }
 
 
+def resume_segment(segments: list[int], streams: dict[str, Stream], flushed: dict[str, int]) -> int:
+    """The first segment holding an example with rows not yet on disk in some stream."""
+    first = len(segments) - 1
+    for name, s in streams.items():
+        pos = flushed.get(name, 0)
+        if pos < s.n_tokens:
+            example = int(np.searchsorted(s.offsets, pos, side="right")) - 1
+            first = min(first, bisect.bisect_right(segments, example) - 1)
+    return first
+
+
+def encode_rows(layers: dict[int, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
+    """One segment's states of one stream as stored arrays (int8: codes and per-token scales)."""
+    packed: dict[str, np.ndarray] = {}
+    for n, x in layers.items():
+        codes, scale = encode(x, dtype)
+        packed[layer_name(n)] = codes
+        if scale is not None:
+            packed[f"{layer_name(n)}_scale"] = scale
+    return packed
+
+
+def run_segments_here(
+    ex: Extractor, writer: CacheWriter, work: list[SplitWork], remaining: int
+) -> dict[str, Any]:
+    """The segments in this process; a background thread encodes and writes whole shards."""
+    bar = tqdm(
+        total=remaining,
+        unit="tok",
+        unit_scale=True,
+        desc=f"extract {ex.key}",
+        disable=not ex.show_progress,
+    )
+    bg = BackgroundWriter()
+    t0, n_ex = time.perf_counter(), 0
+    try:
+        for w in work:
+            start = w.segments[w.first]
+            writers = {}
+            for name, s in w.streams.items():
+                arrays = {k: writer.group[p] for k, p in ex.state_arrays(w.split, name).items()}
+                pos = int(s.offsets[start]) if start < len(s.offsets) - 1 else s.n_tokens
+                writers[name] = StreamWriter(
+                    arrays, s.n_tokens, ex.shard_rows, pos, w.flushed.get(name, 0)
+                )
+            for k in range(w.first, len(w.segments) - 1):
+                lo, hi = w.segments[k], w.segments[k + 1]
+                rows = ex.segment_rows(w.streams, lo, hi)
+                bg.submit(_write_job(writer, w.split, writers, rows, ex.dtype))
+                n_ex += hi - lo
+                bar.update(int(w.streams["enc"].offsets[hi] - w.streams["enc"].offsets[lo]))
+                bar.set_postfix(split=w.split, ex_s=f"{n_ex / (time.perf_counter() - t0):.0f}")
+        bg.close()
+    finally:
+        bar.close()
+    return {}
+
+
+def _write_job(
+    writer: CacheWriter,
+    split: str,
+    writers: dict[str, StreamWriter],
+    rows: dict[str, dict[int, torch.Tensor]],
+    dtype: str,
+) -> Callable[[], None]:
+    def job() -> None:
+        for name, layers in rows.items():
+            writers[name].append(encode_rows(layers, dtype))
+        writer.save_progress(
+            split, {"created": True, "flushed": {k: w.flushed for k, w in writers.items()}}
+        )
+
+    return job
+
+
 def extract(
-    cfg: Config,
+    cfg: StageConfig,
     *,
     backbone: Backbone | None = None,
     data: TaskData | None = None,
     progress: bool = True,
-    cluster: Cluster | None = None,
+    runner: SegmentRunner | None = None,
 ) -> ExtractResult:
     """Run stage one for ``cfg``; ``backbone``/``data`` may be given (tests build tiny ones).
 
-    With a ``cluster`` (``stages.distributed.Cluster``: ``--workers N`` or ``--scheduler``), the
-    segments run on Dask workers that load the backbone by name; the result is bit-identical.
+    ``runner`` runs the segments elsewhere: ``stages.extract_dask.DaskSegments(cluster)`` on Dask
+    workers that load the backbone by name; the cache is bit-identical.
     """
-    from ladder.backbones import load_backbone
-    from pipeline.tasks import CustomTask, load_task
-
     if data is None:
-        custom = None
-        if cfg.task.name == "custom":
-            custom = CustomTask(
-                files=cfg.task.files,
-                text_columns=tuple(cfg.task.text_columns),
-                label_column=cfg.task.label_column,
-                problem=cfg.task.problem,
-                metric=cfg.task.metric,
-            )
-        data = load_task(
-            cfg.task.name,
-            data_dir=cfg.task.data_dir,
-            custom=custom,
-            split_seed=cfg.task.split_seed,
-            limit=cfg.task.limit,
-        )
-    st.open_root(
-        cfg.cache_root, cfg.cache.storage_options, write=True
-    )  # fail early, before loading
+        data = load_task_of(cfg.task)
+    # fail early, before loading anything
+    st.open_root(cfg.cache.resolved_root, cfg.cache.storage_options, write=True)
     if backbone is None:
         # bad layer indices fail on the config alone, before any weights are loaded
         stored_layers(cfg, load_config_only(cfg.backbone.name, cfg.backbone.revision))
@@ -602,8 +516,4 @@ def extract(
         backbone = load_backbone(
             cfg.backbone.name, revision=cfg.backbone.revision, device=device, dtype=dtype
         )
-    if cluster is None:
-        return Extractor(cfg, backbone, data, progress=progress).run()
-    from stages.distributed import DistributedExtractor
-
-    return DistributedExtractor(cfg, backbone, data, cluster, progress=progress).run()
+    return Extractor(cfg, backbone, data, progress=progress, runner=runner).run()

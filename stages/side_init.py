@@ -17,13 +17,13 @@ import torch
 from tqdm import tqdm
 
 from ladder.pruning import compute_fisher, fisher_model_for, prune_backbone
-from pipeline.config import Config
-from pipeline.tasks import TaskData
+from stages.config import StageConfig
+from stages.tasks import TaskData
 
 if TYPE_CHECKING:
     from cache_store.writer import CacheWriter
     from ladder.backbones import Backbone
-    from stages.extract import Stream
+    from stages.tokens import Stream
 
 
 def fisher_batches(
@@ -50,7 +50,7 @@ def fisher_batches(
 
 
 def fisher_importance(
-    cfg: Config, backbone: Backbone, data: TaskData, train: dict[str, Stream]
+    cfg: StageConfig, backbone: Backbone, data: TaskData, train: dict[str, Stream]
 ) -> dict[str, torch.Tensor]:
     n = min(cfg.extract.fisher_samples, len(train["enc"].ids))
     if backbone.encoder_decoder:
@@ -69,7 +69,7 @@ def fisher_importance(
 
 
 def write_side_init(
-    cfg: Config,
+    cfg: StageConfig,
     backbone: Backbone,
     data: TaskData,
     train: dict[str, Stream],

@@ -35,11 +35,9 @@ from tqdm import tqdm
 from cache_store.loader import Batch, CacheLoader
 from cache_store.registry import CommittedCache, list_caches, open_cache
 from ladder.side import SideConfig, build_side_network, trainable_parameters
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.tasks import TaskSpec, compute_metrics
-
-SMALL_TASKS = {"rte", "cola", "mrpc", "stsb"}  # 20 epochs in the paper; the rest 10
+from stages.config import StageConfig
+from stages.errors import StageError
+from stages.tasks import TaskSpec, compute_metrics, paper_epochs, spec_of
 
 
 @dataclass(frozen=True)
@@ -68,14 +66,12 @@ class TrialState:
 
 
 def task_spec_of(cache: CommittedCache) -> TaskSpec:
-    from stages.evaluate import spec_of
-
     return spec_of(cache.manifest["task"])
 
 
-def resolve_cache(cfg: Config, key: str | None) -> CommittedCache:
+def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
     """The cache named by ``key``, else the newest committed cache of the config's task and backbone."""
-    root = cfg.cache_root
+    root = cfg.cache.resolved_root
     if key is None:
         rows = [
             r
@@ -85,7 +81,7 @@ def resolve_cache(cfg: Config, key: str | None) -> CommittedCache:
             and r["backbone"] == cfg.backbone.name
         ]
         if not rows:
-            raise PipelineError(
+            raise StageError(
                 f"no committed cache of task {cfg.task.name!r} with backbone {cfg.backbone.name!r} under "
                 f"{root}; run `pipeline run extract` first or pass --cache-key"
             )
@@ -93,7 +89,7 @@ def resolve_cache(cfg: Config, key: str | None) -> CommittedCache:
     cache = open_cache(root, key, cfg.cache.storage_options)
     m = cache.manifest
     if m["task"]["name"] != cfg.task.name or m["backbone"]["name"] != cfg.backbone.name:
-        raise PipelineError(
+        raise StageError(
             f"cache {key} holds task {m['task']['name']!r} with backbone {m['backbone']['name']!r}, "
             f"but task {cfg.task.name!r} with backbone {cfg.backbone.name!r} was asked for"
         )
@@ -108,18 +104,35 @@ def backbone_config_of(cache: CommittedCache) -> Any:
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def trials_of(cfg: Config) -> list[Trial]:
+def trials_of(cfg: StageConfig) -> list[Trial]:
     t = cfg.train_side
     return [
         Trial(r, s, lr) for r in t.reduction_factors for s in t.seeds for lr in t.learning_rates
     ]
 
 
-def epochs_of(cfg: Config, task: str) -> int:
-    return cfg.train_side.epochs or (20 if task in SMALL_TASKS else 10)
+def epochs_of(cfg: StageConfig, task: str) -> int:
+    return cfg.train_side.epochs or paper_epochs(task)
 
 
-def side_config(cfg: Config, r: int, spec: TaskSpec) -> SideConfig:
+def check_trials(cfg: StageConfig, cache: CommittedCache) -> list[Trial]:
+    """The trials of ``cfg``, each checked against the cache before any work is done.
+
+    Every reduction factor must suit the backbone (divide its widths, kept layers in range),
+    and the cache must hold the side_init the config asks for.
+    """
+    trials = trials_of(cfg)
+    if len(set(trials)) != len(trials):
+        raise StageError("the grid of trials has repeated values; list each value once")
+    spec, bcfg = task_spec_of(cache), backbone_config_of(cache)
+    for r in sorted({tr.r for tr in trials}):
+        side_config(cfg, r, spec).validate(bcfg)
+        if cfg.train_side.init != "random":
+            load_side_init(cache, r, cfg.train_side.init)
+    return trials
+
+
+def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
     t = cfg.train_side
     return SideConfig(
         reduction_factor=r,
@@ -133,7 +146,7 @@ def side_config(cfg: Config, r: int, spec: TaskSpec) -> SideConfig:
 def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torch.Tensor]:
     have = cache.manifest.get("side_init", {})
     if method not in have.get(f"r{r}", []):
-        raise PipelineError(
+        raise StageError(
             f"cache {cache.key} has no {method} side_init for reduction factor {r} (it has "
             f"{have or 'none'}); re-extract with --reduction-factors including {r}, or use --init random"
         )
@@ -146,7 +159,12 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
 
 
 def build_trial(
-    cfg: Config, cache: CommittedCache, bcfg: Any, spec: TaskSpec, trial: Trial, total_steps: int
+    cfg: StageConfig,
+    cache: CommittedCache,
+    bcfg: Any,
+    spec: TaskSpec,
+    trial: Trial,
+    total_steps: int,
 ) -> TrialState:
     """A side network (seeded, initialised as asked), its AdamW and linear warm-up schedule."""
     torch.manual_seed(trial.seed)
@@ -278,7 +296,7 @@ def evaluate(
 # --- the run folder ----------------------------------------------------------------------------------
 
 
-def run_signature(cfg: Config, cache_key: str, online: str | None) -> dict[str, Any]:
+def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[str, Any]:
     """What defines a run: a run folder with another signature is refused, not overwritten."""
     t = cfg.train_side.model_dump()
     t.pop("run_dir")
@@ -290,7 +308,7 @@ def run_signature(cfg: Config, cache_key: str, online: str | None) -> dict[str, 
     }
 
 
-def run_folder(cfg: Config, signature: dict[str, Any], name: str | None) -> Path:
+def run_folder(cfg: StageConfig, signature: dict[str, Any], name: str | None) -> Path:
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(cfg.train_side.run_dir) / (name or f"{signature['cache']}-{digest}")
     sig_file = folder / "run.json"
@@ -300,7 +318,7 @@ def run_folder(cfg: Config, signature: dict[str, Any], name: str | None) -> Path
             diff = sorted(
                 k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k)
             )
-            raise PipelineError(
+            raise StageError(
                 f"run folder {folder} belongs to another configuration (differs in {', '.join(diff)}); "
                 "choose another --run-name or delete it"
             )
@@ -383,7 +401,7 @@ class TrainResult:
 
 
 def train_side(
-    cfg: Config,
+    cfg: StageConfig,
     *,
     cache_key: str | None = None,
     run_name: str | None = None,
@@ -401,12 +419,9 @@ def train_side(
     spec = task_spec_of(cache)
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
-    trials = trials_of(cfg)
+    trials = check_trials(cfg, cache)
     epochs = epochs_of(cfg, spec.name)
     t = cfg.train_side
-    # validate every trial's side config before any work (bad r, kept layers out of range, ...)
-    for r in sorted({tr.r for tr in trials}):
-        side_config(cfg, r, spec).validate(bcfg)
     n_train = cache.manifest["splits"]["train"]["n_examples"]
     total_steps = epochs * -(-n_train // t.batch_size)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
@@ -450,7 +465,7 @@ def train_side(
         states_eval = online_states(online, False, eval_layers)
 
     start = min(load_checkpoint(folder, ts) for ts in runs)
-    (folder / "config.json").write_text(json.dumps(cfg.model_dump(), indent=1))
+    _save_json(folder / "config.json", cfg.model_dump())
     bar = tqdm(
         total=epochs * len(train),
         initial=start * len(train),

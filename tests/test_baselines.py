@@ -97,7 +97,7 @@ def test_each_method_trains_exactly_its_parameters(method):
 
 
 def bl_spec(name: str):
-    from pipeline.tasks import get_task
+    from stages.tasks import get_task
 
     return get_task(name)
 

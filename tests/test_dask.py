@@ -10,6 +10,7 @@ Dask, so bit-identity is a claim about equal thread counts.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import socket
 from pathlib import Path
@@ -21,9 +22,11 @@ import torch
 from cache_store.registry import open_cache, verify_cache
 from pipeline.cli import run_cli
 from pipeline.config import apply_overrides
-from stages.distributed import TEST_KILL_ENV, Cluster
+from stages.cluster import Cluster
 from stages.extract import extract
+from stages.extract_dask import DaskSegments
 from stages.train_side import train_side
+from tests import faults
 from tests.conftest import make_config, tiny_bert, tiny_t5
 from tests.test_resume_and_errors import all_arrays, committed
 
@@ -111,24 +114,32 @@ def test_extract_on_two_workers_is_bit_identical_to_one_process(
 
 
 def test_a_worker_killed_mid_extraction_is_retried_and_the_cache_verifies(
-    tmp_path, glue_dir, models, one_thread, monkeypatch, capsys
+    tmp_path, glue_dir, models, one_thread, capsys
 ):
-    ref, dist = tmp_path / "ref", tmp_path / "dist"
+    ref = tmp_path / "ref"
     int8 = ["--dtype", "int8"]
     assert run_cli(extract_args(tmp_path, glue_dir, models["bert"], ref, *int8)) == 0
     trigger = tmp_path / "kill-a-worker"
     trigger.write_text("")
-    # the workers of the cluster that --workers starts inherit this; the first unit to finish a
-    # segment after it exists removes the file and kills its own worker process (os._exit)
-    monkeypatch.setenv(TEST_KILL_ENV, str(trigger))
-    capsys.readouterr()
-    code = run_cli(extract_args(tmp_path, glue_dir, models["bert"], dist, *int8, "--workers", "2"))
-    assert code == 0, capsys.readouterr().err
+    cfg = make_config(
+        tmp_path,
+        glue_dir,
+        **{
+            "backbone.name": str(models["bert"]),
+            "cache.dtype": "int8",
+            "cache.root": str(tmp_path / "dist"),
+        },
+    )
+    # the first unit to finish removes the file and kills its own worker process (os._exit)
+    unit_task = functools.partial(faults.die_once_after_unit, str(trigger))
+    with Cluster(workers=2) as cluster:
+        result = extract(cfg, progress=False, runner=DaskSegments(cluster, unit_task=unit_task))
     assert not trigger.exists(), "no worker was killed"
-    key = assert_same_cache(ref, dist)
-    report = verify_cache(str(dist), key)
+    key = assert_same_cache(ref, tmp_path / "dist")
+    assert result.key == key and not result.reused
+    report = verify_cache(str(tmp_path / "dist"), key)
     assert report["ok"], report["problems"]
-    assert open_cache(str(dist), key).manifest["distributed"]["units"] >= 4
+    assert open_cache(str(tmp_path / "dist"), key).manifest["distributed"]["units"] >= 4
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line_exit_2_nothing_committed(
@@ -212,7 +223,7 @@ def test_units_write_disjoint_whole_shards_and_the_stitcher_fills_the_rest():
 
     import zarr
 
-    from stages.distributed import RangeWriter, Stitcher
+    from stages.extract_dask import RangeWriter, Stitcher
 
     rng = random.Random(0)
     for _ in range(60):

@@ -13,7 +13,8 @@ import torch
 
 from cache_store.layout import decode, layer_name, meta_prefix
 from cache_store.registry import open_cache, verify_cache
-from stages.extract import extract, plan_batches, plan_segments, tokenize_split
+from stages.extract import extract
+from stages.tokens import plan_batches, plan_segments, tokenize_split
 from tests.conftest import make_config, tiny_bart, tiny_bert, tiny_t5
 
 
@@ -50,7 +51,7 @@ def bert_cache(tmp_path_factory, glue_dir, minilm_tokenizer):
 def test_every_row_equals_a_direct_unpadded_forward_float32(bert_cache):
     cfg, backbone, result = bert_cache
     cache = open_cache(cfg.cache_root, result.key)
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     data = load_task("rte", data_dir=cfg.task.data_dir, limit=cfg.task.limit)
     checked = 0
@@ -109,7 +110,7 @@ def test_reduced_dtypes_are_within_their_rounding(
     cfg = make_config(tmp_path, glue_dir, **{"cache.dtype": dtype, "task.limit": 4})
     result = extract(cfg, backbone=backbone, progress=False)
     cache = open_cache(cfg.cache_root, result.key)
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     data = load_task("rte", data_dir=cfg.task.data_dir, limit=4)
     enc = tokenize_split(backbone, data, "train", cfg.backbone.max_length)["enc"]
@@ -135,7 +136,7 @@ def test_t5_encoder_decoder_and_candidate_streams(tmp_path, glue_dir, minilm_tok
     torch.testing.assert_close(
         torch.from_numpy(cache.array("frozen/lm_head")[:]), backbone.model.lm_head.weight
     )
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     data = load_task("rte", data_dir=cfg.task.data_dir, limit=5)
     for split, streams_expected in (
@@ -162,7 +163,7 @@ def test_bart_encoder_states(tmp_path, glue_dir, minilm_tokenizer):
     backbone = tiny_bart(minilm_tokenizer)
     cfg = make_config(tmp_path, glue_dir, **{"cache.dtype": "float32", "task.limit": 4})
     cache = open_cache(cfg.cache_root, extract(cfg, backbone=backbone, progress=False).key)
-    from pipeline.tasks import load_task
+    from stages.tasks import load_task
 
     data = load_task("rte", data_dir=cfg.task.data_dir, limit=4)
     enc = tokenize_split(backbone, data, "validation", cfg.backbone.max_length)["enc"]

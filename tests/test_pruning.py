@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers as tf
 
+from ladder.errors import LadderError
 from ladder.pruning import compute_fisher, fisher_model_for, magnitude_importance, prune_backbone
-from pipeline.errors import PipelineError
 
 # --------------------------------------------------------------------------- tiny backbones
 
@@ -424,11 +424,11 @@ def test_compute_fisher_is_the_sum_of_squared_per_example_gradients():
 def test_compute_fisher_rejects_batches_of_several_and_missing_labels():
     model = tiny_classifier()
     two = {"input_ids": torch.randint(1, 100, (2, 6)), "labels": torch.tensor([0, 1])}
-    with pytest.raises(PipelineError, match="batch size 2"):
+    with pytest.raises(LadderError, match="batch size 2"):
         compute_fisher(model, [two], 1)
-    with pytest.raises(PipelineError, match="labels"):
+    with pytest.raises(LadderError, match="labels"):
         compute_fisher(model, [{"input_ids": torch.randint(1, 100, (1, 6))}], 1)
-    with pytest.raises(PipelineError, match="num_samples=0"):
+    with pytest.raises(LadderError, match="num_samples=0"):
         compute_fisher(model, example_batches(1), 0)
 
 
@@ -453,9 +453,9 @@ def test_fisher_model_for_builds_seeded_loss_models():
     batch = {"input_ids": torch.tensor([[0, 5, 6, 2]]), "labels": torch.tensor([1])}
     fisher = compute_fisher(bart, [batch], 1)
     prune_backbone("bart", bart.state_dict(), fisher, 2, bart.config)  # keys line up
-    with pytest.raises(PipelineError, match="num_labels=0"):
+    with pytest.raises(LadderError, match="num_labels=0"):
         fisher_model_for("bert", config, 0, seed=0)
-    with pytest.raises(PipelineError, match="gpt2"):
+    with pytest.raises(LadderError, match="gpt2"):
         fisher_model_for("gpt2", config, 2, seed=0)
 
 
@@ -465,16 +465,16 @@ def test_fisher_model_for_builds_seeded_loss_models():
 def test_bad_family_and_reduction_factor_raise_pipeline_error():
     model = build(CASES[0])
     sd, config = model.state_dict(), model.config
-    with pytest.raises(PipelineError, match="'gpt2'.*allowed: 'bert', 'bart', 't5'"):
+    with pytest.raises(LadderError, match="'gpt2'.*allowed: 'bert', 'bart', 't5'"):
         prune_backbone("gpt2", sd, None, 2, config)
-    with pytest.raises(PipelineError, match="r=3 does not divide d_model=32"):
+    with pytest.raises(LadderError, match="r=3 does not divide d_model=32"):
         prune_backbone("bert", sd, None, 3, config)
-    with pytest.raises(PipelineError, match="r=16 does not divide per-head dim=8.*1, 2, 4, 8$"):
+    with pytest.raises(LadderError, match="r=16 does not divide per-head dim=8.*1, 2, 4, 8$"):
         prune_backbone("bert", sd, None, 16, config)
-    with pytest.raises(PipelineError, match="r=0"):
+    with pytest.raises(LadderError, match="r=0"):
         prune_backbone("bert", sd, None, 0, config)
     odd_ff = tf.BertConfig(**{**BERT_CFG, "num_attention_heads": 2, "intermediate_size": 36})
-    with pytest.raises(PipelineError, match="r=8 does not divide d_ff=36"):
+    with pytest.raises(LadderError, match="r=8 does not divide d_ff=36"):
         prune_backbone("bert", tf.BertModel(odd_ff).state_dict(), None, 8, odd_ff)
 
 
@@ -482,16 +482,16 @@ def test_missing_or_mismatched_tensors_raise_pipeline_error():
     model = build(CASES[0])
     sd = dict(model.state_dict())
     del sd["encoder.layer.1.output.dense.weight"]
-    with pytest.raises(PipelineError, match="encoder.layer.1.output.dense.weight"):
+    with pytest.raises(LadderError, match="encoder.layer.1.output.dense.weight"):
         prune_backbone("bert", sd, None, 2, model.config)
-    with pytest.raises(PipelineError, match="ending in"):  # a T5 family given a BERT state dict
+    with pytest.raises(LadderError, match="ending in"):  # a T5 family given a BERT state dict
         prune_backbone("t5", model.state_dict(), None, 2, tf.T5Config(**T5_CFG))
     electra = tf.ElectraConfig(embedding_size=16, **BERT_CFG)  # embeddings narrower than d_model
-    with pytest.raises(PipelineError, match="16 wide; allowed: .*d_model=32"):
+    with pytest.raises(LadderError, match="16 wide; allowed: .*d_model=32"):
         prune_backbone("bert", tf.ElectraModel(electra).state_dict(), None, 2, electra)
     imp = magnitude_importance(model.state_dict())
     imp["encoder.layer.0.attention.self.key.weight"] = torch.ones(3, 3)
-    with pytest.raises(PipelineError, match="shape"):
+    with pytest.raises(LadderError, match="shape"):
         prune_backbone("bert", model.state_dict(), imp, 2, model.config)
 
 

@@ -13,6 +13,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from transformers.models.mbart.modeling_mbart import MBartEncoderLayer
 from transformers.models.t5.modeling_t5 import T5Attention, T5Block
 
+from ladder.errors import LadderError
 from ladder.side import (
     EncoderSideNetwork,
     SideConfig,
@@ -20,7 +21,6 @@ from ladder.side import (
     build_side_network,
     trainable_parameters,
 )
-from pipeline.errors import PipelineError
 
 D, HEADS, FF, L, V = 64, 4, 128, 4, 100
 
@@ -447,12 +447,12 @@ def test_load_side_init_rejects_a_wrong_shape_naming_the_key_and_copies_nothing(
     net = EncoderSideNetwork(bert_cfg(), SideConfig(reduction_factor=4))
     good = torch.randn(16, 16)
     bad = {"layers.0.q.weight": good, "layers.3.ffn_in.weight": torch.randn(16, 16)}
-    with pytest.raises(PipelineError, match=r"'layers\.3\.ffn_in\.weight' has shape \(16, 16\)"):
+    with pytest.raises(LadderError, match=r"'layers\.3\.ffn_in\.weight' has shape \(16, 16\)"):
         net.load_side_init(bad)
     assert not torch.equal(net.layers["0"].q.weight, good)
-    with pytest.raises(PipelineError, match=r"'layers\.9\.q\.weight' is not a side-network key"):
+    with pytest.raises(LadderError, match=r"'layers\.9\.q\.weight' is not a side-network key"):
         net.load_side_init({"layers.9.q.weight": good})
-    with pytest.raises(PipelineError, match=r"'head_out\.weight' is not a side-network key"):
+    with pytest.raises(LadderError, match=r"'head_out\.weight' is not a side-network key"):
         net.load_side_init({"head_out.weight": torch.randn(2, 64)})
 
 
@@ -472,9 +472,9 @@ def test_t5_load_side_init_copies_canonical_keys():
     sd = net.state_dict()
     assert all(torch.equal(sd[k], weights[k]) for k in canon)
     assert "lm_head" not in sd
-    with pytest.raises(PipelineError, match=r"'dec\.rel_bias\.weight' has shape \(8, 4\)"):
+    with pytest.raises(LadderError, match=r"'dec\.rel_bias\.weight' has shape \(8, 4\)"):
         net.load_side_init({"dec.rel_bias.weight": torch.randn(8, 4)})
-    with pytest.raises(PipelineError, match=r"'enc\.1\.ff\.wi\.weight' is not a side-network key"):
+    with pytest.raises(LadderError, match=r"'enc\.1\.ff\.wi\.weight' is not a side-network key"):
         net.load_side_init({"enc.1.ff.wi.weight": torch.randn(32, 16)})
 
 
@@ -498,7 +498,7 @@ def test_t5_load_side_init_copies_canonical_keys():
     ],
 )
 def test_bad_side_config_values_raise(kwargs, match):
-    with pytest.raises(PipelineError, match=match):
+    with pytest.raises(LadderError, match=match):
         SideConfig(**kwargs)
 
 
@@ -526,31 +526,27 @@ def test_bad_side_config_values_raise(kwargs, match):
     ],
 )
 def test_bad_side_config_for_a_backbone_raises(backbone, side, match):
-    with pytest.raises(PipelineError, match=match):
+    with pytest.raises(LadderError, match=match):
         build_side_network(backbone, side, lm_head=lm_head())
 
 
 def test_unsupported_backbone_and_missing_lm_head_raise():
     gpt2 = BertConfig()
     gpt2.model_type = "gpt2"
-    with pytest.raises(
-        PipelineError, match=r"model_type='gpt2' has no side network; allowed: bert"
-    ):
+    with pytest.raises(LadderError, match=r"model_type='gpt2' has no side network; allowed: bert"):
         build_side_network(gpt2, SideConfig())
-    with pytest.raises(PipelineError, match=r"model_type='t5' needs lm_head"):
+    with pytest.raises(LadderError, match=r"model_type='t5' needs lm_head"):
         build_side_network(t5_cfg(), SideConfig())
-    with pytest.raises(PipelineError, match=r"lm_head=\(100, 32\); allowed: .*\[V, 64\]"):
+    with pytest.raises(LadderError, match=r"lm_head=\(100, 32\); allowed: .*\[V, 64\]"):
         build_side_network(t5_cfg(), SideConfig(), lm_head=torch.randn(V, 32))
 
 
 def test_missing_or_misshapen_hidden_state_raises():
     net = EncoderSideNetwork(bert_cfg(), SideConfig(kept_layers=(1,)))
     h = states(L, 1, 3)
-    with pytest.raises(
-        PipelineError, match=r"encoder hidden state 2 is missing \(given: \[0, 1\]\)"
-    ):
+    with pytest.raises(LadderError, match=r"encoder hidden state 2 is missing \(given: \[0, 1\]\)"):
         net({0: h[0], 1: h[1]}, torch.ones(1, 3))
-    with pytest.raises(PipelineError, match=r"hidden state 2 is 32 wide; allowed: d_model=64"):
+    with pytest.raises(LadderError, match=r"hidden state 2 is 32 wide; allowed: d_model=64"):
         net({0: h[0], 2: torch.randn(1, 3, 32)}, torch.ones(1, 3))
 
 

@@ -1,4 +1,4 @@
-"""Task registry, loaders, the paper's splits, metrics and T5 templates (pipeline/tasks.py).
+"""Task registry, loaders, the paper's splits, metrics and T5 templates (stages/tasks.py).
 
 Real GLUE files live in ``shared/data/glue`` beside the repository (never copied in); the counts
 asserted here come from that folder's README, not from the loader. Malformed inputs are written
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.errors import PipelineError
-from pipeline.tasks import (
+from stages.errors import StageError
+from stages.tasks import (
     TASKS,
     CustomTask,
     Example,
@@ -111,9 +111,9 @@ def test_registry_has_the_eight_glue_tasks_with_the_papers_metrics():
 
 def test_unknown_task_lists_the_allowed_names(tmp_path):
     allowed = "cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"
-    with pytest.raises(PipelineError, match=f"unknown task 'glue'; allowed: {allowed}"):
+    with pytest.raises(StageError, match=f"unknown task 'glue'; allowed: {allowed}"):
         get_task("glue")
-    with pytest.raises(PipelineError, match="unknown task 'RTE'.*'custom'"):
+    with pytest.raises(StageError, match="unknown task 'RTE'.*'custom'"):
         load_task("RTE", data_dir=tmp_path)
 
 
@@ -262,7 +262,7 @@ def test_limit_takes_the_first_n_of_each_split_and_rejects_0():
         "test": 139,
     }
     for bad in (0, -3):
-        with pytest.raises(PipelineError, match=f"--limit must be a positive integer, got {bad}"):
+        with pytest.raises(StageError, match=f"--limit must be a positive integer, got {bad}"):
             load_task("rte", data_dir=GLUE, limit=bad)
 
 
@@ -272,7 +272,7 @@ def test_source_names_the_data_dir():
 
 def test_qnli_without_train_tsv_names_the_missing_file():
     path = GLUE / "QNLI" / "train.tsv"
-    with pytest.raises(PipelineError, match=re.escape(f"missing data file {path} for task 'qnli'")):
+    with pytest.raises(StageError, match=re.escape(f"missing data file {path} for task 'qnli'")):
         load_task("qnli", data_dir=GLUE)
 
 
@@ -308,12 +308,12 @@ def test_label_ids_are_accepted_as_well_as_names(tmp_path):
 
 def test_missing_data_dir(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(PipelineError, match=re.escape(f"data directory {missing} does not exist")):
+    with pytest.raises(StageError, match=re.escape(f"data directory {missing} does not exist")):
         load_task("rte", data_dir=missing)
 
 
 def test_data_dir_without_the_task_folder(tmp_path):
-    with pytest.raises(PipelineError, match="has no RTE/ folder for task 'rte'.*glue_data layout"):
+    with pytest.raises(StageError, match="has no RTE/ folder for task 'rte'.*glue_data layout"):
         load_task("rte", data_dir=tmp_path)
 
 
@@ -321,7 +321,7 @@ def test_tsv_with_wrong_columns(tmp_path):
     bad = "index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n"
     _fake_rte(tmp_path, train=bad)
     with pytest.raises(
-        PipelineError,
+        StageError,
         match=r"train\.tsv has the wrong columns: missing sentence1, sentence2; task 'rte' needs "
         r"sentence1, sentence2, label \(found index, premise, hypothesis, label\)",
     ):
@@ -330,19 +330,19 @@ def test_tsv_with_wrong_columns(tmp_path):
 
 def test_header_only_split_is_empty(tmp_path):
     _fake_rte(tmp_path, dev=RTE_HEADER)
-    with pytest.raises(PipelineError, match="split 'validation' of task 'rte' is empty"):
+    with pytest.raises(StageError, match="split 'validation' of task 'rte' is empty"):
         load_task("rte", data_dir=tmp_path)
 
 
 def test_header_only_train_is_empty(tmp_path):
     _fake_rte(tmp_path, train=RTE_HEADER)
-    with pytest.raises(PipelineError, match="split 'train' of task 'rte' is empty"):
+    with pytest.raises(StageError, match="split 'train' of task 'rte' is empty"):
         load_task("rte", data_dir=tmp_path)
 
 
 def test_zero_byte_file(tmp_path):
     _fake_rte(tmp_path, train="")
-    with pytest.raises(PipelineError, match=r"train\.tsv is empty"):
+    with pytest.raises(StageError, match=r"train\.tsv is empty"):
         load_task("rte", data_dir=tmp_path)
 
 
@@ -351,7 +351,7 @@ def test_row_with_too_few_columns(tmp_path):
         tmp_path, train=RTE_HEADER + "0\ta\tb\tentailment\n1\tonly one sentence\tentailment\n"
     )
     with pytest.raises(
-        PipelineError, match=r"train\.tsv:3 has 3 columns; task 'rte' needs at least 4"
+        StageError, match=r"train\.tsv:3 has 3 columns; task 'rte' needs at least 4"
     ):
         load_task("rte", data_dir=tmp_path)
 
@@ -361,7 +361,7 @@ def test_headerless_cola_row_with_too_few_columns(tmp_path):
     (tmp_path / "CoLA" / "train.tsv").write_text("gj04\t1\t\tA sentence.\ngj04\t0\t*\n")
     (tmp_path / "CoLA" / "dev.tsv").write_text("gj04\t1\t\tA sentence.\n")
     with pytest.raises(
-        PipelineError, match=r"train\.tsv:2 has 3 columns; task 'cola' needs at least 4"
+        StageError, match=r"train\.tsv:2 has 3 columns; task 'cola' needs at least 4"
     ):
         load_task("cola", data_dir=tmp_path)
 
@@ -369,7 +369,7 @@ def test_headerless_cola_row_with_too_few_columns(tmp_path):
 def test_unknown_label_string(tmp_path):
     _fake_rte(tmp_path, dev=RTE_HEADER + "0\ta\tb\tentailment\n1\tc\td\tmaybe\n")
     with pytest.raises(
-        PipelineError,
+        StageError,
         match=r"dev\.tsv:3: label 'maybe' is not one of entailment, not_entailment \(or their ids 0\.\.1\)",
     ):
         load_task("rte", data_dir=tmp_path)
@@ -377,7 +377,7 @@ def test_unknown_label_string(tmp_path):
 
 def test_label_id_out_of_range(tmp_path):
     _fake_rte(tmp_path, train=RTE_HEADER + "0\ta\tb\t2\n")
-    with pytest.raises(PipelineError, match=r"label '2' is not one of"):
+    with pytest.raises(StageError, match=r"label '2' is not one of"):
         load_task("rte", data_dir=tmp_path)
 
 
@@ -388,7 +388,7 @@ def test_non_numeric_stsb_score(tmp_path):
     (tmp_path / "STS-B").mkdir()
     (tmp_path / "STS-B" / "train.tsv").write_text(header + "0\tg\tf\ty\t0\tn\tn\ta\tb\thigh\n")
     (tmp_path / "STS-B" / "dev.tsv").write_text(header + "0\tg\tf\ty\t0\tn\tn\ta\tb\t1.0\n")
-    with pytest.raises(PipelineError, match=r"train\.tsv:2: label 'high' is not a number"):
+    with pytest.raises(StageError, match=r"train\.tsv:2: label 'high' is not a number"):
         load_task("stsb", data_dir=tmp_path)
 
 
@@ -476,7 +476,7 @@ def test_custom_file_with_wrong_columns(tmp_path):
         "validation": _write_csv(tmp_path / "val.csv", [("a", "x")], header="sentence,label"),
     }
     with pytest.raises(
-        PipelineError,
+        StageError,
         match=r"val\.csv has the wrong columns: missing text \(found sentence, label\)",
     ):
         load_task("custom", custom=CustomTask(files=files, text_columns=("text",)))
@@ -486,16 +486,16 @@ def test_custom_unknown_split_name(tmp_path):
     path = _write_csv(tmp_path / "train.csv", [("a", "x")])
     files = {"train": path, "dev": path}
     with pytest.raises(
-        PipelineError, match="task.files has split 'dev'; allowed: train, validation, test"
+        StageError, match="task.files has split 'dev'; allowed: train, validation, test"
     ):
         load_task("custom", custom=CustomTask(files=files, text_columns=("text",)))
 
 
 def test_custom_needs_train_and_validation_and_a_spec(tmp_path):
     path = _write_csv(tmp_path / "train.csv", [("a", "x")])
-    with pytest.raises(PipelineError, match="needs a validation file in task.files"):
+    with pytest.raises(StageError, match="needs a validation file in task.files"):
         load_task("custom", custom=CustomTask(files={"train": path}, text_columns=("text",)))
-    with pytest.raises(PipelineError, match="task 'custom' needs task.files and task.text_columns"):
+    with pytest.raises(StageError, match="task 'custom' needs task.files and task.text_columns"):
         load_task("custom")
 
 
@@ -503,26 +503,26 @@ def test_custom_bad_problem_metric_and_file_type(tmp_path):
     path = _write_csv(tmp_path / "train.csv", [("a", "x")])
     files = {"train": path, "validation": path}
     with pytest.raises(
-        PipelineError, match="task.problem is 'ranking'; allowed: classification, regression"
+        StageError, match="task.problem is 'ranking'; allowed: classification, regression"
     ):
         load_task(
             "custom", custom=CustomTask(files=files, text_columns=("text",), problem="ranking")
         )
     with pytest.raises(
-        PipelineError,
+        StageError,
         match="task.metric is 'bleu'; allowed: accuracy, mcc, acc_f1, pearson_spearman",
     ):
         load_task("custom", custom=CustomTask(files=files, text_columns=("text",), metric="bleu"))
     txt = tmp_path / "train.txt"
     txt.write_text("a\n")
-    with pytest.raises(PipelineError, match="unsupported file type"):
+    with pytest.raises(StageError, match="unsupported file type"):
         load_task(
             "custom",
             custom=CustomTask(
                 files={"train": str(txt), "validation": path}, text_columns=("text",)
             ),
         )
-    with pytest.raises(PipelineError, match="missing data file"):
+    with pytest.raises(StageError, match="missing data file"):
         load_task(
             "custom",
             custom=CustomTask(
@@ -537,7 +537,7 @@ def test_custom_validation_label_not_seen_in_train(tmp_path):
         "train": _write_csv(tmp_path / "train.csv", [("a", "neg"), ("b", "pos")]),
         "validation": _write_csv(tmp_path / "val.csv", [("c", "meh")]),
     }
-    with pytest.raises(PipelineError, match="label 'meh' is not one of neg, pos"):
+    with pytest.raises(StageError, match="label 'meh' is not one of neg, pos"):
         load_task("custom", custom=CustomTask(files=files, text_columns=("text",)))
 
 
@@ -546,7 +546,7 @@ def test_custom_csv_row_with_missing_or_extra_fields(tmp_path):
     val = _write_csv(tmp_path / "val.csv", [("a", "x")])
     short = tmp_path / "short.csv"
     short.write_text("text,label\na,x\nb\n")
-    with pytest.raises(PipelineError, match=r"short\.csv:3 does not have the header's 2 columns"):
+    with pytest.raises(StageError, match=r"short\.csv:3 does not have the header's 2 columns"):
         load_task(
             "custom",
             custom=CustomTask(
@@ -555,7 +555,7 @@ def test_custom_csv_row_with_missing_or_extra_fields(tmp_path):
         )
     extra = tmp_path / "extra.csv"
     extra.write_text("text,label\na,x,oops\n")
-    with pytest.raises(PipelineError, match=r"extra\.csv:2 does not have the header's 2 columns"):
+    with pytest.raises(StageError, match=r"extra\.csv:2 does not have the header's 2 columns"):
         load_task(
             "custom",
             custom=CustomTask(
@@ -569,7 +569,7 @@ def test_custom_bad_jsonl_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
     with pytest.raises(
-        PipelineError, match=r"bad\.jsonl:2 is not valid JSON .*one JSON object per line"
+        StageError, match=r"bad\.jsonl:2 is not valid JSON .*one JSON object per line"
     ):
         load_task(
             "custom",
@@ -578,7 +578,7 @@ def test_custom_bad_jsonl_is_one_line_error(tmp_path):
     array = tmp_path / "array.json"
     array.write_text('[{"text": "a", "label": "x"}]\n')
     with pytest.raises(
-        PipelineError, match=r"array\.json:1 is a JSON list; expected one JSON object per line"
+        StageError, match=r"array\.json:1 is a JSON list; expected one JSON object per line"
     ):
         load_task(
             "custom",
@@ -590,7 +590,7 @@ def test_custom_bad_jsonl_is_one_line_error(tmp_path):
 
 def test_custom_needs_text_columns(tmp_path):
     path = _write_csv(tmp_path / "train.csv", [("a", "x")])
-    with pytest.raises(PipelineError, match="task 'custom' needs task.text_columns"):
+    with pytest.raises(StageError, match="task 'custom' needs task.text_columns"):
         load_task(
             "custom", custom=CustomTask(files={"train": path, "validation": path}, text_columns=())
         )

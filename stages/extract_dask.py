@@ -1,47 +1,36 @@
-"""Stage one and stage-two sweeps on a Dask cluster.
+"""Stage one on a Dask cluster: the segments of an extraction as work units on Dask workers.
 
     pipeline run extract --task rte --workers 2                  # a local cluster of 2 processes
     pipeline run extract --task rte --scheduler tcp://host:8786  # an existing cluster
-    pipeline run train-side --sweep --reduction-factors 8,16 --learning-rates 3e-3,1e-3 --seeds 0,1
 
-Extraction. The coordinating process (the one that runs the command) tokenises, plans the
-segments exactly as a single-process run does (``plan_segments``: about one shard of tokens each,
-cut at example boundaries), creates the attempt and every array, and cuts each split's segments
-into work units: runs of consecutive segments, a few units per worker. A worker runs its unit's
+The coordinating process (the one that runs the command) tokenises, plans the segments exactly as
+a single-process run does (``Extractor.plan_work``: about one shard of tokens each, cut at
+example boundaries), creates the attempt and every array, and cuts each split's segments into
+work units: runs of consecutive segments, a few units per worker. A worker runs its unit's
 segments with the same batches a single process would use (``segment_states``), so its rows are
 bit-identical; it writes every whole shard that lies inside the unit's token range straight into
 the attempt, and returns the rows of the shards it shares with its neighbours (at most one at each
 end of each stream). The coordinator writes a shared shard once all of its rows have arrived, so
 no shard is ever written by two processes. It records progress as a single-process run does (the
-prefix of every stream that is on disk), so either kind of run resumes the other's attempt; then
-it runs side_init and commits. A worker loads the backbone once per process (``_BACKBONES``) and
-checks its digests against the coordinator's.
+prefix of every stream that is on disk), so either kind of run resumes the other's attempt; the
+``Extractor`` then runs side_init and commits. A worker loads the backbone once per process
+(``_BACKBONES``) and checks its digests against the coordinator's.
 
 Faults. A worker that dies mid-unit: the scheduler reruns the unit on another worker (up to
 ``distributed.scheduler.allowed-failures`` deaths per unit); a unit that raises is retried
 ``retries`` times. A rerun writes the same whole shards with the same bytes, so nothing needs
 undoing, and nothing is committed until every unit has come back.
-
-Sweeps. ``sweep_train_side`` runs one task per (reduction factor, seed, learning rate): each
-calls ``train_side`` with a one-trial config, in its own run folder under one sweep folder, from
-the shared cache; the coordinator gathers their metrics into ``sweep.json`` and ``sweep.csv``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import hashlib
-import json
-import logging
 import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,149 +38,20 @@ import zarr
 from tqdm import tqdm
 
 from cache_store import store as st
-from cache_store.layout import encode, layer_name, stream_prefix
 from cache_store.writer import BackgroundWriter, CacheWriter, StreamWriter
-from pipeline.config import Config, apply_overrides
-from pipeline.errors import PipelineError
-from stages.extract import Extractor, Stream, segment_states, stack_of
+from stages.cluster import TORCH_LOCK, Cluster, absolute_root, raise_killed, worker_address
+from stages.config import StageConfig
+from stages.errors import StageError
+from stages.extract import Extractor, SplitWork, encode_rows, segment_states
+from stages.tokens import Stream
 
 if TYPE_CHECKING:
     import torch
-    from distributed import Client
 
     from ladder.backbones import Backbone
-    from pipeline.tasks import TaskData
 
 UNITS_PER_WORKER = 4  # work units per worker: load balance and cheap reruns vs shared shards
 EXTRACT_RETRIES = 2  # reruns of a unit that raised (worker deaths are counted by the scheduler)
-TRAIN_RETRIES = 1
-# test hook: a unit that finds this file removes it and kills its own worker process (os._exit)
-# right after its first segment is on disk; see tests/test_dask.py
-TEST_KILL_ENV = "LST_TEST_KILL_WORKER_FILE"
-
-
-# --- the cluster ---------------------------------------------------------------------------------
-
-
-class Cluster:
-    """A Dask client: a given one, an existing scheduler's (``scheduler``) or a local cluster's.
-
-    A local cluster (``workers`` processes, one thread each) starts on first use, so a command that
-    finds its work already done starts nothing. An existing scheduler is contacted when the
-    context is entered, before anything is loaded: one that does not answer within ``timeout``
-    seconds is a one-line error.
-    """
-
-    def __init__(
-        self,
-        workers: int | None = None,
-        scheduler: str | None = None,
-        timeout: float = 30.0,
-        client: Client | None = None,
-    ) -> None:
-        if workers is not None and scheduler is not None:
-            raise PipelineError(
-                "--workers starts a local Dask cluster and --scheduler uses an existing one; "
-                "give one of them"
-            )
-        if workers is not None and workers < 1:
-            raise PipelineError(f"--workers must be at least 1, got {workers}")
-        if timeout <= 0:
-            raise PipelineError(f"--scheduler-timeout must be positive, got {timeout:g}")
-        self.workers, self.scheduler, self.timeout = workers, scheduler, timeout
-        self._client = client
-        self._owned: list[Any] = []  # what this object started and must close
-
-    def __enter__(self) -> Cluster:
-        if self.scheduler is not None:
-            self.client  # noqa: B018 - connect now: fail before loading anything
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = self._connect() if self.scheduler else self._local()
-        return self._client
-
-    def _connect(self) -> Client:
-        from distributed import Client
-
-        address = self.scheduler
-        try:
-            with _quiet("distributed"):
-                client = Client(address, timeout=self.timeout, set_as_default=False)
-        except (OSError, TimeoutError):
-            raise PipelineError(
-                f"scheduler {address} did not answer within {self.timeout:g}s"
-            ) from None
-        except ValueError as e:
-            raise PipelineError(f"bad scheduler address {address!r}: {e}") from None
-        self._owned.append(client)
-        return client
-
-    def _local(self) -> Client:
-        from distributed import Client, LocalCluster
-
-        n = self.workers or 1
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            # no dashboard; its HTTP routes on a free local port (not 8787, maybe taken)
-            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-            silence_logs=logging.ERROR,
-        )
-        self._owned.append(cluster)
-        client = Client(cluster, set_as_default=False)
-        self._owned.append(client)
-        return client
-
-    def n_workers(self) -> int:
-        """Workers connected now; waits up to ``timeout`` for a first one."""
-        client = self.client
-        try:
-            client.wait_for_workers(1, timeout=self.timeout)
-        except TimeoutError:
-            raise PipelineError(
-                f"scheduler {client.scheduler.address} has no workers (waited {self.timeout:g}s)"
-            ) from None
-        return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
-
-    def close(self) -> None:
-        while self._owned:
-            obj = self._owned.pop()  # the client first, then its local cluster
-            with _quiet("distributed"), contextlib.suppress(Exception):
-                obj.close()
-        self._client = None
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Silence a logger below ERROR (distributed logs connection retries as warnings)."""
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _raise_killed(e: BaseException, what: str) -> None:
-    from distributed import KilledWorker
-
-    if isinstance(e, KilledWorker):
-        raise PipelineError(
-            f"Dask workers died {what} too often ({e}); nothing was committed; "
-            "run the same command again to resume"
-        ) from None
-
-
-# --- the worker side of extraction -------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -208,9 +68,6 @@ class BackboneSpec:
 
 _BACKBONES: dict[tuple[Any, ...], Backbone] = {}  # per worker process: loaded once
 _BACKBONES_LOCK = threading.Lock()
-# one torch job at a time per process: ``Backbone.states`` hooks the shared model's blocks, and
-# ``train_side`` seeds torch's global RNG, so two tasks on threads of one worker would mix
-_TORCH_LOCK = threading.Lock()
 
 
 def worker_backbone(spec: BackboneSpec) -> Backbone:
@@ -233,7 +90,7 @@ def worker_backbone(spec: BackboneSpec) -> Backbone:
             _BACKBONES[memo] = bb
     got = (bb.weights_digest, bb.tokenizer_digest)
     if got != (spec.weights_digest, spec.tokenizer_digest):
-        raise PipelineError(
+        raise StageError(
             f"a Dask worker on {os.uname().nodename} loaded backbone {spec.name!r} with other "
             f"weights/tokenizer ({'/'.join(got)}) than the coordinator "
             f"({spec.weights_digest}/{spec.tokenizer_digest}); give every worker the same model"
@@ -348,35 +205,6 @@ class RangeWriter:
         return [(s, {k: np.concatenate(v) for k, v in rows.items()}) for s, rows, _ in out]
 
 
-def _encode_rows(layers: dict[int, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
-    packed: dict[str, np.ndarray] = {}
-    for n, x in layers.items():
-        codes, scale = encode(x, dtype)
-        packed[layer_name(n)] = codes
-        if scale is not None:
-            packed[f"{layer_name(n)}_scale"] = scale
-    return packed
-
-
-def _drain(bg: BackgroundWriter) -> None:
-    done = threading.Event()
-    bg.submit(done.set)
-    done.wait(timeout=600)
-
-
-def _test_fault(bg: BackgroundWriter) -> None:
-    """Test hook (``LST_TEST_KILL_WORKER_FILE``): die once, with some of the unit on disk."""
-    path = os.environ.get(TEST_KILL_ENV)
-    if not path:
-        return
-    _drain(bg)
-    try:
-        os.remove(path)  # whoever removes it dies: once per file the test creates
-    except FileNotFoundError:
-        return
-    os._exit(70)
-
-
 def run_unit(unit: Unit) -> UnitResult:
     """Extract one work unit on a Dask worker (or anywhere): write its shards, return its edges."""
     t0 = time.perf_counter()
@@ -394,19 +222,17 @@ def run_unit(unit: Unit) -> UnitResult:
 
     def job(rows: dict[str, dict[int, torch.Tensor]]) -> None:
         for name, layers in rows.items():
-            writers[name].append(_encode_rows(layers, unit.dtype))
+            writers[name].append(encode_rows(layers, unit.dtype))
 
     bg = BackgroundWriter()
     try:
         for k in range(len(unit.segments) - 1):
             lo, hi = unit.segments[k], unit.segments[k + 1]
-            with _TORCH_LOCK:
+            with TORCH_LOCK:
                 rows = segment_states(
                     bb, unit.layers, streams, lo, hi, unit.batch_tokens, unit.max_batch_size
                 )
             bg.submit(lambda rows=rows: job(rows))
-            if k == 0:
-                _test_fault(bg)
     finally:
         bg.close()
     return UnitResult(
@@ -415,20 +241,11 @@ def run_unit(unit: Unit) -> UnitResult:
         written={name: w.own for name, w in writers.items()},
         edges={name: w.merged_edges() for name, w in writers.items()},
         seconds=time.perf_counter() - t0,
-        worker=_worker_address(),
+        worker=worker_address(),
     )
 
 
-def _worker_address() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
-        return f"pid {os.getpid()}"
-
-
-# --- the coordinator side of extraction -------------------------------------------------------
+# --- the coordinator side ---------------------------------------------------------------------
 
 
 class Stitcher:
@@ -485,10 +302,10 @@ class Stitcher:
             pos = end
 
 
-def backbone_spec(cfg: Config, backbone: Backbone) -> BackboneSpec:
+def backbone_spec(cfg: StageConfig, backbone: Backbone) -> BackboneSpec:
     """What workers load: the configured backbone, which must be loadable by name or path."""
     if not backbone.path:
-        raise PipelineError(
+        raise StageError(
             f"backbone {backbone.name!r} was built in memory; Dask workers load the backbone "
             "themselves: give a short name, a Hugging Face name or a local model folder"
         )
@@ -516,39 +333,28 @@ def group_segments(
     return out
 
 
-def absolute_root(root: str) -> str:
-    """A local root as an absolute path (workers may run in another directory)."""
-    return root if st.is_remote(root) else str(Path(root.removeprefix("file://")).resolve())
+class DaskSegments:
+    """A ``SegmentRunner``: an extraction's segments as work units on a Dask cluster.
 
-
-class DistributedExtractor(Extractor):
-    """``Extractor`` whose segments run on Dask workers; this process stitches and commits."""
+    ``unit_task`` is what each Dask task runs (``run_unit``); a test may wrap it to inject faults.
+    """
 
     def __init__(
         self,
-        cfg: Config,
-        backbone: Backbone,
-        data: TaskData,
         cluster: Cluster,
-        progress: bool = True,
         retries: int = EXTRACT_RETRIES,
         units_per_worker: int = UNITS_PER_WORKER,
+        unit_task: Callable[[Unit], UnitResult] = run_unit,
     ) -> None:
-        super().__init__(cfg, backbone, data, progress=progress)
         self.cluster = cluster
         self.retries = retries
         self.units_per_worker = units_per_worker
-        self.spec = backbone_spec(cfg, backbone)
-        self.stats: dict[str, Any] = {}
-
-    def _array_paths(self, split: str, name: str) -> dict[str, str]:
-        names = [layer_name(n) for n in self.layers[stack_of(name)]]
-        if self.dtype == "int8":
-            names += [f"{n}_scale" for n in names]
-        return {n: f"{stream_prefix(split, name)}/{n}" for n in names}
+        self.unit_task = unit_task
 
     def _unit(
         self,
+        ex: Extractor,
+        spec: BackboneSpec,
         writer: CacheWriter,
         split: str,
         streams: dict[str, Stream],
@@ -562,11 +368,11 @@ class DistributedExtractor(Extractor):
         return Unit(
             split=split,
             index=index,
-            root=absolute_root(self.cfg.cache_root),
-            storage_options=self.cfg.cache.storage_options,
+            root=absolute_root(ex.cfg.cache.resolved_root),
+            storage_options=ex.cfg.cache.storage_options,
             prefix=writer.prefix,
-            backbone=self.spec,
-            layers=self.layers,
+            backbone=spec,
+            layers=ex.layers,
             segments=[k - e0 for k in segments[k0 : k1 + 1]],
             streams={
                 name: UnitStream(
@@ -575,42 +381,45 @@ class DistributedExtractor(Extractor):
                     start=int(s.offsets[e0]),
                     n_tokens=s.n_tokens,
                     flushed=flushed.get(name, 0),
-                    arrays=self._array_paths(split, name),
+                    arrays=ex.state_arrays(split, name),
                 )
                 for name, s in streams.items()
             },
-            dtype=self.dtype,
-            shard_rows=self.shard_rows,
-            batch_tokens=self.cfg.extract.batch_tokens,
-            max_batch_size=self.cfg.extract.max_batch_size,
+            dtype=ex.dtype,
+            shard_rows=ex.shard_rows,
+            batch_tokens=ex.cfg.extract.batch_tokens,
+            max_batch_size=ex.cfg.extract.max_batch_size,
         )
 
-    def _extract_all(self, writer: CacheWriter, all_streams: dict[str, dict[str, Stream]]) -> None:
-        plans, remaining = self._plan_work(writer, all_streams)
-        t0 = time.perf_counter()
+    def __call__(
+        self, ex: Extractor, writer: CacheWriter, work: list[SplitWork], remaining: int
+    ) -> dict[str, Any]:
+        spec = backbone_spec(ex.cfg, ex.backbone)
         n_workers = self.cluster.n_workers()
-        target = max(self.shard_rows, -(-remaining // (n_workers * self.units_per_worker)))
+        target = max(ex.shard_rows, -(-remaining // (n_workers * self.units_per_worker)))
         units: list[Unit] = []
         stitchers: dict[str, dict[str, Stitcher]] = {}
-        for split, streams, segments, first, flushed in plans:
+        for split, streams, segments, first, flushed in work:
             stitchers[split] = {
                 name: Stitcher(
-                    {k: writer.group[p] for k, p in self._array_paths(split, name).items()},
+                    {k: writer.group[p] for k, p in ex.state_arrays(split, name).items()},
                     s.n_tokens,
-                    self.shard_rows,
+                    ex.shard_rows,
                     flushed.get(name, 0),
                 )
                 for name, s in streams.items()
             }
             for k0, k1 in group_segments(segments, first, streams["enc"].offsets, target):
                 units.append(
-                    self._unit(writer, split, streams, segments, k0, k1, flushed, len(units))
+                    self._unit(
+                        ex, spec, writer, split, streams, segments, k0, k1, flushed, len(units)
+                    )
                 )
         client = self.cluster.client
-        tag = f"{self.key}-{writer.attempt}-{uuid.uuid4().hex[:6]}"
+        tag = f"{ex.key}-{writer.attempt}-{uuid.uuid4().hex[:6]}"
         futures = [
             client.submit(
-                run_unit,
+                self.unit_task,
                 u,
                 key=f"lst-extract-{tag}-{u.split}-{u.index}",
                 retries=self.retries,
@@ -623,8 +432,8 @@ class DistributedExtractor(Extractor):
             total=remaining,
             unit="tok",
             unit_scale=True,
-            desc=f"extract {self.key} ({n_workers} workers)",
-            disable=not self.show_progress,
+            desc=f"extract {ex.key} ({n_workers} workers)",
+            disable=not ex.show_progress,
         )
         from distributed import as_completed
 
@@ -647,7 +456,7 @@ class DistributedExtractor(Extractor):
                 workers_seen.add(res.worker)
                 bar.update(unit.enc_tokens)
         except Exception as e:
-            _raise_killed(e, "while extracting")
+            raise_killed(e, "while extracting")
             raise
         finally:
             bar.close()
@@ -656,166 +465,10 @@ class DistributedExtractor(Extractor):
             missing = [name for name, s in ss.items() if not s.complete]
             if missing:  # a bug, never a user error: refuse to commit a cache with holes
                 raise RuntimeError(f"split {split}: streams {missing} not fully written")
-        self.timings["extract_s"] = time.perf_counter() - t0
-        self.stats = {
+        return {
             "workers": n_workers,
             "workers_used": len(workers_seen),
             "units": len(units),
             "unit_tokens": target,
             "stitched_rows": sum(s.stitched_rows for ss in stitchers.values() for s in ss.values()),
         }
-
-    def _manifest(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return {**super()._manifest(*args, **kwargs), "distributed": self.stats}
-
-
-# --- stage two: a sweep of side-network trainings ---------------------------------------------
-
-
-@dataclass
-class SweepResult:
-    folder: Path
-    cache_key: str
-    task: str
-    metric: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-
-
-SWEEP_COLUMNS = (
-    "trial", "r", "seed", "lr", "best_epoch", "validation", "test", "trainable_parameters",
-    "compute_s", "wall_s", "run", "worker",
-)  # fmt: skip
-
-
-def run_trial(cfg: Config, cache_key: str, run_name: str) -> dict[str, Any]:
-    """One side network (``cfg`` has a one-trial grid) trained from the cache; its summary row."""
-    from stages.train_side import train_side
-
-    t0 = time.perf_counter()
-    with _TORCH_LOCK:
-        result = train_side(cfg, cache_key=cache_key, run_name=run_name, progress=False)
-    ((name, net),) = result.metrics["networks"].items()
-    return {
-        "trial": name,
-        "r": net["r"],
-        "seed": net["seed"],
-        "lr": net["lr"],
-        "best_epoch": net["best_epoch"],
-        "validation": net["best_validation"],
-        "test": (net.get("test") or {}).get("score"),
-        "trainable_parameters": net["trainable_parameters"],
-        "compute_s": round(net["compute_s"], 3),
-        "wall_s": round(time.perf_counter() - t0, 3),
-        "run": str(result.folder),
-        "worker": _worker_address(),
-        "test_metrics": net.get("test"),
-        "epochs": net["epochs"],
-    }
-
-
-def sweep_trials(cfg: Config) -> int:
-    t = cfg.train_side
-    return len(t.reduction_factors) * len(t.seeds) * len(t.learning_rates)
-
-
-def sweep_train_side(
-    cfg: Config,
-    cluster: Cluster,
-    *,
-    cache_key: str | None = None,
-    sweep_name: str | None = None,
-    progress: bool = True,
-    retries: int = TRAIN_RETRIES,
-) -> SweepResult:
-    """One Dask task per (r, seed, lr) of ``cfg.train_side``; metrics gathered into one table."""
-    from stages.train_side import (
-        backbone_config_of,
-        load_side_init,
-        resolve_cache,
-        run_signature,
-        side_config,
-        task_spec_of,
-        trials_of,
-    )
-
-    cache = resolve_cache(cfg, cache_key)
-    spec = task_spec_of(cache)
-    bcfg = backbone_config_of(cache)
-    trials = trials_of(cfg)
-    if len(set(trials)) != len(trials):
-        raise PipelineError("the sweep grid has repeated trials; list each value once")
-    for r in sorted({tr.r for tr in trials}):  # every trial's config is valid before any work
-        side_config(cfg, r, spec).validate(bcfg)
-        if cfg.train_side.init != "random":
-            load_side_init(cache, r, cfg.train_side.init)
-    signature = run_signature(cfg, cache.key, None)
-    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:8]
-    folder = Path(cfg.train_side.run_dir).expanduser().resolve() / (
-        sweep_name or f"sweep-{cache.key}-{digest}"
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    root = absolute_root(cfg.cache_root)
-    client = cluster.client
-    cluster.n_workers()
-    tag = uuid.uuid4().hex[:6]
-    futures = {}
-    for tr in trials:
-        tcfg = apply_overrides(
-            cfg,
-            {
-                "cache.root": root,
-                "train_side.run_dir": str(folder),
-                "train_side.reduction_factors": [tr.r],
-                "train_side.seeds": [tr.seed],
-                "train_side.learning_rates": [tr.lr],
-            },
-        )
-        fut = client.submit(
-            run_trial,
-            tcfg,
-            cache.key,
-            tr.name,
-            key=f"lst-train-{folder.name}-{tr.name}-{tag}",
-            retries=retries,
-            pure=False,
-        )
-        futures[fut.key] = (fut, tr)
-    from distributed import as_completed
-
-    rows: dict[Any, dict[str, Any]] = {}
-    bar = tqdm(total=len(trials), unit="trial", desc=f"sweep {folder.name}", disable=not progress)
-    try:
-        for fut, row in as_completed(
-            [f for f, _ in futures.values()], loop=client.loop, with_results=True
-        ):
-            rows[futures[fut.key][1]] = row
-            bar.update(1)
-            bar.set_postfix(last=f"{row['trial']} {row['validation']:.1f}")
-    except Exception as e:
-        _raise_killed(e, "while training")
-        raise
-    finally:
-        bar.close()
-        client.cancel([f for f, _ in futures.values()])
-    result = SweepResult(folder, cache.key, spec.name, spec.metric, [rows[tr] for tr in trials])
-    write_sweep(result)
-    return result
-
-
-def write_sweep(result: SweepResult) -> None:
-    """sweep.json (every row, with per-epoch history) and sweep.csv (the table) in the folder."""
-    payload = {
-        "cache": result.cache_key,
-        "task": result.task,
-        "metric": result.metric,
-        "trials": result.rows,
-    }
-    tmp = result.folder / "sweep.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(result.folder / "sweep.json")
-    tmp = result.folder / "sweep.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result.rows)
-    tmp.replace(result.folder / "sweep.csv")

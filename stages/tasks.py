@@ -21,14 +21,22 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import PipelineError
+from stages.errors import StageError
 
 csv.field_size_limit(sys.maxsize)
 
 SPLITS = ("train", "validation", "test")
+SMALL_TASKS = {"rte", "cola", "mrpc", "stsb"}  # 20 epochs in the paper; the rest 10
+
+
+def paper_epochs(task: str) -> int:
+    """The paper's epoch budget for a task: 20 for the small GLUE tasks, 10 for the rest."""
+    return 20 if task in SMALL_TASKS else 10
 
 
 @dataclass(frozen=True)
@@ -179,9 +187,25 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+class TaskConfig(BaseModel):
+    """``task:`` in pipeline.yaml: which data, from where, split and cut how."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = "rte"  # a GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte) or "custom"
+    data_dir: str | None = None  # glue_data folder; None = the Hugging Face hub
+    files: dict[str, str] = {}  # custom task: split -> CSV/TSV/JSONL path
+    text_columns: list[str] = []  # custom task: text columns, in order
+    label_column: str = "label"  # custom task: label column
+    problem: Literal["classification", "regression"] = "classification"  # custom task
+    metric: Literal["accuracy", "mcc", "acc_f1", "pearson_spearman"] = "accuracy"  # custom task
+    split_seed: int = 42  # shuffle seed for the paper's validation/test splits (as data_seed)
+    limit: int | None = Field(default=None, ge=1)  # first N examples of each split (smoke runs)
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
-        raise PipelineError(
+        raise StageError(
             f"unknown task {name!r}; allowed: {', '.join(TASKS)}, or 'custom' with your own files"
         )
     return TASKS[name]
@@ -209,7 +233,7 @@ def load_task(
     """Load a task's train/validation/test splits (paper splits), optionally the first ``limit`` of each."""
     if name == "custom":
         if custom is None:
-            raise PipelineError("task 'custom' needs task.files and task.text_columns")
+            raise StageError("task 'custom' needs task.files and task.text_columns")
         spec, original = _load_custom(custom)
         source = "files: " + ", ".join(f"{k}={v}" for k, v in custom.files.items())
     else:
@@ -223,12 +247,49 @@ def load_task(
     splits = paper_splits(spec, original, split_seed)
     for split, examples in splits.items():
         if not examples:
-            raise PipelineError(f"split {split!r} of task {spec.name!r} is empty ({source})")
+            raise StageError(f"split {split!r} of task {spec.name!r} is empty ({source})")
     if limit is not None:
         if limit < 1:
-            raise PipelineError(f"--limit must be a positive integer, got {limit}")
+            raise StageError(f"--limit must be a positive integer, got {limit}")
         splits = {k: v[:limit] for k, v in splits.items()}
     return TaskData(spec=spec, splits=splits, source=source)
+
+
+def load_task_of(cfg: TaskConfig, *, limit: int | None = None) -> TaskData:
+    """The task ``cfg`` describes (GLUE or the user's files); ``limit`` overrides ``cfg.limit``.
+
+    The one place a task's data is built from the configuration: extraction, evaluation and
+    prediction all come through here, custom tasks included.
+    """
+    custom = None
+    if cfg.name == "custom":
+        custom = CustomTask(
+            files=dict(cfg.files),
+            text_columns=tuple(cfg.text_columns),
+            label_column=cfg.label_column,
+            problem=cfg.problem,
+            metric=cfg.metric,
+        )
+    return load_task(
+        cfg.name,
+        data_dir=cfg.data_dir,
+        custom=custom,
+        split_seed=cfg.split_seed,
+        limit=cfg.limit if limit is None else limit,
+    )
+
+
+def spec_of(saved: dict[str, Any]) -> TaskSpec:
+    """The task of a cache or a trained network, from its saved description (custom included)."""
+    if saved["name"] in TASKS:
+        return TASKS[saved["name"]]
+    labels = tuple(saved["labels"]) if saved["labels"] else None
+    return TaskSpec(
+        name=saved["name"],
+        text_fields=tuple(saved["text_fields"]),
+        labels=labels,
+        metric=saved["metric"],
+    )
 
 
 def paper_splits(
@@ -267,12 +328,12 @@ def _label_value(spec: TaskSpec, raw: str, where: str) -> int | float:
         try:
             return float(raw)
         except ValueError:
-            raise PipelineError(f"{where}: label {raw!r} is not a number") from None
+            raise StageError(f"{where}: label {raw!r} is not a number") from None
     if raw.isdigit() and int(raw) < len(spec.labels):
         return int(raw)
     if raw in spec.labels:
         return spec.labels.index(raw)
-    raise PipelineError(
+    raise StageError(
         f"{where}: label {raw!r} is not one of {', '.join(spec.labels)} "
         f"(or their ids 0..{len(spec.labels) - 1})"
     )
@@ -281,17 +342,17 @@ def _label_value(spec: TaskSpec, raw: str, where: str) -> int | float:
 def read_glue_tsv(spec: TaskSpec, path: Path) -> list[Example]:
     """Read one glue_data TSV file, checking that it has the task's columns."""
     if not path.is_file():
-        raise PipelineError(f"missing data file {path} for task {spec.name!r}")
+        raise StageError(f"missing data file {path} for task {spec.name!r}")
     with path.open(encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
-        raise PipelineError(f"{path} is empty")
+        raise StageError(f"{path} is empty")
     wanted = [*spec.tsv_columns, spec.tsv_label]
     if spec.tsv_header:
         header, rows = rows[0], rows[1:]
         missing = [c for c in wanted if c not in header]
         if missing:
-            raise PipelineError(
+            raise StageError(
                 f"{path} has the wrong columns: missing {', '.join(map(str, missing))}; "
                 f"task {spec.name!r} needs {', '.join(map(str, wanted))} (found {', '.join(header)})"
             )
@@ -302,7 +363,7 @@ def read_glue_tsv(spec: TaskSpec, path: Path) -> list[Example]:
     examples = []
     for n, row in enumerate(rows, start=2 if spec.tsv_header else 1):
         if len(row) < width:
-            raise PipelineError(
+            raise StageError(
                 f"{path}:{n} has {len(row)} columns; task {spec.name!r} needs at least {width}"
             )
         if spec.name == "mnli" and row[index[-1]] == "-":  # no gold label (rare in dev sets)
@@ -314,10 +375,10 @@ def read_glue_tsv(spec: TaskSpec, path: Path) -> list[Example]:
 
 def _load_glue_dir(spec: TaskSpec, data_dir: Path) -> dict[str, list[Example]]:
     if not data_dir.is_dir():
-        raise PipelineError(f"data directory {data_dir} does not exist")
+        raise StageError(f"data directory {data_dir} does not exist")
     task_dir = data_dir / spec.glue_dir
     if not task_dir.is_dir():
-        raise PipelineError(
+        raise StageError(
             f"data directory {data_dir} has no {spec.glue_dir}/ folder for task {spec.name!r} "
             "(expected the classic glue_data layout)"
         )
@@ -331,7 +392,7 @@ def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
         ds = datasets.load_dataset("nyu-mll/glue", spec.name)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PipelineError(
+        raise StageError(
             f"could not load glue/{spec.name} from the Hugging Face hub ({first}); "
             "pass --data-dir with a glue_data folder instead"
         ) from None
@@ -347,7 +408,7 @@ def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
 
 def _read_table(path: Path) -> list[dict]:
     if not path.is_file():
-        raise PipelineError(f"missing data file {path}")
+        raise StageError(f"missing data file {path}")
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with path.open(encoding="utf-8") as f:
@@ -357,11 +418,11 @@ def _read_table(path: Path) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PipelineError(
+                    raise StageError(
                         f"{path}:{n} is not valid JSON ({e.msg}); expected one JSON object per line"
                     ) from None
                 if not isinstance(row, dict):
-                    raise PipelineError(
+                    raise StageError(
                         f"{path}:{n} is a JSON {type(row).__name__}; expected one JSON object per line"
                     )
                 rows.append(row)
@@ -372,35 +433,33 @@ def _read_table(path: Path) -> list[dict]:
             rows = []
             for row in reader:
                 if None in row or None in row.values():  # too many or too few fields
-                    raise PipelineError(
+                    raise StageError(
                         f"{path}:{reader.line_num} does not have the header's "
                         f"{len(reader.fieldnames or ())} columns"
                     )
                 rows.append(row)
         return rows
-    raise PipelineError(f"{path}: unsupported file type; allowed: .csv, .tsv, .jsonl")
+    raise StageError(f"{path}: unsupported file type; allowed: .csv, .tsv, .jsonl")
 
 
 def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]]:
     for split in custom.files:
         if split not in SPLITS:
-            raise PipelineError(f"task.files has split {split!r}; allowed: {', '.join(SPLITS)}")
+            raise StageError(f"task.files has split {split!r}; allowed: {', '.join(SPLITS)}")
     if not custom.text_columns:
-        raise PipelineError("task 'custom' needs task.text_columns (the text columns, in order)")
+        raise StageError("task 'custom' needs task.text_columns (the text columns, in order)")
     for split in ("train", "validation"):
         if split not in custom.files:
-            raise PipelineError(f"task 'custom' needs a {split} file in task.files")
+            raise StageError(f"task 'custom' needs a {split} file in task.files")
     if custom.problem not in ("classification", "regression"):
-        raise PipelineError(
-            f"task.problem is {custom.problem!r}; allowed: classification, regression"
-        )
+        raise StageError(f"task.problem is {custom.problem!r}; allowed: classification, regression")
     if custom.metric not in METRICS:
-        raise PipelineError(f"task.metric is {custom.metric!r}; allowed: {', '.join(METRICS)}")
+        raise StageError(f"task.metric is {custom.metric!r}; allowed: {', '.join(METRICS)}")
     tables = {split: _read_table(Path(p)) for split, p in custom.files.items()}
     for split, rows in tables.items():
         needed = [*custom.text_columns, custom.label_column]
         if rows and (missing := [c for c in needed if c not in rows[0]]):
-            raise PipelineError(
+            raise StageError(
                 f"{custom.files[split]} has the wrong columns: missing {', '.join(missing)} "
                 f"(found {', '.join(rows[0])})"
             )

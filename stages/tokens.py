@@ -1,0 +1,111 @@
+"""Token streams: the tokenised examples of a split, and the length-grouped plans over them.
+
+A *stream* is one token axis of a split: ``enc`` (the encoder input), and for T5 ``dec`` (decoder
+inputs under teacher forcing on the verbalised target) and ``cand_K`` (decoder inputs for label
+string K, validation and test only). Stage one runs the backbone over them; evaluation and
+prediction tokenise new text the same way, so the live backbone sees what stage one saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from stages.tasks import TaskData, t5_candidates, t5_source, t5_target
+
+if TYPE_CHECKING:
+    from ladder.backbones import Backbone
+
+
+@dataclass
+class Stream:
+    """One token axis of a split: per-example token ids, and T5 decoder targets."""
+
+    name: str
+    ids: list[list[int]]  # encoder: input ids; decoder: decoder *input* ids (shifted right)
+    token_types: list[list[int]] | None = None
+    targets: list[list[int]] | None = None  # decoder: the labels the side network predicts
+    offsets: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        lengths = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+
+def tokenize_split(
+    backbone: Backbone, data: TaskData, split: str, max_length: int
+) -> dict[str, Stream]:
+    """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation."""
+    spec, examples = data.spec, data.splits[split]
+    tok = backbone.tokenizer
+    if not backbone.encoder_decoder:
+        columns = list(zip(*(ex.texts for ex in examples), strict=True))
+        enc = tok(*columns[:2], truncation=True, max_length=max_length)
+        types = enc.get("token_type_ids")
+        return {"enc": Stream("enc", enc["input_ids"], token_types=types)}
+    sources = [t5_source(spec, ex) for ex in examples]
+    enc = tok(sources, truncation=True, max_length=max_length)
+    streams = {"enc": Stream("enc", enc["input_ids"])}
+    start = backbone.config.decoder_start_token_id or 0
+
+    def teacher(targets: list[list[int]], name: str) -> Stream:
+        return Stream(name, [[start, *t[:-1]] for t in targets], targets=targets)
+
+    targets = tok([t5_target(spec, ex.label) for ex in examples])["input_ids"]
+    streams["dec"] = teacher(targets, "dec")
+    if split != "train":
+        for k, cand in enumerate(t5_candidates(spec)):
+            ids = tok([cand])["input_ids"][0]
+            streams[f"cand_{k}"] = teacher([ids] * len(examples), f"cand_{k}")
+    return streams
+
+
+def plan_segments(offsets: np.ndarray, segment_tokens: int) -> list[int]:
+    """Example indices where segments start (plus the end): about one shard of tokens each."""
+    starts, n = [0], len(offsets) - 1
+    while starts[-1] < n:
+        target = offsets[starts[-1]] + segment_tokens
+        nxt = int(np.searchsorted(offsets, target, side="left"))
+        starts.append(min(n, max(nxt, starts[-1] + 1)))
+    return starts
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Length-grouped batches (indices into ``lengths``): longest first, padded tokens bounded."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * width > batch_tokens or len(cur) >= max_batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = True
+    return ids, mask
+
+
+def stack_of(stream: str) -> str:
+    """The backbone stack a stream's states come from: ``enc``, else the decoder (``dec``)."""
+    return "enc" if stream == "enc" else "dec"
