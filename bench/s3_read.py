@@ -45,6 +45,7 @@ def epoch(root: str, key: str, seed: int, side_step: bool) -> dict[str, float]:
     """One epoch from ``root``: open, loader, every batch (and a side step of r = 8 on it)."""
     from cache_store.loader import CacheLoader
     from pipeline.config import Config, apply_overrides
+    from stages.batches import torch_batches
     from stages.train_side import (
         Trial,
         backbone_config_of,
@@ -67,7 +68,7 @@ def epoch(root: str, key: str, seed: int, side_step: bool) -> dict[str, float]:
         cache, "train", {"enc": ts.net.needed_layers()}, batch_size=100, shuffle=True
     )
     n = 0
-    for batch in loader.epoch(seed):
+    for batch in torch_batches(loader.epoch(seed)):
         n += len(batch.index)
         if side_step:
             train_step(ts, batch, cached_states, 1.0)

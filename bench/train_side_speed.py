@@ -63,11 +63,28 @@ def _setup(root: Path, key: str, rs: list[int], seed: int = 0) -> tuple[Any, lis
     return cache, trials, cfg
 
 
+class _TorchLoader:
+    """The cache loader with torch batches (``stages.batches.to_torch``), as train-side uses it."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int) -> Any:
+        from stages.batches import torch_batches
+
+        return torch_batches(self.loader.epoch(epoch))
+
+
 def _loader(cache: Any, trials: list[Any]) -> Any:
     from cache_store.loader import CacheLoader
 
-    return CacheLoader(
-        cache, "train", {"enc": trials[0].net.needed_layers()}, batch_size=100, shuffle=True
+    return _TorchLoader(
+        CacheLoader(
+            cache, "train", {"enc": trials[0].net.needed_layers()}, batch_size=100, shuffle=True
+        )
     )
 
 

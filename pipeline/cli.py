@@ -517,7 +517,8 @@ def cache_ls(config_path: str | None, cache_root: str | None, as_json: bool) -> 
             click.echo(f"no caches under {cfg.cache.resolved_root}")
         for r in rows:
             if r["status"] != "complete":
-                click.echo(f"{r['key']}  {r['status']}")
+                fix = f"  (fix: {r['fix']})" if r.get("fix") else ""
+                click.echo(f"{r['key']}  {r['status']}{fix}")
                 continue
             click.echo(
                 f"{r['key']}  {r['task']}  {r['backbone']}  {r['dtype']}/{r['codec']}  "

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from cache_store.loader import Batch
+from cache_store import layout
 from ladder.backbones import Backbone, load_backbone
 from ladder.side import SideConfig, build_side_network
+from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
 from stages.tasks import Example, TaskConfig, TaskData, compute_metrics, spec_of, t5_candidates
@@ -97,7 +98,10 @@ class Predictor:
         layers = {"enc": self.net.needed_layers("enc")}
         if self.candidates is not None:
             layers.update(
-                {f"cand_{k}": self.net.needed_layers("dec") for k in range(len(self.candidates))}
+                {
+                    s: self.net.needed_layers("dec")
+                    for s in layout.cand_streams(len(self.candidates))
+                }
             )
         self.states = online_states(self.backbone, False, layers)
 

@@ -27,25 +27,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_store import layout
 from cache_store import store as st
+from cache_store.errors import CacheError
 from cache_store.layout import (
     FORMAT,
     FORMAT_VERSION,
-    encode,
-    layer_name,
-    meta_prefix,
     rows_per_chunk,
+    stack_of,
     stored_numpy_dtype,
-    stream_prefix,
 )
 from cache_store.manifest import cache_key, check_compatible, library_versions, provenance
-from cache_store.writer import (
-    BackgroundWriter,
-    CacheWriter,
-    StreamWriter,
-    key_meta,
-    raise_write_error,
-)
+from cache_store.reader import damaged_message, read_commit
+from cache_store.writer import BackgroundWriter, CacheWriter, StreamWriter, raise_write_error
 from ladder.backbones import (
     Backbone,
     d_model,
@@ -60,7 +54,7 @@ from stages.config import StageConfig
 from stages.errors import StageError
 from stages.side_init import write_side_init
 from stages.tasks import TaskData, load_task_of, t5_candidates
-from stages.tokens import Stream, pad, plan_batches, plan_segments, stack_of, tokenize_split
+from stages.tokens import Stream, pad, plan_batches, plan_segments, tokenize_split
 
 TEMPLATE_VERSION = 1  # bump when tokenisation templates change
 
@@ -180,8 +174,13 @@ class ExtractResult:
     manifest: dict[str, Any]
 
 
-def committed_manifest(store: Any, key: str) -> dict[str, Any] | None:
-    return st.get_json(store, key_meta(key))
+def committed_manifest(store: Any, key: str, root: str) -> dict[str, Any] | None:
+    """The key's committed manifest, None when nothing is committed; a damaged commit raises
+    (its data is neither reused nor overwritten: ``pipeline cache rm`` first)."""
+    commit = read_commit(store, key)
+    if commit.status == "damaged":
+        raise CacheError(damaged_message(commit, root))
+    return commit.manifest
 
 
 class SplitWork(NamedTuple):
@@ -229,7 +228,7 @@ class Extractor:
     def run(self) -> ExtractResult:
         root = self.cfg.cache.resolved_root
         store = st.open_root(root, self.cfg.cache.storage_options, write=True)
-        existing = committed_manifest(store, self.key)
+        existing = committed_manifest(store, self.key, root)
         if existing is not None:
             check_compatible(existing, self.key)
             return ExtractResult(self.key, root, True, existing)
@@ -253,7 +252,11 @@ class Extractor:
             frozen = self.backbone.frozen_tensors()
             for name, t in frozen.items():
                 writer.create_array(
-                    f"frozen/{name}", tuple(t.shape), "float32", chunk_rows=4096, data=t.numpy()
+                    layout.frozen_path(name),
+                    tuple(t.shape),
+                    "float32",
+                    chunk_rows=4096,
+                    data=t.numpy(),
                 )
             self.timings["total_s"] = time.perf_counter() - t0
             manifest = self._manifest(streams, side_init, list(frozen))
@@ -265,65 +268,49 @@ class Extractor:
             raise_write_error(e, root, self.key)
             raise
         if not won:  # another writer committed the same key first: use theirs
-            return ExtractResult(self.key, root, True, committed_manifest(store, self.key) or {})
+            won_by = committed_manifest(store, self.key, root) or {}
+            return ExtractResult(self.key, root, True, won_by)
         return ExtractResult(self.key, root, False, manifest)
 
     # --- per split ---------------------------------------------------------------------------
 
     def state_arrays(self, split: str, stream: str) -> dict[str, str]:
         """The state arrays of one stream (int8 scales included): name -> path in the attempt."""
-        names = [layer_name(n) for n in self.layers[stack_of(stream)]]
-        if self.dtype == "int8":
-            names += [f"{n}_scale" for n in names]
-        return {n: f"{stream_prefix(split, stream)}/{n}" for n in names}
+        return layout.state_arrays(split, stream, self.layers[stack_of(stream)], self.dtype)
 
     def _create_split(self, writer: CacheWriter, split: str, streams: dict[str, Stream]) -> None:
         labels = np.asarray([ex.label for ex in self.data.splits[split]])
         labels = labels.astype(np.float32 if self.data.spec.is_regression else np.int64)
         writer.create_array(
-            f"{split}/labels", labels.shape, labels.dtype, chunk_rows=1 << 20, data=labels
+            layout.labels_path(split), labels.shape, labels.dtype, chunk_rows=1 << 20, data=labels
         )
         for name, s in streams.items():
-            meta = meta_prefix(split, name)
-            writer.create_array(
-                f"{meta}/offsets", s.offsets.shape, "int64", chunk_rows=1 << 20, data=s.offsets
-            )
-            flat = np.fromiter((t for x in s.ids for t in x), dtype=np.int32, count=s.n_tokens)
-            writer.create_array(
-                f"{meta}/input_ids", flat.shape, "int32", chunk_rows=1 << 20, data=flat
-            )
+
+            def flat(seqs: list[list[int]], dtype: Any, n_tokens: int = s.n_tokens) -> np.ndarray:
+                return np.fromiter((t for x in seqs for t in x), dtype=dtype, count=n_tokens)
+
+            meta_arrays = {layout.offsets_path(split, name): s.offsets}
+            meta_arrays[layout.input_ids_path(split, name)] = flat(s.ids, np.int32)
             if s.token_types is not None:  # BERT pairs: what online LST and predict feed back
-                tt = np.fromiter((t for x in s.token_types for t in x), np.int8, count=s.n_tokens)
-                writer.create_array(
-                    f"{meta}/token_type_ids", tt.shape, "int8", chunk_rows=1 << 20, data=tt
-                )
+                meta_arrays[layout.token_type_ids_path(split)] = flat(s.token_types, np.int8)
             if s.targets is not None:
-                tgt = np.fromiter(
-                    (t for x in s.targets for t in x), dtype=np.int32, count=s.n_tokens
-                )
-                writer.create_array(
-                    f"{meta}/target_ids", tgt.shape, "int32", chunk_rows=1 << 20, data=tgt
-                )
+                meta_arrays[layout.target_ids_path(split, name)] = flat(s.targets, np.int32)
+            for path, a in meta_arrays.items():
+                writer.create_array(path, a.shape, a.dtype, chunk_rows=1 << 20, data=a)
+            kw = dict(
+                chunk_rows=self.chunk_rows, shard_rows=self.shard_rows, codec=self.cfg.cache.codec
+            )
             for n in self.layers[stack_of(name)]:
-                kw = dict(
-                    chunk_rows=self.chunk_rows,
-                    shard_rows=self.shard_rows,
-                    codec=self.cfg.cache.codec,
-                )
-                attrs = {"dtype": self.dtype, "state": n}
                 writer.create_array(
-                    f"{stream_prefix(split, name)}/{layer_name(n)}",
+                    layout.state_path(split, name, n),
                     (s.n_tokens, self.d),
                     stored_numpy_dtype(self.dtype),
-                    attrs=attrs,
+                    attrs={"dtype": self.dtype, "state": n},
                     **kw,
                 )
                 if self.dtype == "int8":
                     writer.create_array(
-                        f"{stream_prefix(split, name)}/{layer_name(n)}_scale",
-                        (s.n_tokens,),
-                        "float32",
-                        **kw,
+                        layout.scale_path(split, name, n), (s.n_tokens,), "float32", **kw
                     )
         writer.save_progress(split, {"created": True, "flushed": {k: 0 for k in streams}})
 
@@ -401,7 +388,7 @@ class Extractor:
             "splits": {
                 split: {
                     "n_examples": len(self.data.splits[split]),
-                    "streams": {name: {"n_tokens": s.n_tokens} for name, s in ss.items()},
+                    "streams": {name: stream_info(s) for name, s in ss.items()},
                     "fingerprint": self.data.fingerprint(split),
                 }
                 for split, ss in streams.items()
@@ -427,15 +414,23 @@ def resume_segment(segments: list[int], streams: dict[str, Stream], flushed: dic
     return first
 
 
+def stream_info(s: Stream) -> dict[str, Any]:
+    """What the manifest records of a stream (the encoder's: whether it has token type ids, so
+    ``cache_store.layout.expected_arrays`` names every array)."""
+    info: dict[str, Any] = {"n_tokens": s.n_tokens}
+    if s.name == "enc":
+        info["token_type_ids"] = s.token_types is not None
+    return info
+
+
 def encode_rows(layers: dict[int, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
-    """One segment's states of one stream as stored arrays (int8: codes and per-token scales)."""
-    packed: dict[str, np.ndarray] = {}
-    for n, x in layers.items():
-        codes, scale = encode(x, dtype)
-        packed[layer_name(n)] = codes
-        if scale is not None:
-            packed[f"{layer_name(n)}_scale"] = scale
-    return packed
+    """One segment's states of one stream as stored arrays (int8: codes and per-token scales):
+    ``cache_store.layout.encode_rows`` of the states as numpy (float16 kept, else float32; a
+    bfloat16 backbone's states widen exactly)."""
+    arrays = {
+        n: (x if x.dtype == torch.float16 else x.float()).cpu().numpy() for n, x in layers.items()
+    }
+    return layout.encode_rows(arrays, dtype)
 
 
 def run_segments_here(

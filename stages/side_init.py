@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cache_store import layout
 from ladder.pruning import compute_fisher, fisher_model_for, prune_backbone
 from stages.config import StageConfig
 from stages.tasks import TaskData
@@ -98,12 +99,11 @@ def write_side_init(
     done: dict[str, list[str]] = {}
     for r in sorted(set(cfg.extract.reduction_factors)):
         for method, imp in importances.items():
-            prefix = f"side_init/r{r}/{method}"
             weights, indices = prune_backbone(backbone.family, state, imp, r, backbone.config)
             for name, t in {**weights, **indices}.items():
                 a = t.numpy()
                 writer.create_array(
-                    f"{prefix}/{name}",
+                    layout.side_init_path(r, method, name),
                     a.shape,
                     a.dtype,
                     chunk_rows=max(1, a.shape[0] if a.ndim else 1),

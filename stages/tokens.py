@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from cache_store import layout
 from stages.tasks import TaskData, t5_candidates, t5_source, t5_target
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def tokenize_split(
     if split != "train":
         for k, cand in enumerate(t5_candidates(spec)):
             ids = tok([cand])["input_ids"][0]
-            streams[f"cand_{k}"] = teacher([ids] * len(examples), f"cand_{k}")
+            streams[layout.cand_stream(k)] = teacher([ids] * len(examples), layout.cand_stream(k))
     return streams
 
 
@@ -104,8 +105,3 @@ def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[b, : len(s)] = True
     return ids, mask
-
-
-def stack_of(stream: str) -> str:
-    """The backbone stack a stream's states come from: ``enc``, else the decoder (``dec``)."""
-    return "enc" if stream == "enc" else "dec"

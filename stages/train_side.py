@@ -32,9 +32,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cache_store.loader import Batch, CacheLoader
-from cache_store.registry import CommittedCache, list_caches, open_cache
+from cache_store import layout
+from cache_store.loader import CacheLoader
+from cache_store.reader import CommittedCache, open_cache
+from cache_store.registry import list_caches
 from ladder.side import SideConfig, build_side_network, trainable_parameters
+from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
 from stages.tasks import TaskSpec, compute_metrics, paper_epochs, spec_of
@@ -150,7 +153,7 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
             f"cache {cache.key} has no {method} side_init for reduction factor {r} (it has "
             f"{have or 'none'}); re-extract with --reduction-factors including {r}, or use --init random"
         )
-    group = cache.group[f"side_init/r{r}/{method}"]
+    group = cache.group[layout.side_init_prefix(r, method)]
     return {
         name: torch.from_numpy(np.asarray(arr[...]))
         for name, arr in group.arrays()
@@ -170,7 +173,7 @@ def build_trial(
     torch.manual_seed(trial.seed)
     lm_head = None
     if "lm_head" in cache.manifest.get("frozen", []):
-        lm_head = torch.from_numpy(np.asarray(cache.array("frozen/lm_head")[...]))
+        lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
     net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
@@ -255,7 +258,7 @@ def predict_batch(
         logits = net(states(batch, "enc"), batch.masks["enc"])
         return logits.squeeze(-1).numpy() if spec.is_regression else logits.argmax(-1).numpy()
     C = len(candidates)
-    streams = [f"cand_{k}" for k in range(C)]
+    streams = layout.cand_streams(C)
     T = max(batch.masks[s].shape[1] for s in streams)
     B = batch.masks["enc"].shape[0]
 
@@ -284,7 +287,7 @@ def evaluate(
     """The task metrics of every network on one split, one pass over the loader."""
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
-    for batch in loader.epoch(0):
+    for batch in torch_batches(loader.epoch(0)):
         index.append(batch.index.numpy())
         labels.append(batch.labels.numpy())
         for k, ts in enumerate(ts_list):
@@ -430,7 +433,7 @@ def train_side(
         layers["dec"] = runs[0].net.needed_layers("dec")
     eval_layers = {"enc": layers["enc"]}
     if candidates is not None:
-        eval_layers.update({f"cand_{k}": layers["dec"] for k in range(len(candidates))})
+        eval_layers.update({s: layers["dec"] for s in layout.cand_streams(len(candidates))})
     mode = None if online is None else ("online-dropout" if online_dropout else "online-eval")
     folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name)
 
@@ -477,7 +480,7 @@ def train_side(
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             losses = [[] for _ in runs]
-            for batch in train.epoch(epoch):
+            for batch in torch_batches(train.epoch(epoch)):
                 for k, ts in enumerate(runs):
                     c0 = time.perf_counter()
                     losses[k].append(train_step(ts, batch, states_train, t.max_grad_norm))

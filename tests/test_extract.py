@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache_store.layout import decode, layer_name, meta_prefix
+from cache_store.layout import decode_numpy, layer_name, meta_prefix
 from cache_store.registry import open_cache, verify_cache
 from stages.extract import extract
 from stages.tokens import plan_batches, plan_segments, tokenize_split
@@ -25,7 +25,10 @@ def stored_rows(cache, split: str, stream: str, n: int, i: int) -> torch.Tensor:
     scale = None
     if cache.manifest["dtype"] == "int8":
         scale = cache.array(f"{split}/{stream}/{layer_name(n)}_scale")[off[0] : off[1]]
-    return decode(arr[off[0] : off[1]], scale, cache.manifest["dtype"])
+    codes = arr[off[0] : off[1]]
+    return torch.from_numpy(
+        np.ascontiguousarray(decode_numpy(codes, scale, cache.manifest["dtype"]))
+    )
 
 
 def direct_states(backbone, ids: list[int], types: list[int] | None, dec: dict | None = None):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import zarr
 
-from cache_store.registry import list_caches, open_cache
 from cache_store.errors import CacheError
+from cache_store.registry import list_caches, open_cache
 from tests.conftest import REPO
 
 SMALL = ["--side-init", "", "--reduction-factors", ""]
