@@ -34,7 +34,7 @@ from cache_store.layout import (
     CODECS,
     DTYPES,
     attempt_prefix,
-    decode,
+    decode_numpy,
     encode,
     layer_name,
     rows_per_chunk,
@@ -91,7 +91,7 @@ def recon_error(states: list[torch.Tensor], dtype: str) -> tuple[float, list[flo
     per = []
     for x in states:
         codes, scale = encode(x.float().numpy(), dtype)
-        err = float(((torch.from_numpy(decode(codes, scale, dtype)) - x) ** 2).sum())
+        err = float(((torch.from_numpy(decode_numpy(codes, scale, dtype)) - x) ** 2).sum())
         ref = float((x.double() ** 2).sum())
         per.append((err / ref) ** 0.5)
         num, den = num + err, den + ref

@@ -350,6 +350,3 @@ def decode_numpy(codes: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.
     if dtype == "int8":
         return codes.astype(np.float32) * scale[:, None]
     return codes.astype(np.float32, copy=False)
-
-
-decode = decode_numpy  # the name stages used; a numpy array now (torch.from_numpy it)

@@ -55,8 +55,6 @@ from cache_store.layout import FORMAT, FORMAT_VERSION, compressors, is_attempt
 from cache_store.manifest import provenance
 from cache_store.reader import damaged_message, inventory, read_commit
 
-key_meta = layout.commit_key  # the name stages used
-
 
 class StreamWriter:
     """Appends consecutive token rows of one stream and writes whole shards only.

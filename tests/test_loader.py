@@ -107,3 +107,30 @@ def test_without_states_the_batches_come_in_the_same_order(cache):
     for a, b in zip(with_states, ids_only, strict=True):
         np.testing.assert_array_equal(a.input_ids["enc"], b.input_ids["enc"])
         assert set(a.states["enc"]) == {0, 1} and b.states["enc"] == {}
+
+
+def test_to_torch_shares_the_numpy_memory_and_views_bfloat16_bits():
+    import torch
+
+    from cache_store.layout import decode_numpy, encode
+    from cache_store.loader import NumpyBatch
+    from stages.batches import to_torch
+
+    x = np.random.default_rng(0).standard_normal((2 * 3, 4)).astype(np.float32)
+    bits = encode(x, "bfloat16")[0].reshape(2, 3, 4)
+    nb = NumpyBatch(
+        index=np.array([5, 7]),
+        labels=np.array([0, 1]),
+        states={"enc": {1: bits}},
+        masks={"enc": np.ones((2, 3), dtype=bool)},
+        input_ids={"enc": np.zeros((2, 3), dtype=np.int64)},
+        state_dtype="bfloat16",
+    )
+    b = to_torch(nb)
+    s = b.states["enc"][1]
+    assert s.dtype == torch.bfloat16 and s.shape == (2, 3, 4)
+    assert s.data_ptr() == bits.ctypes.data  # no copy
+    np.testing.assert_array_equal(
+        s.float().numpy().reshape(6, 4), decode_numpy(bits, None, "bfloat16").reshape(6, 4)
+    )
+    assert b.index.data_ptr() == nb.index.ctypes.data and b.token_type_ids is None
