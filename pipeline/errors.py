@@ -5,6 +5,7 @@ Each package raises its own type (``CacheError``, ``LadderError``, ``StageError`
 the CLI (and ``bench``) print as one ``error: ...`` line with exit status 2.
 """
 
+from ladder.errors import LadderError
 from stages.errors import StageError
 
 
@@ -12,4 +13,4 @@ class PipelineError(Exception):
     """Bad input on the command line or in the configuration file."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, StageError)
+USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, StageError, LadderError)
