@@ -6,6 +6,7 @@ the CLI (and ``bench``) print as one ``error: ...`` line with exit status 2.
 """
 
 from cache_store.errors import CacheError
+from ladder.errors import LadderError
 from stages.errors import StageError
 
 
@@ -13,4 +14,4 @@ class PipelineError(Exception):
     """Bad input on the command line or in the configuration file."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, StageError, CacheError)
+USER_ERRORS: tuple[type[Exception], ...] = (PipelineError, StageError, LadderError, CacheError)
