@@ -23,6 +23,7 @@ and every index set is returned too, so that each pruned tensor can be checked a
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,9 +38,16 @@ from ladder.families import Dims, check_family, dims_of, divisors
 
 # --------------------------------------------------------------------------- importance
 
+FISHER_TOKEN_BUDGET = 4096  # padded tokens per batch of the batched Fisher pass
+
 
 def compute_fisher(
-    model: torch.nn.Module, batches: Iterable[dict[str, Tensor]], num_samples: int
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    num_samples: int,
+    *,
+    batched: bool = True,
+    token_budget: int = FISHER_TOKEN_BUDGET,
 ) -> dict[str, Tensor]:
     """Empirical Fisher: the sum over examples of squared per-example gradients, per parameter.
 
@@ -53,6 +61,16 @@ def compute_fisher(
     embedding tables that only their own ``nn.Embedding`` reads get sparse gradients, so only the
     rows an example looks up are squared and added (every other row of its gradient is exactly
     zero); and squares go through one reused buffer instead of a new tensor per parameter.
+
+    By default (``batched``) the examples are padded into length-sorted batches of at most
+    ``token_budget`` padded tokens and the same per-example squares are summed from one batched
+    forward and backward (:class:`_PerExampleSquares`): equal to the loop up to float rounding, as
+    the order of the sums differs. Models or batches it cannot handle fall back to the loop:
+    sequence labels (T5's decoder targets: the batch loss is a mean over all target tokens, not
+    over examples), fields other than ``input_ids``/``attention_mask``/``token_type_ids``/
+    ``labels``, a model without an ``attention_mask`` argument, a parameter used outside ``F.linear``/``F.embedding``/``F.layer_norm`` (T5's
+    ``T5LayerNorm``), a weight shared by a lookup and a projection (tied ``lm_head``), sparse or
+    max-norm tables, and lookups without a batch dimension (T5's relative attention bias).
 
     Returns parameter name (as in ``model.named_parameters()``) -> float32 tensor of its shape.
     """
@@ -70,14 +88,19 @@ def compute_fisher(
     saved_grads = {name: p.grad for name, p in params.items()}
     was_training = model.training
     model.eval()
-    tables = _SparseTables(model)
+    tables: _SparseTables | None = None
     try:
         for p in params.values():
             p.requires_grad_(True)
             p.grad = None
+        examples = list(itertools.islice(batches, num_samples))
+        if not examples:
+            raise LadderError("no batches for the Fisher pass; allowed: at least one example")
+        if batched and _batched_fisher(model, examples, params, fisher, token_budget):
+            return fisher
+        tables = _SparseTables(model)
         squares = _Squares()
-        seen = 0
-        for batch in itertools.islice(batches, num_samples):
+        for batch in examples:
             _example_backward(model, batch, device, tables, params.values())
             for name, p in params.items():
                 grad, p.grad = p.grad, None
@@ -87,16 +110,348 @@ def compute_fisher(
                     _add_sparse_square(fisher[name], grad)
                 else:
                     fisher[name].add_(squares(grad))
-            seen += 1
-        if seen == 0:
-            raise LadderError("no batches for the Fisher pass; allowed: at least one example")
     finally:
-        tables.restore()
+        if tables is not None:
+            tables.restore()
         for name, p in params.items():
             p.requires_grad_(saved_requires_grad[name])
             p.grad = saved_grads[name]
         model.train(was_training)
     return fisher
+
+
+# --------------------------------------------------------------------------- batched Fisher
+
+_BATCH_FIELDS = frozenset({"input_ids", "attention_mask", "token_type_ids", "labels"})
+_F = torch.nn.functional
+
+
+class _Unbatchable(Exception):
+    """The batched Fisher pass cannot reproduce the loop for this model; the loop runs instead."""
+
+
+def _batched_fisher(
+    model: torch.nn.Module,
+    examples: Sequence[Mapping[str, Tensor]],
+    params: Mapping[str, torch.nn.Parameter],
+    fisher: dict[str, Tensor],
+    token_budget: int,
+) -> bool:
+    """Add the per-example squared gradients of ``examples`` into ``fisher`` batch by batch.
+
+    Returns False, with ``fisher`` left at zero, where the model or the examples are not supported
+    (see :func:`compute_fisher`); the caller then runs the loop. Examples are sorted by length and
+    padded at the end; each example's positions past its own length are left out of every sum, and
+    the attention mask keeps them from touching the others. The batch loss (the mean of the
+    examples' losses) times the batch size is backpropagated once: its gradient with respect to
+    each example's activations is that example's own.
+    """
+    lengths = _example_lengths(examples)
+    if (
+        lengths is None
+        or "attention_mask" not in inspect.signature(model.forward).parameters
+        or any(isinstance(m, torch.nn.Embedding) and m.sparse for m in model.modules())
+    ):
+        return False
+    device = next(iter(params.values())).device
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    order = sorted(range(len(examples)), key=lengths.__getitem__)
+    ids = {id(p): p for p in params.values()}
+    acc = {id(p): fisher[name] for name, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(False)
+    try:
+        start = 0
+        for size in _length_groups([lengths[i] for i in order], token_budget):
+            chosen = order[start : start + size]
+            start += size
+            lens = [lengths[i] for i in chosen]
+            batch = _collate([examples[i] for i in chosen], lens, pad_id, device)
+            with _PerExampleGrads(ids, lens) as recorder:
+                loss = getattr(model(**batch), "loss", None)
+            if loss is None:
+                raise LadderError(
+                    "the model returned no loss for a Fisher batch; allowed: batches with labels"
+                )
+            (loss * len(chosen)).backward()
+            recorder.add_squares(acc)
+    except _Unbatchable:
+        for f in fisher.values():
+            f.zero_()
+        return False
+    finally:
+        for p in params.values():
+            p.requires_grad_(True)
+    return True
+
+
+def _example_lengths(examples: Sequence[Mapping[str, Tensor]]) -> list[int] | None:
+    """Each example's token count, or None if some example is not one padded-batchable row."""
+    lengths = []
+    for ex in examples:
+        ids = ex.get("input_ids")
+        if not set(ex) <= _BATCH_FIELDS or not isinstance(ids, Tensor) or ids.dim() != 2:
+            return None
+        n = ids.shape[1]
+        for key, value in ex.items():
+            if not isinstance(value, Tensor) or value.shape[0] != 1:
+                return None
+            if key == "labels":
+                if value.numel() != 1:  # sequence labels: the loss is a mean over tokens
+                    return None
+            elif value.shape != ids.shape:
+                return None
+        if n < 1:
+            return None
+        lengths.append(n)
+    return lengths
+
+
+def _length_groups(lengths: Sequence[int], token_budget: int) -> list[int]:
+    """Sizes of consecutive groups of ascending ``lengths`` with size x longest <= budget.
+
+    A group never has as many examples as its padded length: a per-example lookup is told from a
+    shared one (a [T, T] relative-position table) by its first dimension being the batch size.
+    """
+    sizes: list[int] = []
+    size = 0
+    for n in lengths:
+        if size and ((size + 1) * n > token_budget or size + 1 == n):
+            sizes.append(size)
+            size = 0
+        size += 1
+    if size:
+        sizes.append(size)
+    return sizes
+
+
+def _collate(
+    examples: Sequence[Mapping[str, Tensor]],
+    lengths: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+) -> dict[str, Tensor]:
+    """One padded batch: ids padded with ``pad_id``, masks and token types with 0."""
+    width = max(lengths)
+    keys = set().union(*examples) | {"attention_mask"}
+    out: dict[str, Tensor] = {}
+    for key in sorted(keys):
+        if key == "labels":
+            out[key] = torch.cat([ex[key].reshape(1) for ex in examples]).to(device)
+            continue
+        rows = []
+        for ex, n in zip(examples, lengths, strict=True):
+            value = ex.get(key)
+            if value is None:  # no attention mask: every token is attended
+                value = torch.ones_like(ex["input_ids"])
+            fill = pad_id if key == "input_ids" else 0
+            rows.append(_F.pad(value.to(device), (0, width - n), value=fill))
+        out[key] = torch.cat(rows)
+    return out
+
+
+@dataclass
+class _Call:
+    """One use of a parameter in the forward: its kind, inputs, and its output's gradient."""
+
+    kind: str  # "linear", "embedding", "norm"
+    x: Tensor  # the input (embedding: the looked-up indices)
+    weight: int | None
+    bias: int | None
+    extra: tuple = ()
+    grad: Tensor | None = None
+
+
+class _PerExampleGrads(torch.overrides.TorchFunctionMode):
+    """Records ``F.linear``/``F.embedding``/``F.layer_norm`` calls on the model's parameters.
+
+    Each call keeps its input; its output gets a hook that keeps the output's gradient. From both,
+    :meth:`add_squares` forms every example's gradient of each parameter (a projection's weight as
+    ``g_b^T x_b`` over the example's own positions, a table's rows from the lookups, a norm's
+    affine from the normalised input), sums it over the calls sharing the parameter, squares it and
+    adds it up. Any other use of a parameter raises :class:`_Unbatchable`.
+    """
+
+    def __init__(self, params: Mapping[int, Tensor], lengths: Sequence[int]) -> None:
+        super().__init__()
+        self.params = params
+        self.lengths = list(lengths)
+        self.batch = len(lengths)
+        self.width = max(lengths)
+        self.calls: list[_Call] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is _F.linear:
+            return self._linear(*args, **kwargs)
+        if func is _F.embedding:
+            return self._embedding(*args, **kwargs)
+        if func is _F.layer_norm:
+            return self._layer_norm(*args, **kwargs)
+        if getattr(func, "__name__", "") != "__get__" and _uses(self.params, (args, kwargs)):
+            raise _Unbatchable(f"a parameter is used by {getattr(func, '__name__', func)}")
+        return func(*args, **kwargs)
+
+    def _tracked(self, t: Tensor | None) -> int | None:
+        return id(t) if t is not None and id(t) in self.params else None
+
+    def _watch(self, out: Tensor, call: _Call) -> Tensor:
+        if call.weight is None and call.bias is None:
+            return out
+        if not out.requires_grad:
+            out = out.detach().requires_grad_()
+
+        def keep(g: Tensor) -> None:
+            call.grad = g.detach()
+
+        out.register_hook(keep)
+        self.calls.append(call)
+        return out
+
+    def _batched(self, t: Tensor) -> None:
+        if t.dim() < 2 or t.shape[0] != self.batch:
+            raise _Unbatchable(f"an input of shape {tuple(t.shape)} has no batch dimension")
+
+    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        out = _F.linear(x, weight, bias)
+        call = _Call("linear", x.detach(), self._tracked(weight), self._tracked(bias))
+        if call.weight is not None or call.bias is not None:
+            self._batched(x)
+        return self._watch(out, call)
+
+    def _embedding(
+        self,
+        idx: Tensor,
+        weight: Tensor,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+    ) -> Tensor:
+        args = (padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+        out = _F.embedding(idx, weight, *args)
+        tracked = self._tracked(weight)
+        if tracked is None:
+            return out
+        if max_norm is not None or scale_grad_by_freq or sparse:
+            raise _Unbatchable("a table with max_norm, scale_grad_by_freq or sparse")
+        if idx.dim() >= 1 and idx.shape[0] == 1 and self.batch > 1:  # shared positions: expand
+            idx = idx.expand(self.batch, *idx.shape[1:])
+            out = out.expand(self.batch, *out.shape[1:]).contiguous()
+        self._batched(idx)
+        return self._watch(out, _Call("embedding", idx.detach(), tracked, None, (padding_idx,)))
+
+    def _layer_norm(
+        self,
+        x: Tensor,
+        shape: Sequence[int],
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        eps: float = 1e-5,
+    ) -> Tensor:
+        out = _F.layer_norm(x, shape, weight, bias, eps)
+        call = _Call("norm", x.detach(), self._tracked(weight), self._tracked(bias), (shape, eps))
+        if call.weight is not None or call.bias is not None:
+            self._batched(x)
+        return self._watch(out, call)
+
+    def _valid(self, t: Tensor, features: int = 1) -> Tensor | None:
+        """[B, T] mask of each example's own positions if ``t`` is [B, T_padded, ...], else None.
+
+        ``features`` is the number of trailing feature dimensions (0 for looked-up indices).
+        """
+        if t.dim() < 2 + features or t.shape[1] != self.width:
+            return None
+        lengths = torch.tensor(self.lengths, device=t.device)
+        return torch.arange(self.width, device=t.device) < lengths[:, None]
+
+    def add_squares(self, acc: Mapping[int, Tensor]) -> None:
+        """Add every example's squared gradient of each recorded parameter into ``acc``."""
+        roles: dict[int, list[tuple[str, _Call]]] = {}
+        for call in self.calls:
+            if call.grad is None:  # not on the loss path
+                continue
+            for role, pid in (("weight", call.weight), ("bias", call.bias)):
+                if pid is not None:
+                    roles.setdefault(pid, []).append((role, call))
+        for pid, uses in roles.items():
+            kinds = {(role, call.kind) for role, call in uses}
+            if len(kinds) != 1:
+                raise _Unbatchable(f"a parameter is used as {sorted(kinds)}")
+            role, kind = kinds.pop()
+            calls = [call for _, call in uses]
+            if kind == "embedding":
+                self._add_rows(acc[pid], calls)
+            elif kind == "linear" and role == "weight":
+                self._add_projection(acc[pid], calls)
+            else:
+                per_example = sum(self._small(call, role) for call in calls)
+                acc[pid].add_(per_example.mul_(per_example).sum(0))
+
+    def _tokens(self, call: _Call, t: Tensor) -> list[Tensor]:
+        """``t`` [B, ..., f] as one [n_b, f] matrix of each example's own positions."""
+        valid = self._valid(call.x)
+        rows = t.reshape(self.batch, -1, t.shape[-1]) if valid is None else t
+        out = []
+        for b in range(self.batch):
+            r = rows[b] if valid is None else rows[b, : self.lengths[b]]
+            out.append(r.reshape(-1, t.shape[-1]).float())
+        return out
+
+    def _add_projection(self, acc: Tensor, calls: Sequence[_Call]) -> None:
+        xs = [self._tokens(c, c.x) for c in calls]
+        gs = [self._tokens(c, c.grad) for c in calls]
+        for b in range(self.batch):
+            gw = gs[0][b].t() @ xs[0][b]
+            for k in range(1, len(calls)):
+                gw.addmm_(gs[k][b].t(), xs[k][b])
+            acc.addcmul_(gw, gw)
+
+    def _small(self, call: _Call, role: str) -> Tensor:
+        """[B, *shape] per-example gradient of a linear bias or a norm's weight or bias."""
+        g = call.grad.float()
+        if call.kind == "norm" and role == "weight":
+            shape, eps = call.extra
+            g = g * _F.layer_norm(call.x.float(), shape, None, None, eps)
+        n = 1 if call.kind == "linear" else len(call.extra[0])
+        valid = self._valid(call.x)
+        if valid is not None:
+            g = g * valid.reshape(*valid.shape, *[1] * (g.dim() - 2)).to(g.dtype)
+        return g.reshape(self.batch, -1, *g.shape[g.dim() - n :]).sum(1)
+
+    def _add_rows(self, acc: Tensor, calls: Sequence[_Call]) -> None:
+        """Rows of a table: an example's lookups of one row are summed before squaring."""
+        keys, values = [], []
+        for call in calls:
+            idx, g = call.x, call.grad
+            keep = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+            valid = self._valid(idx, 0)
+            if valid is not None:
+                keep &= valid.reshape(*valid.shape, *[1] * (idx.dim() - 2))
+            if call.extra[0] is not None:
+                keep &= idx != call.extra[0]  # the padding row gets no gradient
+            example = torch.arange(self.batch, device=idx.device).reshape(
+                -1, *[1] * (idx.dim() - 1)
+            )
+            keys.append((example * acc.shape[0] + idx).expand_as(idx)[keep])
+            values.append(g.reshape(*idx.shape, -1)[keep])
+        key, value = torch.cat(keys), torch.cat(values)
+        unique, inverse = torch.unique(key, return_inverse=True)
+        summed = value.new_zeros((unique.numel(), value.shape[1])).index_add_(0, inverse, value)
+        summed = summed.float()
+        acc.index_add_(0, unique % acc.shape[0], summed.mul_(summed).view(-1, *acc.shape[1:]))
+
+
+def _uses(params: Mapping[int, Tensor], tree: object) -> bool:
+    """Whether ``tree`` (nested tuples, lists, dicts) holds one of ``params``."""
+    if isinstance(tree, Tensor):
+        return id(tree) in params
+    if isinstance(tree, (tuple, list)):
+        return any(_uses(params, t) for t in tree)
+    if isinstance(tree, dict):
+        return any(_uses(params, t) for t in tree.values())
+    return False
 
 
 class _SparseTables:

@@ -51,8 +51,14 @@ def fisher_batches(
 
 
 def fisher_importance(
-    cfg: StageConfig, backbone: Backbone, data: TaskData, train: dict[str, Stream]
+    cfg: StageConfig,
+    backbone: Backbone,
+    data: TaskData,
+    train: dict[str, Stream],
+    *,
+    batched: bool = True,
 ) -> dict[str, torch.Tensor]:
+    """Fisher importance in the backbone's own names; ``batched=False`` forces the one-by-one loop."""
     n = min(cfg.extract.fisher_samples, len(train["enc"].ids))
     if backbone.encoder_decoder:
         model = backbone.model
@@ -64,7 +70,8 @@ def fisher_importance(
         model.to(backbone.device)
     batches = fisher_batches(backbone, data, train, n, cfg.extract.seed)
     with torch.enable_grad():
-        imp = compute_fisher(model, tqdm(batches, desc="fisher", unit="ex", leave=False), n)
+        examples = tqdm(batches, desc="fisher", unit="ex", leave=False)
+        imp = compute_fisher(model, examples, n, batched=batched)
     base = model.base_model_prefix + "." if not backbone.encoder_decoder else ""
     return {k.removeprefix(base): v for k, v in imp.items()}
 
