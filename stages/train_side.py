@@ -84,13 +84,13 @@ def task_spec_of(cache: CommittedCache) -> TaskSpec:
 
 
 def _data_of(cfg: StageConfig) -> Any:
-    """The task data the config describes, when it names it exactly (a folder, files or a limit).
+    """The task data the config names (a glue_data folder or custom files), else None.
 
-    With neither ``task.data_dir`` nor ``task.limit`` (nor custom files) the data would come from
-    the hub: the cache is then matched on task, backbone and max length alone.
+    Data from the hub is not loaded here (stage two runs offline from the cache): the cache is
+    then matched on task, backbone, max length and ``task.limit`` alone.
     """
     t = cfg.task
-    if t.data_dir is None and t.limit is None and not t.files:
+    if t.data_dir is None and not t.files:
         return None
     return load_task_of(t)
 
@@ -107,6 +107,13 @@ def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str
     if max_length is not None and max_length != cfg.backbone.max_length:
         return f"max length ({max_length}, asked {cfg.backbone.max_length})"
     if data is None:
+        if cfg.task.limit is not None:  # a split may be smaller than the limit, never larger
+            for split, info in m.get("splits", {}).items():
+                if info["n_examples"] > cfg.task.limit:
+                    return (
+                        f"{split} split size ({info['n_examples']} examples, asked at most "
+                        f"{cfg.task.limit})"
+                    )
         return None
     prints = inputs.get("task", {}).get("splits", {})
     for split, examples in data.splits.items():
@@ -122,8 +129,8 @@ def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
     """The cache named by ``key``, else the newest committed cache made from the config's inputs.
 
     Without a key the cache must match everything the config says about the data: task,
-    backbone, max length and, when the config names its data (``task.data_dir``, custom files,
-    ``task.limit``), each split's size and content fingerprint.
+    backbone, max length and, when the config names its data (``task.data_dir``, custom files),
+    each split's size and content fingerprint; with ``task.limit`` alone, the split sizes.
     """
     root = cfg.cache.resolved_root
     if key is None:
