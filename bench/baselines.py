@@ -426,7 +426,7 @@ def train_model(
     )
     labels = torch.from_numpy(train.labels)
     history: list[dict[str, Any]] = []
-    best_score, best_epoch = -math.inf, -1
+    best_score, best_epoch = -math.inf, 0  # epochs numbered from 1, as in train-side's metrics
     # the best checkpoint goes to disk, as train_side's does: no second copy of the weights in RAM
     best_file = Path(tempfile.mkdtemp(prefix="baseline-best-")) / "best.pt"
     steps = 0
@@ -450,7 +450,7 @@ def train_model(
         val = evaluate(model, data["validation"], spec, batch_size * 2, pad_id)
         history.append(
             {
-                "epoch": epoch,
+                "epoch": epoch + 1,
                 "train_loss": float(np.mean(losses)),
                 "validation": val,
                 "epoch_s": epoch_s,
@@ -458,7 +458,7 @@ def train_model(
             }
         )
         if val["score"] > best_score:
-            best_score, best_epoch = val["score"], epoch
+            best_score, best_epoch = val["score"], epoch + 1
             trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
             torch.save(trained, best_file)
         if max_steps is not None and steps >= max_steps:

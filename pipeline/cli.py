@@ -14,6 +14,7 @@ exit status 2; anything else that escapes is one line too, with the traceback be
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -27,13 +28,28 @@ from pipeline.config import Config, apply_overrides, load_config
 from pipeline.errors import USER_ERRORS, PipelineError
 
 
-def _ints(value: str | None) -> list[int] | None:
+def _option_name(param: click.Parameter | None) -> str:
+    return param.opts[0] if param is not None and param.opts else "option"
+
+
+def _ints(value: str | None, param: click.Parameter | None = None) -> list[int] | None:
     if value is None:
         return None
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        raise PipelineError(
+            f"{_option_name(param)}: expected comma-separated integers, got {value!r}"
+        ) from None
+
+
+def _nonempty(values: list | None, param: click.Parameter, example: str) -> list | None:
+    """A list option of stage two's grid must name at least one value."""
+    if values is not None and not values:
+        raise PipelineError(
+            f"{param.opts[0]} is empty; give at least one value, comma-separated (e.g. {example})"
+        )
+    return values
 
 
 def _strs(value: str | None) -> list[str] | None:
@@ -154,10 +170,12 @@ def _cluster(
 @click.option("--codec", help="raw | lz4 | zstd")
 @click.option("--device", help="auto | cpu | cuda | cuda:N")
 @click.option("--batch-tokens", type=int, help="padded tokens per batch")
-@click.option("--layers", callback=lambda c, p, v: _ints(v), help="states to store, e.g. 0,2,4,6")
+@click.option(
+    "--layers", callback=lambda c, p, v: _ints(v, p), help="states to store, e.g. 0,2,4,6"
+)
 @click.option(
     "--reduction-factors",
-    callback=lambda c, p, v: _ints(v),
+    callback=lambda c, p, v: _ints(v, p),
     help="side_init factors, e.g. 4,8,16,32",
 )
 @click.option(
@@ -207,13 +225,26 @@ def _extract(cfg: Config, cluster: Any, progress: bool) -> Any:
     return extract(cfg, progress=progress, runner=runner)
 
 
-def _floats(value: str | None) -> list[float] | None:
+def _floats(value: str | None, param: click.Parameter | None = None) -> list[float] | None:
     if value is None:
         return None
     try:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+        raise PipelineError(
+            f"{_option_name(param)}: expected comma-separated numbers, got {value!r}"
+        ) from None
+
+
+def _learning_rates(value: str | None, param: click.Parameter) -> list[float] | None:
+    lrs = _nonempty(_floats(value, param), param, "3e-3,1e-3")
+    for lr in lrs or []:
+        if not math.isfinite(lr) or lr <= 0:
+            raise PipelineError(
+                f"{param.opts[0]}: {lr:g} is not allowed; learning rates must be finite numbers "
+                "greater than 0 (e.g. 3e-3)"
+            )
+    return lrs
 
 
 def train_options(f: Callable) -> Callable:
@@ -224,15 +255,21 @@ def train_options(f: Callable) -> Callable:
             click.option(
                 "--reduction-factors",
                 "train_reduction_factors",
-                callback=lambda c, p, v: _ints(v),
+                callback=lambda c, p, v: _nonempty(_ints(v, p), p, "4,8,16,32"),
                 help="one side network per factor, e.g. 4,8,16,32",
             ),
-            click.option("--seeds", callback=lambda c, p, v: _ints(v), help="e.g. 0,1,2"),
-            click.option("--learning-rates", callback=lambda c, p, v: _floats(v), help="e.g. 3e-3"),
+            click.option(
+                "--seeds",
+                callback=lambda c, p, v: _nonempty(_ints(v, p), p, "0,1,2"),
+                help="e.g. 0,1,2",
+            ),
+            click.option(
+                "--learning-rates", callback=lambda c, p, v: _learning_rates(v, p), help="e.g. 3e-3"
+            ),
             click.option("--epochs", type=int, help="default: 20 small tasks, 10 the rest"),
             click.option("--batch-size", type=int),
             click.option("--warmup-steps", type=int),
-            click.option("--kept-layers", callback=lambda c, p, v: _ints(v), help="e.g. 1,3,5"),
+            click.option("--kept-layers", callback=lambda c, p, v: _ints(v, p), help="e.g. 1,3,5"),
             click.option("--fusion", help="ladder | late | none"),
             click.option("--init", help="random | magnitude | fisher"),
             click.option("--ladder-dropout", type=float),
@@ -276,10 +313,23 @@ def _train(
                 "best_epoch": v["best_epoch"],
                 "validation": v["best_validation"],
                 "test": v.get("test"),
+                **({"stopped": v["stopped"]} if v.get("stopped") else {}),
             }
             for k, v in nets.items()
         },
     }
+
+
+def _exit_if_stopped(out: dict) -> None:
+    """Exit status 1, one line per network that stopped early (non-finite training loss)."""
+    stopped = {k: v["stopped"] for k, v in out.get("networks", {}).items() if v.get("stopped")}
+    for name, why in stopped.items():
+        click.echo(
+            f"error: network {name} {why}: lower its learning rate; its figures are not valid",
+            err=True,
+        )
+    if stopped:
+        sys.exit(1)
 
 
 def _print_train(o: dict) -> None:
@@ -287,7 +337,8 @@ def _print_train(o: dict) -> None:
     for name, v in o["networks"].items():
         test = v["test"] or {}
         click.echo(
-            f"  {name}: best epoch {v['best_epoch'] + 1}, validation {v['validation']:.2f}, test {test.get('score', float('nan')):.2f}"
+            f"  {name}: best epoch {v['best_epoch']}, validation {v['validation']:.2f}, test {test.get('score', float('nan')):.2f}"
+            + (" (stopped)" if v.get("stopped") else "")
         )
 
 
@@ -312,6 +363,7 @@ def _sweep(
         "task": res.task,
         "metric": res.metric,
         "trials": [{k: row[k] for k in SWEEP_COLUMNS} for row in res.rows],
+        "networks": {row["trial"]: {"stopped": row["stopped"]} for row in res.rows},
     }
 
 
@@ -320,7 +372,7 @@ def _print_sweep(o: dict) -> None:
     nan = float("nan")
     rows = [
         [
-            t["trial"], str(t["r"]), str(t["seed"]), f"{t['lr']:g}", str(t["best_epoch"] + 1),
+            t["trial"], str(t["r"]), str(t["seed"]), f"{t['lr']:g}", str(t["best_epoch"]),
             f"{t['validation']:.2f}", f"{nan if t['test'] is None else t['test']:.2f}",
             f"{t['wall_s']:.1f}", t["worker"],
         ]
@@ -388,8 +440,11 @@ def _stage_two(
     if sweep:
         out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
         _emit(out, as_json, _print_sweep)
+        _exit_if_stopped(out)
     else:
-        _emit(_train(cfg, cache_key, run_name, online, not as_json), as_json, _print_train)
+        out = _train(cfg, cache_key, run_name, online, not as_json)
+        _emit(out, as_json, _print_train)
+        _exit_if_stopped(out)
 
 
 @run.command("all")
@@ -430,13 +485,24 @@ def run_all(
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
 @click.argument("texts", nargs=-1, required=True)
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="use the best checkpoint of a run that has not finished (no test figures yet)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
-def predict(run_folder: str, network: str | None, texts: tuple[str, ...], as_json: bool) -> None:
+def predict(
+    run_folder: str,
+    network: str | None,
+    texts: tuple[str, ...],
+    allow_unfinished: bool,
+    as_json: bool,
+) -> None:
     """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks)."""
     from stages.evaluate import Predictor
     from stages.tasks import Example
 
-    p = Predictor(run_folder, network)
+    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
     n = len(p.spec.text_fields)
     if len(texts) != n:
         raise PipelineError(
@@ -456,6 +522,11 @@ def predict(run_folder: str, network: str | None, texts: tuple[str, ...], as_jso
 @click.option("--split", default="test", show_default=True, help="train | validation | test")
 @click.option("--data-dir", help="a glue_data folder (default: the run's)")
 @click.option("--limit", type=int, help="first N examples")
+@click.option(
+    "--allow-unfinished",
+    is_flag=True,
+    help="use the best checkpoint of a run that has not finished (no test figures yet)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def evaluate_cmd(
     run_folder: str,
@@ -463,13 +534,14 @@ def evaluate_cmd(
     split: str,
     data_dir: str | None,
     limit: int | None,
+    allow_unfinished: bool,
     as_json: bool,
 ) -> None:
     """Backbone + trained side network on a dataset split, with the task's metric."""
     from stages.evaluate import Predictor, evaluate_split
     from stages.tasks import load_task_of
 
-    p = Predictor(run_folder, network)
+    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
     task = p.task if data_dir is None else p.task.model_copy(update={"data_dir": data_dir})
     data = load_task_of(task, limit=limit)
     if split not in data.splits:

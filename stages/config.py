@@ -9,6 +9,7 @@ these five sections (the stages never import the composition above them).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -92,6 +93,30 @@ class TrainSideConfig(Section):
     # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer
     memory_mb: int = Field(default=4096, ge=16)
     run_dir: str = "runs"  # run folders are created under this directory
+
+    @field_validator("reduction_factors", "seeds", "learning_rates")
+    @classmethod
+    def _one_at_least(cls, v: list) -> list:
+        if not v:
+            raise ValueError("the list is empty; give at least one value")
+        return v
+
+    @field_validator("reduction_factors")
+    @classmethod
+    def _positive_factors(cls, v: list[int]) -> list[int]:
+        if any(r < 1 for r in v):
+            raise ValueError(f"reduction factors must be positive integers, got {v}")
+        return v
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _finite_positive(cls, v: list[float]) -> list[float]:
+        bad = [lr for lr in v if not math.isfinite(lr) or lr <= 0]
+        if bad:
+            raise ValueError(
+                f"learning rates must be finite numbers greater than 0 (e.g. 3e-3), got {bad}"
+            )
+        return v
 
 
 class StageConfig(Protocol):

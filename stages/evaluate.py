@@ -29,14 +29,48 @@ from stages.tokens import Stream, pad, tokenize_split
 from stages.train_side import online_states, predict_batch
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise StageError(
+            f"{path} is not valid JSON (truncated or corrupt); retrain the run with train-side "
+            "or restore the file"
+        ) from None
+
+
+def unfinished(folder: Path, name: str) -> str | None:
+    """Why network ``name`` of a run folder is not finished (no test figures), or None."""
+    metrics_file = folder / "metrics.json"
+    if not metrics_file.is_file():
+        return "it has no metrics.json"
+    net = _read_json(metrics_file).get("networks", {}).get(name)
+    if net is None:
+        return f"metrics.json has no network {name!r}"
+    if net.get("stopped"):
+        return f"network {name} {net['stopped']}"
+    if net.get("test") is None:
+        signature = folder / "run.json"
+        total = _read_json(signature).get("epochs") if signature.is_file() else None
+        return (
+            f"network {name} finished {len(net.get('epochs', []))} of {total or '?'} epochs "
+            "and has no test figures (killed, or still training)"
+        )
+    return None
+
+
 def load_trained(
-    run: str | Path, network: str | None = None
+    run: str | Path, network: str | None = None, *, allow_unfinished: bool = False
 ) -> tuple[TaskConfig, BackboneConfig, dict[str, Any], Path]:
-    """A run folder's task and backbone, and the chosen network's saved config and weights."""
+    """A run folder's task and backbone, and the chosen network's saved config and weights.
+
+    An unfinished run (killed, still training, or a network stopped early) is refused unless
+    ``allow_unfinished``: its best checkpoint is not the run's answer yet.
+    """
     folder = Path(run)
     if not (folder / "config.json").is_file():
         raise StageError(f"{folder} is not a train-side run folder (no config.json)")
-    saved_cfg = json.loads((folder / "config.json").read_text())
+    saved_cfg = _read_json(folder / "config.json")
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
     configs = sorted(folder.glob("*.config.json"))
@@ -46,12 +80,30 @@ def load_trained(
     name = network or names[0]
     if name not in names:
         raise StageError(f"run folder {folder} has no network {name!r}; it has {', '.join(names)}")
+    if not allow_unfinished and (why := unfinished(folder, name)):
+        raise StageError(
+            f"run {folder} is unfinished: {why}; run train-side again to finish it, or pass "
+            "--allow-unfinished to use its best checkpoint so far"
+        )
     return (
         task,
         backbone,
-        json.loads((folder / f"{name}.config.json").read_text()),
+        _read_json(folder / f"{name}.config.json"),
         folder / f"{name}.best.safetensors",
     )
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A network's ``*.best.safetensors``; one line naming the file when it is unreadable."""
+    if not path.is_file():
+        raise StageError(f"{path} is missing; retrain the run with train-side")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise StageError(
+            f"{path} cannot be read ({' '.join(str(e).split()) or type(e).__name__}; truncated or "
+            "corrupt?); retrain the run with train-side or restore the file"
+        ) from None
 
 
 def batches_of(
@@ -78,8 +130,18 @@ def batches_of(
 class Predictor:
     """A live backbone and one trained side network, in eval mode."""
 
-    def __init__(self, run: str | Path, network: str | None = None, device: str = "cpu") -> None:
-        self.task, self.backbone_cfg, saved, weights = load_trained(run, network)
+    def __init__(
+        self,
+        run: str | Path,
+        network: str | None = None,
+        device: str = "cpu",
+        *,
+        allow_unfinished: bool = False,
+    ) -> None:
+        self.task, self.backbone_cfg, saved, weights = load_trained(
+            run, network, allow_unfinished=allow_unfinished
+        )
+        state = load_weights(weights)
         self.backbone: Backbone = load_backbone(
             self.backbone_cfg.name, revision=self.backbone_cfg.revision, device=device
         )
@@ -92,7 +154,7 @@ class Predictor:
         )
         lm_head = self.backbone.frozen_tensors().get("lm_head")
         self.net = build_side_network(self.backbone.config, side, lm_head)
-        self.net.load_state_dict(load_file(str(weights)), strict=False)
+        self.net.load_state_dict(state, strict=False)
         self.net.eval()
         self.candidates = t5_candidates(self.spec) if self.backbone.encoder_decoder else None
         layers = {"enc": self.net.needed_layers("enc")}

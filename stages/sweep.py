@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from stages.cluster import TORCH_LOCK, Cluster, absolute_root, raise_killed, worker_address
 from stages.config import StageConfig
+from stages.runfiles import make_private_dir, write_atomic, write_json_atomic
 from stages.train_side import check_trials, resolve_cache, run_signature, task_spec_of, train_side
 
 TRAIN_RETRIES = 1
@@ -54,7 +55,7 @@ def run_trial(cfg: StageConfig, cache_key: str, run_name: str) -> dict[str, Any]
         "r": net["r"],
         "seed": net["seed"],
         "lr": net["lr"],
-        "best_epoch": net["best_epoch"],
+        "best_epoch": net["best_epoch"],  # 1-based, as in metrics.json
         "validation": net["best_validation"],
         "test": (net.get("test") or {}).get("score"),
         "trainable_parameters": net["trainable_parameters"],
@@ -63,6 +64,7 @@ def run_trial(cfg: StageConfig, cache_key: str, run_name: str) -> dict[str, Any]
         "run": str(result.folder),
         "worker": worker_address(),
         "test_metrics": net.get("test"),
+        "stopped": net.get("stopped"),  # why it stopped early (a non-finite loss), else None
         "epochs": net["epochs"],
     }
 
@@ -85,7 +87,7 @@ def sweep_train_side(
     folder = Path(cfg.train_side.run_dir).expanduser().resolve() / (
         sweep_name or f"sweep-{cache.key}-{digest}"
     )
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder, bool(cfg.cache.storage_options))
     root = absolute_root(cfg.cache.resolved_root)
     client = cluster.client
     cluster.n_workers()
@@ -145,12 +147,12 @@ def write_sweep(result: SweepResult) -> None:
         "metric": result.metric,
         "trials": result.rows,
     }
-    tmp = result.folder / "sweep.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
-    tmp.replace(result.folder / "sweep.json")
-    tmp = result.folder / "sweep.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(result.rows)
-    tmp.replace(result.folder / "sweep.csv")
+    write_json_atomic(result.folder / "sweep.json", payload)
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(result.rows)
+
+    write_atomic(result.folder / "sweep.csv", write_csv)

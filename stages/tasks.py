@@ -463,6 +463,15 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
                 f"{custom.files[split]} has the wrong columns: missing {', '.join(missing)} "
                 f"(found {', '.join(rows[0])})"
             )
+    for split, rows in tables.items():
+        for n, r in enumerate(rows, start=1):
+            raw = r.get(custom.label_column)
+            if raw is None or not str(raw).strip():
+                raise StageError(
+                    f"{custom.files[split]}: data row {n} has "
+                    f"{'no' if raw is None else 'an empty'} label in column "
+                    f"{custom.label_column!r}; every example of every split needs a label"
+                )
     labels = None
     if custom.problem == "classification":
         found = {str(r[custom.label_column]) for r in tables["train"]}

@@ -3,13 +3,14 @@
     pipeline run train-side --task sst2 --data-dir ../shared/data/glue
     pipeline run train-side --cache-key sst2-minilm-l6-0123abcd --reduction-factors 4,8,16,32
 
-Opens a committed cache (by key, or the newest one matching the task and backbone of the
-config), builds one side network per (reduction factor, seed, learning rate), and trains them
+Opens a committed cache (by key, or the newest one made from the config's inputs: task,
+backbone, max length, and the data when the config names it), builds one side network per (reduction factor, seed, learning rate), and trains them
 all on one pass over the loader's batches per epoch: each batch is read and decoded once and fed
 to every network. The backbone is never loaded; the states come from the cache, and so does the
 frozen T5 LM head. Every epoch evaluates on the cached validation split with the task's metric;
 the best checkpoint per network is kept (safetensors + JSON config) and scored on the test split
-at the end. A killed run resumes from its last finished epoch and ends where it would have.
+at the end. A killed run resumes each network from its own last finished epoch, on its own
+RNG stream, and ends where it would have.
 
 The same training loop runs online LST (``online=``): the states then come from a live
 backbone on the batch's token ids, with its dropout on (the authors' setting) or off.
@@ -18,6 +19,7 @@ backbone on the batch's token ids, with its dropout on (the authors' setting) or
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,7 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from cache_store import layout
@@ -40,7 +43,15 @@ from ladder.side import SideConfig, build_side_network, trainable_parameters
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.tasks import TaskSpec, compute_metrics, paper_epochs, spec_of
+from stages.runfiles import (
+    DiskFull,
+    make_private_dir,
+    redact_config,
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from stages.tasks import TaskSpec, compute_metrics, load_task_of, paper_epochs, spec_of
 
 
 @dataclass(frozen=True)
@@ -64,16 +75,66 @@ class TrialState:
     sched: torch.optim.lr_scheduler.LambdaLR
     history: list[dict[str, Any]] = field(default_factory=list)
     best_score: float = -math.inf
-    best_epoch: int = -1
+    best_epoch: int = 0  # 1-based, as everywhere users see it; 0 = none yet
     compute_s: float = 0.0
+    rng: torch.Tensor | None = None  # this network's torch RNG (init, dropout), between steps
+    next_epoch: int = 0  # the first epoch (0-based, internal) it has not finished
+    stopped: str | None = None  # why training stopped early (a non-finite loss), else None
 
 
 def task_spec_of(cache: CommittedCache) -> TaskSpec:
     return spec_of(cache.manifest["task"])
 
 
+def _data_of(cfg: StageConfig) -> Any:
+    """The task data the config names (a glue_data folder or custom files), else None.
+
+    Data from the hub is not loaded here (stage two runs offline from the cache): the cache is
+    then matched on task, backbone, max length and ``task.limit`` alone.
+    """
+    t = cfg.task
+    if t.data_dir is None and not t.files:
+        return None
+    return load_task_of(t)
+
+
+def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str | None:
+    """How a cache's inputs differ from the config's (task, backbone, max length, data), or None."""
+    m = manifest
+    if m["task"]["name"] != cfg.task.name:
+        return f"task ({m['task']['name']!r}, asked {cfg.task.name!r})"
+    if m["backbone"]["name"] != cfg.backbone.name:
+        return f"backbone ({m['backbone']['name']!r}, asked {cfg.backbone.name!r})"
+    inputs = m.get("key_inputs", {})
+    max_length = inputs.get("max_length")
+    if max_length is not None and max_length != cfg.backbone.max_length:
+        return f"max length ({max_length}, asked {cfg.backbone.max_length})"
+    if data is None:
+        if cfg.task.limit is not None:  # a split may be smaller than the limit, never larger
+            for split, info in m.get("splits", {}).items():
+                if info["n_examples"] > cfg.task.limit:
+                    return (
+                        f"{split} split size ({info['n_examples']} examples, asked at most "
+                        f"{cfg.task.limit})"
+                    )
+        return None
+    prints = inputs.get("task", {}).get("splits", {})
+    for split, examples in data.splits.items():
+        have = m.get("splits", {}).get(split, {}).get("n_examples")
+        if have is not None and have != len(examples):
+            return f"{split} split size ({have} examples, asked {len(examples)})"
+        if split in prints and prints[split] != data.fingerprint(split):
+            return f"{split} data (another content or order than the configured task data)"
+    return None
+
+
 def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
-    """The cache named by ``key``, else the newest committed cache of the config's task and backbone."""
+    """The cache named by ``key``, else the newest committed cache made from the config's inputs.
+
+    Without a key the cache must match everything the config says about the data: task,
+    backbone, max length and, when the config names its data (``task.data_dir``, custom files),
+    each split's size and content fingerprint; with ``task.limit`` alone, the split sizes.
+    """
     root = cfg.cache.resolved_root
     if key is None:
         rows = [
@@ -88,7 +149,19 @@ def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
                 f"no committed cache of task {cfg.task.name!r} with backbone {cfg.backbone.name!r} under "
                 f"{root}; run `pipeline run extract` first or pass --cache-key"
             )
-        key = max(rows, key=lambda r: r["created_at"] or "")["key"]
+        data = _data_of(cfg)
+        rows.sort(key=lambda r: r["created_at"] or "", reverse=True)  # newest first
+        first_miss = None
+        for row in rows:
+            cache = open_cache(root, row["key"], cfg.cache.storage_options)
+            miss = cache_mismatch(cfg, cache.manifest, data)
+            if miss is None:
+                return cache
+            first_miss = first_miss or f"{row['key']} differs in {miss}"
+        raise StageError(
+            f"no committed cache under {root} matches the configured inputs (newest candidate "
+            f"{first_miss}); run `pipeline run extract` with these options first, or pass --cache-key"
+        )
     cache = open_cache(root, key, cfg.cache.storage_options)
     m = cache.manifest
     if m["task"]["name"] != cfg.task.name or m["backbone"]["name"] != cfg.backbone.name:
@@ -186,7 +259,9 @@ def build_trial(
             return step / max(1, warm)
         return max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
-    return TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    ts.rng = torch.get_rng_state()  # its own stream from here on: see train_step
+    return ts
 
 
 # --- where the states come from ----------------------------------------------------------------------
@@ -225,6 +300,22 @@ def online_states(backbone: Any, dropout: bool, layers: dict[str, list[int]]) ->
 
 
 def train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm: float) -> float:
+    """One optimizer step of one network, on that network's own RNG stream (dropout).
+
+    Each network draws from its own torch RNG state (set before its step, kept after), so its
+    figures depend on its seed alone, not on the other networks of the run: a network that
+    resumes behind the others catches up on its own stream. With one network this is the
+    global stream as it was.
+    """
+    if ts.rng is not None:
+        torch.set_rng_state(ts.rng)
+    try:
+        return _train_step(ts, batch, states, max_grad_norm)
+    finally:
+        ts.rng = torch.get_rng_state()
+
+
+def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm: float) -> float:
     ts.net.train()
     if "dec" in batch.masks:  # T5: teacher forcing on the verbalised target
         _, loss = ts.net(
@@ -311,12 +402,21 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     }
 
 
-def run_folder(cfg: StageConfig, signature: dict[str, Any], name: str | None) -> Path:
+def run_folder(
+    cfg: StageConfig, signature: dict[str, Any], name: str | None, *, private: bool = False
+) -> Path:
+    """The run's folder (created; owner-only when ``private``), refusing another configuration's."""
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(cfg.train_side.run_dir) / (name or f"{signature['cache']}-{digest}")
     sig_file = folder / "run.json"
     if sig_file.exists():
-        existing = json.loads(sig_file.read_text())
+        try:
+            existing = json.loads(sig_file.read_text())
+        except ValueError:
+            raise StageError(
+                f"{sig_file} is not valid JSON (truncated?); delete the run folder {folder} "
+                "or choose another --run-name"
+            ) from None
         if existing != signature:
             diff = sorted(
                 k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k)
@@ -325,58 +425,68 @@ def run_folder(cfg: StageConfig, signature: dict[str, Any], name: str | None) ->
                 f"run folder {folder} belongs to another configuration (differs in {', '.join(diff)}); "
                 "choose another --run-name or delete it"
             )
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dir(folder, private)
     if not sig_file.exists():
-        sig_file.write_text(json.dumps(signature, indent=1, sort_keys=True))
+        write_atomic(
+            sig_file,
+            lambda tmp: tmp.write_text(json.dumps(signature, indent=1, sort_keys=True)),
+        )
     return folder
 
 
 def _save_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    write_json_atomic(path, obj)
 
 
 def save_checkpoint(folder: Path, ts: TrialState, epoch: int) -> None:
-    """After an epoch: weights, optimizer, schedule, RNG and history, written atomically."""
+    """After an epoch: weights, optimizer, schedule, the network's RNG and history, atomically."""
     path = folder / "checkpoints" / f"{ts.trial.name}.last.pt"
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "epoch": epoch,
-            "net": ts.net.state_dict(),
-            "opt": ts.opt.state_dict(),
-            "sched": ts.sched.state_dict(),
-            "rng": torch.get_rng_state(),
-            "history": ts.history,
-            "best_score": ts.best_score,
-            "best_epoch": ts.best_epoch,
-            "compute_s": ts.compute_s,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    state = {
+        "epoch": epoch,
+        "net": ts.net.state_dict(),
+        "opt": ts.opt.state_dict(),
+        "sched": ts.sched.state_dict(),
+        "rng": ts.rng if ts.rng is not None else torch.get_rng_state(),
+        "history": ts.history,
+        "best_score": ts.best_score,
+        "best_epoch": ts.best_epoch,
+        "compute_s": ts.compute_s,
+        "stopped": ts.stopped,
+    }
+    buf = io.BytesIO()  # serialised first: a write error is then a plain OSError (ENOSPC)
+    torch.save(state, buf)
+    write_bytes_atomic(path, buf.getvalue())
 
 
-def load_checkpoint(folder: Path, ts: TrialState) -> int:
-    """Restore a trial's last finished epoch; returns the next epoch to run (0 if none)."""
+def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
+    """Restore a trial's last finished epoch, RNG included; returns its next epoch (0 if none).
+
+    A network that was stopped (non-finite loss) does not train again: ``epochs``.
+    """
     path = folder / "checkpoints" / f"{ts.trial.name}.last.pt"
     if not path.exists():
         return 0
-    ck = torch.load(path, weights_only=False)
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as e:
+        raise StageError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to retrain "
+            "that network from the start"
+        ) from None
     ts.net.load_state_dict(ck["net"], strict=False)
     ts.opt.load_state_dict(ck["opt"])
     ts.sched.load_state_dict(ck["sched"])
     ts.history, ts.best_score, ts.best_epoch = ck["history"], ck["best_score"], ck["best_epoch"]
     ts.compute_s = ck.get("compute_s", 0.0)
-    torch.set_rng_state(ck["rng"])
-    return ck["epoch"] + 1
+    ts.rng = ck["rng"]
+    ts.stopped = ck.get("stopped")
+    return epochs if ts.stopped else ck["epoch"] + 1
 
 
 def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCache) -> None:
     state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
-    save_file(state, str(folder / f"{ts.trial.name}.best.safetensors"))
+    write_bytes_atomic(folder / f"{ts.trial.name}.best.safetensors", safetensors_bytes(state))
     _save_json(
         folder / f"{ts.trial.name}.config.json",
         {
@@ -435,7 +545,8 @@ def train_side(
     if candidates is not None:
         eval_layers.update({s: layers["dec"] for s in layout.cand_streams(len(candidates))})
     mode = None if online is None else ("online-dropout" if online_dropout else "online-eval")
-    folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name)
+    private = bool(cfg.cache.storage_options)  # a saved config may hint at credentials
+    folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name, private=private)
 
     seed0 = trials[0].seed
     budget = t.memory_mb << 20
@@ -467,8 +578,59 @@ def train_side(
         states_train = online_states(online, online_dropout, layers)
         states_eval = online_states(online, False, eval_layers)
 
-    start = min(load_checkpoint(folder, ts) for ts in runs)
-    _save_json(folder / "config.json", cfg.model_dump())
+    for ts in runs:
+        ts.next_epoch = load_checkpoint(folder, ts, epochs)
+    start = min(ts.next_epoch for ts in runs)
+    _save_json(folder / "config.json", redact_config(cfg.model_dump()))
+    try:
+        _train_epochs(
+            runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
+            epochs, start, progress,
+        )  # fmt: skip
+        # the best checkpoint of each network, scored on the test split
+        scored = [ts for ts in runs if ts.stopped is None]
+        for ts in scored:
+            best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
+            ts.net.load_state_dict(best, strict=False)
+        tests = evaluate(scored, test, states_eval, spec, candidates) if scored else []
+        _check_cache_still_there(cfg, cache, folder)
+    except DiskFull as e:
+        raise StageError(
+            f"{e}; the run folder {folder} keeps every network's last finished epoch: free "
+            "space and run the same command again to resume"
+        ) from None
+    except Exception as e:
+        _check_cache_still_there(cfg, cache, folder, e)
+        raise
+    final = {ts.trial.name: r for ts, r in zip(scored, tests, strict=True)}
+    metrics = _write_metrics(folder, runs, cache, spec, final=final)
+    write_atomic(folder / "training-curves.png", lambda tmp: plot_curves(tmp, runs, spec))
+    return TrainResult(folder, cache.key, metrics)
+
+
+def _train_epochs(
+    runs: list[TrialState],
+    folder: Path,
+    train: CacheLoader,
+    val: CacheLoader,
+    states_train: StateSource,
+    states_eval: StateSource,
+    cfg: StageConfig,
+    cache: CommittedCache,
+    spec: TaskSpec,
+    candidates: list[str] | None,
+    epochs: int,
+    start: int,
+    progress: bool,
+) -> None:
+    """Epochs ``start`` .. ``epochs - 1``; each network trains only the epochs it has not finished.
+
+    After a kill between two networks' checkpoints the networks stand at different epochs: the
+    ones behind catch up (the batch order is a function of the seed and the epoch, the dropout
+    of the network's own RNG) while the others wait. A network whose training loss stops being
+    finite is stopped there, with the reason in its metrics; the others go on.
+    """
+    t = cfg.train_side
     bar = tqdm(
         total=epochs * len(train),
         initial=start * len(train),
@@ -478,41 +640,69 @@ def train_side(
     )
     try:
         for epoch in range(start, epochs):
+            active = [ts for ts in runs if ts.next_epoch <= epoch and ts.stopped is None]
+            if not active:
+                continue
             t0 = time.perf_counter()
-            losses = [[] for _ in runs]
-            for batch in torch_batches(train.epoch(epoch)):
-                for k, ts in enumerate(runs):
+            losses: list[list[float]] = [[] for _ in active]
+            for step, batch in enumerate(torch_batches(train.epoch(epoch))):
+                for k, ts in enumerate(active):
+                    if ts.stopped is not None:
+                        continue
                     c0 = time.perf_counter()
-                    losses[k].append(train_step(ts, batch, states_train, t.max_grad_norm))
+                    loss = train_step(ts, batch, states_train, t.max_grad_norm)
                     ts.compute_s += time.perf_counter() - c0
+                    if not math.isfinite(loss):
+                        ts.stopped = (
+                            f"training loss became {loss} at epoch {epoch + 1}, step {step + 1} "
+                            f"(learning rate {ts.trial.lr:g}); stopped"
+                        )
+                    losses[k].append(loss)
                 bar.update(1)
             epoch_s = time.perf_counter() - t0
-            scores = evaluate(runs, val, states_eval, spec, candidates)
-            for ts, loss, score in zip(runs, losses, scores, strict=True):
-                ts.history.append(
-                    {
-                        "epoch": epoch,
-                        "train_loss": float(np.mean(loss)),
-                        "validation": score,
-                        "epoch_s": epoch_s,
-                    }
-                )
-                if score["score"] > ts.best_score:
-                    ts.best_score, ts.best_epoch = score["score"], epoch
-                    save_best(folder, ts, side_config(cfg, ts.trial.r, spec), cache)
+            going = [ts for ts in active if ts.stopped is None]
+            scores = evaluate(going, val, states_eval, spec, candidates) if going else []
+            score_of = {ts.trial.name: sc for ts, sc in zip(going, scores, strict=True)}
+            for ts, loss in zip(active, losses, strict=True):
+                if ts.stopped is None:
+                    score = score_of[ts.trial.name]
+                    ts.history.append(
+                        {
+                            "epoch": epoch + 1,
+                            "train_loss": float(np.mean(loss)),
+                            "validation": score,
+                            "epoch_s": epoch_s,
+                        }
+                    )
+                    if score["score"] > ts.best_score:
+                        ts.best_score, ts.best_epoch = score["score"], epoch + 1
+                        save_best(folder, ts, side_config(cfg, ts.trial.r, spec), cache)
                 save_checkpoint(folder, ts, epoch)
+                ts.next_epoch = epoch + 1
             bar.set_postfix(val=" ".join(f"{s['score']:.1f}" for s in scores))
             _write_metrics(folder, runs, cache, spec, final=None)
     finally:
         bar.close()
-    # the best checkpoint of each network, scored on the test split
-    for ts in runs:
-        best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
-        ts.net.load_state_dict(best, strict=False)
-    tests = evaluate(runs, test, states_eval, spec, candidates)
-    metrics = _write_metrics(folder, runs, cache, spec, final=tests)
-    plot_curves(folder, runs, spec)
-    return TrainResult(folder, cache.key, metrics)
+
+
+def _check_cache_still_there(
+    cfg: StageConfig, cache: CommittedCache, folder: Path, error: Exception | None = None
+) -> None:
+    """A one-line error when the cache was removed (``cache rm``) while the run read it.
+
+    Reading a removed cache may fail in many ways, or (zarr fills missing chunks) not at all:
+    after the test split is scored, and after any failure, the cache's commit must still be there.
+    """
+    try:
+        open_cache(cfg.cache.resolved_root, cache.key, cfg.cache.storage_options)
+        return
+    except Exception:
+        pass
+    raise StageError(
+        f"cache {cache.key} disappeared from {cfg.cache.resolved_root} while this run read it "
+        f"(removed?); the checkpoints in {folder} are kept: extract the cache again and run the "
+        "same command to finish (resume and test figures)"
+    ) from error
 
 
 def _write_metrics(
@@ -520,7 +710,7 @@ def _write_metrics(
     runs: list[TrialState],
     cache: CommittedCache,
     spec: TaskSpec,
-    final: list[dict] | None,
+    final: dict[str, dict] | None,
 ) -> dict[str, Any]:
     out = {
         "cache": cache.key,
@@ -534,16 +724,17 @@ def _write_metrics(
                 "best_validation": ts.best_score,
                 "compute_s": ts.compute_s,
                 "epochs": ts.history,
-                **({"test": final[k]} if final is not None else {}),
+                **({"stopped": ts.stopped} if ts.stopped else {}),
+                **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
             }
-            for k, ts in enumerate(runs)
+            for ts in runs
         },
     }
     _save_json(folder / "metrics.json", out)
     return out
 
 
-def plot_curves(folder: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
+def plot_curves(path: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
     """training-curves.png: train loss and validation metric per epoch, one line per network;
     a star marks each network's kept (best-validation) checkpoint."""
     import matplotlib
@@ -554,14 +745,14 @@ def plot_curves(folder: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for ts in runs:
-        ep = [h["epoch"] + 1 for h in ts.history]
+        ep = [h["epoch"] for h in ts.history]
         a.plot(ep, [h["train_loss"] for h in ts.history], marker="o", label=ts.trial.name)
         (line,) = b.plot(
             ep, [h["validation"]["score"] for h in ts.history], marker="o", label=ts.trial.name
         )
-        if ts.best_epoch >= 0:  # the checkpoint that was kept
+        if ts.best_epoch >= 1:  # the checkpoint that was kept
             b.plot(
-                [ts.best_epoch + 1],
+                [ts.best_epoch],
                 [ts.best_score],
                 marker="*",
                 markersize=14,
@@ -576,7 +767,6 @@ def plot_curves(folder: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = folder / "training-curves.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
