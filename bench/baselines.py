@@ -55,6 +55,9 @@ import torch
 from torch import nn
 
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
+from ladder.side import trainable_parameters
+from stages.tasks import paper_epochs
+from stages.train_side import linear_schedule
 
 METHODS = ("full", "adapters", "lora", "bitfit", "prompt", "lst-online", "lst-cache")
 IN_BACKBONE = ("full", "adapters", "lora", "bitfit", "prompt")
@@ -76,7 +79,6 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "lst-cache": {"lr": 3e-3, "r": 8, "source": "paper Table 5 / LST_REFERENCE §6"},
 }
 EXTRACT_RS = [4, 8, 16, 32]  # side_init computed once for every reduction factor of the sweeps
-SMALL_TASKS = {"rte", "cola", "mrpc", "stsb"}  # 20 epochs in the paper; the rest 10
 
 
 class BenchError(Exception):
@@ -329,10 +331,6 @@ def apply_method(method: str, model: Any, hp: dict[str, Any]) -> Any:
     raise BenchError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def trainable_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def backbone_parameters(config: Any) -> int:
     """Parameters of the bare backbone (``AutoModel``, pooler included), counted on the meta device."""
     from transformers import AutoModel
@@ -354,17 +352,6 @@ def load_classifier(path: str, num_labels: int, seed: int) -> Any:
 
 
 # --- one training run of an in-backbone method ---------------------------------------------------
-
-
-def linear_schedule(warmup: int, total: int) -> Any:
-    """transformers' get_linear_schedule_with_warmup, as ``stages.train_side``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
 
 
 def predict(model: Any, enc: Encoded, spec: Any, batch_size: int, pad_id: int) -> np.ndarray:
@@ -626,7 +613,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     lr = args.lr if args.lr is not None else hp.get("lr", 3e-3)
     hp["lr"] = lr
-    epochs = args.epochs or (20 if args.task in SMALL_TASKS else 10)
+    epochs = args.epochs or paper_epochs(args.task)
     return Options(
         method=method,
         task=args.task,
