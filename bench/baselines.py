@@ -57,6 +57,7 @@ from torch import nn
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
 from ladder.side import trainable_parameters
 from stages.tasks import paper_epochs
+from stages.tokens import pad, tokenize_texts
 from stages.train_side import linear_schedule
 
 METHODS = ("full", "adapters", "lora", "bitfit", "prompt", "lst-online", "lst-cache")
@@ -186,11 +187,10 @@ class Encoded:
 
 
 def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int) -> Encoded:
-    """Exactly as ``stages.extract.tokenize_split`` does for encoder-only backbones."""
-    columns = list(zip(*(ex.texts for ex in examples), strict=True))
-    enc = tokenizer(*columns[:2], truncation=True, max_length=max_length)
+    """The split as stage one tokenises it for encoder-only backbones (``tokenize_texts``)."""
+    enc = tokenize_texts(tokenizer, examples, max_length)
     labels = np.asarray([ex.label for ex in examples])
-    return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels)
+    return Encoded(enc.ids, enc.token_types, labels)
 
 
 def plan_batches(
@@ -216,21 +216,11 @@ def plan_batches(
 
 
 def collate(enc: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, Any]:
-
-    T = max(len(enc.ids[i]) for i in idx)
-    B = len(idx)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    types = torch.zeros(B, T, dtype=torch.long) if enc.types is not None else None
-    for b, i in enumerate(idx):
-        n = len(enc.ids[i])
-        ids[b, :n] = torch.tensor(enc.ids[i])
-        mask[b, :n] = 1
-        if types is not None:
-            types[b, :n] = torch.tensor(enc.types[i])
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        batch["token_type_ids"] = types
+    """Model inputs for the examples ``idx``, padded by stage one's ``pad``."""
+    ids, mask = pad([enc.ids[i] for i in idx], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask.long()}
+    if enc.types is not None:
+        batch["token_type_ids"] = pad([enc.types[i] for i in idx], 0)[0]
     return batch
 
 
