@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
+from cache_store.loader import bucketed_batches
 from ladder.side import trainable_parameters
 from stages.tasks import paper_epochs
 from stages.tokens import pad, tokenize_texts
@@ -193,26 +194,25 @@ def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int) -> En
     return Encoded(enc.ids, enc.token_types, labels)
 
 
+# the cache loader's default ``bucket_batches``: length groups of 50 batches
+LOADER_BUCKET_BATCHES = 50
+
+
 def plan_batches(
     lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int, epoch: int
 ) -> list[list[int]]:
-    """The cache loader's scheme: shuffle, sort groups of 50 batches by length, shuffle batches.
+    """The cache loader's batch plan (``cache_store.loader.bucketed_batches``): shuffle, sort
+    groups of 50 batches by length, shuffle the batches; evaluation (``shuffle=False``) sorts
+    everything by length.
 
-    Evaluation (``shuffle=False``) sorts everything by length. Little padding either way, so the
-    in-backbone methods pay for no more padding than LST does.
+    Deliberately the loader's function rather than stage one's ``plan_batches``: for a fair
+    comparison the in-backbone methods batch as the side network trains (fixed batch size,
+    little padding), so they pay for no more padding than LST. The random stream is seeded as
+    the loader's, per (seed, epoch); the loader holding a split in RAM also shuffles its blocks
+    first, so the batches are planned alike but do not hold the same examples.
     """
-    n = len(lengths)
-    if not shuffle:
-        order = sorted(range(n), key=lambda i: lengths[i])
-        return [order[k : k + batch_size] for k in range(0, n, batch_size)]
-    rng = np.random.default_rng([seed, epoch])
-    order = [int(i) for i in rng.permutation(n)]
-    group = batch_size * 50
-    batches: list[list[int]] = []
-    for g in range(0, n, group):
-        bucket = sorted(order[g : g + group], key=lambda i: lengths[i])
-        batches += [bucket[k : k + batch_size] for k in range(0, len(bucket), batch_size)]
-    return [batches[int(i)] for i in rng.permutation(len(batches))]
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    return bucketed_batches(list(lengths), batch_size, LOADER_BUCKET_BATCHES, rng)
 
 
 def collate(enc: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, Any]:

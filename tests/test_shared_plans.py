@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache_store.loader import bucketed_batches
 from stages.tasks import Example, TaskData, get_task
 from stages.tokens import padded_batches, plan_batches, tokenize_split, tokenize_texts
 from stages.train_side import linear_schedule
@@ -25,6 +26,29 @@ def test_linear_schedule_is_transformers_linear_schedule_with_warmup(warmup, tot
         for o, s in ((ref_opt, ref), (opt, ours)):
             o.step()
             s.step()
+
+
+def test_bucketed_batches_partition_sorted_groups_and_determinism():
+    lengths = [int(x) for x in np.random.default_rng(0).integers(1, 60, size=537)]
+
+    def plan(seed: int | None) -> list[list[int]]:
+        rng = None if seed is None else np.random.default_rng([seed, 1])
+        return bucketed_batches(lengths, 10, 5, rng)
+
+    for seed in (None, 3):
+        batches = plan(seed)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) == 10 for b in batches[:-1] if seed is None)
+        assert all(1 <= len(b) <= 10 for b in batches)
+        # within a batch, lengths are sorted: a batch is a slice of a length-sorted group
+        assert all([lengths[i] for i in b] == sorted(lengths[i] for i in b) for b in batches)
+    ordered = [i for b in plan(None) for i in b]  # evaluation: everything by length
+    assert [lengths[i] for i in ordered] == sorted(lengths)
+    assert plan(3) == plan(3)
+    assert plan(3) != plan(4)
+    # shuffled, a group holds 5 batches' worth of examples: little padding against random batches
+    pad = sum(max(lengths[i] for i in b) * len(b) for b in plan(3))
+    assert pad < 1.2 * sum(lengths)
 
 
 def test_tokenize_texts_is_tokenize_split_for_encoder_only(minilm_tokenizer):
