@@ -46,6 +46,7 @@ def cli_json(capsys, *args: str) -> object:
     return json.loads(out.out)
 
 
+@pytest.mark.slow
 def test_conditional_create_is_atomic_on_the_server(s3_env):
     root = s3_env.root
     store = st.open_root(root, write=True)
@@ -229,6 +230,7 @@ def _racer(cfg, backbone, barrier, out: str) -> None:
     Path(out).write_text(json.dumps({"key": result.key, "reused": result.reused}))
 
 
+@pytest.mark.slow
 def test_two_processes_racing_on_one_key_one_commit_readers_never_see_partial_data(
     s3_env, glue_dir, tmp_path, minilm_tokenizer
 ):
@@ -289,6 +291,7 @@ def test_two_processes_racing_on_one_key_one_commit_readers_never_see_partial_da
     assert {k.split("/attempts/")[1].split("/")[0] for k in left} <= {winner, "zarr.json"}, left
 
 
+@pytest.mark.slow
 def test_a_live_lease_is_respected_and_a_dead_one_taken_over(s3_env, monkeypatch):
     monkeypatch.setenv("LST_LEASE_TTL_S", "1")
     root = s3_env.root
