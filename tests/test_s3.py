@@ -46,7 +46,6 @@ def cli_json(capsys, *args: str) -> object:
     return json.loads(out.out)
 
 
-@pytest.mark.slow
 def test_conditional_create_is_atomic_on_the_server(s3_env):
     root = s3_env.root
     store = st.open_root(root, write=True)
