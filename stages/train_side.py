@@ -234,6 +234,19 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
     }
 
 
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step: linear warm-up over ``warmup`` steps
+    from 0 to 1, then linear decay to 0 at step ``total`` (transformers'
+    ``get_linear_schedule_with_warmup``; for ``torch.optim.lr_scheduler.LambdaLR``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
 def build_trial(
     cfg: StageConfig,
     cache: CommittedCache,
@@ -252,13 +265,7 @@ def build_trial(
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     t = cfg.train_side
     opt = torch.optim.AdamW(net.parameters(), lr=trial.lr, weight_decay=t.weight_decay, eps=1e-8)
-    warm = t.warmup_steps
-
-    def schedule(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
-        if step < warm:
-            return step / max(1, warm)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
+    schedule = linear_schedule(t.warmup_steps, total_steps)
     ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     ts.rng = torch.get_rng_state()  # its own stream from here on: see train_step
     return ts

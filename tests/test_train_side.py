@@ -139,6 +139,7 @@ def test_train_side_from_the_cache_after_the_backbone_was_deleted(minilm_cache, 
     assert (folder / "run.json").exists() and (folder / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_final_metrics(minilm_cache, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     code = "from pipeline.cli import main; main()"
