@@ -300,7 +300,7 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
     if method not in have.get(f"r{r}", []):
         raise StageError(
             f"cache {cache.key} has no {method} side_init for reduction factor {r} (it has "
-            f"{have or 'none'}); re-extract with --reduction-factors including {r}, or use --init random"
+            f"{have or 'none'}); re-extract with --side-init-factors including {r}, or use --init random"
         )
     group = cache.group[layout.side_init_prefix(r, method)]
     return {
