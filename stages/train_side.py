@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -191,6 +192,81 @@ def epochs_of(cfg: StageConfig, task: str) -> int:
     return cfg.train_side.epochs or paper_epochs(task)
 
 
+def warmup_steps_of(cfg: StageConfig, total_steps: int) -> int:
+    """Warm-up steps: ``ceil(warmup_ratio * total_steps)`` when a ratio is set (as HF Trainer
+    has it), else ``warmup_steps``."""
+    t = cfg.train_side
+    if t.warmup_ratio is not None:
+        return math.ceil(t.warmup_ratio * total_steps)
+    return t.warmup_steps
+
+
+def warmup_warning(cfg: StageConfig, total_steps: int) -> str | None:
+    """One line when warm-up takes more than half the run's optimizer steps, else None."""
+    warm = warmup_steps_of(cfg, total_steps)
+    if warm * 2 <= total_steps:
+        return None
+    share = "all" if warm >= total_steps else f"{100 * warm / total_steps:.0f}%"
+    return (
+        f"warning: warm-up is {warm} steps, {share} of this run's {total_steps} optimizer steps: "
+        "the learning rate stays below its peak for most of the run; pass --warmup-ratio 0.06 "
+        f"(here {math.ceil(0.06 * total_steps)} steps) or a smaller --warmup-steps"
+    )
+
+
+def resolved_config(cfg: StageConfig, epochs: int, total_steps: int) -> dict[str, Any]:
+    """The configuration as the run used it, for its folder's ``config.json``: the epochs and
+    warm-up steps in effect, absolute paths for the data, the cache root, the run directory and a
+    local backbone folder, so that ``evaluate`` and ``predict`` work from any folder."""
+
+    def absolute(p: str) -> str:
+        return p if "://" in p else os.path.abspath(os.path.expanduser(p))
+
+    out = cfg.model_dump()
+    task, ts = out["task"], out["train_side"]
+    if task["data_dir"] is not None:
+        task["data_dir"] = absolute(task["data_dir"])
+    task["files"] = {k: absolute(v) for k, v in task["files"].items()}
+    out["cache"]["root"] = absolute(cfg.cache.resolved_root)
+    if os.path.isdir(out["backbone"]["name"]):
+        out["backbone"]["name"] = absolute(out["backbone"]["name"])
+    ts["epochs"], ts["run_dir"] = epochs, absolute(ts["run_dir"])
+    ts["warmup_steps"] = warmup_steps_of(cfg, total_steps)
+    return out
+
+
+def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | None:
+    """Classification: the validation score of always predicting the most frequent label
+    (``label``, ``score``); None for regression. A best score equal to it learned nothing."""
+    if spec.is_regression:
+        return None
+    memo = _MAJORITY.get(cache.key)
+    if memo is None:
+        labels = np.asarray(cache.array(layout.labels_path("validation"))[:]).astype(np.int64)
+        if not len(labels):
+            return None
+        top = int(np.bincount(labels).argmax())
+        score = compute_metrics(spec, np.full_like(labels, top), labels)["score"]
+        name = spec.labels[top] if spec.labels and top < len(spec.labels) else str(top)
+        memo = _MAJORITY[cache.key] = {"label": name, "score": score}
+    return memo
+
+
+_MAJORITY: dict[str, dict[str, Any]] = {}
+
+
+def majority_note(
+    best_score: float, best_epoch: int, majority: dict[str, Any] | None
+) -> str | None:
+    """``equals always predicting '<label>'`` when a network's best validation score is the
+    majority-class score, else None."""
+    if majority is None or best_epoch < 1 or not math.isfinite(best_score):
+        return None
+    if abs(best_score - majority["score"]) > 1e-9:
+        return None
+    return f"equals always predicting {majority['label']!r}"
+
+
 def check_trials(cfg: StageConfig, cache: CommittedCache) -> list[Trial]:
     """The trials of ``cfg``, each checked against the cache before any work is done.
 
@@ -224,7 +300,7 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
     if method not in have.get(f"r{r}", []):
         raise StageError(
             f"cache {cache.key} has no {method} side_init for reduction factor {r} (it has "
-            f"{have or 'none'}); re-extract with --reduction-factors including {r}, or use --init random"
+            f"{have or 'none'}); re-extract with --side-init-factors including {r}, or use --init random"
         )
     group = cache.group[layout.side_init_prefix(r, method)]
     return {
@@ -265,7 +341,7 @@ def build_trial(
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     t = cfg.train_side
     opt = torch.optim.AdamW(net.parameters(), lr=trial.lr, weight_decay=t.weight_decay, eps=1e-8)
-    schedule = linear_schedule(t.warmup_steps, total_steps)
+    schedule = linear_schedule(warmup_steps_of(cfg, total_steps), total_steps)
     ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     ts.rng = torch.get_rng_state()  # its own stream from here on: see train_step
     return ts
@@ -401,6 +477,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     """What defines a run: a run folder with another signature is refused, not overwritten."""
     t = cfg.train_side.model_dump()
     t.pop("run_dir")
+    if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
+        t.pop("warmup_ratio", None)
     return {
         "cache": cache_key,
         "train_side": t,
@@ -544,6 +622,8 @@ def train_side(
     t = cfg.train_side
     n_train = cache.manifest["splits"]["train"]["n_examples"]
     total_steps = epochs * -(-n_train // t.batch_size)
+    if (warning := warmup_warning(cfg, total_steps)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
     layers = {"enc": runs[0].net.needed_layers("enc")}
     if candidates is not None:
@@ -588,7 +668,7 @@ def train_side(
     for ts in runs:
         ts.next_epoch = load_checkpoint(folder, ts, epochs)
     start = min(ts.next_epoch for ts in runs)
-    _save_json(folder / "config.json", redact_config(cfg.model_dump()))
+    _save_json(folder / "config.json", redact_config(resolved_config(cfg, epochs, total_steps)))
     try:
         _train_epochs(
             runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
@@ -719,10 +799,12 @@ def _write_metrics(
     spec: TaskSpec,
     final: dict[str, dict] | None,
 ) -> dict[str, Any]:
+    majority = majority_class(cache, spec)
     out = {
         "cache": cache.key,
         "task": spec.name,
         "metric": spec.metric,
+        **({"majority_class": majority} if majority is not None else {}),
         "networks": {
             ts.trial.name: {
                 **asdict(ts.trial),
@@ -732,6 +814,11 @@ def _write_metrics(
                 "compute_s": ts.compute_s,
                 "epochs": ts.history,
                 **({"stopped": ts.stopped} if ts.stopped else {}),
+                **(
+                    {"note": note}
+                    if (note := majority_note(ts.best_score, ts.best_epoch, majority))
+                    else {}
+                ),
                 **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
             }
             for ts in runs

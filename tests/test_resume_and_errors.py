@@ -18,7 +18,7 @@ from cache_store.errors import CacheError
 from cache_store.registry import list_caches, open_cache
 from tests.conftest import REPO
 
-SMALL = ["--side-init", "", "--reduction-factors", ""]
+SMALL = ["--side-init", "", "--side-init-factors", ""]
 
 
 def cli(*args: str, env: dict | None = None, preexec: str = "") -> subprocess.CompletedProcess:
@@ -183,10 +183,10 @@ def bad_glue(tmp_path, glue_dir):
         ),
         (
             ["--dtype", "float64"],
-            "cache.dtype: Input should be 'float32', 'float16', 'bfloat16' or 'int8'",
+            "'--dtype': 'float64' is not one of 'float32', 'float16', 'bfloat16', 'int8'",
         ),
         (["--cache-root", "{tmp}/afile/sub"], "cache root {tmp}/afile/sub is not writable"),
-        (["--codec", "gzip"], "cache.codec: Input should be 'raw', 'lz4' or 'zstd'"),
+        (["--codec", "gzip"], "'--codec': 'gzip' is not one of 'raw', 'lz4', 'zstd'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_committed(

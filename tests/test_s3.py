@@ -31,7 +31,7 @@ from tests.test_resume_and_errors import all_arrays
 
 pytest_plugins = ("tests.s3_server",)  # the s3_server and s3_env fixtures
 
-NO_SIDE_INIT = ["--side-init", "", "--reduction-factors", ""]
+NO_SIDE_INIT = ["--side-init", "", "--side-init-factors", ""]
 
 
 def commits(server, prefix: str) -> list[str]:
