@@ -21,7 +21,11 @@ This module owns the on-disk layout: every reader and writer builds its paths he
     <root>/<key>/attempts/<id>.lock            local roots: the owner's flock
     <root>/<key>/attempts/<id>.lease-<gen>     object stores: the owner's lease
 
-Each stream (``enc``, ``dec``, ``cand_K``) has its own token axis, offsets and ids. Layer arrays
+Each stream (``enc``, ``dec``, ``cand_K``) has its own token axis, offsets and ids. A decoder-only
+(Llama-family) backbone has one causal stream over its input tokens, stored as ``enc`` (as
+:data:`CAUSAL_STREAM` says): the classification side network reads it as the encoder-only one
+does. DESIGN.md's ``lm`` name is kept for the prompt/answer stream of generation tasks, which
+has not been built. Layer arrays
 are chunked over whole rows of ``d`` (a few MB of tokens) and sharded (a few chunks per object);
 every chunk ends with a crc32c checksum so ``pipeline cache verify`` finds corruption.
 
@@ -44,6 +48,7 @@ FORMAT_VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 CODECS = ("raw", "lz4", "zstd")
 
+CAUSAL_STREAM = "enc"  # a decoder-only backbone's input tokens: the same paths as an encoder's
 SCALE_SUFFIX = "_scale"
 COMMIT = "commit.json"
 ATTEMPTS = "attempts"

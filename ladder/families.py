@@ -20,7 +20,9 @@ from typing import Any
 from ladder.errors import LadderError
 
 # model_type -> family. "bert": post-LN encoder, one stream; "bart": the BART/mBART encoder, one
-# stream; "t5": encoder-decoder, an encoder stream and a teacher-forced decoder stream.
+# stream; "t5": encoder-decoder, an encoder stream and a teacher-forced decoder stream; "llama":
+# decoder-only causal LMs (Llama, SmolLM2, Mistral, Qwen2: pre-RMSNorm, rotary, grouped KV heads,
+# SwiGLU), one causal stream.
 FAMILY = {
     "bert": "bert",
     "roberta": "bert",
@@ -30,19 +32,23 @@ FAMILY = {
     "mbart": "bart",
     "t5": "t5",
     "mt5": "t5",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
 }
-FAMILIES = ("bert", "bart", "t5")
-ENCODER_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam != "t5")  # encoder-only
+FAMILIES = ("bert", "bart", "t5", "llama")
+ENCODER_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam in ("bert", "bart"))  # encoder-only
 T5_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "t5")  # encoder-decoder
+CAUSAL_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "llama")  # decoder-only
 
 
 def family_of(config: Any) -> str:
-    """ "bert" (BERT family), "bart" or "t5"; an error for architectures we do not support."""
+    """ "bert" (BERT family), "bart", "t5" or "llama"; an error for architectures we do not support."""
     mt = config.model_type
     if mt not in FAMILY:
         raise LadderError(
             f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
-            "xlm-roberta, electra), bart, t5"
+            "xlm-roberta, electra), bart, t5, Llama family (llama, mistral, qwen2)"
         )
     return FAMILY[mt]
 
@@ -57,7 +63,7 @@ def check_family(family: str) -> None:
 def num_blocks(config: Any) -> tuple[int, int]:
     """(encoder blocks, decoder blocks) of a backbone config; decoder 0 for encoder-only."""
     fam = family_of(config)
-    if fam == "bert":
+    if fam in ("bert", "llama"):
         return config.num_hidden_layers, 0
     if fam == "bart":
         return config.encoder_layers, 0
@@ -80,7 +86,7 @@ def divisors(sizes: Mapping[str, int]) -> str:
 class Dims:
     """The backbone sizes and settings a side network copies, read from the backbone config."""
 
-    family: str  # "bert" | "bart" | "t5"
+    family: str  # "bert" | "bart" | "t5" | "llama"
     d: int  # backbone width d_model
     n_head: int  # attention heads (the side keeps the same count)
     head_dim: int  # backbone per-head dim (T5: d_kv)
@@ -95,15 +101,34 @@ class Dims:
     attn_dropout: float  # dropout on attention probabilities
     act_dropout: float  # dropout inside the FFN after the activation (0 for the BERT family)
     cls_dropout: float  # dropout of the classification head
+    # Llama family only (the defaults suit the others): grouped KV heads, rotary, biases
+    n_kv_head: int = 0  # key/value heads; n_head / n_kv_head query heads share each (GQA)
+    rope_theta: float = 10000.0  # rotary base
+    rope_type: str = "default"  # the backbone's rotary scaling; the side uses plain rotary
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # the attention output projection has a bias (Llama's attention_bias)
+    mlp_bias: bool = False  # gate/up/down have biases (Llama's mlp_bias)
 
     @property
     def t5(self) -> bool:
         """Encoder-decoder T5 family (else an encoder-only family)."""
         return self.family == "t5"
 
+    @property
+    def causal(self) -> bool:
+        """Decoder-only causal LM (the Llama family)."""
+        return self.family == "llama"
+
     def r_divides(self) -> dict[str, int]:
-        """The sizes a reduction factor r must divide, so that each keeps exactly n/r."""
-        return {"d_model": self.d, "per-head dim": self.head_dim, "d_ff": self.d_ff}
+        """The sizes a reduction factor r must divide, so that each keeps exactly n/r.
+
+        Llama family: rotary positions rotate dims j and j + head_dim/2 together, so a side head
+        of head_dim/r dims keeps whole pairs: r divides head_dim/2 as well.
+        """
+        sizes = {"d_model": self.d, "per-head dim": self.head_dim, "d_ff": self.d_ff}
+        if self.causal:
+            sizes["rotary pairs per head"] = self.head_dim // 2
+        return sizes
 
 
 def dims_of(cfg: Any) -> Dims:
@@ -129,10 +154,38 @@ def dims_of(cfg: Any) -> Dims:
             attn_dropout=cfg.attention_dropout, act_dropout=cfg.activation_dropout,
             cls_dropout=cfg.classifier_dropout or 0.0,
         )  # fmt: skip
+    if family == "llama":
+        return _llama_dims(cfg, d, n_layers)
     p = cfg.dropout_rate
     return Dims(
         family, d=d, n_head=cfg.num_heads, head_dim=cfg.d_kv, d_ff=cfg.d_ff,
         n_layers=n_layers, n_dec_layers=n_dec_layers, act=cfg.dense_act_fn,
         gated=bool(cfg.is_gated_act), ln_eps=cfg.layer_norm_epsilon, pre_ln=True,
         dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p,
+    )  # fmt: skip
+
+
+def _llama_dims(cfg: Any, d: int, n_layers: int) -> Dims:
+    """Llama, Mistral, Qwen2: pre-RMSNorm blocks, rotary, grouped KV heads, SwiGLU MLP."""
+    h = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or h
+    head_dim = getattr(cfg, "head_dim", None) or d // h
+    if h % kv:
+        raise LadderError(
+            f"backbone has {h} query heads and {kv} key-value heads; allowed: a number of "
+            "key-value heads that divides the query heads"
+        )
+    rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    attn_bias = bool(getattr(cfg, "attention_bias", False))
+    qwen2 = cfg.model_type == "qwen2"  # q/k/v biases, none on o
+    return Dims(
+        "llama", d=d, n_head=h, head_dim=head_dim, d_ff=cfg.intermediate_size,
+        n_layers=n_layers, n_dec_layers=0, act=cfg.hidden_act, gated=True,
+        ln_eps=cfg.rms_norm_eps, pre_ln=True, dropout=0.0,
+        attn_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0), act_dropout=0.0,
+        cls_dropout=0.0, n_kv_head=kv, rope_theta=float(theta),
+        rope_type=str(rope.get("rope_type", rope.get("type", "default"))),
+        qkv_bias=attn_bias or qwen2, o_bias=attn_bias and not qwen2,
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
     )  # fmt: skip

@@ -12,6 +12,14 @@ factor r with one-shot structural pruning (``pruning_without_residual``, version
   with d_kv / r per head);
 * biases and LayerNorms are selected by the indices of the projection that produces them.
 
+Llama family (grouped KV heads, rotary; not in the reference, which has no decoder-only code):
+the side keeps every query and key-value head, each head_dim/r wide, so q, k, v and o are pruned
+per head with the head structure kept (:meth:`_Pruner.grouped_attention`): each key-value group
+g keeps one set of head dims, used by k_g, v_g and every query head of the group (h // (n_head /
+n_kv_head) = g), so query heads still meet their own keys, and o keeps the matching columns of
+every query head. Rotary positions rotate dims j and j + head_dim/2 together, so dims are kept in
+those pairs. The MLP's gate and up share one row set (one product score), down follows them.
+
 Importance is either the empirical Fisher (``ladder.fisher.compute_fisher``) or, for the magnitude
 variant, the raw weights (:func:`magnitude_importance`).
 
@@ -147,6 +155,47 @@ class _Pruner:
             self.idx[f"idx.{canon}.cols"] = cols
         return rows
 
+    def grouped_attention(
+        self, canonical: Sequence[str], hf: Sequence[str], cols: Tensor, dims: Dims
+    ) -> tuple[Tensor, Tensor]:
+        """Prune q, k, v (in that order) head by head for grouped KV heads; return (q rows, kv rows).
+
+        Per key-value group g and head dim j, the score is the product of the L1 importances of
+        the rows of k_g, v_g and of the group's query heads (summed over those heads), each over
+        the input columns ``cols``; pairs (j, j + head_dim/2) are scored by their sum and kept or
+        pruned together (rotary), keeping head_dim/(2r) pairs per group with ``_keep_rows``. Row
+        sets are ascending, so a kept pair's two dims stay half a side head apart.
+        """
+        h, kv, hd = dims.n_head, dims.n_kv_head, dims.head_dim
+        group, half = h // kv, hd // 2
+
+        def l1(name: str, heads: int) -> Tensor:
+            imp = self._importance(f"{name}.weight")
+            if imp.shape[0] != heads * hd:
+                raise LadderError(
+                    f"{name}.weight has {imp.shape[0]} rows; allowed: {heads} heads x {hd}"
+                )
+            imp = imp.index_select(1, cols.to(imp.device)).double()
+            return imp.abs().sum(1).reshape(heads, hd).cpu()  # [heads, hd]
+
+        q, k, v = (l1(name, n) for name, n in zip(hf, (h, kv, kv), strict=True))
+        score = q.reshape(kv, group, hd).sum(1) * k * v  # [kv, hd]
+        pairs = score[:, :half] + score[:, half:]  # [kv, hd/2]
+        kv_rows, q_rows = [], []
+        for g in range(kv):
+            kept = _keep_rows(pairs[g], self.r, f"{hf[1]}.weight (key-value head {g})")
+            dims_g = torch.cat([kept, kept + half])  # ascending: first halves, then their pairs
+            kv_rows.append(g * hd + dims_g)
+            q_rows.extend((g * group + i) * hd + dims_g for i in range(group))
+        q_idx, kv_idx = torch.cat(q_rows), torch.cat(kv_rows)
+        for canon, name, rows in zip(canonical, hf, (q_idx, kv_idx, kv_idx), strict=True):
+            self.out[f"{canon}.weight"] = _select(self._weight(f"{name}.weight"), rows, cols)
+            if f"{name}.bias" in self.weights:
+                self.out[f"{canon}.bias"] = _select(self.weights[f"{name}.bias"], rows)
+            self.idx[f"idx.{canon}.rows"] = rows
+            self.idx[f"idx.{canon}.cols"] = cols
+        return q_idx, kv_idx
+
     def norm(self, canonical: str, hf: str, rows: Tensor) -> None:
         """Select a LayerNorm's weight (and bias, if it has one) by ``rows``."""
         self.out[f"{canonical}.weight"] = _select(self._weight(f"{hf}.weight"), rows)
@@ -210,6 +259,7 @@ _BART = _EncoderNames(
 )
 
 _T5_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
+_LLAMA_ANCHOR = "layers.0.self_attn.q_proj.weight"
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
@@ -280,6 +330,32 @@ def _prune_t5_stack(
     return idxs
 
 
+def _prune_llama(p: _Pruner, dims: Dims) -> None:
+    """Llama family (pre-RMSNorm, as T5): each norm is selected by the idxs coming into it.
+
+    The residual idxs are handed on as in the reference (no shared residual set): embeddings ->
+    per block ln_attn, q/k/v (head-structured), o (own rows), ln_ffn, gate/up, down -> final norm.
+    """
+    idxs = p.embedding(("embed_tokens.weight",), dims.d)
+    for i in range(dims.n_layers):
+        hf, c = f"layers.{i}.", f"layers.{i}."
+        p.norm(c + "ln_attn", hf + "input_layernorm", idxs)
+        sa = hf + "self_attn."
+        q_rows, _ = p.grouped_attention(
+            [c + "attn.q", c + "attn.k", c + "attn.v"],
+            [sa + "q_proj", sa + "k_proj", sa + "v_proj"],
+            idxs,
+            dims,
+        )
+        # o reads each query head's mix of its group's v dims: the q rows name those columns
+        idxs = p.linears([c + "attn.o"], [sa + "o_proj"], q_rows)
+        p.norm(c + "ln_ffn", hf + "post_attention_layernorm", idxs)
+        mlp = hf + "mlp."
+        inner = p.linears([c + "gate", c + "up"], [mlp + "gate_proj", mlp + "up_proj"], idxs)
+        idxs = p.linears([c + "down"], [mlp + "down_proj"], inner)
+    p.norm("final_ln", "norm", idxs)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -333,6 +409,10 @@ def prune_backbone(
       ``enc.{i}.ff.{wi|wi_0,wi_1,wo}.weight``, ``enc.{i}.ff_ln.weight``, ``enc.rel_bias.weight``
       (unpruned), ``enc.final_ln.weight``; the same under ``dec.`` plus
       ``dec.{i}.ca.{q,k,v,o}.weight`` and ``dec.{i}.ca_ln.weight``.
+    * "llama": ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}`` (q [n_head*hd/r, d/r], k and v
+      [n_kv_head*hd/r, d/r], o [d/r, n_head*hd/r]), ``layers.{i}.{gate,up}.weight`` [d_ff/r, d/r],
+      ``layers.{i}.down.weight`` [d/r, d_ff/r], ``layers.{i}.{ln_attn,ln_ffn}.weight``,
+      ``final_ln.weight``.
 
     Indices, int64 ascending: ``idx.<module>.rows`` and, for projections, ``idx.<module>.cols``,
     with every pruned tensor equal to ``W[rows][:, cols]``; ``idx.embeddings.rows`` is the initial
@@ -344,7 +424,7 @@ def prune_backbone(
     if importance is None:
         importance = magnitude_importance(state_dict)
     names = _BERT if family == "bert" else _BART
-    anchor = _T5_ANCHOR if family == "t5" else names.anchor
+    anchor = {"t5": _T5_ANCHOR, "llama": _LLAMA_ANCHOR}.get(family, names.anchor)
     pruner = _Pruner(
         family,
         _strip_prefix(state_dict, anchor, "state_dict"),
@@ -353,6 +433,8 @@ def prune_backbone(
     )
     if family == "t5":
         _prune_t5(pruner, dims)
+    elif family == "llama":
+        _prune_llama(pruner, dims)
     else:
         _prune_post_ln_encoder(pruner, names, dims.n_layers, dims.d)
     return pruner.out, pruner.idx
@@ -363,12 +445,16 @@ def fisher_model_for(
     model_path_or_config: str | os.PathLike[str] | transformers.PretrainedConfig,
     num_labels: int,
     seed: int,
+    pad_token_id: int | None = None,
 ) -> torch.nn.Module:
     """The loss-bearing model the Fisher pass differentiates, in eval mode.
 
     "bert"/"bart": ``AutoModelForSequenceClassification`` with a classification head randomly
     initialised under ``seed`` (as the reference's BART run; ``num_labels=1`` means regression with
     MSE). "t5": ``T5ForConditionalGeneration`` (label cross-entropy; ``num_labels`` is unused).
+    "llama": ``AutoModelForSequenceClassification`` too (``LlamaForSequenceClassification`` and
+    its Mistral/Qwen2 twins), whose head reads the last token that is not ``pad_token_id`` (the
+    tokenizer's, given here when the config has none: eos for most Llama tokenizers).
     A ``PretrainedConfig`` gives a randomly initialised model (for tests). The global RNG state is
     left untouched.
     """
@@ -382,6 +468,8 @@ def fisher_model_for(
         cls = transformers.AutoModelForSequenceClassification
         problem = "regression" if num_labels == 1 else "single_label_classification"
         kwargs = {"num_labels": num_labels, "problem_type": problem}
+        if family == "llama" and pad_token_id is not None:
+            kwargs["pad_token_id"] = pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if isinstance(model_path_or_config, transformers.PretrainedConfig):

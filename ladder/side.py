@@ -20,18 +20,20 @@ backbone's blocks at width d/r with the same head count, a gate ``g = sigmoid(al
 backbone layer mixes ``down_i(state i+1)`` into the side stream *before* side block i, and
 dropped layers have neither a side block nor a down-projection.
 
-The file reads top to bottom: configuration (``SideConfig``), shared pieces, the encoder-only
-family (BERT, RoBERTa, ELECTRA, BART/mBART encoder), the T5 family, the builder. The family table
-and the sizes read from a backbone config live in ``ladder.families``; the ladders (first and
-per-layer down-projections, gates, fusion) that both families share live in ``ladder.ladders``.
+The file reads top to bottom: configuration (``SideConfig``), the encoder-only family (BERT,
+RoBERTa, ELECTRA, BART/mBART encoder), the T5 family, the builder. The decoder-only Llama family
+(Llama, SmolLM2, Mistral, Qwen2) has its own module, ``ladder.causal``. The family table and the
+sizes read from a backbone config live in ``ladder.families``; the ladders (first and per-layer
+down-projections, gates, fusion) that every family shares live in ``ladder.ladders``, and the
+other shared pieces (init, loading pruned weights, RMSNorm) in ``ladder.shared``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,18 @@ from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from ladder.attention import attention, mask_bias
+from ladder.causal import CausalSideNetwork
 from ladder.errors import LadderError
-from ladder.families import ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of, divisors
+from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, T5_TYPES, Dims, divisors
 from ladder.ladders import Ladders
+from ladder.shared import (
+    RMSNorm,
+    backbone_dims,
+    dropped_key,
+    init_weights,
+    load_init,
+    no_side_network,
+)
 
 FUSIONS = ("ladder", "late", "none")
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -112,14 +123,20 @@ class SideConfig:
 
     def validate(self, backbone_config: PretrainedConfig) -> None:
         """Check r and the kept layers against a backbone; raise LadderError naming the value."""
-        dims = _backbone_dims(backbone_config, self)
+        dims = backbone_dims(backbone_config, self)
         r = self.reduction_factor
         sizes = dims.r_divides()
         for name, value in sizes.items():
             if value % r:
                 name = "the per-head dim" if name == "per-head dim" else name
+                heads = ""
+                if dims.causal and name != "d_model" and name != "d_ff":  # head sizes
+                    heads = (
+                        f" (the side keeps the {dims.n_head} query heads grouped over "
+                        f"{dims.n_kv_head} key-value heads, each head_dim/r wide, rotary pairs whole)"
+                    )
                 raise LadderError(
-                    f"side.reduction_factor={r} does not divide {name}={value}; "
+                    f"side.reduction_factor={r} does not divide {name}={value}{heads}; "
                     f"allowed: one of {divisors(sizes)}"
                 )
         stacks = (
@@ -138,71 +155,6 @@ class SideConfig:
 
 def _is_real(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> Dims:
-    """The backbone's :class:`Dims`, with ``side.dropout`` (if set) in place of its dropouts."""
-    mt = getattr(cfg, "model_type", None)
-    if mt not in FAMILY:
-        raise _no_side_network(mt)
-    dims = dims_of(cfg)
-    if side.dropout is None:
-        return dims
-    p = side.dropout  # one rate for every dropout the family has (BERT: none in the FFN)
-    act = p if dims.family != "bert" else 0.0
-    return replace(dims, dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=act)
-
-
-def _no_side_network(mt: object) -> LadderError:
-    allowed = ", ".join(ENCODER_TYPES + T5_TYPES)
-    return LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
-
-
-# --------------------------------------------------------------------------- shared pieces
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The reference's init for modules not loaded from pruning: Linear ~ N(0, 0.01), zero bias."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, mean=0.0, std=0.01)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _load_init(
-    weights: Mapping[str, Tensor],
-    own: Mapping[str, Tensor],
-    is_dropped: Callable[[str], bool],
-    allowed: str,
-) -> None:
-    """Copy canonical side-init tensors into ``own``; all shapes are checked before any copy."""
-    staged = []
-    for key, w in weights.items():
-        if key in own:
-            if tuple(w.shape) != tuple(own[key].shape):
-                raise LadderError(
-                    f"side init {key!r} has shape {tuple(w.shape)}; "
-                    f"allowed: {tuple(own[key].shape)}"
-                )
-            staged.append((own[key], w))
-        elif not is_dropped(key):
-            raise LadderError(
-                f"side init key {key!r} is not a side-network key; allowed: {allowed}"
-            )
-    with torch.no_grad():
-        for p, w in staged:
-            p.copy_(w)
-
-
-def _dropped_key(
-    key: str, pattern: re.Pattern[str], kept: Mapping[str, list[int]], n: Mapping[str, int]
-) -> bool:
-    """A canonical key of a block that exists in the backbone but is dropped from the side."""
-    m = pattern.match(key)
-    if m is None:
-        return False
-    stack, i = m.group(1), int(m.group(2))
-    return 0 <= i < n[stack] and i not in kept[stack]
 
 
 # --------------------------------------------------------------------------- encoder-only families
@@ -261,7 +213,7 @@ class EncoderSideNetwork(Ladders):
     def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
         super().__init__()
         side.validate(backbone_config)
-        dims = _backbone_dims(backbone_config, side)
+        dims = backbone_dims(backbone_config, side)
         if dims.t5:
             raise LadderError(
                 f"model_type={backbone_config.model_type!r} is encoder-decoder; use T5SideNetwork"
@@ -277,7 +229,7 @@ class EncoderSideNetwork(Ladders):
         self.head_drop = nn.Dropout(dims.cls_dropout)
         self.head_dense = nn.Linear(self.d, self.d)
         self.head_out = nn.Linear(self.d, side.num_labels)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
@@ -333,7 +285,7 @@ class EncoderSideNetwork(Ladders):
         pattern = re.compile(r"^(layers)\.(\d+)\.")
         kept, n = {"layers": self.kept}, {"layers": self.n_layers}
         allowed = "layers.{i}.{q,k,v,o,ln_attn,ffn_in,ffn_out,ln_ffn}.{weight,bias} for i < L"
-        _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
+        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), allowed)
 
 
 # --------------------------------------------------------------------------- T5 family
@@ -352,19 +304,6 @@ def _t5_scales_output(cfg: PretrainedConfig) -> bool:
     if cfg.model_type == "mt5" and _TRANSFORMERS_MAJOR >= 5:
         return False
     return bool(cfg.tie_word_embeddings)
-
-
-class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, variance in float32."""
-
-    def __init__(self, d: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
 class T5SideAttention(nn.Module):
@@ -456,7 +395,7 @@ class T5SideStack(Ladders):
         # one table per stack, computed once per forward, is the same thing.
         self.rel_bias = nn.Embedding(self.num_buckets, dims.n_head)
         self.final_ln = RMSNorm(self.d_side, dims.ln_eps)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.normal_(self.rel_bias.weight, std=self.d_side**-0.5)  # HF T5 init at side d_model
 
     def block(self, i: int) -> T5SideBlock:
@@ -534,7 +473,7 @@ class T5SideNetwork(nn.Module):
     ) -> None:
         super().__init__()
         side.validate(backbone_config)
-        dims = _backbone_dims(backbone_config, side)
+        dims = backbone_dims(backbone_config, side)
         if not dims.t5:
             raise LadderError(
                 f"model_type={backbone_config.model_type!r} is not T5; use EncoderSideNetwork"
@@ -548,7 +487,7 @@ class T5SideNetwork(nn.Module):
         self.enc = T5SideStack(backbone_config, dims, side, decoder=False)
         self.dec = T5SideStack(backbone_config, dims, side, decoder=True)
         self.up = nn.Linear(self.d_side, self.d)
-        _init_weights(self.up)
+        init_weights(self.up)
         self.out_scale = self.d**-0.5 if _t5_scales_output(backbone_config) else 1.0
         # Frozen and not saved with the side checkpoint: stage two gets it from the cache.
         lm = lm_head.detach().to(self.up.weight.dtype)
@@ -624,7 +563,7 @@ class T5SideNetwork(nn.Module):
         allowed = (
             "{enc,dec}.{i}.{sa,ca,ff,sa_ln,ca_ln,ff_ln}..., {enc,dec}.{rel_bias,final_ln}.weight"
         )
-        _load_init(weights, own, lambda key: _dropped_key(key, pattern, kept, n), allowed)
+        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), allowed)
 
 
 # --------------------------------------------------------------------------- builder
@@ -633,17 +572,20 @@ class T5SideNetwork(nn.Module):
 def build_side_network(
     backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor | None = None
 ) -> nn.Module:
-    """EncoderSideNetwork or T5SideNetwork (needs ``lm_head`` [V, d]) for a backbone config."""
+    """EncoderSideNetwork, CausalSideNetwork (Llama family) or T5SideNetwork (needs ``lm_head``
+    [V, d]) for a backbone config."""
     mt = getattr(backbone_config, "model_type", None)
     if mt in ENCODER_TYPES:
         return EncoderSideNetwork(backbone_config, side)
+    if mt in CAUSAL_TYPES:
+        return CausalSideNetwork(backbone_config, side)
     if mt in T5_TYPES:
         if lm_head is None:
             raise LadderError(
                 f"model_type={mt!r} needs lm_head (the frozen [V, d] LM head weight); got None"
             )
         return T5SideNetwork(backbone_config, side, lm_head)
-    raise _no_side_network(mt)
+    raise no_side_network(mt)
 
 
 def trainable_parameters(model: nn.Module) -> int:

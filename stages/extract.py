@@ -50,13 +50,20 @@ from ladder.backbones import (
     pick_compute_dtype,
     pick_device,
 )
+from ladder.errors import LadderError
+from ladder.side import SideConfig
 from stages.config import StageConfig
 from stages.errors import StageError
 from stages.side_init import write_side_init
 from stages.tasks import TaskData, load_task_of, t5_candidates
-from stages.tokens import Stream, pad, padded_batches, plan_segments, tokenize_split
-
-TEMPLATE_VERSION = 1  # bump when tokenisation templates change
+from stages.tokens import (
+    Stream,
+    pad,
+    padded_batches,
+    plan_segments,
+    template_id,
+    tokenize_split,
+)
 
 
 def segment_states(
@@ -114,20 +121,25 @@ def key_inputs(
     cfg: StageConfig, backbone: Backbone, data: TaskData, compute_dtype: torch.dtype
 ) -> dict[str, Any]:
     """Everything that changes the stored activations (and the derived side_init)."""
+    ident = {
+        "name": cfg.backbone.name,
+        "revision": backbone.revision,
+        "weights": backbone.weights_digest,
+        "tokenizer": backbone.tokenizer_digest,
+    }
+    if backbone.causal or backbone.quantization is not None:
+        # recorded where it is new (decoder-only LLMs, quantised weights), so that the keys of
+        # existing encoder and T5 caches stay what they were
+        ident.update(family=backbone.family, quantization=backbone.quantization)
     return {
-        "backbone": {
-            "name": cfg.backbone.name,
-            "revision": backbone.revision,
-            "weights": backbone.weights_digest,
-            "tokenizer": backbone.tokenizer_digest,
-        },
+        "backbone": ident,
         "task": {
             "name": data.spec.name,
             "labels": list(data.spec.labels) if data.spec.labels else None,
             "splits": {s: data.fingerprint(s) for s in data.splits},
         },
         "max_length": cfg.backbone.max_length,
-        "template": f"{'t5-prefix' if backbone.encoder_decoder else 'pair'}-v{TEMPLATE_VERSION}",
+        "template": template_id(backbone),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "dtype": cfg.cache.dtype,
         "codec": cfg.cache.codec,
@@ -155,10 +167,27 @@ def stored_layers(cfg: StageConfig, config: Any) -> dict[str, list[int]]:
         if bad:
             raise StageError(
                 f"layer index {bad[0]} is out of range for {cfg.backbone.name} "
-                f"({'decoder' if stack == 'dec' else 'encoder'}): allowed 0 (embeddings) .. {n}"
+                f"({_stack_word(config, stack)}): allowed 0 (embeddings) .. {n}"
             )
         out[stack] = layers
     return out
+
+
+def _stack_word(config: Any, stack: str) -> str:
+    if stack == "dec":
+        return "decoder"
+    return "decoder-only" if family_of(config) == "llama" else "encoder"
+
+
+def check_side_init_factors(cfg: StageConfig, config: Any) -> None:
+    """Every side_init reduction factor must suit the backbone (checked before any work)."""
+    if not cfg.extract.side_init:
+        return
+    for r in sorted(set(cfg.extract.reduction_factors)):
+        try:
+            SideConfig(reduction_factor=r).validate(config)
+        except LadderError as e:
+            raise StageError(f"extract.reduction_factors has {r}: {e}") from None
 
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -214,6 +243,7 @@ class Extractor:
         self.runner: SegmentRunner = runner or run_segments_here
         self.device = backbone.device
         self.layers = stored_layers(cfg, backbone.config)
+        check_side_init_factors(cfg, backbone.config)
         self.d = d_model(backbone.config)
         self.dtype = cfg.cache.dtype
         self.chunk_rows = rows_per_chunk(self.d, self.dtype, cfg.cache.chunk_mb)
@@ -363,6 +393,7 @@ class Extractor:
             "backbone": {
                 "name": self.cfg.backbone.name,
                 "family": self.backbone.family,
+                "quantization": self.backbone.quantization,
                 "model_type": self.backbone.config.model_type,
                 "config": self.backbone.config.to_dict(),
                 "d_model": self.d,
@@ -503,7 +534,9 @@ def extract(
     st.open_root(cfg.cache.resolved_root, cfg.cache.storage_options, write=True)
     if backbone is None:
         # bad layer indices fail on the config alone, before any weights are loaded
-        stored_layers(cfg, load_config_only(cfg.backbone.name, cfg.backbone.revision))
+        config = load_config_only(cfg.backbone.name, cfg.backbone.revision)
+        stored_layers(cfg, config)
+        check_side_init_factors(cfg, config)
         device = pick_device(cfg.extract.device)
         dtype = pick_compute_dtype(cfg.extract.compute_dtype, cfg.cache.dtype, device)
         backbone = load_backbone(

@@ -65,7 +65,11 @@ def fisher_importance(
         model = backbone.model
     else:
         model = fisher_model_for(
-            backbone.family, backbone.config, data.spec.num_labels, cfg.extract.seed
+            backbone.family,
+            backbone.config,
+            data.spec.num_labels,
+            cfg.extract.seed,
+            pad_token_id=backbone.tokenizer.pad_token_id,  # Llama: the last non-pad token
         )
         model.base_model.load_state_dict(backbone.model.state_dict(), strict=False)
         model.to(backbone.device)

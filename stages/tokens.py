@@ -1,9 +1,20 @@
 """Token streams: the tokenised examples of a split, and the length-grouped plans over them.
 
-A *stream* is one token axis of a split: ``enc`` (the encoder input), and for T5 ``dec`` (decoder
-inputs under teacher forcing on the verbalised target) and ``cand_K`` (decoder inputs for label
-string K, validation and test only). Stage one runs the backbone over them; evaluation and
-prediction tokenise new text the same way, so the live backbone sees what stage one saw.
+A *stream* is one token axis of a split: ``enc`` (the encoder input; for a decoder-only causal
+LM, its input tokens), and for T5 ``dec`` (decoder inputs under teacher forcing on the verbalised
+target) and ``cand_K`` (decoder inputs for label string K, validation and test only). Stage one
+runs the backbone over them; evaluation and prediction tokenise new text the same way, so the
+live backbone sees what stage one saw.
+
+Templates (the cache key records :func:`template_id`):
+
+* ``pair`` (encoder-only): the text or text pair as the tokenizer joins them ([CLS] a [SEP] b).
+* ``t5-prefix`` (T5): the authors' ``"<task> key1: text1 key2: text2"`` (``t5_source``).
+* ``fields`` (decoder-only, Llama family): ``"key1: text1 key2: text2"``, the task's own field
+  names (:func:`causal_text`, e.g. ``"sentence1: ... sentence2: ..."``; SST-2: ``"sentence:
+  ..."``), tokenised with the tokenizer's own special tokens (Llama: BOS first; SmolLM2: none)
+  and truncated from the end to the max length. No answer prompt: the side network reads the
+  last real token.
 """
 
 from __future__ import annotations
@@ -45,12 +56,36 @@ class Stream:
         return int(self.offsets[i + 1] - self.offsets[i])
 
 
+TEMPLATE_VERSION = 1  # bump when a tokenisation template changes (it is part of the cache key)
+
+
+def template_id(backbone: Backbone) -> str:
+    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1`` or ``fields-v1``."""
+    if backbone.encoder_decoder:
+        kind = "t5-prefix"
+    elif getattr(backbone, "causal", False):
+        kind = "fields"
+    else:
+        kind = "pair"
+    return f"{kind}-v{TEMPLATE_VERSION}"
+
+
+def causal_text(field_names: Sequence[str], ex: Example) -> str:
+    """A decoder-only backbone's input: ``"key1: text1 key2: text2"`` in the task's field names."""
+    return " ".join(f"{key}: {text}" for key, text in zip(field_names, ex.texts, strict=True))
+
+
 def tokenize_split(
     backbone: Backbone, data: TaskData, split: str, max_length: int
 ) -> dict[str, Stream]:
     """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation."""
     spec, examples = data.spec, data.splits[split]
     tok = backbone.tokenizer
+    if getattr(backbone, "causal", False):
+        texts = [causal_text(spec.text_fields, ex) for ex in examples]
+        return {
+            "enc": Stream("enc", tok(texts, truncation=True, max_length=max_length)["input_ids"])
+        }
     if not backbone.encoder_decoder:
         return {"enc": tokenize_texts(tok, examples, max_length)}
     sources = [t5_source(spec, ex) for ex in examples]

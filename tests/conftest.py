@@ -108,3 +108,23 @@ def make_config(tmp_path: Path, glue: Path, **overrides):
     }
     base.update(overrides)
     return apply_overrides(Config(), base)
+
+
+def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
+    """A tiny random Llama (grouped KV heads: 4 query heads over 2 key-value heads)."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return from_model("tiny-llama", "", LlamaModel(cfg), tokenizer)

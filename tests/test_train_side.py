@@ -16,7 +16,7 @@ import torch
 from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.train_side import train_side
-from tests.conftest import REPO, make_config, tiny_bert, tiny_t5
+from tests.conftest import REPO, make_config, tiny_bert, tiny_llama, tiny_t5
 
 
 def _trainable(cfg):
@@ -38,12 +38,13 @@ def _last_params(folder, name):
     return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)["net"]
 
 
-@pytest.mark.parametrize("family", ["bert", "t5"])
+@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
 def test_cache_and_online_lst_follow_the_same_trajectory(
     tmp_path, glue_dir, minilm_tokenizer, family
 ):
     """float32 cache vs the live backbone (dropout off), same seed and batches: same losses and weights."""
-    backbone = (tiny_bert if family == "bert" else tiny_t5)(minilm_tokenizer)
+    tiny = {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family]
+    backbone = tiny(minilm_tokenizer)
     cfg = _trainable(
         make_config(tmp_path, glue_dir, **{"cache.dtype": "float32", "task.limit": 12})
     )

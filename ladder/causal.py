@@ -1,0 +1,204 @@
+"""Ladder side network for decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral, Qwen2).
+
+The side blocks are the backbone's blocks at width d/r, as for the other families: pre-RMSNorm,
+causal self-attention with rotary positions that keeps the backbone's query heads *and* its
+grouped key-value heads (query head h reads key-value head h // (n_head / n_kv_head), as in
+transformers' ``repeat_kv``), each head_dim/r wide, and a SwiGLU MLP at d_ff/r. The ladders
+(``ladder.ladders``) are the same as everywhere: ``first_down`` on state 0 (the token
+embeddings), and a gated ``down_i(state i + 1)`` mixed in before each kept side block.
+
+    side = SideConfig(reduction_factor=8, num_labels=2)
+    net = CausalSideNetwork(llama_config, side)                # or build_side_network(...)
+    logits = net({k: states[k] for k in net.needed_layers()}, attention_mask)   # [B, 2]
+
+States: state 0 is ``embed_tokens(ids)``, state ``i + 1`` the residual stream after block ``i``;
+for the last block that is before the model's final norm (as the T5 states), so every state is
+a raw residual stream. The side network has its own final RMSNorm.
+
+Head (classification or regression): the side stream after the final norm is read at each
+example's last real token (the attention mask's last True position: with right padding that is
+``mask.sum(1) - 1``), as ``LlamaForSequenceClassification`` pools; then, as the encoder-only
+side network's head, ``up`` (d/r -> d), dropout, dense, tanh, dropout, out. A causal model's last
+token is the only one that has seen the whole input.
+
+Rotary: the side's heads are head_dim/r wide and rotate pairs (j, j + head_dim/(2r)) at the
+plain rotary frequencies of that width with the backbone's base theta, which are every r-th
+frequency of the backbone's own. Rotary scaling variants of the backbone (Llama 3's ``llama3``
+type) are not copied; the side's sequences are short.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
+
+from ladder.attention import attention, mask_bias
+from ladder.errors import LadderError
+from ladder.families import Dims
+from ladder.ladders import Ladders
+from ladder.shared import RMSNorm, backbone_dims, dropped_key, init_weights, load_init
+
+if TYPE_CHECKING:
+    from ladder.side import SideConfig
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim's halves (transformers' Llama convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_tables(inv_freq: Tensor, T: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin (T, head_dim) for positions 0..T-1, computed in float32 as transformers does."""
+    pos = torch.arange(T, device=inv_freq.device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.float()[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class CausalSideAttention(nn.Module):
+    """Causal self-attention with rotary positions and grouped KV heads, at side width."""
+
+    def __init__(self, d: int, n_head: int, n_kv_head: int, head_dim: int, dims: Dims) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.group = n_head // n_kv_head  # query heads per key-value head
+        self.dropout = dims.attn_dropout
+        self.q = nn.Linear(d, n_head * head_dim, bias=dims.qkv_bias)
+        self.k = nn.Linear(d, n_kv_head * head_dim, bias=dims.qkv_bias)
+        self.v = nn.Linear(d, n_kv_head * head_dim, bias=dims.qkv_bias)
+        self.o = nn.Linear(n_head * head_dim, d, bias=dims.o_bias)
+
+    def forward(self, x: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, T, d/r); bias: (B, 1, T, T) additive (causal + padding); cos, sin: (T, hd/r)."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd/r)
+        k = self.k(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd/r)
+        v = self.v(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.group > 1:  # query head h reads key-value head h // group
+            k = k.repeat_interleave(self.group, dim=1)  # (B, nh, T, hd/r)
+            v = v.repeat_interleave(self.group, dim=1)
+        p = self.dropout if self.training else 0.0
+        y = attention(q, k, v, bias, dropout_p=p)  # (B, nh, T, hd/r), scale hd^-0.5
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * hd))
+
+
+class CausalSideBlock(nn.Module):
+    """A Llama block at side width: x + attn(norm(x)), then x + mlp(norm(x)), SwiGLU MLP."""
+
+    def __init__(self, dims: Dims, r: int) -> None:
+        super().__init__()
+        d, d_ff = dims.d // r, dims.d_ff // r
+        self.ln_attn = RMSNorm(d, dims.ln_eps)  # input_layernorm
+        self.attn = CausalSideAttention(d, dims.n_head, dims.n_kv_head, dims.head_dim // r, dims)
+        self.ln_ffn = RMSNorm(d, dims.ln_eps)  # post_attention_layernorm
+        self.gate = nn.Linear(d, d_ff, bias=dims.mlp_bias)
+        self.up = nn.Linear(d, d_ff, bias=dims.mlp_bias)
+        self.down = nn.Linear(d_ff, d, bias=dims.mlp_bias)
+        self.act = ACT2FN[dims.act]
+        self.drop = nn.Dropout(dims.dropout)
+
+    def forward(self, x: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, T, d/r) -> (B, T, d/r)."""
+        x = x + self.drop(self.attn(self.ln_attn(x), bias, cos, sin))
+        h = self.ln_ffn(x)
+        return x + self.drop(self.down(self.act(self.gate(h)) * self.up(h)))  # via (B, T, d_ff/r)
+
+
+class CausalSideNetwork(Ladders):
+    """Side network for Llama-family backbones, with a last-real-token classification head.
+
+    Canonical init keys (``load_side_init``), this module's own ``state_dict`` names:
+    ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}``, ``layers.{i}.{gate,up,down}.weight``,
+    ``layers.{i}.{ln_attn,ln_ffn}.weight`` for kept ``i``, and ``final_ln.weight``.
+    """
+
+    def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
+        super().__init__()
+        side.validate(backbone_config)
+        dims = backbone_dims(backbone_config, side)
+        if not dims.causal:
+            raise LadderError(
+                f"model_type={backbone_config.model_type!r} is not a Llama-family causal LM; "
+                "use build_side_network"
+            )
+        r = side.reduction_factor
+        self.dims = dims
+        self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
+        self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.kept})
+        self.final_ln = RMSNorm(self.d_side, dims.ln_eps)  # the model's final norm
+        self.up = nn.Linear(self.d_side, self.d)
+        self.head_drop = nn.Dropout(dims.cls_dropout)
+        self.head_dense = nn.Linear(self.d, self.d)
+        self.head_out = nn.Linear(self.d, side.num_labels)
+        hd = dims.head_dim // r
+        inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,)
+        self.apply(init_weights)
+
+    def needed_layers(self, stack: str = "enc") -> list[int]:
+        """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
+        if stack != "enc":
+            raise LadderError(f"stack={stack!r}; allowed: 'enc' (the causal stream)")
+        return self.needed_states()
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        pool_index: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, num_labels).
+
+        hiddens: {state: (B, T, d)}, at least ``needed_layers()``; attention_mask: (B, T) bool or
+        0/1, True on real tokens; pool_index: (B,) position whose side state feeds the head
+        (default: the last real token).
+        """
+        x = self.side_input(hiddens)  # (B, T, d/r)
+        B, T, _ = x.shape
+        mask = attention_mask.bool().to(x.device)  # (B, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        bias = mask_bias(causal[None, None] & mask[:, None, None, :], x.dtype)  # (B, 1, T, T)
+        cos, sin = rotary_tables(self.inv_freq, T, x.dtype)  # (T, hd/r)
+        for i in self.kept:
+            x = self.before_block(x, i, hiddens)
+            x = self.layers[str(i)](x, bias, cos, sin)  # (B, T, d/r)
+        x = self.final_ln(self.after_blocks(x, hiddens))  # (B, T, d/r)
+        if pool_index is None:  # the last real token: right padding or not
+            pos = torch.arange(T, device=x.device)
+            pool_index = (pos * mask).argmax(-1)  # (B,)
+        pooled = x[torch.arange(B, device=x.device), pool_index.to(x.device)]  # (B, d/r)
+        h = self.up(pooled)  # (B, d)
+        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
+        return self.head_out(self.head_drop(h))  # (B, num_labels)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy, or MSE when num_labels == 1 (regression)."""
+        if self.side.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())
+
+    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
+
+        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
+        """
+        own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
+        own.update({f"final_ln.{k}": p for k, p in self.final_ln.named_parameters()})
+        pattern = re.compile(r"^(layers)\.(\d+)\.")
+        kept, n = {"layers": self.kept}, {"layers": self.n_layers}
+        allowed = (
+            "layers.{i}.{attn.q,attn.k,attn.v,attn.o,gate,up,down,ln_attn,ln_ffn}.{weight,bias} "
+            "for i < L, final_ln.weight"
+        )
+        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), allowed)

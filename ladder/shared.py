@@ -1,0 +1,97 @@
+"""Pieces every side network shares: the backbone's sizes with the side's dropout, the reference's
+init, loading canonical (pruned) weights, and the RMSNorm of T5 and Llama.
+
+``ladder.side`` (encoder-only and T5) and ``ladder.causal`` (Llama family) both build on these.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+
+from ladder.errors import LadderError
+from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of
+
+if TYPE_CHECKING:
+    from ladder.side import SideConfig
+
+
+def backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> Dims:
+    """The backbone's :class:`Dims`, with ``side.dropout`` (if set) in place of its dropouts."""
+    mt = getattr(cfg, "model_type", None)
+    if mt not in FAMILY:
+        raise no_side_network(mt)
+    dims = dims_of(cfg)
+    if side.dropout is None:
+        return dims
+    p = side.dropout  # one rate for every dropout the family has (BERT, Llama: none in the FFN)
+    act = p if dims.family not in ("bert", "llama") else 0.0
+    return replace(dims, dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=act)
+
+
+def no_side_network(mt: object) -> LadderError:
+    allowed = ", ".join(ENCODER_TYPES + T5_TYPES + CAUSAL_TYPES)
+    return LadderError(f"backbone model_type={mt!r} has no side network; allowed: {allowed}")
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference's init for modules not loaded from pruning: Linear ~ N(0, 0.01), zero bias."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def load_init(
+    weights: Mapping[str, Tensor],
+    own: Mapping[str, Tensor],
+    is_dropped: Callable[[str], bool],
+    allowed: str,
+) -> None:
+    """Copy canonical side-init tensors into ``own``; all shapes are checked before any copy."""
+    staged = []
+    for key, w in weights.items():
+        if key in own:
+            if tuple(w.shape) != tuple(own[key].shape):
+                raise LadderError(
+                    f"side init {key!r} has shape {tuple(w.shape)}; "
+                    f"allowed: {tuple(own[key].shape)}"
+                )
+            staged.append((own[key], w))
+        elif not is_dropped(key):
+            raise LadderError(
+                f"side init key {key!r} is not a side-network key; allowed: {allowed}"
+            )
+    with torch.no_grad():
+        for p, w in staged:
+            p.copy_(w)
+
+
+def dropped_key(
+    key: str, pattern: re.Pattern[str], kept: Mapping[str, list[int]], n: Mapping[str, int]
+) -> bool:
+    """A canonical key of a block that exists in the backbone but is dropped from the side."""
+    m = pattern.match(key)
+    if m is None:
+        return False
+    stack, i = m.group(1), int(m.group(2))
+    return 0 <= i < n[stack] and i not in kept[stack]
+
+
+class RMSNorm(nn.Module):
+    """T5's and Llama's norm: scale only, no mean subtraction, variance in float32."""
+
+    def __init__(self, d: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
