@@ -72,6 +72,10 @@ def common_options(f: Callable) -> Callable:
             click.option("--data-dir", help="a glue_data folder (TSV); default: the hub"),
             click.option("--limit", type=int, help="first N examples of each split"),
             click.option("--backbone", help="short name (minilm-l6), HF name or local path"),
+            click.option(
+                "--vision-encoder",
+                help="VL tasks: random-vit (not pretrained), or a CLIP/SigLIP/ViT name or folder",
+            ),
             click.option("--max-length", type=int, help="truncation length in tokens"),
             click.option("--cache-root", help="local path or fsspec URL of the cache root"),
         ]
@@ -87,6 +91,7 @@ def build_config(config_path: str | None, **opts: Any) -> Config:
         "data_dir": "task.data_dir",
         "limit": "task.limit",
         "backbone": "backbone.name",
+        "vision_encoder": "backbone.vision",
         "max_length": "backbone.max_length",
         "cache_root": "cache.root",
         "dtype": "cache.dtype",
