@@ -66,7 +66,7 @@ class VisionEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the features may feed a side network's autograd
     def features(self, images: list[Any]) -> tuple[Tensor, Tensor]:
         """(grid [B, n_tokens, d_v], pooled [B, d_v]) in float32 on the CPU, for PIL images."""
         dtype = next(self.model.parameters()).dtype
