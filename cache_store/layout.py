@@ -15,6 +15,11 @@ This module owns the on-disk layout: every reader and writer builds its paths he
         <split>/dec/...      T5: decoder stream under teacher forcing on the target
                              (its own offsets, input_ids, target_ids and layer_NN)
         <split>/cand_K/...   T5, validation/test: decoder stream on candidate label string K
+        <split>/image_index  int32 [n]         vision-and-language: each example's image (row of images/)
+        images/grid          [n_images * n_tok, d_v]   the vision encoder's last hidden state,
+                             n_tok rows per distinct image (stored once per image, not per example)
+        images/pooled        [n_images, d_v]   its pooled feature
+        images/*_scale       float32           int8 only: per-row absmax scale
         frozen/<name>        frozen tensors the side network needs (T5: lm_head)
         side_init/r<R>/<method>/<canonical name>   pruned backbone weights for a side network
         _progress/<split>.json                     what this attempt has flushed
@@ -134,6 +139,25 @@ def labels_path(split: str) -> str:
     return f"{split}/labels"
 
 
+IMAGES = "images"
+
+
+def image_index_path(split: str) -> str:
+    """Vision-and-language caches: each example's row in ``images/`` (int32 [n])."""
+    return f"{split}/image_index"
+
+
+def image_arrays(dtype: str) -> dict[str, str]:
+    """The image feature arrays (``grid``, ``pooled``, and their int8 scales): name -> path.
+
+    ``grid`` holds ``n_tokens`` consecutive rows per image (image i: rows
+    ``[i * n_tokens, (i + 1) * n_tokens)``); ``pooled`` one row per image."""
+    names = ["grid", "pooled"]
+    if dtype == "int8":
+        names += [scale_name(n) for n in names]
+    return {n: f"{IMAGES}/{n}" for n in names}
+
+
 def frozen_path(name: str) -> str:
     return f"frozen/{name}"
 
@@ -184,6 +208,9 @@ def expected_arrays(manifest: dict[str, Any]) -> set[str]:
                 out.add(target_ids_path(split, stream))
             out |= set(state_arrays(split, stream, stored[stack_of(stream)], dtype).values())
     out |= {frozen_path(name) for name in manifest.get("frozen") or []}
+    if manifest.get("images"):
+        out |= set(image_arrays(dtype).values())
+        out |= {image_index_path(split) for split in manifest["splits"]}
     return out
 
 

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from cache_store import store as st
 from cache_store.errors import CacheError
 from cache_store.layout import decode_numpy, stored_numpy_dtype
 from cache_store.reader import CommittedCache, grid_of
+
+if TYPE_CHECKING:
+    from cache_store.images import ImageTable
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -88,6 +91,7 @@ class NumpyBatch:
     target_ids: dict[str, np.ndarray] = field(default_factory=dict)  # decoder streams, pad -100
     token_type_ids: np.ndarray | None = None  # [B, T_enc] int64, BERT pairs
     state_dtype: str = "float32"  # the dtype of ``states``: float32, float16 or bfloat16 (bits)
+    visual: np.ndarray | None = None  # [B, n_tokens, d_v] image features (``images=``)
 
 
 @dataclass
@@ -138,6 +142,7 @@ class CacheLoader:
         prefetch: int = 2,
         memory_budget: int = 4 << 30,
         read_states: bool = True,
+        images: ImageTable | None = None,
     ) -> None:
         m = cache.manifest
         if split not in m["splits"]:
@@ -158,6 +163,7 @@ class CacheLoader:
         # False: batches carry ids and masks only (online LST computes the states), in the order
         # that reading them would give
         self.read_states = read_states
+        self.images = images  # each batch gathers its examples' image features from it
         self.dtype = m["dtype"]
         self.d = m["backbone"]["d_model"]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -315,8 +321,9 @@ class CacheLoader:
                 states[stream][n] = self._padded(codes, scale, dest, B, T)
         labels = self.labels[index]
         state_dtype = self.dtype if self.dtype in ("float16", "bfloat16") else "float32"
+        visual = None if self.images is None else self.images.gather(self.split, index)
         return NumpyBatch(
-            index, labels, states, masks, input_ids, target_ids, token_types, state_dtype
+            index, labels, states, masks, input_ids, target_ids, token_types, state_dtype, visual
         )
 
     def _padded(

@@ -154,6 +154,12 @@ COMMON_OPTIONS = [
         "backbone.name",
         "short name (minilm-l6), Hugging Face name or local model folder",
     ),
+    config_option(
+        "--vision-encoder",
+        "backbone.vision",
+        "VL tasks: random-vit (not pretrained), or a CLIP/SigLIP/ViT name or folder",
+        none="none (text only)",
+    ),
     config_option("--max-length", "backbone.max_length", "truncation length in tokens", type=int),
     config_option("--cache-root", "cache.root", ROOT_HELP),
 ]
@@ -968,7 +974,7 @@ def run_cli(args: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        result = cli(args=args, standalone_mode=False)
+        result = cli(args=args, prog_name="pipeline", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130

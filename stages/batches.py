@@ -25,6 +25,7 @@ class Batch:
     input_ids: dict[str, torch.Tensor]  # [B, T_stream] (pad 0): what online LST feeds a backbone
     target_ids: dict[str, torch.Tensor] = field(default_factory=dict)  # decoder streams, pad -100
     token_type_ids: torch.Tensor | None = None  # [B, T_enc], BERT pairs
+    visual: torch.Tensor | None = None  # [B, n_tokens, d_v] image features (VL caches)
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -40,6 +41,7 @@ class Batch:
             {s: x.to(device) for s, x in self.input_ids.items()},
             {s: x.to(device) for s, x in self.target_ids.items()},
             None if self.token_type_ids is None else self.token_type_ids.to(device),
+            None if self.visual is None else self.visual.to(device),
         )
 
 
@@ -58,6 +60,7 @@ def to_torch(b: NumpyBatch) -> Batch:
         {s: torch.from_numpy(x) for s, x in b.input_ids.items()},
         {s: torch.from_numpy(x) for s, x in b.target_ids.items()},
         None if b.token_type_ids is None else torch.from_numpy(b.token_type_ids),
+        None if b.visual is None else torch.from_numpy(b.visual),
     )
 
 

@@ -32,6 +32,9 @@ class BackboneConfig(Section):
     name: str = "minilm-l6"  # short name, Hugging Face name or local path
     revision: str | None = None  # hub revision (branch, tag or commit)
     max_length: int = Field(default=128, ge=2, le=8192)  # truncation (max_source_length)
+    vision: str | None = (
+        None  # frozen vision encoder for VL tasks (random-vit, CLIP...); None: text
+    )
 
 
 class CacheConfig(Section):

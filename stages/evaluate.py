@@ -73,6 +73,11 @@ def load_trained(
     saved_cfg = _read_json(folder / "config.json")
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
+    if backbone.vision is not None:
+        raise StageError(
+            f"run {folder} reads images (vision encoder {backbone.vision!r}); predict and "
+            "evaluate on new images are not built yet: its test figures are in metrics.json"
+        )
     configs = sorted(folder.glob("*.config.json"))
     if not configs:
         raise StageError(f"run folder {folder} has no trained network yet")

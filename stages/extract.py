@@ -52,8 +52,10 @@ from ladder.backbones import (
 )
 from ladder.errors import LadderError
 from ladder.side import SideConfig
+from ladder.vision import VisionEncoder, load_vision_encoder
 from stages.config import StageConfig
 from stages.errors import StageError
+from stages.images import check_vision_task, vision_key_inputs, write_images
 from stages.side_init import write_side_init
 from stages.tasks import TaskData, load_task_of, t5_candidates
 from stages.tokens import (
@@ -118,9 +120,14 @@ def segment_states(
 
 
 def key_inputs(
-    cfg: StageConfig, backbone: Backbone, data: TaskData, compute_dtype: torch.dtype
+    cfg: StageConfig,
+    backbone: Backbone,
+    data: TaskData,
+    compute_dtype: torch.dtype,
+    vision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes the stored activations (and the derived side_init)."""
+    """Everything that changes the stored activations (and the derived side_init); ``vision``:
+    ``stages.images.vision_key_inputs`` when image features are stored too."""
     ident = {
         "name": cfg.backbone.name,
         "revision": backbone.revision,
@@ -132,6 +139,7 @@ def key_inputs(
         # existing encoder and T5 caches stay what they were
         ident.update(family=backbone.family, quantization=backbone.quantization)
     return {
+        **({"vision": vision} if vision is not None else {}),
         "backbone": ident,
         "task": {
             "name": data.spec.name,
@@ -238,8 +246,11 @@ class Extractor:
         data: TaskData,
         progress: bool = True,
         runner: SegmentRunner | None = None,
+        vision: VisionEncoder | None = None,
     ) -> None:
         self.cfg, self.backbone, self.data, self.show_progress = cfg, backbone, data, progress
+        self.vision = vision
+        self.vision_inputs = None if vision is None else vision_key_inputs(vision, data)
         self.runner: SegmentRunner = runner or run_segments_here
         self.device = backbone.device
         self.layers = stored_layers(cfg, backbone.config)
@@ -249,9 +260,14 @@ class Extractor:
         self.chunk_rows = rows_per_chunk(self.d, self.dtype, cfg.cache.chunk_mb)
         self.shard_rows = self.chunk_rows * cfg.cache.shard_chunks
         self.compute_dtype = backbone.dtype
-        self.key = cache_key(key_inputs(cfg, backbone, data, self.compute_dtype))
+        self.key = cache_key(self.key_inputs())
         self.timings: dict[str, float] = {}
         self.stats: dict[str, Any] = {}  # the runner's, recorded in the manifest when any
+
+    def key_inputs(self) -> dict[str, Any]:
+        return key_inputs(
+            self.cfg, self.backbone, self.data, self.compute_dtype, self.vision_inputs
+        )
 
     def run(self) -> ExtractResult:
         root = self.cfg.cache.resolved_root
@@ -272,6 +288,11 @@ class Extractor:
             t1 = time.perf_counter()
             self.stats = self.runner(self, writer, work, remaining)
             self.timings["extract_s"] = time.perf_counter() - t1
+            images = None
+            if self.vision is not None:  # once per distinct image, after the text streams
+                t1 = time.perf_counter()
+                images = write_images(self.cfg, writer, self.vision, self.data)
+                self.timings["images_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             side_init = write_side_init(
                 self.cfg, self.backbone, self.data, streams["train"], writer, self.timings
@@ -288,6 +309,8 @@ class Extractor:
                 )
             self.timings["total_s"] = time.perf_counter() - t0
             manifest = self._manifest(streams, side_init, list(frozen))
+            if images is not None:
+                manifest["images"] = images
             won = writer.commit(manifest)
         except BaseException as e:
             # cleanup must not hide the error (a dead object store fails the release too)
@@ -389,7 +412,7 @@ class Extractor:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "key": self.key,
-            "key_inputs": key_inputs(self.cfg, self.backbone, self.data, self.compute_dtype),
+            "key_inputs": self.key_inputs(),
             "backbone": {
                 "name": self.cfg.backbone.name,
                 "family": self.backbone.family,
@@ -522,16 +545,21 @@ def extract(
     data: TaskData | None = None,
     progress: bool = True,
     runner: SegmentRunner | None = None,
+    vision: VisionEncoder | None = None,
 ) -> ExtractResult:
-    """Run stage one for ``cfg``; ``backbone``/``data`` may be given (tests build tiny ones).
+    """Run stage one for ``cfg``; ``backbone``/``data``/``vision`` may be given (tests build tiny
+    ones). With ``backbone.vision`` set, the vision encoder also runs once per distinct image.
 
     ``runner`` runs the segments elsewhere: ``stages.extract_dask.DaskSegments(cluster)`` on Dask
     workers that load the backbone by name; the cache is bit-identical.
     """
     if data is None:
         data = load_task_of(cfg.task)
+    check_vision_task(cfg, data)
     # fail early, before loading anything
     st.open_root(cfg.cache.resolved_root, cfg.cache.storage_options, write=True)
+    if vision is None and cfg.backbone.vision is not None:  # a text model here fails early
+        vision = load_vision_encoder(cfg.backbone.vision, device=pick_device(cfg.extract.device))
     if backbone is None:
         # bad layer indices fail on the config alone, before any weights are loaded
         config = load_config_only(cfg.backbone.name, cfg.backbone.revision)
@@ -542,4 +570,4 @@ def extract(
         backbone = load_backbone(
             cfg.backbone.name, revision=cfg.backbone.revision, device=device, dtype=dtype
         )
-    return Extractor(cfg, backbone, data, progress=progress, runner=runner).run()
+    return Extractor(cfg, backbone, data, progress=progress, runner=runner, vision=vision).run()

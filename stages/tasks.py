@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ladder.hub import hub_or_offline
 from stages.errors import StageError
+from stages.vqa import EASY_VQA_ANSWERS, easy_vqa_folder, read_easy_vqa, vqa_splits
 
 csv.field_size_limit(sys.maxsize)
 
@@ -53,6 +54,7 @@ class TaskSpec:
     tsv_files: dict[str, str] = field(default_factory=dict)  # original split -> file name
     hub_columns: tuple[str, ...] = ()  # column names in the hub's "glue" dataset
     large: bool = False  # large tasks hold out 1000 training examples as validation
+    images: bool = False  # vision-and-language: each example names an image (stages.vqa)
 
     @property
     def num_labels(self) -> int:
@@ -161,12 +163,24 @@ TASKS: dict[str, TaskSpec] = {
     ]
 }
 METRICS = ("accuracy", "mcc", "acc_f1", "pearson_spearman")
+# vision-and-language tasks: each example names an image (stages.vqa reads them)
+VL_TASKS: dict[str, TaskSpec] = {
+    "easy-vqa": TaskSpec(
+        name="easy-vqa",
+        text_fields=("question",),
+        labels=EASY_VQA_ANSWERS,
+        metric="accuracy",
+        large=True,
+        images=True,
+    )
+}
 
 
 @dataclass(frozen=True)
 class Example:
     texts: tuple[str, ...]
     label: int | float
+    image: str | None = None  # vision-and-language tasks: the key of the example's image
 
 
 @dataclass
@@ -174,6 +188,7 @@ class TaskData:
     spec: TaskSpec
     splits: dict[str, list[Example]]  # "train", "validation", "test"
     source: str  # a short description of where the data came from
+    images: dict[str, str] = field(default_factory=dict)  # image key -> file (VL tasks)
 
     def fingerprint(self, split: str) -> str:
         return fingerprint_examples(self.splits[split])
@@ -183,7 +198,8 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
     """A digest of a split's content and order: any edit to the data changes the cache key."""
     h = hashlib.sha256()
     for ex in examples:
-        h.update(json.dumps([ex.texts, ex.label], ensure_ascii=False).encode())
+        row = [ex.texts, ex.label] if ex.image is None else [ex.texts, ex.label, ex.image]
+        h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
 
@@ -205,11 +221,12 @@ class TaskConfig(BaseModel):
 
 
 def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
+    known = {**TASKS, **VL_TASKS}
+    if name not in known:
         raise StageError(
-            f"unknown task {name!r}; allowed: {', '.join(TASKS)}, or 'custom' with your own files"
+            f"unknown task {name!r}; allowed: {', '.join(known)}, or 'custom' with your own files"
         )
-    return TASKS[name]
+    return known[name]
 
 
 @dataclass(frozen=True)
@@ -232,7 +249,18 @@ def load_task(
     limit: int | None = None,
 ) -> TaskData:
     """Load a task's train/validation/test splits (paper splits), optionally the first ``limit`` of each."""
-    if name == "custom":
+    images: dict[str, str] = {}
+    if name == "easy-vqa":
+        spec = get_task(name)
+        folder = easy_vqa_folder(data_dir)
+        rows, images = read_easy_vqa(folder)
+        splits = {
+            k: [Example((q,), a, image=i) for q, a, i in v]
+            for k, v in vqa_splits(rows, split_seed).items()
+        }
+        source = f"easy-VQA at {folder.resolve()}"
+        original = None
+    elif name == "custom":
         if custom is None:
             raise StageError("task 'custom' needs task.files and task.text_columns")
         spec, original = _load_custom(custom)
@@ -245,7 +273,8 @@ def load_task(
         else:
             original = _load_hub(spec)
             source = "huggingface hub: glue/" + spec.name
-    splits = paper_splits(spec, original, split_seed)
+    if original is not None:
+        splits = paper_splits(spec, original, split_seed)
     for split, examples in splits.items():
         if not examples:
             raise StageError(f"split {split!r} of task {spec.name!r} is empty ({source})")
@@ -253,7 +282,9 @@ def load_task(
         if limit < 1:
             raise StageError(f"--limit must be a positive integer, got {limit}")
         splits = {k: v[:limit] for k, v in splits.items()}
-    return TaskData(spec=spec, splits=splits, source=source)
+    used = {ex.image for v in splits.values() for ex in v if ex.image is not None}
+    images = {k: p for k, p in images.items() if k in used}
+    return TaskData(spec=spec, splits=splits, source=source, images=images)
 
 
 def load_task_of(cfg: TaskConfig, *, limit: int | None = None) -> TaskData:
@@ -282,8 +313,8 @@ def load_task_of(cfg: TaskConfig, *, limit: int | None = None) -> TaskData:
 
 def spec_of(saved: dict[str, Any]) -> TaskSpec:
     """The task of a cache or a trained network, from its saved description (custom included)."""
-    if saved["name"] in TASKS:
-        return TASKS[saved["name"]]
+    if saved["name"] in TASKS or saved["name"] in VL_TASKS:
+        return get_task(saved["name"])
     labels = tuple(saved["labels"]) if saved["labels"] else None
     return TaskSpec(
         name=saved["name"],

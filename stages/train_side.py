@@ -37,13 +37,16 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from cache_store import layout
+from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache, open_cache
 from cache_store.registry import list_caches
 from ladder.side import SideConfig, build_side_network, trainable_parameters
+from ladder.vision import build_visual_side_network
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
+from stages.images import vision_mismatch, visual_of
 from stages.runfiles import (
     DiskFull,
     make_private_dir,
@@ -110,6 +113,8 @@ def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str
     max_length = inputs.get("max_length")
     if max_length is not None and max_length != cfg.backbone.max_length:
         return f"max length ({max_length}, asked {cfg.backbone.max_length})"
+    if (vision := vision_mismatch(cfg, m)) is not None:
+        return vision
     if data is None:
         if cfg.task.limit is not None:  # a split may be smaller than the limit, never larger
             for split, info in m.get("splits", {}).items():
@@ -336,7 +341,11 @@ def build_trial(
     lm_head = None
     if "lm_head" in cache.manifest.get("frozen", []):
         lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
-    net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
+    visual = visual_of(cfg, cache)
+    if visual is not None:  # visual tokens before the text (ladder.vision)
+        net = build_visual_side_network(bcfg, side_config(cfg, trial.r, spec), visual["d"])
+    else:
+        net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     t = cfg.train_side
@@ -409,13 +418,20 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
             batch.target_ids["dec"],
         )
     else:
-        loss = ts.net.loss(ts.net(states(batch, "enc"), batch.masks["enc"]), batch.labels)
+        logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
+        loss = ts.net.loss(logits, batch.labels)
     ts.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
     ts.opt.step()
     ts.sched.step()
     return float(loss.detach())
+
+
+def visual_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The visual tokens of a VL batch as the side network takes them (from the cache in both
+    modes: the vision encoder is frozen and sees no gradient); none for a text batch."""
+    return {} if batch.visual is None else {"visual": batch.visual}
 
 
 @torch.no_grad()
@@ -429,7 +445,7 @@ def predict_batch(
     """Class ids or scores for a batch; T5 scores every candidate label string."""
     net.eval()
     if candidates is None:
-        logits = net(states(batch, "enc"), batch.masks["enc"])
+        logits = net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
         return logits.squeeze(-1).numpy() if spec.is_regression else logits.argmax(-1).numpy()
     C = len(candidates)
     streams = layout.cand_streams(C)
@@ -484,6 +500,7 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
         "train_side": t,
         "epochs": epochs_of(cfg, cfg.task.name),
         "online": online,
+        **({"vision": cfg.backbone.vision} if cfg.backbone.vision is not None else {}),
     }
 
 
@@ -614,6 +631,7 @@ def train_side(
         # synchronisation than it gains, and the loader thread needs a core of its own
         torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
     cache = resolve_cache(cfg, cache_key)
+    visual_of(cfg, cache)  # a run with images on a cache without them stops here
     spec = task_spec_of(cache)
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
@@ -637,6 +655,7 @@ def train_side(
 
     seed0 = trials[0].seed
     budget = t.memory_mb << 20
+    images = ImageTable(cache) if visual_of(cfg, cache) is not None else None
     train = CacheLoader(
         cache,
         "train",
@@ -646,6 +665,7 @@ def train_side(
         seed=seed0,
         memory_budget=budget,
         read_states=online is None,
+        images=images,
     )
     val, test = (
         CacheLoader(
@@ -656,6 +676,7 @@ def train_side(
             shuffle=False,
             memory_budget=budget,
             read_states=online is None,
+            images=images,
         )
         for s in ("validation", "test")
     )

@@ -1,0 +1,310 @@
+"""Vision-and-language LST: the frozen vision encoder, and the side network that reads its tokens.
+
+As in the paper's CLIP-T5 experiments: the vision encoder is frozen; its visual tokens go through
+a trainable projection to the side width and are placed *before* the text in the side network's
+input, with attention over both; the text backbone sees the text alone, so its states (the
+ladders) are added to the text positions only. No gradient reaches the vision encoder or the
+backbone.
+
+Vision encoders: any Hugging Face CLIP (``CLIPVisionModel``, or the vision tower of a full CLIP
+checkpoint), SigLIP (vision tower) or ViT model by name or local folder, preprocessed by its own
+image processor; and ``random-vit``, a packaged short name for a frozen, seeded, randomly
+initialised ViT (``ViTConfig(image_size=64, patch_size=8, hidden_size=192, 4 layers, 3 heads,
+intermediate_size=768)``, ``torch.manual_seed(0)``) with a fixed preprocessing (RGB, bilinear
+resize to 64x64, scale to [0, 1], normalise with mean 0.5 and std 0.5). ``random-vit`` only checks
+the pipeline where no pretrained weights can be downloaded: it is not a pretrained model.
+
+Features per image: ``grid`` = the last hidden state [n_tokens, d_v] (patches and the class token)
+and ``pooled`` [d_v] (the model's pooler output; the class token where it has none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+
+from ladder.attention import mask_bias
+from ladder.backbones import resolve_backbone
+from ladder.errors import LadderError
+from ladder.families import T5_TYPES
+from ladder.ladders import ladder_linear
+from ladder.shared import backbone_dims, init_weights
+from ladder.side import EncoderSideNetwork, SideConfig
+
+VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "vit")
+RANDOM_VIT = "random-vit"
+RANDOM_VIT_SIZE = 64  # input side in pixels
+RANDOM_VIT_PREPROCESS = "rgb-bilinear-64x64-scale-1/255-mean-0.5-std-0.5"
+
+
+@dataclass
+class VisionEncoder:
+    """A frozen vision encoder (eval mode, no grad) and the preprocessing it is fed with."""
+
+    name: str  # what the user asked for
+    model: nn.Module
+    config: Any
+    revision: str | None
+    weights_digest: str
+    preprocess: Callable[[list[Any]], Tensor]  # PIL images -> pixel values [B, 3, H, W]
+    preprocessing: str  # what the preprocessing is (or a digest of the image processor's config)
+
+    @property
+    def d(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()  # not inference_mode: the features may feed a side network's autograd
+    def features(self, images: list[Any]) -> tuple[Tensor, Tensor]:
+        """(grid [B, n_tokens, d_v], pooled [B, d_v]) in float32 on the CPU, for PIL images."""
+        dtype = next(self.model.parameters()).dtype
+        pixels = self.preprocess(images).to(self.device, dtype)
+        out = self.model(pixel_values=pixels)
+        grid = out.last_hidden_state
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            pooled = grid[:, 0]
+        return grid.float().cpu(), pooled.float().cpu()
+
+    def key_inputs(self) -> dict[str, Any]:
+        """What changes the stored image features (part of the cache key)."""
+        return {
+            "name": self.name,
+            "model_type": self.config.model_type,
+            "revision": self.revision,
+            "weights": self.weights_digest,
+            "preprocessing": self.preprocessing,
+        }
+
+
+def _state_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _files_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def random_vit_preprocess(images: list[Any]) -> Tensor:
+    """``random-vit``'s fixed preprocessing: RGB, bilinear 64x64, [0, 1], mean 0.5, std 0.5."""
+    from PIL import Image
+
+    arrays = [
+        np.asarray(
+            im.convert("RGB").resize((RANDOM_VIT_SIZE, RANDOM_VIT_SIZE), Image.Resampling.BILINEAR),
+            dtype=np.float32,
+        )
+        for im in images
+    ]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # [B, 3, H, W]
+    return (x - 0.5) / 0.5
+
+
+def random_vit() -> VisionEncoder:
+    """The packaged ``random-vit``: seeded random weights, for checking the pipeline only."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(
+        image_size=RANDOM_VIT_SIZE,
+        patch_size=8,
+        hidden_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=768,
+    )
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = ViTModel(cfg, add_pooling_layer=False)
+    finally:
+        torch.random.set_rng_state(state)
+    return vision_from_model(RANDOM_VIT, model, random_vit_preprocess, RANDOM_VIT_PREPROCESS)
+
+
+def processor_preprocess(processor: Any) -> tuple[Callable[[list[Any]], Tensor], str]:
+    """A Hugging Face image processor as a preprocessing function, and a digest of its config."""
+    described = json.dumps(processor.to_dict(), sort_keys=True, default=str)
+    digest = f"{type(processor).__name__}-{hashlib.sha256(described.encode()).hexdigest()[:16]}"
+
+    def preprocess(images: list[Any]) -> Tensor:
+        rgb = [im.convert("RGB") for im in images]
+        return processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    return preprocess, digest
+
+
+def vision_from_model(
+    name: str,
+    model: nn.Module,
+    preprocess: Callable[[list[Any]], Tensor] | Any,
+    preprocessing: str | None = None,
+    *,
+    path: str = "",
+    revision: str | None = None,
+) -> VisionEncoder:
+    """Wrap a built vision model (tests build tiny ones from configs); ``preprocess`` is a
+    function of PIL images or a Hugging Face image processor."""
+    mt = getattr(model.config, "model_type", None)
+    if mt not in VISION_TYPES:
+        raise _not_vision(name, mt)
+    if not callable(preprocess) or hasattr(preprocess, "to_dict"):
+        preprocess, preprocessing = processor_preprocess(preprocess)
+    folder = Path(path) if path and os.path.isdir(path) else None
+    weights = _files_digest(folder) if folder is not None else _state_digest(model)
+    model.eval().requires_grad_(False)
+    return VisionEncoder(
+        name=name,
+        model=model,
+        config=model.config,
+        revision=revision or getattr(model.config, "_commit_hash", None),
+        weights_digest=weights,
+        preprocess=preprocess,
+        preprocessing=preprocessing or "custom",
+    )
+
+
+def _not_vision(name: str, model_type: object) -> LadderError:
+    return LadderError(
+        f"vision encoder {name!r} is a {model_type!r} model, not a vision encoder; allowed: a "
+        f"CLIP, SigLIP or ViT model (model_type {', '.join(VISION_TYPES)}) or {RANDOM_VIT!r}"
+    )
+
+
+def load_vision_encoder(
+    name: str, *, revision: str | None = None, device: str | torch.device = "cpu"
+) -> VisionEncoder:
+    """``random-vit``, or a CLIP/SigLIP/ViT model by Hugging Face name or local folder; a text
+    model, or a name that is none of these, is one line."""
+    if name == RANDOM_VIT:
+        return random_vit()
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        CLIPVisionModel,
+        SiglipVisionModel,
+        ViTModel,
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = resolve_backbone(name)  # a packaged text model named here is refused below
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise LadderError(
+            f"unknown vision encoder {name!r}: not {RANDOM_VIT!r}, a local model folder, or a "
+            f"Hugging Face model reachable from here ({first})"
+        ) from None
+    if config.model_type not in VISION_TYPES:
+        raise _not_vision(name, config.model_type)
+    cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "vit": ViTModel}[
+        config.model_type.removesuffix("_vision_model")
+    ]
+    try:
+        model = cls.from_pretrained(path, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise LadderError(f"vision encoder {name!r} cannot be loaded ({first})") from None
+    model.to(device)
+    return vision_from_model(name, model, processor, path=path, revision=revision)
+
+
+# --------------------------------------------------------------------------- the side network
+
+
+class VisualSideNetwork(EncoderSideNetwork):
+    """The encoder-only side network with visual tokens before the text.
+
+    ``visual_proj`` (d_v -> d/r) and ``visual_ln`` map the frozen vision encoder's tokens to the
+    side width; they are concatenated before the side stream's text positions and every side
+    block attends over both. Ladders (and late fusion) add the backbone's states to the text
+    positions only. The head reads the first text token ([CLS]; BART: the last real token).
+    Built after the text part, so a seed gives the text part the same weights as
+    ``EncoderSideNetwork``; the visual part's keys are not canonical side-init keys.
+    """
+
+    def __init__(self, backbone_config: PretrainedConfig, side: SideConfig, d_visual: int) -> None:
+        super().__init__(backbone_config, side)
+        if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
+            raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")
+        dims = backbone_dims(backbone_config, side)
+        self.d_visual = d_visual
+        self.visual_proj = nn.Linear(d_visual, self.d_side)
+        self.visual_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
+        init_weights(self.visual_proj)
+
+    def forward(  # type: ignore[override]
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        visual: Tensor | None = None,
+        pool_index: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, num_labels). visual: (B, T_v, d_v) visual tokens (every one attended)."""
+        if visual is None:
+            raise LadderError("VisualSideNetwork needs visual tokens (B, T_v, d_v); got None")
+        if visual.dim() != 3 or visual.shape[-1] != self.d_visual:
+            raise LadderError(
+                f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
+            )
+        text = self.side_input(hiddens)  # (B, T, d/r)
+        v = self.drop(self.visual_ln(ladder_linear(self.visual_proj, visual)))  # (B, T_v, d/r)
+        B, Tv = v.shape[:2]
+        x = torch.cat([v.to(text.dtype), text], 1)  # (B, T_v + T, d/r)
+        ones = torch.ones(B, Tv, dtype=torch.bool, device=x.device)
+        full = torch.cat([ones, attention_mask.bool().to(x.device)], 1)  # (B, T_v + T)
+        mask = mask_bias(full[:, None, None, :], x.dtype)  # (B, 1, 1, T_v + T)
+        for i in self.kept:
+            if self.fusion == "ladder":  # the backbone saw the text only: text positions
+                x = torch.cat([x[:, :Tv], self.before_block(x[:, Tv:], i, hiddens)], 1)
+            x = self.layers[str(i)](x, mask)  # (B, T_v + T, d/r)
+        if self.fusion == "late":
+            x = torch.cat([x[:, :Tv], self.after_blocks(x[:, Tv:], hiddens)], 1)
+        if self.final_ln is not None:
+            x = self.final_ln(x)
+        if pool_index is None:
+            pool_index = (
+                attention_mask.long().sum(1) - 1
+                if self.pool_last
+                else torch.zeros(B, dtype=torch.long)
+            )
+        rows = torch.arange(B, device=x.device)
+        pooled = x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
+        h = self.up(pooled)  # (B, d)
+        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
+        return self.head_out(self.head_drop(h))  # (B, num_labels)
+
+
+def build_visual_side_network(
+    backbone_config: PretrainedConfig, side: SideConfig, d_visual: int
+) -> VisualSideNetwork:
+    """The encoder-only side network with visual tokens (T5 with visual tokens: not built yet)."""
+    if getattr(backbone_config, "model_type", None) in T5_TYPES:
+        raise LadderError(
+            "visual tokens with a T5 side network are not built yet; use an encoder-only "
+            "backbone (BERT family, BART) for vision-and-language tasks"
+        )
+    return VisualSideNetwork(backbone_config, side, d_visual)

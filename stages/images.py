@@ -1,0 +1,185 @@
+"""Images in both stages: the frozen vision encoder run once per distinct image (stage one), and
+which image features a side network reads (stage two).
+
+Stage one (``write_images``) runs after the text streams: every distinct image of the task's
+splits (in order of first use: train, validation, test) is decoded, preprocessed and encoded once,
+however many questions name it; its grid features (the encoder's last hidden state) and pooled
+feature go to the shared ``images/`` group, and each split gets ``<split>/image_index``, the row of
+each example's image. The text backbone never sees an image, so the text streams are the same with
+or without images. Images are few: they are encoded in one pass and written at once (a killed run
+redoes that pass; nothing is committed before the end), in the cache's dtype and codec.
+
+Stage two: ``visual_of`` says whether a run uses a cache's image features (``backbone.vision``
+set, and the cache made with that encoder); in online LST too the visual tokens come from the
+cache, because the vision encoder is frozen and never in the gradient path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import numpy as np
+
+from cache_store import layout
+from cache_store.layout import rows_per_chunk, stored_numpy_dtype
+from cache_store.reader import CommittedCache
+from cache_store.writer import CacheWriter
+from ladder.vision import VisionEncoder
+from stages.config import StageConfig
+from stages.errors import StageError
+from stages.tasks import TaskData
+
+PROGRESS = "images"  # the attempt's progress record of the image stage (no split has this name)
+BATCH = 64  # images per vision-encoder batch
+
+
+def check_vision_task(cfg: StageConfig, data: TaskData) -> None:
+    """A vision encoder needs a vision-and-language task (one whose examples name images)."""
+    if cfg.backbone.vision is not None and not data.spec.images:
+        raise StageError(
+            f"task {data.spec.name!r} has no images, but a vision encoder "
+            f"({cfg.backbone.vision!r}) was given; vision-and-language tasks: easy-vqa"
+        )
+
+
+def distinct_images(data: TaskData) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The distinct image keys in order of first use, and per split each example's row."""
+    rows: dict[str, int] = {}
+    index = {}
+    for split, examples in data.splits.items():
+        idx = []
+        for n, ex in enumerate(examples):
+            if ex.image is None:
+                raise StageError(f"example {n} of split {split!r} names no image")
+            idx.append(rows.setdefault(ex.image, len(rows)))
+        index[split] = np.asarray(idx, dtype=np.int32)
+    return list(rows), index
+
+
+def image_file(data: TaskData, key: str) -> str:
+    path = data.images.get(key)
+    if path is None:
+        raise StageError(f"image {key!r} has no file in the task data ({data.source})")
+    return path
+
+
+def images_digest(data: TaskData) -> str:
+    """A digest of every used image's key and file bytes (part of the cache key)."""
+    h = hashlib.sha256()
+    for key in distinct_images(data)[0]:
+        path = image_file(data, key)
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+        except FileNotFoundError:
+            raise StageError(f"image file {path} (image {key!r}) is missing") from None
+        except OSError as e:
+            raise StageError(f"image file {path} (image {key!r}) cannot be read ({e})") from None
+        h.update(key.encode() + b"\0" + hashlib.sha256(content).digest())
+    return h.hexdigest()[:16]
+
+
+def vision_key_inputs(vision: VisionEncoder, data: TaskData) -> dict[str, Any]:
+    """What the image features depend on: the encoder (name, revision, weights, preprocessing)
+    and the image files."""
+    return {**vision.key_inputs(), "images": images_digest(data)}
+
+
+def open_image(data: TaskData, key: str) -> Any:
+    """The decoded image; a missing or undecodable file is one line naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = image_file(data, key)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise StageError(f"image file {path} (image {key!r}) is missing") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise StageError(
+            f"image file {path} (image {key!r}) cannot be read as an image ({detail})"
+        ) from None
+
+
+def write_images(
+    cfg: StageConfig, writer: CacheWriter, vision: VisionEncoder, data: TaskData
+) -> dict[str, Any]:
+    """Encode every distinct image once and write ``images/`` and each ``<split>/image_index``;
+    returns the manifest's ``images`` entry. Done once per attempt (a resumed run skips it)."""
+    prog = writer.progress(PROGRESS)
+    if prog is not None and prog.get("done"):
+        return prog["manifest"]
+    t0 = time.perf_counter()
+    keys, index = distinct_images(data)
+    grids, pooled = [], []
+    for k in range(0, len(keys), BATCH):
+        g, p = vision.features([open_image(data, key) for key in keys[k : k + BATCH]])
+        grids.append(g.numpy())
+        pooled.append(p.numpy())
+    grid = np.concatenate(grids)  # [n_images, n_tokens, d_v]
+    n_images, n_tokens, d = grid.shape
+    dtype, codec = cfg.cache.dtype, cfg.cache.codec
+    chunk = rows_per_chunk(d, dtype, cfg.cache.chunk_mb)
+    values = {"grid": grid.reshape(n_images * n_tokens, d), "pooled": np.concatenate(pooled)}
+    paths = layout.image_arrays(dtype)
+    for name, x in values.items():
+        codes, scale = layout.encode(x, dtype)
+        kw: dict[str, Any] = dict(
+            chunk_rows=chunk, shard_rows=chunk * cfg.cache.shard_chunks, codec=codec
+        )
+        writer.create_array(
+            paths[name], codes.shape, stored_numpy_dtype(dtype), attrs={"dtype": dtype},
+            data=codes, **kw,
+        )  # fmt: skip
+        if scale is not None:
+            writer.create_array(
+                paths[layout.scale_name(name)], scale.shape, "float32", data=scale, **kw
+            )
+    for split, idx in index.items():
+        writer.create_array(
+            layout.image_index_path(split), idx.shape, idx.dtype, chunk_rows=1 << 20, data=idx
+        )
+    entry = {
+        "encoder": vision.key_inputs(),
+        "n_images": n_images,
+        "n_tokens": n_tokens,
+        "d": d,
+        "encode_s": round(time.perf_counter() - t0, 3),
+    }
+    writer.save_progress(PROGRESS, {"done": True, "manifest": entry})
+    return entry
+
+
+def visual_of(cfg: StageConfig, cache: CommittedCache) -> dict[str, Any] | None:
+    """The cache's ``images`` entry when this run reads visual tokens (``backbone.vision`` set),
+    else None (a text-only side network; a cache's images, if any, are not read). A cache
+    without images, or made with another vision encoder, is one line."""
+    want = cfg.backbone.vision
+    if want is None:
+        return None
+    have = cache.manifest.get("images")
+    if not have:
+        raise StageError(
+            f"cache {cache.key} has no image features (extracted without a vision encoder), but "
+            f"vision encoder {want!r} was asked for: run `pipeline run extract` with "
+            f"--vision-encoder {want}, or train without --vision-encoder (text alone)"
+        )
+    if have["encoder"]["name"] != want:
+        raise StageError(
+            f"cache {cache.key} holds image features of vision encoder "
+            f"{have['encoder']['name']!r}, but {want!r} was asked for"
+        )
+    return have
+
+
+def vision_mismatch(cfg: StageConfig, manifest: dict[str, Any]) -> str | None:
+    """How a cache's vision encoder differs from the configured one (None: it suits)."""
+    want = cfg.backbone.vision
+    if want is None:
+        return None
+    have = (manifest.get("images") or {}).get("encoder", {}).get("name")
+    return None if have == want else f"vision encoder ({have!r}, asked {want!r})"

@@ -1,0 +1,284 @@
+"""Vision-and-language LST (easy-VQA): image features once per distinct image, text states that do
+not depend on the images, no gradient into the frozen encoders, cache = online LST, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache_store import layout
+from cache_store.reader import open_cache, walk_arrays
+from cache_store.registry import verify_cache
+from pipeline.config import apply_overrides
+from stages.errors import StageError
+from stages.extract import extract
+from stages.tasks import load_task_of
+from stages.train_side import train_side
+from stages.vqa import EASY_VQA_ANSWERS
+from tests.conftest import make_config, tiny_bert
+
+COLOURS = [(255, 0, 0), (0, 128, 0), (0, 0, 255), (255, 255, 0), (128, 128, 128)]
+
+
+def write_vqa(folder: Path, n_train: int = 20, n_test: int = 4, per_image: int = 3) -> Path:
+    """A tiny easy-VQA folder: answers.txt, {train,test}/questions.json and 64x64 PNGs."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "answers.txt").write_text("\n".join(EASY_VQA_ANSWERS) + "\n")
+    shapes = ["circle", "rectangle", "triangle"]
+    for split, n in (("train", n_train), ("test", n_test)):
+        (folder / split / "images").mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            colour, shape = COLOURS[i % len(COLOURS)], shapes[i % 3]
+            im = Image.new("RGB", (64, 64), (255, 255, 255))
+            ImageDraw.Draw(im).rectangle([8 + i % 7, 8, 40 + i % 11, 48], fill=colour)
+            im.save(folder / split / "images" / f"{i}.png")
+            qs = [
+                ("what shape is in the image?", shape),
+                ("is there a red shape?", "yes" if colour == (255, 0, 0) else "no"),
+                ("what color is the shape?", ["red", "green", "blue", "yellow", "gray"][i % 5]),
+            ]
+            rows += [[q, a, i] for q, a in qs[:per_image]]
+        (folder / split / "questions.json").write_text(json.dumps(rows))
+    return folder
+
+
+def tiny_clip(seed: int = 0):
+    """A tiny random CLIPVisionModel with a CLIP image processor at 32x32."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from ladder.vision import vision_from_model
+
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    return vision_from_model("tiny-clip", CLIPVisionModel(cfg), processor)
+
+
+def vl_config(tmp_path: Path, vqa: Path, **overrides):
+    base = {
+        "task.name": "easy-vqa",
+        "task.data_dir": str(vqa),
+        "task.limit": None,
+        "backbone.name": "tiny-bert",
+        "cache.dtype": "float32",
+        "train_side.run_dir": str(tmp_path / "runs"),
+    }
+    return make_config(tmp_path, vqa, **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory) -> Path:
+    return write_vqa(tmp_path_factory.mktemp("vqa"))
+
+
+@pytest.fixture(scope="module")
+def encoders(minilm_tokenizer):
+    return tiny_bert(minilm_tokenizer), tiny_clip()
+
+
+def test_the_splits_hold_out_whole_training_images(vqa, tmp_path):
+    data = load_task_of(vl_config(tmp_path, vqa).task)
+    images = {s: {ex.image for ex in v} for s, v in data.splits.items()}
+    assert len(data.splits["train"]) == 54 and len(data.splits["validation"]) == 6
+    assert not images["train"] & images["validation"]  # no validation image seen in training
+    assert images["test"] == {f"test/{i}" for i in range(4)}
+    assert set(data.images) == set().union(*images.values())
+
+
+def test_image_features_are_stored_once_per_distinct_image(vqa, tmp_path, encoders):
+    from PIL import Image
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "int8"})
+    res = extract(cfg, backbone=backbone, vision=vision, progress=False)
+    cache = open_cache(cfg.cache_root, res.key)
+    m = cache.manifest
+    n_questions = sum(s["n_examples"] for s in m["splits"].values())
+    info = m["images"]
+    assert info["n_images"] == 24 and n_questions == 72  # 20 train + 4 test images
+    assert info["n_tokens"] == 17 and info["d"] == 32  # 4x4 patches + the class token
+    grid = cache.array(layout.image_arrays("int8")["grid"])
+    assert grid.shape == (24 * 17, 32)
+    stored = grid.nbytes + cache.array("images/grid_scale").nbytes
+    assert stored * n_questions // info["n_images"] == 3 * stored  # per question: 3x the bytes
+    # each example's row holds the features of its own image
+    data = load_task_of(cfg.task)
+    index = np.asarray(cache.array(layout.image_index_path("test"))[...])
+    for n in (0, 5, 11):
+        ex = data.splits["test"][n]
+        want, _ = vision.features([Image.open(data.images[ex.image])])
+        codes = grid[index[n] * 17 : (index[n] + 1) * 17]
+        scale = cache.array("images/grid_scale")[index[n] * 17 : (index[n] + 1) * 17]
+        got = layout.decode_numpy(codes, scale, "int8")
+        np.testing.assert_allclose(got, want[0].numpy(), atol=float(scale.max()))
+    # the layout names every array, the commit inventories them, verify reads them all
+    found = {p for p, _ in walk_arrays(cache.group)}
+    assert found == layout.expected_arrays(m) | (layout.optional_arrays(m) & found)
+    assert set(m["inventory"]) == found
+    assert verify_cache(cfg.cache_root, res.key)["ok"]
+    # the key names the vision encoder, its weights and its preprocessing
+    v = m["key_inputs"]["vision"]
+    assert v["name"] == "tiny-clip" and v["weights"] and v["preprocessing"].startswith("CLIP")
+
+
+def test_text_states_are_bit_identical_with_and_without_images(vqa, tmp_path, encoders):
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float16"})
+    text = extract(cfg, backbone=backbone, progress=False)
+    both = extract(cfg, backbone=backbone, vision=vision, progress=False)
+    assert text.key != both.key
+    a, b = open_cache(cfg.cache_root, text.key), open_cache(cfg.cache_root, both.key)
+    assert "images" not in a.manifest and b.manifest["images"]["n_images"] == 24
+    text_arrays = {p for p, _ in walk_arrays(a.group)}
+    assert {p for p, _ in walk_arrays(b.group)} - text_arrays == set(
+        layout.image_arrays("float16").values()
+    ) | {layout.image_index_path(s) for s in ("train", "validation", "test")}
+    for path in text_arrays:
+        x, y = np.asarray(a.array(path)[...]), np.asarray(b.array(path)[...])
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), path
+
+
+def test_no_gradient_reaches_the_vision_encoder_or_the_backbone(vqa, tmp_path, encoders):
+    from PIL import Image
+
+    from ladder.side import SideConfig
+    from ladder.vision import build_visual_side_network
+
+    backbone, vision = encoders
+    data = load_task_of(vl_config(tmp_path, vqa).task)
+    examples = data.splits["train"][:4]
+    tok = backbone.tokenizer([ex.texts[0] for ex in examples], padding=True, return_tensors="pt")
+    mask = tok["attention_mask"].bool()
+    states = backbone.states(tok["input_ids"], mask, for_training=True)["enc"]
+    grid, _ = vision.features([Image.open(data.images[ex.image]) for ex in examples])
+    torch.manual_seed(0)
+    net = build_visual_side_network(
+        backbone.config, SideConfig(reduction_factor=4, num_labels=13), 32
+    )
+    hiddens = {n: states[n] for n in net.needed_layers()}
+    logits = net(hiddens, mask, visual=grid)
+    net.loss(logits, torch.tensor([ex.label for ex in examples])).backward()
+    for frozen in (backbone.model, vision.model):
+        assert all(not p.requires_grad and p.grad is None for p in frozen.parameters())
+    assert not grid.requires_grad and all(not h.requires_grad for h in hiddens.values())
+    assert net.visual_proj.weight.grad is not None and net.visual_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.down.parameters())
+    # the visual tokens matter; the head reads the first text token, not an image token
+    with torch.no_grad():
+        other = net(hiddens, mask, visual=grid.flip(0))
+    assert not torch.allclose(logits.detach(), other)
+
+
+def test_cache_and_online_vl_lst_follow_the_same_trajectory(vqa, tmp_path, encoders):
+    """float32 cache vs the live text backbone (dropout off), visual tokens from the cache in both."""
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "train_side.epochs": 2,
+            "train_side.batch_size": 8,
+            "train_side.warmup_steps": 2,
+            "train_side.reduction_factors": [4],
+            "train_side.init": "random",
+        },
+    )
+    extract(cfg, backbone=backbone, vision=vision, progress=False)
+    cached = train_side(cfg, run_name="cached", progress=False)
+    online = train_side(
+        cfg, run_name="online", online=backbone, online_dropout=False, progress=False
+    )
+    c, o = cached.metrics["networks"]["r4-s0-lr0.003"], online.metrics["networks"]["r4-s0-lr0.003"]
+    c_loss = [h["train_loss"] for h in c["epochs"]]
+    o_loss = [h["train_loss"] for h in o["epochs"]]
+    assert len(c_loss) == 2
+    torch.testing.assert_close(torch.tensor(c_loss), torch.tensor(o_loss), rtol=1e-5, atol=0)
+    assert c["test"] == o["test"]
+    last = torch.load(cached.folder / "checkpoints" / "r4-s0-lr0.003.last.pt", weights_only=False)[
+        "net"
+    ]
+    assert "visual_proj.weight" in last  # the visual side network was trained
+    # without --vision-encoder, the same cache trains the side network on the text alone
+    one = apply_overrides(cfg, {"train_side.epochs": 1})
+    no_vision = one.model_copy(
+        update={"backbone": one.backbone.model_copy(update={"vision": None})}
+    )
+    text = train_side(no_vision, run_name="text", progress=False)
+    t_loss = [h["train_loss"] for h in text.metrics["networks"]["r4-s0-lr0.003"]["epochs"]]
+    assert len(t_loss) == 1 and t_loss[0] != c_loss[0]
+
+
+def _one_line_exit_2(capsys, args, message):
+    from pipeline.cli import run_cli
+
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def _nothing_committed(root: Path) -> None:
+    assert not list(root.glob("*/commit.json")) if root.exists() else True
+
+
+@pytest.mark.parametrize(
+    ("damage", "extra", "message"),
+    [
+        ("no-file", [], "names image 7, which has no file"),
+        ("unreadable", [], "cannot be read as an image"),
+        ("none", ["--vision-encoder", "minilm-l6"], "is a 'bert' model, not a vision encoder"),
+        ("none", ["--task", "rte", "--data-dir", "GLUE"], "task 'rte' has no images"),
+    ],
+)
+def test_bad_vl_input_is_one_line_exit_2_and_nothing_committed(
+    tmp_path, capsys, glue_dir, damage, extra, message
+):
+    vqa = write_vqa(tmp_path / "vqa", n_train=10, n_test=2, per_image=2)
+    if damage == "no-file":
+        (vqa / "train" / "images" / "7.png").unlink()
+    if damage == "unreadable":
+        (vqa / "test" / "images" / "1.png").write_bytes(b"not a png at all")
+    root = tmp_path / "cache"
+    args = ["run", "extract", "--task", "easy-vqa", "--data-dir", str(vqa), "--json"]
+    args += ["--cache-root", str(root), "--vision-encoder", "random-vit"]
+    args += ["--side-init", "magnitude", "--side-init-factors", "4"]
+    extra = [str(glue_dir) if a == "GLUE" else a for a in extra]
+    _one_line_exit_2(capsys, [*args, *extra], message)
+    _nothing_committed(root)
+
+
+def test_a_missing_image_file_is_one_line_and_nothing_committed(vqa, tmp_path, encoders):
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa)
+    data = load_task_of(cfg.task)
+    data.images["test/2"] = str(tmp_path / "gone.png")
+    with pytest.raises(StageError, match=r"gone.png \(image 'test/2'\) is missing"):
+        extract(cfg, backbone=backbone, data=data, vision=vision, progress=False)
+    _nothing_committed(Path(cfg.cache_root))
+
+
+def test_a_vl_run_on_a_text_only_cache_is_one_line_exit_2(vqa, tmp_path, capsys, encoders):
+    backbone, _ = encoders
+    cfg = vl_config(tmp_path, vqa)
+    key = extract(cfg, backbone=backbone, progress=False).key
+    args = ["run", "train-side", "--task", "easy-vqa", "--backbone", "tiny-bert"]
+    args += ["--cache-root", cfg.cache_root, "--run-dir", str(tmp_path / "runs"), "--epochs", "1"]
+    args += ["--vision-encoder", "tiny-clip", "--init", "random"]
+    _one_line_exit_2(capsys, [*args, "--cache-key", key], "has no image features")
+    _one_line_exit_2(capsys, args, "differs in vision encoder (None, asked 'tiny-clip')")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/checkpoints"))
