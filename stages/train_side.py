@@ -336,22 +336,20 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
 
 
 @torch.no_grad()
-def predict_batch(
+def batch_outputs(
     net: torch.nn.Module,
     batch: Batch,
     states: StateSource,
-    spec: TaskSpec,
     candidates: list[str] | None,
-) -> np.ndarray:
-    """Class ids or scores for a batch; T5 scores every candidate label string."""
+) -> torch.Tensor:
+    """A batch's raw outputs: logits ``[B, labels]`` (a regression head: ``[B, 1]``); for T5 the
+    summed log-probability of every candidate label string, ``[B, candidates]``."""
     net.eval()
     if candidates is None:
-        logits = net(states(batch, "enc"), batch.masks["enc"])
-        return logits.squeeze(-1).numpy() if spec.is_regression else logits.argmax(-1).numpy()
+        return net(states(batch, "enc"), batch.masks["enc"]).float()
     C = len(candidates)
     streams = layout.cand_streams(C)
     T = max(batch.masks[s].shape[1] for s in streams)
-    B = batch.masks["enc"].shape[0]
 
     def pad(x: torch.Tensor, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(
@@ -361,11 +359,30 @@ def predict_batch(
     per = [states(batch, s) for s in streams]
     dec = {n: torch.stack([pad(p[n], 0.0) for p in per], 1) for n in per[0]}  # [B, C, T, d]
     labels = torch.stack([pad(batch.target_ids[s], -100) for s in streams], 1)  # [B, C, T]
-    scores = net.score_candidates(states(batch, "enc"), batch.masks["enc"], dec, None, labels)
-    best = scores.argmax(-1).numpy()
+    return net.score_candidates(states(batch, "enc"), batch.masks["enc"], dec, None, labels)
+
+
+def predictions_of(
+    outputs: torch.Tensor, spec: TaskSpec, candidates: list[str] | None
+) -> np.ndarray:
+    """Class ids or scores from :func:`batch_outputs` (T5: the best-scored candidate string)."""
+    if candidates is None:
+        return outputs.squeeze(-1).numpy() if spec.is_regression else outputs.argmax(-1).numpy()
+    best = outputs.argmax(-1).numpy()
     if spec.is_regression:
         return np.asarray([float(candidates[k]) for k in best], dtype=np.float32)
-    return np.asarray([int(candidates[k]) for k in best]) if B else best
+    return np.asarray([int(candidates[k]) for k in best]) if len(best) else best
+
+
+def predict_batch(
+    net: torch.nn.Module,
+    batch: Batch,
+    states: StateSource,
+    spec: TaskSpec,
+    candidates: list[str] | None,
+) -> np.ndarray:
+    """Class ids or scores for a batch; T5 scores every candidate label string."""
+    return predictions_of(batch_outputs(net, batch, states, candidates), spec, candidates)
 
 
 def evaluate(
