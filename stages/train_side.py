@@ -391,15 +391,21 @@ def evaluate(
     states: StateSource,
     spec: TaskSpec,
     candidates: list[str] | None,
+    progress: str | None = None,
 ) -> list[dict[str, float]]:
-    """The task metrics of every network on one split, one pass over the loader."""
+    """The task metrics of every network on one split, one pass over the loader; ``progress``:
+    a progress bar's description."""
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
-    for batch in torch_batches(loader.epoch(0)):
-        index.append(batch.index.numpy())
-        labels.append(batch.labels.numpy())
-        for k, ts in enumerate(ts_list):
-            preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
+    with tqdm(
+        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for batch in torch_batches(loader.epoch(0)):
+            index.append(batch.index.numpy())
+            labels.append(batch.labels.numpy())
+            for k, ts in enumerate(ts_list):
+                preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
+            bar.update(1)
     y = np.concatenate(labels)
     return [compute_metrics(spec, np.concatenate(p), y) for p in preds]
 
