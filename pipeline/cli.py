@@ -108,6 +108,7 @@ def build_config(config_path: str | None, **opts: Any) -> Config:
         "ladder_dropout": "train_side.ladder_dropout",
         "warmup_steps": "train_side.warmup_steps",
         "run_dir": "train_side.run_dir",
+        "report_to": "train_side.report_to",
     }
     overrides = {mapping[k]: v for k, v in opts.items() if k in mapping}
     if opts.get("cache_root"):
@@ -279,6 +280,11 @@ def train_options(f: Callable) -> Callable:
                 "--online",
                 type=click.Choice(["dropout", "eval"]),
                 help="reference: online LST with the live backbone (dropout on or off)",
+            ),
+            click.option(
+                "--report-to",
+                callback=lambda c, p, v: _strs(v),
+                help="experiment trackers: tensorboard,mlflow or none (default: none)",
             ),
         ]
     ):
