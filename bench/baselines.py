@@ -55,6 +55,11 @@ import torch
 from torch import nn
 
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
+from cache_store.loader import bucketed_batches
+from ladder.side import trainable_parameters
+from stages.tasks import paper_epochs
+from stages.tokens import pad, tokenize_texts
+from stages.train_side import linear_schedule
 
 METHODS = ("full", "adapters", "lora", "bitfit", "prompt", "lst-online", "lst-cache")
 IN_BACKBONE = ("full", "adapters", "lora", "bitfit", "prompt")
@@ -76,7 +81,6 @@ HPARAMS: dict[str, dict[str, Any]] = {
     "lst-cache": {"lr": 3e-3, "r": 8, "source": "paper Table 5 / LST_REFERENCE §6"},
 }
 EXTRACT_RS = [4, 8, 16, 32]  # side_init computed once for every reduction factor of the sweeps
-SMALL_TASKS = {"rte", "cola", "mrpc", "stsb"}  # 20 epochs in the paper; the rest 10
 
 
 class BenchError(Exception):
@@ -184,51 +188,39 @@ class Encoded:
 
 
 def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int) -> Encoded:
-    """Exactly as ``stages.extract.tokenize_split`` does for encoder-only backbones."""
-    columns = list(zip(*(ex.texts for ex in examples), strict=True))
-    enc = tokenizer(*columns[:2], truncation=True, max_length=max_length)
+    """The split as stage one tokenises it for encoder-only backbones (``tokenize_texts``)."""
+    enc = tokenize_texts(tokenizer, examples, max_length)
     labels = np.asarray([ex.label for ex in examples])
-    return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels)
+    return Encoded(enc.ids, enc.token_types, labels)
+
+
+# the cache loader's default ``bucket_batches``: length groups of 50 batches
+LOADER_BUCKET_BATCHES = 50
 
 
 def plan_batches(
     lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int, epoch: int
 ) -> list[list[int]]:
-    """The cache loader's scheme: shuffle, sort groups of 50 batches by length, shuffle batches.
+    """The cache loader's batch plan (``cache_store.loader.bucketed_batches``): shuffle, sort
+    groups of 50 batches by length, shuffle the batches; evaluation (``shuffle=False``) sorts
+    everything by length.
 
-    Evaluation (``shuffle=False``) sorts everything by length. Little padding either way, so the
-    in-backbone methods pay for no more padding than LST does.
+    Deliberately the loader's function rather than stage one's ``plan_batches``: for a fair
+    comparison the in-backbone methods batch as the side network trains (fixed batch size,
+    little padding), so they pay for no more padding than LST. The random stream is seeded as
+    the loader's, per (seed, epoch); the loader holding a split in RAM also shuffles its blocks
+    first, so the batches are planned alike but do not hold the same examples.
     """
-    n = len(lengths)
-    if not shuffle:
-        order = sorted(range(n), key=lambda i: lengths[i])
-        return [order[k : k + batch_size] for k in range(0, n, batch_size)]
-    rng = np.random.default_rng([seed, epoch])
-    order = [int(i) for i in rng.permutation(n)]
-    group = batch_size * 50
-    batches: list[list[int]] = []
-    for g in range(0, n, group):
-        bucket = sorted(order[g : g + group], key=lambda i: lengths[i])
-        batches += [bucket[k : k + batch_size] for k in range(0, len(bucket), batch_size)]
-    return [batches[int(i)] for i in rng.permutation(len(batches))]
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    return bucketed_batches(list(lengths), batch_size, LOADER_BUCKET_BATCHES, rng)
 
 
 def collate(enc: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, Any]:
-
-    T = max(len(enc.ids[i]) for i in idx)
-    B = len(idx)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    types = torch.zeros(B, T, dtype=torch.long) if enc.types is not None else None
-    for b, i in enumerate(idx):
-        n = len(enc.ids[i])
-        ids[b, :n] = torch.tensor(enc.ids[i])
-        mask[b, :n] = 1
-        if types is not None:
-            types[b, :n] = torch.tensor(enc.types[i])
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        batch["token_type_ids"] = types
+    """Model inputs for the examples ``idx``, padded by stage one's ``pad``."""
+    ids, mask = pad([enc.ids[i] for i in idx], pad_id)
+    batch = {"input_ids": ids, "attention_mask": mask.long()}
+    if enc.types is not None:
+        batch["token_type_ids"] = pad([enc.types[i] for i in idx], 0)[0]
     return batch
 
 
@@ -329,10 +321,6 @@ def apply_method(method: str, model: Any, hp: dict[str, Any]) -> Any:
     raise BenchError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
 
 
-def trainable_parameters(model: Any) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def backbone_parameters(config: Any) -> int:
     """Parameters of the bare backbone (``AutoModel``, pooler included), counted on the meta device."""
     from transformers import AutoModel
@@ -354,17 +342,6 @@ def load_classifier(path: str, num_labels: int, seed: int) -> Any:
 
 
 # --- one training run of an in-backbone method ---------------------------------------------------
-
-
-def linear_schedule(warmup: int, total: int) -> Any:
-    """transformers' get_linear_schedule_with_warmup, as ``stages.train_side``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
 
 
 def predict(model: Any, enc: Encoded, spec: Any, batch_size: int, pad_id: int) -> np.ndarray:
@@ -626,7 +603,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     )
     lr = args.lr if args.lr is not None else hp.get("lr", 3e-3)
     hp["lr"] = lr
-    epochs = args.epochs or (20 if args.task in SMALL_TASKS else 10)
+    epochs = args.epochs or paper_epochs(args.task)
     return Options(
         method=method,
         task=args.task,

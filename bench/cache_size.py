@@ -44,8 +44,9 @@ from cache_store.layout import (
 from cache_store.writer import CacheWriter
 from ladder.backbones import Backbone, d_model, load_backbone
 from pipeline.config import Config
+from stages.extract import segment_states
 from stages.tasks import TaskData, load_task
-from stages.tokens import pad, plan_batches, tokenize_split
+from stages.tokens import tokenize_split
 
 QUICK_SAMPLES = 100
 FULL_SAMPLES = 1000
@@ -60,23 +61,18 @@ def sample_states(
     idx = np.sort(rng.choice(len(train), size=min(n, len(train)), replace=False))
     sub = TaskData(data.spec, {"train": [train[i] for i in idx]}, data.source)
     enc = tokenize_split(backbone, sub, "train", cfg.backbone.max_length)["enc"]
-    d = d_model(backbone.config)
-    out = [torch.empty((enc.n_tokens, d)) for _ in range(backbone.n_layers + 1)]
-    pad_id = backbone.tokenizer.pad_token_id or 0
-    lengths = [enc.length(i) for i in range(len(enc.ids))]
-    for batch in plan_batches(lengths, cfg.extract.batch_tokens, cfg.extract.max_batch_size):
-        ids, mask = pad([enc.ids[i] for i in batch], pad_id)
-        tt = None
-        if enc.token_types is not None:
-            tt = pad([enc.token_types[i] for i in batch], 0)[0].to(backbone.device)
-        states = backbone.states(
-            ids.to(backbone.device), mask.to(backbone.device), token_type_ids=tt
-        )["enc"]
-        dest = torch.cat([torch.arange(enc.offsets[i], enc.offsets[i + 1]) for i in batch])
-        for n_state, h in enumerate(states):
-            assert h is not None
-            out[n_state][dest] = h[mask.to(h.device)].float().cpu()
-    return out, len(idx)
+    # stage one's own batch loop (one segment holding every sampled example)
+    states = list(range(backbone.n_layers + 1))
+    rows = segment_states(
+        backbone,
+        {"enc": states},
+        {"enc": enc},
+        0,
+        len(enc.ids),
+        cfg.extract.batch_tokens,
+        cfg.extract.max_batch_size,
+    )["enc"]
+    return [rows[n].float() for n in states], len(idx)
 
 
 def array_bytes(root: Path, path: str) -> int:

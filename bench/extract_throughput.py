@@ -7,8 +7,9 @@
 disabled): tokenise and plan, length-grouped batches, backbone forward, padding strip, the
 background writer's encoding and compression, zarr writes, and the commit, into a fresh cache
 root each repetition so nothing is reused. ``bare`` tokenises and plans the same splits with the
-same functions (``tokenize_split``, ``plan_segments``, ``plan_batches``, ``pad``) and runs the
-plain model forward on the same batches under ``torch.inference_mode()``, discarding outputs.
+same functions (``tokenize_split``, ``plan_segments``, and ``padded_batches``, which is what
+``stages.extract.segment_states`` batches with) and runs the plain model forward on the same
+batches under ``torch.inference_mode()``, discarding outputs.
 Repetitions alternate (bare/extract, then extract/bare, ...) and the ratio is the median of the
 per-pair ratios extract tokens/s / bare tokens/s; the goal is >= 0.9.
 """
@@ -30,7 +31,7 @@ from ladder.backbones import Backbone, d_model, load_backbone, pick_compute_dtyp
 from pipeline.config import Config, apply_overrides
 from stages.extract import extract
 from stages.tasks import TaskData, load_task
-from stages.tokens import pad, plan_batches, plan_segments, tokenize_split
+from stages.tokens import padded_batches, plan_segments, tokenize_split
 
 QUICK_LIMIT = 100  # examples per split in --quick (RTE: about 19k tokens over three splits)
 
@@ -63,7 +64,11 @@ def make_config(
 
 
 def bare_pass(cfg: Config, backbone: Backbone, data: TaskData) -> Plan:
-    """Tokenise, plan and run the forward exactly as extract batches it; outputs discarded."""
+    """Tokenise, plan and run the forward exactly as extract batches it; outputs discarded.
+
+    The batches come from the product's ``padded_batches`` (what ``segment_states`` runs); only
+    the forward differs: the plain model, no states gathered, nothing stripped or written.
+    """
     d = d_model(backbone.config)
     shard_rows = rows_per_chunk(d, cfg.cache.dtype, cfg.cache.chunk_mb) * cfg.cache.shard_chunks
     pad_id = backbone.tokenizer.pad_token_id or 0
@@ -75,19 +80,16 @@ def bare_pass(cfg: Config, backbone: Backbone, data: TaskData) -> Plan:
             enc = streams["enc"]
             segments = plan_segments(enc.offsets, shard_rows)
             for lo, hi in zip(segments[:-1], segments[1:], strict=True):
-                lengths = [enc.length(i) for i in range(lo, hi)]
-                for batch in plan_batches(
-                    lengths, cfg.extract.batch_tokens, cfg.extract.max_batch_size
+                for b in padded_batches(
+                    enc, lo, hi, cfg.extract.batch_tokens, cfg.extract.max_batch_size, pad_id
                 ):
-                    idx = [lo + b for b in batch]
-                    ids, mask = pad([enc.ids[i] for i in idx], pad_id)
                     kw: dict[str, Any] = {}
-                    if enc.token_types is not None:
-                        kw["token_type_ids"] = pad([enc.token_types[i] for i in idx], 0)[0].to(
-                            device
-                        )
-                    backbone.model(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-                    n_pad += ids.numel()
+                    if b.token_types is not None:
+                        kw["token_type_ids"] = b.token_types.to(device)
+                    backbone.model(
+                        input_ids=b.ids.to(device), attention_mask=b.mask.to(device), **kw
+                    )
+                    n_pad += b.ids.numel()
                     n_batches += 1
             n_ex += len(enc.ids)
             n_tok += enc.n_tokens

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.baselines import HPARAMS, METHODS, SMALL_TASKS
+from bench.baselines import HPARAMS, METHODS
 from bench.common import DEFAULT_GLUE, REPO, parser, write_json
 
 ALL_TASKS = ["rte", "mrpc", "sst2", "cola", "stsb"]
@@ -348,11 +348,13 @@ def estimate_full(
     to each task's full splits. Rough: short-sequence tasks cost less per token than RTE, and
     the rates of a small run carry its fixed costs.
     """
+    from stages.tasks import paper_epochs
+
     res = results[mem_task]
     meth = res["methods"]
     out: dict[str, dict[str, float]] = {}
     for task, size in sizes.items():
-        epochs = 20 if task in SMALL_TASKS else 10
+        epochs = paper_epochs(task)
         row: dict[str, float] = {}
         for m, fig in meth.items():
             if not ok(fig):

@@ -44,6 +44,30 @@ def _malloc_trim() -> Callable[[], object]:
 
 _TRIM = _malloc_trim()
 
+
+def bucketed_batches(
+    lengths: list[int], batch_size: int, bucket_batches: int, rng: np.random.Generator | None
+) -> list[list[int]]:
+    """Batches of positions into ``lengths`` with little padding: the loader's batch plan.
+
+    With ``rng`` (training): shuffle the positions, sort each group of ``bucket_batches``
+    batches by length, cut the groups into batches of ``batch_size``, shuffle the batches.
+    Without (evaluation): sort every position by length and cut. Ties keep their order, so the
+    same lengths and the same ``rng`` state give the same batches.
+    """
+    n = len(lengths)
+    if rng is None:
+        ordered = sorted(range(n), key=lengths.__getitem__)
+        return [ordered[k : k + batch_size] for k in range(0, n, batch_size)]
+    order = [int(i) for i in rng.permutation(n)]
+    group = batch_size * bucket_batches
+    batches: list[list[int]] = []
+    for g in range(0, n, group):
+        bucket = sorted(order[g : g + group], key=lengths.__getitem__)
+        batches += [bucket[k : k + batch_size] for k in range(0, len(bucket), batch_size)]
+    return [batches[int(i)] for i in rng.permutation(len(batches))]
+
+
 # the reads of one block's arrays overlap: object stores answer in parallel, codecs decode in C
 _READS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cache-read")
 
@@ -321,28 +345,12 @@ class CacheLoader:
                 for p, b in enumerate(chosen)
                 for i in range(self.blocks[b][1] - self.blocks[b][0])
             ]
-
-            def length(pick: tuple[int, int], chosen: list[int] = chosen) -> int:
-                ex = self.blocks[chosen[pick[0]]][0] + pick[1]
-                return int(enc[ex + 1] - enc[ex])
-
-            if self.shuffle:
-                picks = [picks[i] for i in rng.permutation(len(picks))]
-                group = self.batch_size * self.bucket_batches
-                batches = []
-                for g in range(0, len(picks), group):
-                    bucket = sorted(picks[g : g + group], key=length)
-                    batches += [
-                        bucket[k : k + self.batch_size]
-                        for k in range(0, len(bucket), self.batch_size)
-                    ]
-                batches = [batches[i] for i in rng.permutation(len(batches))]
-            else:
-                ordered = sorted(picks, key=length)
-                batches = [
-                    ordered[k : k + self.batch_size]
-                    for k in range(0, len(ordered), self.batch_size)
-                ]
+            examples = [self.blocks[chosen[p]][0] + i for p, i in picks]
+            lengths = [int(enc[ex + 1] - enc[ex]) for ex in examples]
+            plan = bucketed_batches(
+                lengths, self.batch_size, self.bucket_batches, rng if self.shuffle else None
+            )
+            batches = [[picks[k] for k in batch] for batch in plan]
             yield chosen, batches
 
     def epoch(self, epoch: int = 0) -> Iterator[NumpyBatch]:

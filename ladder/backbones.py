@@ -26,6 +26,7 @@ from ladder.errors import LadderError
 
 # family_of, num_blocks and d_model live in ladder.families; stages and bench import them from here
 from ladder.families import d_model, family_of, num_blocks
+from ladder.hub import hub_or_offline
 
 
 def packaged_minilm() -> str:
@@ -239,9 +240,16 @@ def load_config_only(name: str, revision: str | None = None) -> Any:
     from transformers import AutoConfig
 
     path = resolve_backbone(name)
+    unreachable = None if os.path.isdir(path) else hub_or_offline()
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
+        if unreachable is not None:
+            raise LadderError(
+                f"backbone {name!r} is not a local model folder, and the Hugging Face hub is not "
+                f"reachable from here ({unreachable}) nor has it in the local cache; pass a local "
+                f"model folder as --backbone (or a short name: {', '.join(SHORT_NAMES)})"
+            ) from None
         raise LadderError(_unknown_backbone(name, e)) from None
 
 

@@ -20,12 +20,20 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
-from pipeline.config import Config, apply_overrides, load_config
+from pipeline.config import (
+    Config,
+    apply_overrides,
+    config_sources,
+    load_config,
+    schema_default,
+    schema_field,
+)
 from pipeline.errors import USER_ERRORS, PipelineError
+from stages.tasks import TASKS, get_task
 
 
 def _option_name(param: click.Parameter | None) -> str:
@@ -63,60 +71,181 @@ def _emit(obj: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         human(obj)
 
 
-def common_options(f: Callable) -> Callable:
-    """Options every command that touches a task, a backbone or a cache takes."""
-    for opt in reversed(
-        [
-            click.option("--config", "config_path", type=click.Path(), help="pipeline.yaml to use"),
-            click.option("--task", help="cola sst2 mrpc qqp stsb mnli qnli rte, or custom"),
-            click.option("--data-dir", help="a glue_data folder (TSV); default: the hub"),
-            click.option("--limit", type=int, help="first N examples of each split"),
-            click.option("--backbone", help="short name (minilm-l6), HF name or local path"),
-            click.option("--max-length", type=int, help="truncation length in tokens"),
-            click.option("--cache-root", help="local path or fsspec URL of the cache root"),
-        ]
-    ):
-        f = opt(f)
-    return f
+# --- options: each defined once, in one list per stage, applied to every command that takes it
+
+OPTION_KEYS: dict[str, str] = {}
+"""Parameter name of an option -> the configuration key it sets (``section.key``)."""
+
+
+def _default_text(key: str, none: str | None) -> str:
+    """The schema's default of ``key`` as the help shows it (``none`` says what None means)."""
+    value = schema_default(key)
+    if value is None:
+        return none or "none"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or '""'
+    return str(value)
+
+
+def _choices(key: str) -> list[str]:
+    """The values a ``Literal`` key of the schema allows (also inside ``list[Literal]``)."""
+    ann = schema_field(key).annotation
+    while get_args(ann) and not all(isinstance(a, str) for a in get_args(ann)):
+        ann = next(a for a in get_args(ann) if a is not type(None))
+    return list(get_args(ann))
+
+
+def config_option(
+    flag: str, key: str, help: str, *, name: str | None = None, none: str | None = None, **kw: Any
+) -> Callable:
+    """An option that sets configuration key ``key``; its help shows the schema's default.
+
+    The option's own default stays None, so that an option not given keeps the value of
+    pipeline.yaml (and LST_CACHE_ROOT) instead of the schema's.
+    """
+    param = name or flag.lstrip("-").replace("-", "_")
+    OPTION_KEYS[param] = key
+    decls = (flag, param) if name else (flag,)
+    decorator = click.option(*decls, help=f"{help}  [default: {_default_text(key, none)}]", **kw)
+    decorator.config_key = key  # type: ignore[attr-defined]
+    return decorator
+
+
+def _task_name(value: str | None) -> str | None:
+    if value is not None and value != "custom":
+        get_task(value)  # unknown task: one line naming the allowed ones
+    return value
+
+
+def _side_init(value: str | None, param: click.Parameter) -> list[str] | None:
+    methods = _strs(value)
+    allowed = _choices("extract.side_init")
+    for m in methods or []:
+        if m not in allowed:
+            raise PipelineError(
+                f"{param.opts[0]}: {m!r} is not allowed; allowed: {', '.join(allowed)} "
+                "(comma-separated; empty: none)"
+            )
+    return methods
+
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(),
+    help="pipeline.yaml to use  [default: ./pipeline.yaml when present, else the built-in defaults]",
+)
+ROOT_HELP = "local path or fsspec URL of the cache root (LST_CACHE_ROOT overrides the file)"
+
+COMMON_OPTIONS = [
+    CONFIG_OPTION,
+    config_option(
+        "--task",
+        "task.name",
+        f"{' | '.join([*TASKS, 'custom'])} (custom: task.files in pipeline.yaml)",
+        callback=lambda c, p, v: _task_name(v),
+    ),
+    config_option(
+        "--data-dir", "task.data_dir", "a glue_data folder (TSV)", none="the Hugging Face hub"
+    ),
+    config_option("--limit", "task.limit", "first N examples of each split", none="all", type=int),
+    config_option(
+        "--backbone",
+        "backbone.name",
+        "short name (minilm-l6), Hugging Face name or local model folder",
+    ),
+    config_option("--max-length", "backbone.max_length", "truncation length in tokens", type=int),
+    config_option("--cache-root", "cache.root", ROOT_HELP),
+]
+
+EXTRACT_OPTIONS = [
+    config_option(
+        "--dtype",
+        "cache.dtype",
+        "storage dtype of the states (int8: per-token absmax scale)",
+        type=click.Choice(_choices("cache.dtype")),
+    ),
+    config_option(
+        "--codec",
+        "cache.codec",
+        "lossless codec of the chunks",
+        type=click.Choice(_choices("cache.codec")),
+    ),
+    config_option(
+        "--device",
+        "extract.device",
+        "where the backbone runs, free text: auto (cuda when present) | cpu | cuda | cuda:N | mps",
+    ),
+    config_option(
+        "--batch-tokens", "extract.batch_tokens", "padded tokens per extraction batch", type=int
+    ),
+    config_option(
+        "--layers",
+        "extract.layers",
+        "states to store, e.g. 0,2,4,6 (0 = embeddings)",
+        none="all",
+        callback=lambda c, p, v: _ints(v, p),
+    ),
+    config_option(
+        "--side-init-factors",
+        "extract.reduction_factors",
+        "reduction factors to compute side_init for, e.g. 4,8,16,32 (empty: none)",
+        callback=lambda c, p, v: _ints(v, p),
+    ),
+    config_option(
+        "--side-init",
+        "extract.side_init",
+        f"side_init methods, comma-separated: {','.join(_choices('extract.side_init'))} "
+        "(empty: none)",
+        callback=lambda c, p, v: _side_init(v, p),
+    ),
+    config_option(
+        "--fisher-samples",
+        "extract.fisher_samples",
+        "training examples for the Fisher pass",
+        type=int,
+    ),
+]
+
+
+def _apply(options: list[Callable]) -> Callable[[Callable], Callable]:
+    def decorate(f: Callable) -> Callable:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+common_options = _apply(COMMON_OPTIONS)
+"""Options every command that touches a task, a backbone or a cache takes."""
+extract_options = _apply(EXTRACT_OPTIONS)
+"""Options of stage one (``run extract`` and ``run all``)."""
 
 
 def build_config(config_path: str | None, **opts: Any) -> Config:
+    """pipeline.yaml (or the defaults), then LST_CACHE_ROOT, then the options given."""
     cfg = load_config(config_path)
-    mapping = {
-        "task": "task.name",
-        "data_dir": "task.data_dir",
-        "limit": "task.limit",
-        "backbone": "backbone.name",
-        "max_length": "backbone.max_length",
-        "cache_root": "cache.root",
-        "dtype": "cache.dtype",
-        "codec": "cache.codec",
-        "device": "extract.device",
-        "batch_tokens": "extract.batch_tokens",
-        "layers": "extract.layers",
-        "reduction_factors": "extract.reduction_factors",
-        "side_init": "extract.side_init",
-        "fisher_samples": "extract.fisher_samples",
-        "train_reduction_factors": "train_side.reduction_factors",
-        "seeds": "train_side.seeds",
-        "learning_rates": "train_side.learning_rates",
-        "epochs": "train_side.epochs",
-        "batch_size": "train_side.batch_size",
-        "kept_layers": "train_side.kept_layers",
-        "fusion": "train_side.fusion",
-        "init": "train_side.init",
-        "ladder_dropout": "train_side.ladder_dropout",
-        "warmup_steps": "train_side.warmup_steps",
-        "run_dir": "train_side.run_dir",
-        "report_to": "train_side.report_to",
-    }
-    overrides = {mapping[k]: v for k, v in opts.items() if k in mapping}
+    if opts.get("warmup_steps") is not None and opts.get("warmup_ratio") is not None:
+        raise PipelineError(
+            "--warmup-steps and --warmup-ratio were both given; pass one of them "
+            "(--warmup-ratio overrides warmup_steps)"
+        )
+    overrides = {OPTION_KEYS[k]: v for k, v in opts.items() if k in OPTION_KEYS}
+    if opts.get("warmup_steps") is not None:
+        cfg.train_side.warmup_ratio = None  # the flag beats a ratio from the file
     if opts.get("cache_root"):
         os.environ.pop("LST_CACHE_ROOT", None)  # an explicit option beats the environment
     return apply_overrides(cfg, overrides)
 
 
+def _check_task(cfg: Config) -> None:
+    """An unknown task (from the file too) fails here, before torch is imported."""
+    _task_name(cfg.task.name)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lst-pipeline", prog_name="pipeline")
 @click.option("--verbose", is_flag=True, help="show the traceback of an error (also: LST_DEBUG=1)")
 def cli(verbose: bool) -> None:
     """lst-pipeline: Ladder Side-Tuning from an activation cache."""
@@ -167,22 +296,7 @@ def _cluster(
 
 @run.command("extract")
 @common_options
-@click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
-@click.option("--codec", help="raw | lz4 | zstd")
-@click.option("--device", help="auto | cpu | cuda | cuda:N")
-@click.option("--batch-tokens", type=int, help="padded tokens per batch")
-@click.option(
-    "--layers", callback=lambda c, p, v: _ints(v, p), help="states to store, e.g. 0,2,4,6"
-)
-@click.option(
-    "--reduction-factors",
-    callback=lambda c, p, v: _ints(v, p),
-    help="side_init factors, e.g. 4,8,16,32",
-)
-@click.option(
-    "--side-init", callback=lambda c, p, v: _strs(v), help="magnitude,fisher (empty: none)"
-)
-@click.option("--fisher-samples", type=int, help="training examples for the Fisher pass")
+@extract_options
 @cluster_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def run_extract(
@@ -195,6 +309,7 @@ def run_extract(
 ) -> None:
     """Stage one: run the frozen backbone once and write the activation cache."""
     cfg = build_config(config_path, **opts)
+    _check_task(cfg)
     with _cluster(workers, scheduler, scheduler_timeout) as cluster:
         result = _extract(cfg, cluster, progress=not as_json)
     out = {"key": result.key, "root": result.root, "reused": result.reused}
@@ -215,7 +330,14 @@ def run_extract(
 
 
 def _extract(cfg: Config, cluster: Any, progress: bool) -> Any:
-    """Stage one, on the Dask ``cluster`` when there is one."""
+    """Stage one, on the Dask ``cluster`` when there is one.
+
+    The task's data is loaded first, without torch: a data error (no --data-dir offline, a
+    missing file) is one line within a second or two.
+    """
+    from stages.tasks import load_task_of
+
+    data = load_task_of(cfg.task)
     from stages.extract import extract
 
     runner = None
@@ -223,7 +345,7 @@ def _extract(cfg: Config, cluster: Any, progress: bool) -> Any:
         from stages.extract_dask import DaskSegments
 
         runner = DaskSegments(cluster)
-    return extract(cfg, progress=progress, runner=runner)
+    return extract(cfg, data=data, progress=progress, runner=runner)
 
 
 def _floats(value: str | None, param: click.Parameter | None = None) -> list[float] | None:
@@ -248,48 +370,96 @@ def _learning_rates(value: str | None, param: click.Parameter) -> list[float] | 
     return lrs
 
 
-def train_options(f: Callable) -> Callable:
-    """Options of stage two."""
-    for opt in reversed(
-        [
-            click.option("--cache-key", help="train from this cache (default: newest matching)"),
-            click.option(
-                "--reduction-factors",
-                "train_reduction_factors",
-                callback=lambda c, p, v: _nonempty(_ints(v, p), p, "4,8,16,32"),
-                help="one side network per factor, e.g. 4,8,16,32",
-            ),
-            click.option(
-                "--seeds",
-                callback=lambda c, p, v: _nonempty(_ints(v, p), p, "0,1,2"),
-                help="e.g. 0,1,2",
-            ),
-            click.option(
-                "--learning-rates", callback=lambda c, p, v: _learning_rates(v, p), help="e.g. 3e-3"
-            ),
-            click.option("--epochs", type=int, help="default: 20 small tasks, 10 the rest"),
-            click.option("--batch-size", type=int),
-            click.option("--warmup-steps", type=int),
-            click.option("--kept-layers", callback=lambda c, p, v: _ints(v, p), help="e.g. 1,3,5"),
-            click.option("--fusion", help="ladder | late | none"),
-            click.option("--init", help="random | magnitude | fisher"),
-            click.option("--ladder-dropout", type=float),
-            click.option("--run-dir", help="parent folder of run folders"),
-            click.option("--run-name", help="run folder name (default: cache key + config digest)"),
-            click.option(
-                "--online",
-                type=click.Choice(["dropout", "eval"]),
-                help="reference: online LST with the live backbone (dropout on or off)",
-            ),
-            click.option(
-                "--report-to",
-                callback=lambda c, p, v: _strs(v),
-                help="experiment trackers: tensorboard,mlflow or none (default: none)",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
+TRAIN_OPTIONS = [
+    click.option(
+        "--cache-key",
+        help="train from this cache  [default: the newest committed cache matching the task, "
+        "data, limit, backbone and max length]",
+    ),
+    config_option(
+        "--reduction-factors",
+        "train_side.reduction_factors",
+        "one side network per factor, e.g. 4,8,16,32",
+        name="train_reduction_factors",
+        callback=lambda c, p, v: _nonempty(_ints(v, p), p, "4,8,16,32"),
+    ),
+    config_option(
+        "--seeds",
+        "train_side.seeds",
+        "one side network per seed, e.g. 0,1,2",
+        callback=lambda c, p, v: _nonempty(_ints(v, p), p, "0,1,2"),
+    ),
+    config_option(
+        "--learning-rates",
+        "train_side.learning_rates",
+        "one side network per learning rate, e.g. 3e-3,1e-3",
+        callback=lambda c, p, v: _learning_rates(v, p),
+    ),
+    config_option(
+        "--epochs",
+        "train_side.epochs",
+        "training epochs",
+        none="20 for rte mrpc stsb cola, 10 for the rest (the paper)",
+        type=int,
+    ),
+    config_option("--batch-size", "train_side.batch_size", "examples per batch", type=int),
+    config_option(
+        "--warmup-steps",
+        "train_side.warmup_steps",
+        "linear warm-up steps (the authors' default; a warning says when it is most of the run)",
+        type=int,
+    ),
+    config_option(
+        "--warmup-ratio",
+        "train_side.warmup_ratio",
+        "warm-up as a share of the run's optimizer steps, in [0, 1), e.g. 0.06: "
+        "ceil(ratio * steps); overrides warmup_steps",
+        none="unset (warmup_steps)",
+        type=float,
+    ),
+    config_option(
+        "--kept-layers",
+        "train_side.kept_layers",
+        "backbone blocks with a ladder, e.g. 1,3,5",
+        none="all",
+        callback=lambda c, p, v: _ints(v, p),
+    ),
+    config_option(
+        "--fusion",
+        "train_side.fusion",
+        "how the side network reads the backbone",
+        type=click.Choice(_choices("train_side.fusion")),
+    ),
+    config_option(
+        "--init",
+        "train_side.init",
+        "side network initialisation (magnitude, fisher: the cache's side_init)",
+        type=click.Choice(_choices("train_side.init")),
+    ),
+    config_option(
+        "--ladder-dropout",
+        "train_side.ladder_dropout",
+        "dropout on the cached states, in [0, 1)",
+        type=float,
+    ),
+    config_option("--run-dir", "train_side.run_dir", "parent folder of run folders"),
+    config_option(
+        "--report-to",
+        "train_side.report_to",
+        "experiment trackers, comma-separated: tensorboard, mlflow (none or empty: no tracking)",
+        callback=lambda c, p, v: _strs(v),
+    ),
+    click.option(
+        "--run-name", help="run folder name  [default: the cache key and a digest of the settings]"
+    ),
+    click.option(
+        "--online",
+        type=click.Choice(["dropout", "eval"]),
+        help="reference: online LST with the live backbone (dropout on or off)  [default: off]",
+    ),
+]
+train_options = _apply(TRAIN_OPTIONS)
+"""Options of stage two (``run train-side`` and ``run all``)."""
 
 
 def _train(
@@ -320,6 +490,7 @@ def _train(
                 "validation": v["best_validation"],
                 "test": v.get("test"),
                 **({"stopped": v["stopped"]} if v.get("stopped") else {}),
+                **({"note": v["note"]} if v.get("note") else {}),
             }
             for k, v in nets.items()
         },
@@ -345,6 +516,7 @@ def _print_train(o: dict) -> None:
         click.echo(
             f"  {name}: best epoch {v['best_epoch']}, validation {v['validation']:.2f}, test {test.get('score', float('nan')):.2f}"
             + (" (stopped)" if v.get("stopped") else "")
+            + (f"; validation {v['note']}" if v.get("note") else "")
         )
 
 
@@ -425,8 +597,13 @@ def run_train_side(
     as_json: bool,
     **opts: Any,
 ) -> None:
-    """Stage two: train side networks from the cache (never loads the backbone)."""
+    """Stage two: train side networks from the cache (never loads the backbone).
+
+    Takes what affects training and what picks the cache (task, data, limit, backbone, max
+    length, cache root or key); extraction's options belong to `run extract` and `run all`.
+    """
     cfg = build_config(config_path, **opts)
+    _check_task(cfg)
     if not sweep and (workers is not None or scheduler is not None):
         raise PipelineError("--workers/--scheduler spread a --sweep over Dask workers; add --sweep")
     with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
@@ -455,8 +632,8 @@ def _stage_two(
 
 @run.command("all")
 @common_options
+@extract_options
 @train_options
-@click.option("--dtype", help="float32 | float16 | bfloat16 | int8")
 @sweep_option
 @cluster_options
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
@@ -477,6 +654,7 @@ def run_all(
     --workers/--scheduler run the extraction on Dask workers (and the --sweep, when given).
     """
     cfg = build_config(config_path, **opts)
+    _check_task(cfg)
     on_dask = workers is not None or scheduler is not None
     with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
         if cache_key is None:
@@ -580,9 +758,15 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
 @cli.command("evaluate")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
-@click.option("--split", default="test", show_default=True, help="train | validation | test")
-@click.option("--data-dir", help="a glue_data folder (default: the run's)")
-@click.option("--limit", type=int, help="first N examples")
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    type=click.Choice(["train", "validation", "test"]),
+    help="the split to score",
+)
+@click.option("--data-dir", help="a glue_data folder  [default: the run's]")
+@click.option("--limit", type=int, help="first N examples  [default: all]")
 @click.option(
     "--allow-unfinished",
     is_flag=True,
@@ -622,10 +806,10 @@ def cache() -> None:
 
 def _root_option(f: Callable) -> Callable:
     f = click.option("--json", "as_json", is_flag=True, help="machine-readable output")(f)
-    f = click.option("--cache-root", help="local path or fsspec URL of the cache root")(f)
-    return click.option("--config", "config_path", type=click.Path(), help="pipeline.yaml to use")(
-        f
-    )
+    f = click.option(
+        "--cache-root", help=f"{ROOT_HELP}  [default: {_default_text('cache.root', None)}]"
+    )(f)
+    return CONFIG_OPTION(f)
 
 
 def _human_size(n: int) -> str:
@@ -775,6 +959,54 @@ def cache_push(
     _copy_command("push", key, to, config_path, cache_root, as_json)
 
 
+@cli.group("config")
+def config_group() -> None:
+    """The effective configuration."""
+
+
+def _config_keys_only(options: list[Callable]) -> list[Callable]:
+    return [o for o in options if hasattr(o, "config_key")]
+
+
+@config_group.command("show")
+@common_options
+@_apply(_config_keys_only(EXTRACT_OPTIONS + TRAIN_OPTIONS))
+@click.option("--json", "as_json", is_flag=True, help="print the configuration as JSON")
+def config_show(config_path: str | None, as_json: bool, **opts: Any) -> None:
+    """Print the configuration a run with these options would use, and where each value comes
+    from: default, file (path), environment (LST_CACHE_ROOT) or flag. Secrets are shown as ***."""
+    from stages.runfiles import redact_config
+
+    params = click.get_current_context().command.params
+    flags = {
+        OPTION_KEYS[p.name]: p.opts[0]
+        for p in params
+        if p.name in OPTION_KEYS and opts.get(p.name) is not None
+    }
+    if opts.get("warmup_steps") is not None:
+        flags["train_side.warmup_ratio"] = "--warmup-steps"
+    sources = config_sources(config_path, flags)
+    env_root = os.environ.get("LST_CACHE_ROOT") if opts.get("cache_root") is None else None
+    cfg = build_config(config_path, **opts)
+    data = redact_config(cfg.model_dump())
+    if env_root:
+        data["cache"]["root"] = env_root
+    rows = {
+        f"{section}.{key}": {"value": value, "source": sources[f"{section}.{key}"]}
+        for section, values in data.items()
+        for key, value in values.items()
+    }
+
+    def human(r: dict) -> None:
+        shown = {k: json.dumps(v["value"]) for k, v in r.items()}
+        kw = max(len(k) for k in r)
+        vw = min(40, max(len(v) for v in shown.values()))
+        for k, v in r.items():
+            click.echo(f"{k:<{kw}}  {shown[k]:<{vw}}  {v['source']}")
+
+    _emit(rows, as_json, human)
+
+
 def _one_line(e: BaseException) -> str:
     """``error: ...`` for an exception: its own message for a user error, else its type too."""
     text = " ".join(str(e).split())
@@ -801,6 +1033,13 @@ def run_cli(args: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()
+        return e.exit_code
+    except click.UsageError as e:  # a bad option or value: one line too, naming the command
+        where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        click.echo(f"error: {' '.join(e.format_message().split()).rstrip('.')}{where}", err=True)
+        return 2
     except click.ClickException as e:
         e.show()
         return e.exit_code

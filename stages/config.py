@@ -82,7 +82,10 @@ class TrainSideConfig(Section):
     learning_rates: list[float] = [3e-3]
     batch_size: int = Field(default=100, ge=1)
     epochs: int | None = Field(default=None, ge=1)  # None: 20 for small tasks, 10 for the rest
-    warmup_steps: int = Field(default=500, ge=0)
+    warmup_steps: int = Field(default=500, ge=0)  # the authors' default; see warmup_ratio
+    # warm-up as a share of the run's optimizer steps, ceil(ratio * steps), as HF Trainer has
+    # it; when set it overrides warmup_steps (500 steps can be most of a small task's run)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     kept_layers: list[int] | None = None  # backbone blocks with a ladder; None = all

@@ -54,7 +54,7 @@ from stages.config import StageConfig
 from stages.errors import StageError
 from stages.side_init import write_side_init
 from stages.tasks import TaskData, load_task_of, t5_candidates
-from stages.tokens import Stream, pad, plan_batches, plan_segments, tokenize_split
+from stages.tokens import Stream, pad, padded_batches, plan_segments, tokenize_split
 
 TEMPLATE_VERSION = 1  # bump when tokenisation templates change
 
@@ -70,7 +70,7 @@ def segment_states(
 ) -> dict[str, dict[int, torch.Tensor]]:
     """Hidden states of examples [lo, hi) per stream and state, padding stripped, in order.
 
-    The batches are a function of the segment's lengths alone (``plan_batches``), so any process
+    The batches are a function of the segment's lengths alone (``padded_batches``), so any process
     that runs the same segment gets bit-identical rows (Dask workers rely on this).
     """
     enc = streams["enc"]
@@ -81,14 +81,12 @@ def segment_states(
         bufs[name] = {
             n: torch.empty((n_tok, d), dtype=compute_dtype) for n in layers[stack_of(name)]
         }
-    lengths = [enc.length(i) for i in range(lo, hi)]
     pad_id = backbone.tokenizer.pad_token_id or 0
-    for batch in plan_batches(lengths, batch_tokens, max_batch_size):
-        idx = [lo + b for b in batch]
-        ids, mask = pad([enc.ids[i] for i in idx], pad_id)
+    for b in padded_batches(enc, lo, hi, batch_tokens, max_batch_size, pad_id):
+        idx, ids, mask = b.index, b.ids, b.mask
         kw: dict[str, Any] = {}
-        if enc.token_types is not None:
-            kw["token_type_ids"] = pad([enc.token_types[i] for i in idx], 0)[0].to(device)
+        if b.token_types is not None:
+            kw["token_type_ids"] = b.token_types.to(device)
         dec_masks = {}
         if backbone.encoder_decoder:
             dec = {}

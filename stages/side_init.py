@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from cache_store import layout
-from ladder.pruning import compute_fisher, fisher_model_for, prune_backbone
+from ladder.fisher import compute_fisher
+from ladder.pruning import fisher_model_for, prune_backbone
 from stages.config import StageConfig
 from stages.tasks import TaskData
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ladder.hub import hub_or_offline
 from stages.errors import StageError
 
 csv.field_size_limit(sys.maxsize)
@@ -386,11 +387,18 @@ def _load_glue_dir(spec: TaskSpec, data_dir: Path) -> dict[str, list[Example]]:
 
 
 def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
+    unreachable = hub_or_offline()  # before datasets reads HF_HUB_OFFLINE at import
     import datasets
 
     try:
         ds = datasets.load_dataset("nyu-mll/glue", spec.name)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+        if unreachable is not None:
+            raise StageError(
+                f"task {spec.name!r} without --data-dir comes from the Hugging Face hub, which is "
+                f"not reachable from here ({unreachable}) and not in the local datasets cache; "
+                "pass --data-dir with a glue_data folder"
+            ) from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise StageError(
             f"could not load glue/{spec.name} from the Hugging Face hub ({first}); "

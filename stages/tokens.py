@@ -8,8 +8,9 @@ prediction tokenise new text the same way, so the live backbone sees what stage 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from stages.tasks import TaskData, t5_candidates, t5_source, t5_target
 
 if TYPE_CHECKING:
     from ladder.backbones import Backbone
+    from stages.tasks import Example
 
 
 @dataclass
@@ -50,10 +52,7 @@ def tokenize_split(
     spec, examples = data.spec, data.splits[split]
     tok = backbone.tokenizer
     if not backbone.encoder_decoder:
-        columns = list(zip(*(ex.texts for ex in examples), strict=True))
-        enc = tok(*columns[:2], truncation=True, max_length=max_length)
-        types = enc.get("token_type_ids")
-        return {"enc": Stream("enc", enc["input_ids"], token_types=types)}
+        return {"enc": tokenize_texts(tok, examples, max_length)}
     sources = [t5_source(spec, ex) for ex in examples]
     enc = tok(sources, truncation=True, max_length=max_length)
     streams = {"enc": Stream("enc", enc["input_ids"])}
@@ -69,6 +68,18 @@ def tokenize_split(
             ids = tok([cand])["input_ids"][0]
             streams[layout.cand_stream(k)] = teacher([ids] * len(examples), layout.cand_stream(k))
     return streams
+
+
+def tokenize_texts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Stream:
+    """The ``enc`` stream of an encoder-only backbone: each example's text (or text pair) as one
+    input, truncated to ``max_length`` tokens, with the tokenizer's token types where it has them.
+
+    This is what ``tokenize_split`` does for BERT, RoBERTa, ELECTRA and BART; it needs only the
+    tokenizer, for code that runs the backbone's model itself (the benchmarks' baselines).
+    """
+    columns = list(zip(*(ex.texts for ex in examples), strict=True))
+    enc = tokenizer(*columns[:2], truncation=True, max_length=max_length)
+    return Stream("enc", enc["input_ids"], token_types=enc.get("token_type_ids"))
 
 
 def plan_segments(offsets: np.ndarray, segment_tokens: int) -> list[int]:
@@ -97,7 +108,33 @@ def plan_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> 
     return batches
 
 
+@dataclass
+class PaddedBatch:
+    """One batch of a stream as stage one runs it, padded, on the CPU."""
+
+    index: list[int]  # example indices into the split, in batch order
+    ids: torch.Tensor  # [B, T] long, padded with the tokenizer's pad id
+    mask: torch.Tensor  # [B, T] bool, True on real tokens
+    token_types: torch.Tensor | None  # [B, T] long (BERT pairs), padded with 0
+
+
+def padded_batches(
+    stream: Stream, lo: int, hi: int, batch_tokens: int, max_batch_size: int, pad_id: int
+) -> Iterator[PaddedBatch]:
+    """The batches stage one runs over examples [lo, hi) of ``stream``: ``plan_batches`` on their
+    lengths (a function of the lengths alone), each padded with ``pad``."""
+    lengths = [stream.length(i) for i in range(lo, hi)]
+    for batch in plan_batches(lengths, batch_tokens, max_batch_size):
+        idx = [lo + b for b in batch]
+        ids, mask = pad([stream.ids[i] for i in idx], pad_id)
+        types = None
+        if stream.token_types is not None:
+            types = pad([stream.token_types[i] for i in idx], 0)[0]
+        yield PaddedBatch(idx, ids, mask, types)
+
+
 def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``seqs`` right-padded with ``value`` to the longest: ids [B, T] (long), mask [B, T] (bool)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)

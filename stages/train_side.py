@@ -193,6 +193,81 @@ def epochs_of(cfg: StageConfig, task: str) -> int:
     return cfg.train_side.epochs or paper_epochs(task)
 
 
+def warmup_steps_of(cfg: StageConfig, total_steps: int) -> int:
+    """Warm-up steps: ``ceil(warmup_ratio * total_steps)`` when a ratio is set (as HF Trainer
+    has it), else ``warmup_steps``."""
+    t = cfg.train_side
+    if t.warmup_ratio is not None:
+        return math.ceil(t.warmup_ratio * total_steps)
+    return t.warmup_steps
+
+
+def warmup_warning(cfg: StageConfig, total_steps: int) -> str | None:
+    """One line when warm-up takes more than half the run's optimizer steps, else None."""
+    warm = warmup_steps_of(cfg, total_steps)
+    if warm * 2 <= total_steps:
+        return None
+    share = "all" if warm >= total_steps else f"{100 * warm / total_steps:.0f}%"
+    return (
+        f"warning: warm-up is {warm} steps, {share} of this run's {total_steps} optimizer steps: "
+        "the learning rate stays below its peak for most of the run; pass --warmup-ratio 0.06 "
+        f"(here {math.ceil(0.06 * total_steps)} steps) or a smaller --warmup-steps"
+    )
+
+
+def resolved_config(cfg: StageConfig, epochs: int, total_steps: int) -> dict[str, Any]:
+    """The configuration as the run used it, for its folder's ``config.json``: the epochs and
+    warm-up steps in effect, absolute paths for the data, the cache root, the run directory and a
+    local backbone folder, so that ``evaluate`` and ``predict`` work from any folder."""
+
+    def absolute(p: str) -> str:
+        return p if "://" in p else os.path.abspath(os.path.expanduser(p))
+
+    out = cfg.model_dump()
+    task, ts = out["task"], out["train_side"]
+    if task["data_dir"] is not None:
+        task["data_dir"] = absolute(task["data_dir"])
+    task["files"] = {k: absolute(v) for k, v in task["files"].items()}
+    out["cache"]["root"] = absolute(cfg.cache.resolved_root)
+    if os.path.isdir(out["backbone"]["name"]):
+        out["backbone"]["name"] = absolute(out["backbone"]["name"])
+    ts["epochs"], ts["run_dir"] = epochs, absolute(ts["run_dir"])
+    ts["warmup_steps"] = warmup_steps_of(cfg, total_steps)
+    return out
+
+
+def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | None:
+    """Classification: the validation score of always predicting the most frequent label
+    (``label``, ``score``); None for regression. A best score equal to it learned nothing."""
+    if spec.is_regression:
+        return None
+    memo = _MAJORITY.get(cache.key)
+    if memo is None:
+        labels = np.asarray(cache.array(layout.labels_path("validation"))[:]).astype(np.int64)
+        if not len(labels):
+            return None
+        top = int(np.bincount(labels).argmax())
+        score = compute_metrics(spec, np.full_like(labels, top), labels)["score"]
+        name = spec.labels[top] if spec.labels and top < len(spec.labels) else str(top)
+        memo = _MAJORITY[cache.key] = {"label": name, "score": score}
+    return memo
+
+
+_MAJORITY: dict[str, dict[str, Any]] = {}
+
+
+def majority_note(
+    best_score: float, best_epoch: int, majority: dict[str, Any] | None
+) -> str | None:
+    """``equals always predicting '<label>'`` when a network's best validation score is the
+    majority-class score, else None."""
+    if majority is None or best_epoch < 1 or not math.isfinite(best_score):
+        return None
+    if abs(best_score - majority["score"]) > 1e-9:
+        return None
+    return f"equals always predicting {majority['label']!r}"
+
+
 def check_trials(cfg: StageConfig, cache: CommittedCache) -> list[Trial]:
     """The trials of ``cfg``, each checked against the cache before any work is done.
 
@@ -226,7 +301,7 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
     if method not in have.get(f"r{r}", []):
         raise StageError(
             f"cache {cache.key} has no {method} side_init for reduction factor {r} (it has "
-            f"{have or 'none'}); re-extract with --reduction-factors including {r}, or use --init random"
+            f"{have or 'none'}); re-extract with --side-init-factors including {r}, or use --init random"
         )
     group = cache.group[layout.side_init_prefix(r, method)]
     return {
@@ -234,6 +309,19 @@ def load_side_init(cache: CommittedCache, r: int, method: str) -> dict[str, torc
         for name, arr in group.arrays()
         if not name.startswith("idx.")
     }
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step: linear warm-up over ``warmup`` steps
+    from 0 to 1, then linear decay to 0 at step ``total`` (transformers'
+    ``get_linear_schedule_with_warmup``; for ``torch.optim.lr_scheduler.LambdaLR``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
 
 
 def build_trial(
@@ -254,13 +342,7 @@ def build_trial(
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     t = cfg.train_side
     opt = torch.optim.AdamW(net.parameters(), lr=trial.lr, weight_decay=t.weight_decay, eps=1e-8)
-    warm = t.warmup_steps
-
-    def schedule(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
-        if step < warm:
-            return step / max(1, warm)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
-
+    schedule = linear_schedule(warmup_steps_of(cfg, total_steps), total_steps)
     ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     ts.rng = torch.get_rng_state()  # its own stream from here on: see train_step
     return ts
@@ -420,6 +502,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     t = cfg.train_side.model_dump()
     t.pop("run_dir")
     t.pop("report_to", None)  # where figures are reported does not change them
+    if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
+        t.pop("warmup_ratio", None)
     return {
         "cache": cache_key,
         "train_side": t,
@@ -569,6 +653,8 @@ def train_side(
     t = cfg.train_side
     n_train = cache.manifest["splits"]["train"]["n_examples"]
     total_steps = epochs * -(-n_train // t.batch_size)
+    if (warning := warmup_warning(cfg, total_steps)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
     layers = {"enc": runs[0].net.needed_layers("enc")}
     if candidates is not None:
@@ -613,7 +699,7 @@ def train_side(
     for ts in runs:
         ts.next_epoch = load_checkpoint(folder, ts, epochs)
     start = min(ts.next_epoch for ts in runs)
-    saved_cfg = redact_config(cfg.model_dump())
+    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
     _save_json(folder / "config.json", saved_cfg)
     tracker = tracking.make_tracker(t.report_to, folder, [tr.name for tr in trials], saved_cfg)
     say = (
@@ -645,25 +731,8 @@ def train_side(
         tracker.close()
     final = {ts.trial.name: r for ts, r in zip(scored, tests, strict=True)}
     metrics = _write_metrics(folder, runs, cache, spec, final=final)
-    majority = majority_score(cache, spec)
-    write_atomic(
-        folder / "training-curves.png", lambda tmp: plot_curves(tmp, metrics, spec, majority)
-    )
+    write_atomic(folder / "training-curves.png", lambda tmp: plot_curves(tmp, metrics, spec))
     return TrainResult(folder, cache.key, metrics)
-
-
-def majority_score(
-    cache: CommittedCache, spec: TaskSpec, split: str = "validation"
-) -> float | None:
-    """The task metric (x100) of always predicting the most frequent label of a cached split
-    (accuracy: that label's share); None for regression or an empty split."""
-    if spec.is_regression:
-        return None
-    labels = np.asarray(cache.array(layout.labels_path(split))[...]).astype(np.int64)
-    if labels.size == 0:
-        return None
-    top = int(np.bincount(labels).argmax())
-    return float(compute_metrics(spec, np.full_like(labels, top), labels)["score"])
 
 
 def _train_epochs(
@@ -809,10 +878,12 @@ def _write_metrics(
     spec: TaskSpec,
     final: dict[str, dict] | None,
 ) -> dict[str, Any]:
+    majority = majority_class(cache, spec)
     out = {
         "cache": cache.key,
         "task": spec.name,
         "metric": spec.metric,
+        **({"majority_class": majority} if majority is not None else {}),
         "networks": {
             ts.trial.name: {
                 **asdict(ts.trial),
@@ -822,6 +893,11 @@ def _write_metrics(
                 "compute_s": ts.compute_s,
                 "epochs": ts.history,
                 **({"stopped": ts.stopped} if ts.stopped else {}),
+                **(
+                    {"note": note}
+                    if (note := majority_note(ts.best_score, ts.best_epoch, majority))
+                    else {}
+                ),
                 **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
             }
             for ts in runs
@@ -951,12 +1027,12 @@ def curves_figure(
     return fig
 
 
-def plot_curves(
-    path: Path, metrics: dict[str, Any], spec: TaskSpec, majority: float | None = None
-) -> Path:
-    """training-curves.png from metrics.json's figures (see :func:`curves_figure`)."""
+def plot_curves(path: Path, metrics: dict[str, Any], spec: TaskSpec) -> Path:
+    """training-curves.png from metrics.json's figures (see :func:`curves_figure`), with its
+    ``majority_class`` score (:func:`majority_class`) as the baseline."""
     import matplotlib.pyplot as plt
 
+    majority = (metrics.get("majority_class") or {}).get("score")
     fig = curves_figure(metrics["networks"], spec.name, spec.metric, majority)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -113,6 +113,7 @@ def test_extract_on_two_workers_is_bit_identical_to_one_process(
     assert verify_cache(str(dist), key)["ok"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_extraction_is_retried_and_the_cache_verifies(
     tmp_path, glue_dir, models, one_thread, capsys
 ):

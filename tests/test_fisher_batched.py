@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers as tf
 
-import ladder.pruning as pruning
-from ladder.pruning import compute_fisher
+import ladder.fisher as fisher_module
+from ladder.fisher import compute_fisher
 from tests.test_fisher_speed import BART_CFG, BERT_CFG, naive_fisher, t5_case
 
 RTOL = 1e-4  # relative to each tensor's largest entry
@@ -80,8 +80,10 @@ def worst_error(fisher, expected):
 def run(case, monkeypatch, token_budget):
     model, batches = CASES[case]()
     used = []
-    real = pruning._batched_fisher
-    monkeypatch.setattr(pruning, "_batched_fisher", lambda *a: used.append(real(*a)) or used[-1])
+    real = fisher_module._batched_fisher
+    monkeypatch.setattr(
+        fisher_module, "_batched_fisher", lambda *a: used.append(real(*a)) or used[-1]
+    )
     fisher = compute_fisher(model, batches, num_samples=len(batches), token_budget=token_budget)
     return fisher, naive_fisher(model, batches), used
 
@@ -98,14 +100,14 @@ def test_batched_fisher_matches_the_loop_on_ragged_batches(case, token_budget, m
 
 def test_a_broken_padding_mask_is_caught(monkeypatch):
     """Let pad tokens be attended: the real tokens' gradients change and the comparison fails."""
-    real = pruning._collate
+    real = fisher_module._collate
 
     def unmasked(*args):
         batch = real(*args)
         batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
         return batch
 
-    monkeypatch.setattr(pruning, "_collate", unmasked)
+    monkeypatch.setattr(fisher_module, "_collate", unmasked)
     fisher, expected, used = run("bert", monkeypatch, 4096)
     assert used == [True]
     assert max(worst_error(fisher, expected).values()) > 1e-2
@@ -118,8 +120,10 @@ def test_t5_falls_back_to_the_loop_bit_for_bit(tied, monkeypatch):
         b["input_ids"] = b["input_ids"][:, : 6 + i]
         b["labels"] = b["labels"][:, : 2 + i % 3]
     used = []
-    real = pruning._batched_fisher
-    monkeypatch.setattr(pruning, "_batched_fisher", lambda *a: used.append(real(*a)) or used[-1])
+    real = fisher_module._batched_fisher
+    monkeypatch.setattr(
+        fisher_module, "_batched_fisher", lambda *a: used.append(real(*a)) or used[-1]
+    )
     fisher = compute_fisher(model, batches, num_samples=len(batches))
     assert used == [False]
     expected = naive_fisher(model, batches)
@@ -129,7 +133,7 @@ def test_t5_falls_back_to_the_loop_bit_for_bit(tied, monkeypatch):
 
 def test_length_groups_respect_the_budget_and_avoid_square_batches():
     lengths = sorted([3, 3, 3, 4, 4, 9, 9, 12, 30])
-    sizes = pruning._length_groups(lengths, 24)
+    sizes = fisher_module._length_groups(lengths, 24)
     assert sum(sizes) == len(lengths)
     start = 0
     for size in sizes:

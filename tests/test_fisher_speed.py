@@ -1,4 +1,4 @@
-"""The fast Fisher pass (ladder/pruning.py ``compute_fisher``) against a naive batch-size-1 loop.
+"""The fast Fisher pass (ladder/fisher.py ``compute_fisher``) against a naive batch-size-1 loop.
 
 ``compute_fisher`` gives embedding tables sparse gradients and squares into a reused buffer; both
 must leave the result bit for bit equal to ``sum(grad**2)`` over dense per-example gradients, with
@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from cache_store.registry import open_cache
-from ladder.pruning import compute_fisher
+from ladder.fisher import compute_fisher
 from stages.extract import extract
 from tests.conftest import make_config, tiny_bert
 from tests.test_pruning import BART_CFG, BERT_CFG, T5_CFG

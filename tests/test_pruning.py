@@ -12,7 +12,8 @@ import torch
 import transformers as tf
 
 from ladder.errors import LadderError
-from ladder.pruning import compute_fisher, fisher_model_for, magnitude_importance, prune_backbone
+from ladder.fisher import compute_fisher
+from ladder.pruning import fisher_model_for, magnitude_importance, prune_backbone
 
 # --------------------------------------------------------------------------- tiny backbones
 

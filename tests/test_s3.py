@@ -31,7 +31,7 @@ from tests.test_resume_and_errors import all_arrays
 
 pytest_plugins = ("tests.s3_server",)  # the s3_server and s3_env fixtures
 
-NO_SIDE_INIT = ["--side-init", "", "--reduction-factors", ""]
+NO_SIDE_INIT = ["--side-init", "", "--side-init-factors", ""]
 
 
 def commits(server, prefix: str) -> list[str]:
@@ -246,6 +246,7 @@ def _racer(cfg, backbone, barrier, out: str) -> None:
     Path(out).write_text(json.dumps({"key": result.key, "reused": result.reused}))
 
 
+@pytest.mark.slow
 def test_two_processes_racing_on_one_key_one_commit_readers_never_see_partial_data(
     s3_env, glue_dir, tmp_path, minilm_tokenizer
 ):
@@ -306,6 +307,7 @@ def test_two_processes_racing_on_one_key_one_commit_readers_never_see_partial_da
     assert {k.split("/attempts/")[1].split("/")[0] for k in left} <= {winner, "zarr.json"}, left
 
 
+@pytest.mark.slow
 def test_a_live_lease_is_respected_and_a_dead_one_taken_over(s3_env, monkeypatch):
     monkeypatch.setenv("LST_LEASE_TTL_S", "1")
     root = s3_env.root

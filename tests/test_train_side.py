@@ -106,7 +106,7 @@ def minilm_cache(tmp_path_factory, glue_dir):
     root = tmp / "cache"
     args = ["run", "extract", "--task", "rte", "--data-dir", str(glue_dir), "--limit", "24"]
     args += ["--backbone", str(copy), "--cache-root", str(root), "--json"]
-    args += ["--reduction-factors", "8", "--side-init", "magnitude,fisher", "--fisher-samples", "8"]
+    args += ["--side-init-factors", "8", "--side-init", "magnitude,fisher", "--fisher-samples", "8"]
     assert run_cli(args) == 0
     shutil.rmtree(copy)
     key = next(p.name for p in root.iterdir() if p.is_dir())
@@ -139,6 +139,7 @@ def test_train_side_from_the_cache_after_the_backbone_was_deleted(minilm_cache, 
     assert (folder / "run.json").exists() and (folder / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_final_metrics(minilm_cache, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     code = "from pipeline.cli import main; main()"
@@ -259,7 +260,7 @@ def test_predict_and_evaluate_run_the_live_backbone_like_the_cache(tmp_path, glu
         "--cache-root",
         str(root),
     ]
-    extract_args = ["--dtype", "float32", "--reduction-factors", "8", "--side-init", "magnitude"]
+    extract_args = ["--dtype", "float32", "--side-init-factors", "8", "--side-init", "magnitude"]
     assert run_cli(["run", "extract", *common, *extract_args, "--json"]) == 0
     train = [
         "--epochs",

@@ -359,14 +359,15 @@ def test_one_line_per_network_per_epoch(run):
 def test_the_majority_line_is_the_validation_split_s_most_frequent_label(run, glue_dir):
     from cache_store.reader import open_cache
     from stages.tasks import TaskConfig, load_task_of
-    from stages.train_side import majority_score, task_spec_of
+    from stages.train_side import majority_class, task_spec_of
 
     root = run["tmp"] / "cache"
     cache = open_cache(str(root), next(p.name for p in root.iterdir() if p.is_dir()))
     data = load_task_of(TaskConfig(name="rte", data_dir=str(glue_dir), limit=24))
     labels = [ex.label for ex in data.splits["validation"]]
     share = 100 * max(labels.count(v) for v in set(labels)) / len(labels)
-    assert majority_score(cache, task_spec_of(cache)) == pytest.approx(share)
+    assert majority_class(cache, task_spec_of(cache))["score"] == pytest.approx(share)
+    assert run["metrics"]["majority_class"]["score"] == pytest.approx(share)  # what the PNG draws
     assert (run["folder"] / "training-curves.png").stat().st_size > 10_000
 
 
