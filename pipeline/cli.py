@@ -674,7 +674,14 @@ def run_all(
     "input_path",
     help="many inputs: a .jsonl, .csv or .tsv file with the task's text columns, or - (stdin, JSONL)",
 )
-@click.option("--batch-size", type=int, default=64, show_default=True, help="examples per batch")
+@click.option(
+    "--batch-size",
+    "predict_batch",
+    type=int,
+    default=64,
+    show_default=True,
+    help="examples per batch",
+)
 @click.option(
     "--allow-unfinished",
     is_flag=True,
@@ -688,7 +695,7 @@ def predict(
     network: str | None,
     texts: tuple[str, ...],
     input_path: str | None,
-    batch_size: int,
+    predict_batch: int,
     allow_unfinished: bool,
     as_json: bool,
 ) -> None:
@@ -718,7 +725,7 @@ def predict(
         examples = read_inputs(input_path, p.spec)
     t1 = time.perf_counter()
     desc = f"predict: {p.spec.name} ({len(examples)} examples)" if input_path else None
-    rows = p.explain(examples, batch_size=batch_size, progress=desc)
+    rows = p.explain(examples, batch_size=predict_batch, progress=desc)
     seconds = time.perf_counter() - t1
     rows = [{"task": p.spec.name, **row} for row in rows]
     if as_json:

@@ -30,13 +30,13 @@ def run(tmp_path_factory, glue_dir):
     tmp = tmp_path_factory.mktemp("ux")
     common = ["--task", "rte", "--data-dir", str(glue_dir), "--limit", "24"]
     common += ["--cache-root", str(tmp / "cache")]
-    extract = ["run", "extract", *common, "--dtype", "float32", "--reduction-factors", "8"]
+    extract = ["run", "extract", *common, "--dtype", "float32", "--side-init-factors", "8"]
     extract += ["--side-init", "magnitude,fisher", "--fisher-samples", "6"]
     err = io.StringIO()
     old = sys.stderr
     sys.stderr = err  # tqdm writes to sys.stderr as it is when a bar is made
     try:
-        assert run_cli(extract) == 0
+        assert run_cli(extract) == 0, err.getvalue()[-2000:]
     finally:
         sys.stderr = old
     train = ["run", "train-side", *common, "--epochs", str(EPOCHS), "--batch-size", "8"]
