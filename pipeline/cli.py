@@ -449,6 +449,12 @@ TRAIN_OPTIONS = [
         type=float,
     ),
     config_option("--run-dir", "train_side.run_dir", "parent folder of run folders"),
+    config_option(
+        "--report-to",
+        "train_side.report_to",
+        "experiment trackers, comma-separated: tensorboard, mlflow (none or empty: no tracking)",
+        callback=lambda c, p, v: _strs(v),
+    ),
     click.option(
         "--run-name", help="run folder name  [default: the cache key and a digest of the settings]"
     ),
@@ -668,36 +674,98 @@ def run_all(
 @cli.command("predict")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
+@click.option(
+    "--input",
+    "input_path",
+    help="many inputs: a .jsonl, .csv or .tsv file with the task's text columns, or - (stdin, JSONL)",
+)
+@click.option(
+    "--batch-size",
+    "predict_batch",
+    type=int,
+    default=64,
+    show_default=True,
+    help="examples per batch",
+)
 @click.option(
     "--allow-unfinished",
     is_flag=True,
     help="use the best checkpoint of a run that has not finished (no test figures yet)",
 )
-@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option(
+    "--json", "as_json", is_flag=True, help="one JSON line per input, every class's probability"
+)
 def predict(
     run_folder: str,
     network: str | None,
     texts: tuple[str, ...],
+    input_path: str | None,
+    predict_batch: int,
     allow_unfinished: bool,
     as_json: bool,
 ) -> None:
-    """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks)."""
-    from stages.evaluate import Predictor
+    """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks), or
+    every row of --input. Prints the predicted label and its probability (regression: the score).
+    """
+    import time
+
+    from stages.evaluate import Predictor, read_inputs
     from stages.tasks import Example
 
-    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
-    n = len(p.spec.text_fields)
-    if len(texts) != n:
+    if (input_path is None) == (not texts):
         raise PipelineError(
-            f"task {p.spec.name!r} takes {n} text(s) ({', '.join(p.spec.text_fields)}), got {len(texts)}"
+            "give either TEXT (TEXT_A TEXT_B for pair tasks) or --input FILE (- for stdin)"
         )
-    pred = p.predict([Example(tuple(texts), 0)])[0]
-    _emit(
-        {"task": p.spec.name, "prediction": p.label_name(pred)},
-        as_json,
-        lambda o: click.echo(o["prediction"]),
-    )
+    t0 = time.perf_counter()
+    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
+    load_s = time.perf_counter() - t0
+    if input_path is None:
+        n = len(p.spec.text_fields)
+        if len(texts) != n:
+            raise PipelineError(
+                f"task {p.spec.name!r} takes {n} text(s) ({', '.join(p.spec.text_fields)}), got {len(texts)}"
+            )
+        examples = [Example(tuple(texts), 0)]
+    else:
+        examples = read_inputs(input_path, p.spec)
+    t1 = time.perf_counter()
+    desc = f"predict: {p.spec.name} ({len(examples)} examples)" if input_path else None
+    rows = p.explain(examples, batch_size=predict_batch, progress=desc)
+    seconds = time.perf_counter() - t1
+    rows = [{"task": p.spec.name, **row} for row in rows]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+    elif input_path is None:
+        row = rows[0]
+        prob = f"  {row['probability']:.3f}" if "probability" in row else ""
+        click.echo(f"{row['prediction']}{prob}")
+    else:
+        _print_predictions(examples, rows)
+    if input_path is not None:
+        click.echo(
+            f"predicted {len(rows)} examples in {seconds:.2f}s ({len(rows) / max(seconds, 1e-9):.1f} "
+            f"examples/s; backbone and network loaded in {load_s:.1f}s)",
+            err=True,
+        )
+
+
+def _print_predictions(examples: list, rows: list[dict]) -> None:
+    """A table: row number, prediction, its probability (classification), the text(s)."""
+    head = ["#", "prediction", *(["probability"] if "probability" in rows[0] else []), "text"]
+    table = [
+        [
+            str(i),
+            r["prediction"],
+            *([f"{r['probability']:.3f}"] if "probability" in r else []),
+            " | ".join(ex.texts)[:80],
+        ]
+        for i, (ex, r) in enumerate(zip(examples, rows, strict=True), start=1)
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *table, strict=True)]
+    for r in [head, *table]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 @cli.command("evaluate")

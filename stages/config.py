@@ -99,6 +99,9 @@ class TrainSideConfig(Section):
     # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer
     memory_mb: int = Field(default=4096, ge=16)
     run_dir: str = "runs"  # run folders are created under this directory
+    # experiment trackers (the HF Trainer convention): per-step loss and learning rate,
+    # per-epoch validation metrics, per network; [] or [none]: no tracking
+    report_to: list[Literal["tensorboard", "mlflow", "none"]] = []
 
     @field_validator("reduction_factors", "seeds", "learning_rates")
     @classmethod

@@ -1,6 +1,7 @@
 """``pipeline predict`` and ``pipeline evaluate``: backbone plus a trained side network on new text.
 
     pipeline predict  --run runs/<folder> "A man is playing a guitar." "A man plays music."
+    pipeline predict  --run runs/<folder> --input pairs.jsonl --json
     pipeline evaluate --run runs/<folder> --split test --data-dir ../shared/data/glue
 
 These need the backbone (the text is new, so there is no cache for it): it runs live in eval mode
@@ -10,13 +11,15 @@ and feeds the side network exactly the states stage one would have stored.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from cache_store import layout
 from ladder.backbones import Backbone, load_backbone
@@ -24,9 +27,19 @@ from ladder.side import SideConfig, build_side_network
 from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
-from stages.tasks import Example, TaskConfig, TaskData, compute_metrics, spec_of, t5_candidates
+from stages.tasks import (
+    Example,
+    TaskConfig,
+    TaskData,
+    TaskSpec,
+    compute_metrics,
+    jsonl_rows,
+    read_table,
+    spec_of,
+    t5_candidates,
+)
 from stages.tokens import Stream, pad, tokenize_split
-from stages.train_side import online_states, predict_batch
+from stages.train_side import batch_outputs, online_states, predictions_of
 
 
 def _read_json(path: Path) -> Any:
@@ -112,12 +125,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def batches_of(
-    streams: dict[str, Stream], labels: np.ndarray, batch_size: int, pad_id: int
+    streams: dict[str, Stream],
+    labels: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    order: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
-    """Padded batches of token ids (no states: the live backbone computes them)."""
-    n = len(labels)
-    for lo in range(0, n, batch_size):
-        idx = list(range(lo, min(n, lo + batch_size)))
+    """Padded batches of token ids (no states: the live backbone computes them), in ``order``
+    (default: as given); ``Batch.index`` holds each row's example index."""
+    order = list(range(len(labels))) if order is None else list(order)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
         ids, masks, targets = {}, {}, {}
         for name, s in streams.items():
             ids[name], masks[name] = pad([s.ids[i] for i in idx], pad_id)
@@ -172,17 +190,72 @@ class Predictor:
             )
         self.states = online_states(self.backbone, False, layers)
 
-    def predict(self, examples: list[Example], batch_size: int = 64) -> np.ndarray:
+    def outputs(
+        self, examples: list[Example], batch_size: int = 64, progress: str | None = None
+    ) -> torch.Tensor:
+        """The side network's raw outputs per example, in the examples' order: logits (regression:
+        ``[N, 1]``), or for T5 the score of every candidate label string. Batches group examples
+        of similar length (less padding); ``progress`` describes a progress bar (stderr, shown
+        on a terminal only)."""
         data = TaskData(self.spec, {"test": examples}, "given")
         streams = tokenize_split(self.backbone, data, "test", self.backbone_cfg.max_length)
         streams = {k: v for k, v in streams.items() if k != "dec"}
         labels = np.asarray([ex.label for ex in examples])
         pad_id = self.backbone.tokenizer.pad_token_id or 0
-        out = [
-            predict_batch(self.net, b, self.states, self.spec, self.candidates)
-            for b in batches_of(streams, labels, batch_size, pad_id)
-        ]
-        return np.concatenate(out) if out else np.zeros(0)
+        order = sorted(range(len(examples)), key=lambda i: -len(streams["enc"].ids[i]))
+        out: torch.Tensor | None = None
+        with tqdm(
+            total=len(examples),
+            unit="ex",
+            desc=progress,
+            disable=None if progress else True,  # None: only on a terminal
+            leave=False,
+        ) as bar:
+            for b in batches_of(streams, labels, batch_size, pad_id, order):
+                o = batch_outputs(self.net, b, self.states, self.candidates)
+                if out is None:
+                    out = o.new_zeros((len(examples), *o.shape[1:]))
+                out[b.index] = o
+                bar.update(len(b.index))
+        return out if out is not None else torch.zeros(0, 1)
+
+    def predict(
+        self, examples: list[Example], batch_size: int = 64, progress: str | None = None
+    ) -> np.ndarray:
+        """Class ids (or scores) per example, as evaluation computes them."""
+        out = self.outputs(examples, batch_size, progress)
+        if not examples:
+            return np.zeros(0)
+        return predictions_of(out, self.spec, self.candidates)
+
+    def explain(
+        self, examples: list[Example], batch_size: int = 64, progress: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Per example: ``prediction`` (the label's name, or the score as text) and, for
+        classification, ``probability`` (of that label) and ``probabilities`` (of every label:
+        the softmax of the logits, or for T5 of the candidate strings' scores); for regression
+        ``score``."""
+        out = self.outputs(examples, batch_size, progress)
+        if not examples:
+            return []
+        preds = predictions_of(out, self.spec, self.candidates)
+        if self.spec.is_regression:
+            return [{"prediction": self.label_name(p), "score": float(p)} for p in preds]
+        # T5: candidate k is the string of class id int(candidates[k])
+        cls = (
+            list(range(out.shape[1]))
+            if self.candidates is None
+            else [int(c) for c in self.candidates]
+        )
+        probs = torch.softmax(out.float(), dim=-1).numpy()
+        rows = []
+        for p, pr in zip(preds, probs, strict=True):
+            by_label = {self.label_name(c): float(pr[k]) for k, c in enumerate(cls)}
+            name = self.label_name(p)
+            rows.append(
+                {"prediction": name, "probability": by_label[name], "probabilities": by_label}
+            )
+        return rows
 
     def label_name(self, pred: Any) -> str:
         if self.spec.labels is None:
@@ -190,7 +263,28 @@ class Predictor:
         return self.spec.labels[int(pred)]
 
 
+def read_inputs(source: str, spec: TaskSpec) -> list[Example]:
+    """Examples to predict from a ``.jsonl``, ``.csv`` or ``.tsv`` file, or ``-`` (stdin, JSONL),
+    whose rows hold the task's text columns (``spec.text_fields``); other columns are ignored."""
+    where = "<stdin>" if source == "-" else source
+    rows = jsonl_rows(sys.stdin, where) if source == "-" else read_table(Path(source))
+    if not rows:
+        raise StageError(f"{where} holds no inputs")
+    fields = spec.text_fields
+    out = []
+    for n, row in enumerate(rows, start=1):
+        missing = [f for f in fields if row.get(f) is None]
+        if missing:
+            raise StageError(
+                f"{where}: row {n} has no {', '.join(map(repr, missing))}; task {spec.name!r} "
+                f"reads the column(s) {', '.join(fields)} (have: {', '.join(map(str, row)) or 'none'})"
+            )
+        out.append(Example(tuple(str(row[f]) for f in fields), 0))
+    return out
+
+
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
     examples = data.splits[split]
-    preds = predictor.predict(examples)
+    desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples)"
+    preds = predictor.predict(examples, progress=desc)
     return compute_metrics(predictor.spec, preds, np.asarray([ex.label for ex in examples]))

@@ -295,7 +295,13 @@ class Extractor:
                 self.timings["images_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             side_init = write_side_init(
-                self.cfg, self.backbone, self.data, streams["train"], writer, self.timings
+                self.cfg,
+                self.backbone,
+                self.data,
+                streams["train"],
+                writer,
+                self.timings,
+                progress=self.show_progress,
             )
             self.timings["side_init_s"] = time.perf_counter() - t1  # fisher_s is part of it
             frozen = self.backbone.frozen_tensors()
@@ -493,7 +499,7 @@ def run_segments_here(
         total=remaining,
         unit="tok",
         unit_scale=True,
-        desc=f"extract {ex.key}",
+        desc=f"extract: backbone states of {ex.data.spec.name}",
         disable=not ex.show_progress,
     )
     bg = BackgroundWriter()
@@ -501,6 +507,7 @@ def run_segments_here(
     try:
         for w in work:
             start = w.segments[w.first]
+            bar.set_description(f"extract: backbone states of {ex.data.spec.name} ({w.split})")
             writers = {}
             for name, s in w.streams.items():
                 arrays = {k: writer.group[p] for k, p in ex.state_arrays(w.split, name).items()}
@@ -514,7 +521,7 @@ def run_segments_here(
                 bg.submit(_write_job(writer, w.split, writers, rows, ex.dtype))
                 n_ex += hi - lo
                 bar.update(int(w.streams["enc"].offsets[hi] - w.streams["enc"].offsets[lo]))
-                bar.set_postfix(split=w.split, ex_s=f"{n_ex / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(ex_s=f"{n_ex / (time.perf_counter() - t0):.0f}")
         bg.close()
     finally:
         bar.close()

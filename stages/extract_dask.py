@@ -432,7 +432,7 @@ class DaskSegments:
             total=remaining,
             unit="tok",
             unit_scale=True,
-            desc=f"extract {ex.key} ({n_workers} workers)",
+            desc=f"extract: backbone states of {ex.data.spec.name} ({n_workers} workers)",
             disable=not ex.show_progress,
         )
         from distributed import as_completed

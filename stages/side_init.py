@@ -58,6 +58,7 @@ def fisher_importance(
     train: dict[str, Stream],
     *,
     batched: bool = True,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Fisher importance in the backbone's own names; ``batched=False`` forces the one-by-one loop."""
     n = min(cfg.extract.fisher_samples, len(train["enc"].ids))
@@ -75,7 +76,13 @@ def fisher_importance(
         model.to(backbone.device)
     batches = fisher_batches(backbone, data, train, n, cfg.extract.seed)
     with torch.enable_grad():
-        examples = tqdm(batches, desc="fisher", unit="ex", leave=False)
+        examples = tqdm(
+            batches,
+            desc=f"side_init: Fisher pass over {n} examples",
+            unit="ex",
+            leave=False,
+            disable=not progress,
+        )
         imp = compute_fisher(model, examples, n, batched=batched)
     base = model.base_model_prefix + "." if not backbone.encoder_decoder else ""
     return {k.removeprefix(base): v for k, v in imp.items()}
@@ -88,6 +95,8 @@ def write_side_init(
     train: dict[str, Stream],
     writer: CacheWriter,
     timings: dict[str, float] | None = None,
+    *,
+    progress: bool = True,
 ) -> dict[str, list[str]]:
     """Write every (R, method) of the config; returns ``{"r8": ["fisher", ...], ...}``.
 
@@ -104,22 +113,26 @@ def write_side_init(
     if "fisher" in methods:
         t0 = time.perf_counter()
         importances["fisher"] = {
-            k: v.cpu() for k, v in fisher_importance(cfg, backbone, data, train).items()
+            k: v.cpu()
+            for k, v in fisher_importance(cfg, backbone, data, train, progress=progress).items()
         }
         if timings is not None:
             timings["fisher_s"] = time.perf_counter() - t0
     done: dict[str, list[str]] = {}
-    for r in sorted(set(cfg.extract.reduction_factors)):
-        for method, imp in importances.items():
-            weights, indices = prune_backbone(backbone.family, state, imp, r, backbone.config)
-            for name, t in {**weights, **indices}.items():
-                a = t.numpy()
-                writer.create_array(
-                    layout.side_init_path(r, method, name),
-                    a.shape,
-                    a.dtype,
-                    chunk_rows=max(1, a.shape[0] if a.ndim else 1),
-                    data=np.ascontiguousarray(a),
-                )
-            done.setdefault(f"r{r}", []).append(method)
+    jobs = [(r, m) for r in sorted(set(cfg.extract.reduction_factors)) for m in importances]
+    bar = tqdm(jobs, desc="side_init: pruning", unit="init", leave=False, disable=not progress)
+    for r, method in bar:
+        bar.set_description(f"side_init: pruning for r={r} ({method})")
+        imp = importances[method]
+        weights, indices = prune_backbone(backbone.family, state, imp, r, backbone.config)
+        for name, t in {**weights, **indices}.items():
+            a = t.numpy()
+            writer.create_array(
+                layout.side_init_path(r, method, name),
+                a.shape,
+                a.dtype,
+                chunk_rows=max(1, a.shape[0] if a.ndim else 1),
+                data=np.ascontiguousarray(a),
+            )
+        done.setdefault(f"r{r}", []).append(method)
     return done

@@ -48,7 +48,7 @@ def run_trial(cfg: StageConfig, cache_key: str, run_name: str) -> dict[str, Any]
     """One side network (``cfg`` has a one-trial grid) trained from the cache; its summary row."""
     t0 = time.perf_counter()
     with TORCH_LOCK:
-        result = train_side(cfg, cache_key=cache_key, run_name=run_name, progress=False)
+        result = train_side(cfg, cache_key=cache_key, run_name=run_name, progress=False, echo=False)
     ((name, net),) = result.metrics["networks"].items()
     return {
         "trial": name,

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -445,27 +445,33 @@ def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
     return out
 
 
-def _read_table(path: Path) -> list[dict]:
+def jsonl_rows(lines: Iterable[str], where: str) -> list[dict]:
+    """One JSON object per line (blank lines skipped); a bad line is an error naming it."""
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(
+                f"{where}:{n} is not valid JSON ({e.msg}); expected one JSON object per line"
+            ) from None
+        if not isinstance(row, dict):
+            raise StageError(
+                f"{where}:{n} is a JSON {type(row).__name__}; expected one JSON object per line"
+            )
+        rows.append(row)
+    return rows
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl``/``.json`` (one object per line), ``.csv`` or ``.tsv`` file."""
     if not path.is_file():
         raise StageError(f"missing data file {path}")
     if path.suffix in (".jsonl", ".json"):
-        rows = []
         with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise StageError(
-                        f"{path}:{n} is not valid JSON ({e.msg}); expected one JSON object per line"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise StageError(
-                        f"{path}:{n} is a JSON {type(row).__name__}; expected one JSON object per line"
-                    )
-                rows.append(row)
-        return rows
+            return jsonl_rows(f, str(path))
     if path.suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
@@ -494,7 +500,7 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
         raise StageError(f"task.problem is {custom.problem!r}; allowed: classification, regression")
     if custom.metric not in METRICS:
         raise StageError(f"task.metric is {custom.metric!r}; allowed: {', '.join(METRICS)}")
-    tables = {split: _read_table(Path(p)) for split, p in custom.files.items()}
+    tables = {split: read_table(Path(p)) for split, p in custom.files.items()}
     for split, rows in tables.items():
         needed = [*custom.text_columns, custom.label_column]
         if rows and (missing := [c for c in needed if c not in rows[0]]):

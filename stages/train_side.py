@@ -43,6 +43,7 @@ from cache_store.reader import CommittedCache, open_cache
 from cache_store.registry import list_caches
 from ladder.side import SideConfig, build_side_network, trainable_parameters
 from ladder.vision import build_visual_side_network
+from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
@@ -435,22 +436,20 @@ def visual_inputs(batch: Batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_batch(
+def batch_outputs(
     net: torch.nn.Module,
     batch: Batch,
     states: StateSource,
-    spec: TaskSpec,
     candidates: list[str] | None,
-) -> np.ndarray:
-    """Class ids or scores for a batch; T5 scores every candidate label string."""
+) -> torch.Tensor:
+    """A batch's raw outputs: logits ``[B, labels]`` (a regression head: ``[B, 1]``); for T5 the
+    summed log-probability of every candidate label string, ``[B, candidates]``."""
     net.eval()
     if candidates is None:
-        logits = net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
-        return logits.squeeze(-1).numpy() if spec.is_regression else logits.argmax(-1).numpy()
+        return net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch)).float()
     C = len(candidates)
     streams = layout.cand_streams(C)
     T = max(batch.masks[s].shape[1] for s in streams)
-    B = batch.masks["enc"].shape[0]
 
     def pad(x: torch.Tensor, value: float) -> torch.Tensor:
         return torch.nn.functional.pad(
@@ -460,11 +459,30 @@ def predict_batch(
     per = [states(batch, s) for s in streams]
     dec = {n: torch.stack([pad(p[n], 0.0) for p in per], 1) for n in per[0]}  # [B, C, T, d]
     labels = torch.stack([pad(batch.target_ids[s], -100) for s in streams], 1)  # [B, C, T]
-    scores = net.score_candidates(states(batch, "enc"), batch.masks["enc"], dec, None, labels)
-    best = scores.argmax(-1).numpy()
+    return net.score_candidates(states(batch, "enc"), batch.masks["enc"], dec, None, labels)
+
+
+def predictions_of(
+    outputs: torch.Tensor, spec: TaskSpec, candidates: list[str] | None
+) -> np.ndarray:
+    """Class ids or scores from :func:`batch_outputs` (T5: the best-scored candidate string)."""
+    if candidates is None:
+        return outputs.squeeze(-1).numpy() if spec.is_regression else outputs.argmax(-1).numpy()
+    best = outputs.argmax(-1).numpy()
     if spec.is_regression:
         return np.asarray([float(candidates[k]) for k in best], dtype=np.float32)
-    return np.asarray([int(candidates[k]) for k in best]) if B else best
+    return np.asarray([int(candidates[k]) for k in best]) if len(best) else best
+
+
+def predict_batch(
+    net: torch.nn.Module,
+    batch: Batch,
+    states: StateSource,
+    spec: TaskSpec,
+    candidates: list[str] | None,
+) -> np.ndarray:
+    """Class ids or scores for a batch; T5 scores every candidate label string."""
+    return predictions_of(batch_outputs(net, batch, states, candidates), spec, candidates)
 
 
 def evaluate(
@@ -473,15 +491,21 @@ def evaluate(
     states: StateSource,
     spec: TaskSpec,
     candidates: list[str] | None,
+    progress: str | None = None,
 ) -> list[dict[str, float]]:
-    """The task metrics of every network on one split, one pass over the loader."""
+    """The task metrics of every network on one split, one pass over the loader; ``progress``:
+    a progress bar's description."""
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
-    for batch in torch_batches(loader.epoch(0)):
-        index.append(batch.index.numpy())
-        labels.append(batch.labels.numpy())
-        for k, ts in enumerate(ts_list):
-            preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
+    with tqdm(
+        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for batch in torch_batches(loader.epoch(0)):
+            index.append(batch.index.numpy())
+            labels.append(batch.labels.numpy())
+            for k, ts in enumerate(ts_list):
+                preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
+            bar.update(1)
     y = np.concatenate(labels)
     return [compute_metrics(spec, np.concatenate(p), y) for p in preds]
 
@@ -493,6 +517,7 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     """What defines a run: a run folder with another signature is refused, not overwritten."""
     t = cfg.train_side.model_dump()
     t.pop("run_dir")
+    t.pop("report_to", None)  # where figures are reported does not change them
     if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
         t.pop("warmup_ratio", None)
     return {
@@ -624,8 +649,14 @@ def train_side(
     online_dropout: bool = True,
     progress: bool = True,
     device: str = "cpu",
+    echo: bool = True,
 ) -> TrainResult:
-    """Train every trial of ``cfg.train_side`` from the cache (or online, given a backbone)."""
+    """Train every trial of ``cfg.train_side`` from the cache (or online, given a backbone).
+
+    ``progress``: progress bars (stderr). ``echo``: one line per network per epoch (loss,
+    validation, best so far, time), on stdout beside the bars, else (``--json``) on stderr.
+    """
+    tracking.require(cfg.train_side.report_to)
     if device == "cpu":
         # the side network's matrices are small: a second intra-op thread costs more in
         # synchronisation than it gains, and the loader thread needs a core of its own
@@ -689,11 +720,18 @@ def train_side(
     for ts in runs:
         ts.next_epoch = load_checkpoint(folder, ts, epochs)
     start = min(ts.next_epoch for ts in runs)
-    _save_json(folder / "config.json", redact_config(resolved_config(cfg, epochs, total_steps)))
+    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
+    _save_json(folder / "config.json", saved_cfg)
+    tracker = tracking.make_tracker(t.report_to, folder, [tr.name for tr in trials], saved_cfg)
+    say = (
+        (lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr))
+        if echo
+        else None
+    )
     try:
         _train_epochs(
             runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
-            epochs, start, progress,
+            epochs, start, progress, tracker, say,
         )  # fmt: skip
         # the best checkpoint of each network, scored on the test split
         scored = [ts for ts in runs if ts.stopped is None]
@@ -710,9 +748,11 @@ def train_side(
     except Exception as e:
         _check_cache_still_there(cfg, cache, folder, e)
         raise
+    finally:
+        tracker.close()
     final = {ts.trial.name: r for ts, r in zip(scored, tests, strict=True)}
     metrics = _write_metrics(folder, runs, cache, spec, final=final)
-    write_atomic(folder / "training-curves.png", lambda tmp: plot_curves(tmp, runs, spec))
+    write_atomic(folder / "training-curves.png", lambda tmp: plot_curves(tmp, metrics, spec))
     return TrainResult(folder, cache.key, metrics)
 
 
@@ -730,6 +770,8 @@ def _train_epochs(
     epochs: int,
     start: int,
     progress: bool,
+    tracker: tracking.Tracker | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> None:
     """Epochs ``start`` .. ``epochs - 1``; each network trains only the epochs it has not finished.
 
@@ -737,26 +779,31 @@ def _train_epochs(
     ones behind catch up (the batch order is a function of the seed and the epoch, the dropout
     of the network's own RNG) while the others wait. A network whose training loss stops being
     finite is stopped there, with the reason in its metrics; the others go on.
+
+    ``tracker`` gets each network's loss and learning rate per step and its validation metrics
+    per epoch; ``say`` one line per network per epoch (:func:`epoch_line`).
     """
     t = cfg.train_side
-    bar = tqdm(
-        total=epochs * len(train),
-        initial=start * len(train),
-        unit="batch",
-        desc=f"train-side {folder.name}",
-        disable=not progress,
-    )
-    try:
-        for epoch in range(start, epochs):
-            active = [ts for ts in runs if ts.next_epoch <= epoch and ts.stopped is None]
-            if not active:
-                continue
-            t0 = time.perf_counter()
-            losses: list[list[float]] = [[] for _ in active]
+    tracker = tracker or tracking.NullTracker()
+    n_batches = len(train)
+    for epoch in range(start, epochs):
+        active = [ts for ts in runs if ts.next_epoch <= epoch and ts.stopped is None]
+        if not active:
+            continue
+        t0 = time.perf_counter()
+        losses: list[list[float]] = [[] for _ in active]
+        with tqdm(
+            total=n_batches,
+            unit="batch",
+            desc=f"train-side: epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+        ) as bar:
             for step, batch in enumerate(torch_batches(train.epoch(epoch))):
                 for k, ts in enumerate(active):
                     if ts.stopped is not None:
                         continue
+                    lr = ts.opt.param_groups[0]["lr"]  # the rate this step uses
                     c0 = time.perf_counter()
                     loss = train_step(ts, batch, states_train, t.max_grad_norm)
                     ts.compute_s += time.perf_counter() - c0
@@ -766,31 +813,63 @@ def _train_epochs(
                             f"(learning rate {ts.trial.lr:g}); stopped"
                         )
                     losses[k].append(loss)
-                bar.update(1)
-            epoch_s = time.perf_counter() - t0
-            going = [ts for ts in active if ts.stopped is None]
-            scores = evaluate(going, val, states_eval, spec, candidates) if going else []
-            score_of = {ts.trial.name: sc for ts, sc in zip(going, scores, strict=True)}
-            for ts, loss in zip(active, losses, strict=True):
-                if ts.stopped is None:
-                    score = score_of[ts.trial.name]
-                    ts.history.append(
-                        {
-                            "epoch": epoch + 1,
-                            "train_loss": float(np.mean(loss)),
-                            "validation": score,
-                            "epoch_s": epoch_s,
-                        }
+                    tracker.log(
+                        ts.trial.name,
+                        {"train/loss": loss, "train/learning_rate": lr},
+                        epoch * n_batches + step + 1,
                     )
-                    if score["score"] > ts.best_score:
-                        ts.best_score, ts.best_epoch = score["score"], epoch + 1
-                        save_best(folder, ts, side_config(cfg, ts.trial.r, spec), cache)
-                save_checkpoint(folder, ts, epoch)
-                ts.next_epoch = epoch + 1
-            bar.set_postfix(val=" ".join(f"{s['score']:.1f}" for s in scores))
-            _write_metrics(folder, runs, cache, spec, final=None)
-    finally:
-        bar.close()
+                bar.update(1)
+        epoch_s = time.perf_counter() - t0
+        going = [ts for ts in active if ts.stopped is None]
+        desc = f"train-side: validation after epoch {epoch + 1}/{epochs}"
+        scores = (
+            evaluate(going, val, states_eval, spec, candidates, desc if progress else None)
+            if going
+            else []
+        )
+        score_of = {ts.trial.name: sc for ts, sc in zip(going, scores, strict=True)}
+        for ts, loss in zip(active, losses, strict=True):
+            if ts.stopped is None:
+                score = score_of[ts.trial.name]
+                ts.history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": float(np.mean(loss)),
+                        "validation": score,
+                        "epoch_s": epoch_s,
+                    }
+                )
+                if score["score"] > ts.best_score:
+                    ts.best_score, ts.best_epoch = score["score"], epoch + 1
+                    save_best(folder, ts, side_config(cfg, ts.trial.r, spec), cache)
+                tracker.log(
+                    ts.trial.name,
+                    {
+                        "train/epoch_loss": float(np.mean(loss)),
+                        **{f"eval/{k}": float(v) for k, v in score.items()},
+                        "epoch": float(epoch + 1),
+                    },
+                    (epoch + 1) * n_batches,
+                )
+            save_checkpoint(folder, ts, epoch)
+            ts.next_epoch = epoch + 1
+            if say is not None:
+                say(epoch_line(ts, epoch + 1, epochs, spec, epoch_s, loss))
+        _write_metrics(folder, runs, cache, spec, final=None)
+
+
+def epoch_line(
+    ts: TrialState, epoch: int, epochs: int, spec: TaskSpec, seconds: float, losses: list[float]
+) -> str:
+    """``epoch 3/5  r8-s0-lr0.003  loss 0.412  val accuracy 85.7  (best 85.7 @3)  12.3s``."""
+    head = f"epoch {epoch}/{epochs}  {ts.trial.name}"
+    if ts.stopped is not None:
+        return f"{head}  stopped: {ts.stopped}"
+    h = ts.history[-1]
+    return (
+        f"{head}  loss {h['train_loss']:.3f}  val {spec.metric} {h['validation']['score']:.1f}  "
+        f"(best {ts.best_score:.1f} @{ts.best_epoch})  {seconds:.1f}s"
+    )
 
 
 def _check_cache_still_there(
@@ -849,39 +928,133 @@ def _write_metrics(
     return out
 
 
-def plot_curves(path: Path, runs: list[TrialState], spec: TaskSpec) -> Path:
-    """training-curves.png: train loss and validation metric per epoch, one line per network;
-    a star marks each network's kept (best-validation) checkpoint."""
+SMALL_MULTIPLES = 4  # beyond this many networks, one panel per network
+
+
+def _span(lo: float, hi: float, least: float, bounds: tuple[float, float] | None = None) -> tuple:
+    """``(lo, hi)`` widened around its middle to at least ``least`` (so noise is not drama),
+    with a 5% margin, kept within ``bounds`` by shifting."""
+    width = max(hi - lo, least)
+    mid = (lo + hi) / 2
+    lo, hi = mid - width / 2, mid + width / 2
+    lo, hi = lo - 0.05 * width, hi + 0.05 * width
+    if bounds is not None:
+        if hi > bounds[1]:
+            lo, hi = lo - (hi - bounds[1]), bounds[1]
+        if lo < bounds[0]:
+            lo, hi = bounds[0], min(bounds[1], hi + (bounds[0] - lo))
+    return lo, hi
+
+
+def curves_figure(
+    networks: dict[str, dict[str, Any]], task: str, metric: str, majority: float | None = None
+) -> Any:
+    """The figure of training-curves.png from metrics.json's ``networks``.
+
+    Up to 4 networks: a training-loss panel and a validation panel, one line per network (its
+    own colour, marker and dash, in the legend). More: small multiples, a loss row and a
+    validation row of one panel per network, sharing their axes. Validation panels mark the
+    kept checkpoint (star) and its test score (diamond), and the majority-class baseline
+    (dashed). The loss axis spans at least 5% of its level, the validation axis 10 points.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for ts in runs:
-        ep = [h["epoch"] for h in ts.history]
-        a.plot(ep, [h["train_loss"] for h in ts.history], marker="o", label=ts.trial.name)
-        (line,) = b.plot(
-            ep, [h["validation"]["score"] for h in ts.history], marker="o", label=ts.trial.name
+    names = list(networks)
+    n = len(names)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers, dashes = "os^vPXh<>p", ["-", "--", "-.", ":"]  # star and diamond: checkpoints
+    losses = [h["train_loss"] for v in networks.values() for h in v["epochs"]]
+    losses = [x for x in losses if math.isfinite(x)]
+    vals = [h["validation"]["score"] for v in networks.values() for h in v["epochs"]]
+    vals += [v["test"]["score"] for v in networks.values() if v.get("test")]
+    vals += [] if majority is None else [majority]
+    if n <= SMALL_MULTIPLES:
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        pairs = [(a, b)] * n
+    else:
+        cols = math.ceil(math.sqrt(n))
+        groups = math.ceil(n / cols)
+        fig, grid = plt.subplots(
+            2 * groups, cols, figsize=(3.2 * cols, 2.5 * 2 * groups), sharex=True, squeeze=False
         )
-        if ts.best_epoch >= 1:  # the checkpoint that was kept
-            b.plot(
-                [ts.best_epoch],
-                [ts.best_score],
-                marker="*",
-                markersize=14,
-                color=line.get_color(),
-            )
-    a.set(xlabel="epoch", ylabel="train loss", title="training loss")
-    b.set(
-        xlabel="epoch", ylabel=f"validation {spec.metric} (x100)", title=f"{spec.name}: validation"
-    )
-    for ax in (a, b):
+        pairs = [
+            (grid[2 * (i // cols), i % cols], grid[2 * (i // cols) + 1, i % cols]) for i in range(n)
+        ]
+        for i in range(n, groups * cols):  # empty slots of the last group
+            fig.delaxes(grid[2 * (i // cols), i % cols])
+            fig.delaxes(grid[2 * (i // cols) + 1, i % cols])
+    loss_axes = list(dict.fromkeys(a for a, _ in pairs))
+    val_axes = list(dict.fromkeys(b for _, b in pairs))
+    for i, (name, (a, b)) in enumerate(zip(names, pairs, strict=True)):
+        net = networks[name]
+        style = {
+            "color": colours[i % len(colours)],
+            "marker": markers[i % len(markers)],
+            "linestyle": dashes[(i // len(colours)) % len(dashes)],
+            "markersize": 4,
+            "label": name,
+        }
+        ep = [h["epoch"] for h in net["epochs"]]
+        a.plot(ep, [h["train_loss"] for h in net["epochs"]], **style)
+        b.plot(ep, [h["validation"]["score"] for h in net["epochs"]], **style)
+        if net.get("best_epoch", 0) >= 1:  # the checkpoint that was kept, and its test score
+            b.plot([net["best_epoch"]], [net["best_validation"]], marker="*", markersize=13,
+                   color=style["color"], linestyle="none",
+                   label="kept checkpoint (validation)" if b is val_axes[0] and i == 0 else None)  # fmt: skip
+            if net.get("test"):
+                b.plot([net["best_epoch"]], [net["test"]["score"]], marker="D", markersize=6,
+                       markerfacecolor="none", color=style["color"], linestyle="none",
+                       label="its test score" if i == 0 else None)  # fmt: skip
+        if n > SMALL_MULTIPLES:
+            a.set_title(name, fontsize=9)
+    if majority is not None:
+        for k, b in enumerate(val_axes):
+            b.axhline(majority, color="grey", linestyle="--", linewidth=1,
+                      label=f"majority class ({majority:.1f})" if k == 0 else None)  # fmt: skip
+    if losses:
+        level = float(np.mean(losses))
+        lo, hi = _span(min(losses), max(losses), 0.05 * abs(level) or 0.05)
+        for a in loss_axes:
+            a.set_ylim(lo, hi)
+    if vals:
+        for b in val_axes:
+            b.set_ylim(*_span(min(vals), max(vals), 10.0, (-100.0, 100.0)))
+    first = [a for a, _ in pairs[:: math.ceil(math.sqrt(n))]] if n > SMALL_MULTIPLES else loss_axes
+    for a, b in dict.fromkeys(pairs):
+        if a in first:  # small multiples: the shared axes are labelled once per row
+            a.set_ylabel("train loss", fontsize=9)
+            b.set_ylabel(f"val {metric}", fontsize=9)
+        b.set_xlabel("epoch", fontsize=9)
+        if n <= SMALL_MULTIPLES:
+            a.set_xlabel("epoch", fontsize=9)
+    for ax in loss_axes + val_axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
+        ax.tick_params(labelsize=8)
+    if n <= SMALL_MULTIPLES:
+        loss_axes[0].set_title("training loss")
+        val_axes[0].set_title(f"{task}: validation {metric} (x100)")
+        loss_axes[0].legend(fontsize=8)
+        val_axes[0].legend(fontsize=8)
+        fig.tight_layout()
+    else:
+        val_axes[0].legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"{task}: training loss and validation {metric} (x100), per network")
+        fig.tight_layout()
+    return fig
+
+
+def plot_curves(path: Path, metrics: dict[str, Any], spec: TaskSpec) -> Path:
+    """training-curves.png from metrics.json's figures (see :func:`curves_figure`), with its
+    ``majority_class`` score (:func:`majority_class`) as the baseline."""
+    import matplotlib.pyplot as plt
+
+    majority = (metrics.get("majority_class") or {}).get("score")
+    fig = curves_figure(metrics["networks"], spec.name, spec.metric, majority)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

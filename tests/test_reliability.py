@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -22,6 +23,11 @@ TIMING = ("epoch_s", "compute_s")
 
 class Killed(BaseException):
     """Stands for kill -9 at a chosen point: nothing after it runs (not even ``except Exception``)."""
+
+
+def _errors(stderr: str) -> list[str]:
+    """stderr's lines but the per-epoch progress lines (stderr with --json)."""
+    return [ln for ln in stderr.strip().splitlines() if not ln.startswith("epoch ")]
 
 
 def _strip_timing(obj):
@@ -139,7 +145,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_the_rerun_ends_t
     _kill_at(monkeypatch, "r4-s1-lr0.003", epoch=1, symlink_full=True)
     args = _cli_args(tiny, tmp_path, "--run-name", "full-disk", "--json")
     assert run_cli(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _errors(capsys.readouterr().err)
     folder = tmp_path / "runs" / "full-disk"
     assert len(err) == 1 and err[0].startswith("error: no space left"), err
     assert str(folder) in err[0] and "run the same command again to resume" in err[0]
@@ -309,8 +315,9 @@ def test_a_non_finite_loss_stops_that_network_and_the_exit_status_says_so(tiny, 
     args = _cli_args(tiny, tmp_path, "--learning-rates", "1e30,3e-3", "--seeds", "0", "--json")
     assert run_cli(args) == 1
     cap = capsys.readouterr()
-    err = cap.err.strip().splitlines()
+    err = _errors(cap.err)
     assert len(err) == 1 and err[0].startswith("error: network r4-s0-lr1e+30"), err
+    assert re.search(r"^epoch 2/3  r4-s0-lr1e\+30  stopped: training loss became", cap.err, re.M)
     assert "training loss became" in err[0]
     out = json.loads(cap.out)
     metrics = json.loads(
