@@ -37,5 +37,8 @@ class ImageTable:
         }
 
     def gather(self, split: str, examples: np.ndarray) -> np.ndarray:
-        """The visual tokens of examples ``examples`` of ``split``: [B, n_tokens, d_v]."""
-        return self.grid[self.index[split][examples]]
+        """The visual tokens of examples ``examples`` of ``split``: [B, n_tokens, d_v]; with two
+        images per example (``image_index`` [n, 2], NLVR2) the first image's tokens, then the
+        second's: [B, 2 * n_tokens, d_v]."""
+        g = self.grid[self.index[split][examples]]
+        return g.reshape(len(g), -1, self.d) if g.ndim == 4 else g

@@ -16,6 +16,7 @@ This module owns the on-disk layout: every reader and writer builds its paths he
                              (its own offsets, input_ids, target_ids and layer_NN)
         <split>/cand_K/...   T5, validation/test: decoder stream on candidate label string K
         <split>/image_index  int32 [n]         vision-and-language: each example's image (row of images/)
+                             ([n, 2] when each example names two images: NLVR2)
         images/grid          [n_images * n_tok, d_v]   the vision encoder's last hidden state,
                              n_tok rows per distinct image (stored once per image, not per example)
         images/pooled        [n_images, d_v]   its pooled feature

@@ -29,7 +29,7 @@ from cache_store.writer import CacheWriter
 from ladder.vision import VisionEncoder
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.tasks import TaskData
+from stages.tasks import VL_TASKS, TaskData
 
 PROGRESS = "images"  # the attempt's progress record of the image stage (no split has this name)
 BATCH = 64  # images per vision-encoder batch
@@ -40,21 +40,32 @@ def check_vision_task(cfg: StageConfig, data: TaskData) -> None:
     if cfg.backbone.vision is not None and not data.spec.images:
         raise StageError(
             f"task {data.spec.name!r} has no images, but a vision encoder "
-            f"({cfg.backbone.vision!r}) was given; vision-and-language tasks: easy-vqa"
+            f"({cfg.backbone.vision!r}) was given; vision-and-language tasks: {', '.join(VL_TASKS)}"
         )
 
 
 def distinct_images(data: TaskData) -> tuple[list[str], dict[str, np.ndarray]]:
-    """The distinct image keys in order of first use, and per split each example's row."""
+    """The distinct image keys in order of first use, and per split each example's row: int32
+    [n], or [n, 2] when the task's examples name two images (NLVR2: img0, img1)."""
     rows: dict[str, int] = {}
     index = {}
+    two = any(ex.image2 is not None for v in data.splits.values() for ex in v)
     for split, examples in data.splits.items():
         idx = []
         for n, ex in enumerate(examples):
             if ex.image is None:
                 raise StageError(f"example {n} of split {split!r} names no image")
-            idx.append(rows.setdefault(ex.image, len(rows)))
-        index[split] = np.asarray(idx, dtype=np.int32)
+            if two and ex.image2 is None:
+                raise StageError(
+                    f"example {n} of split {split!r} names one image; every example of task "
+                    f"{data.spec.name!r} needs two"
+                )
+            keys = (ex.image, ex.image2) if two else (ex.image,)
+            idx.append([rows.setdefault(k, len(rows)) for k in keys])  # type: ignore[arg-type]
+        shape = (len(idx), 2 if two else 1)
+        index[split] = np.asarray(idx, dtype=np.int32).reshape(shape)
+        if not two:
+            index[split] = index[split][:, 0]
     return list(rows), index
 
 

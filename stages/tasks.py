@@ -19,7 +19,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ladder.hub import hub_or_offline
 from stages.errors import StageError
+from stages.vl_data import read_vl
 from stages.vqa import EASY_VQA_ANSWERS, easy_vqa_folder, read_easy_vqa, vqa_splits
 
 csv.field_size_limit(sys.maxsize)
@@ -55,6 +56,7 @@ class TaskSpec:
     hub_columns: tuple[str, ...] = ()  # column names in the hub's "glue" dataset
     large: bool = False  # large tasks hold out 1000 training examples as validation
     images: bool = False  # vision-and-language: each example names an image (stages.vqa)
+    trainable: bool = True  # False: extract only (captioning needs generation, not built)
 
     @property
     def num_labels(self) -> int:
@@ -163,7 +165,8 @@ TASKS: dict[str, TaskSpec] = {
     ]
 }
 METRICS = ("accuracy", "mcc", "acc_f1", "pearson_spearman")
-# vision-and-language tasks: each example names an image (stages.vqa reads them)
+# vision-and-language tasks: each example names an image (stages.vqa, stages.vl_data read them);
+# vqa's and gqa's answer sets come from the data (labels=() here: set when the data is read)
 VL_TASKS: dict[str, TaskSpec] = {
     "easy-vqa": TaskSpec(
         name="easy-vqa",
@@ -172,7 +175,28 @@ VL_TASKS: dict[str, TaskSpec] = {
         metric="accuracy",
         large=True,
         images=True,
-    )
+    ),
+    "vqa": TaskSpec(
+        name="vqa", text_fields=("question",), labels=(), metric="accuracy", images=True
+    ),
+    "gqa": TaskSpec(
+        name="gqa", text_fields=("question",), labels=(), metric="accuracy", images=True
+    ),
+    "nlvr2": TaskSpec(
+        name="nlvr2",
+        text_fields=("sentence",),
+        labels=("false", "true"),
+        metric="accuracy",
+        images=True,
+    ),
+    "coco-caption": TaskSpec(
+        name="coco-caption",
+        text_fields=("caption",),
+        labels=None,
+        metric="cider",
+        images=True,
+        trainable=False,
+    ),
 }
 
 
@@ -181,6 +205,8 @@ class Example:
     texts: tuple[str, ...]
     label: int | float
     image: str | None = None  # vision-and-language tasks: the key of the example's image
+    image2: str | None = None  # NLVR2: the second image's key
+    targets: tuple[tuple[int, float], ...] = ()  # VQA/GQA: (class id, score) of each answer
 
 
 @dataclass
@@ -199,6 +225,8 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
         row = [ex.texts, ex.label] if ex.image is None else [ex.texts, ex.label, ex.image]
+        if ex.image2 is not None:
+            row.append(ex.image2)
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
@@ -260,6 +288,16 @@ def load_task(
         }
         source = f"easy-VQA at {folder.resolve()}"
         original = None
+    elif name in VL_TASKS:
+        vl = read_vl(name, data_dir)
+        spec = replace(get_task(name), labels=vl.labels)
+        splits = {
+            k: [
+                Example((r.text,), r.label, r.images[0], _second(r.images), r.targets) for r in rows
+            ]
+            for k, rows in vl.splits.items()
+        }
+        images, source, original = vl.images, vl.source, None
     elif name == "custom":
         if custom is None:
             raise StageError("task 'custom' needs task.files and task.text_columns")
@@ -282,9 +320,22 @@ def load_task(
         if limit < 1:
             raise StageError(f"--limit must be a positive integer, got {limit}")
         splits = {k: v[:limit] for k, v in splits.items()}
-    used = {ex.image for v in splits.values() for ex in v if ex.image is not None}
+    used = {i for v in splits.values() for ex in v for i in (ex.image, ex.image2) if i is not None}
     images = {k: p for k, p in images.items() if k in used}
     return TaskData(spec=spec, splits=splits, source=source, images=images)
+
+
+def _second(images: tuple[str, ...]) -> str | None:
+    return images[1] if len(images) > 1 else None
+
+
+def check_trainable(spec: TaskSpec) -> None:
+    """Stage two refuses a task it cannot train yet (captioning: generation is not built)."""
+    if not spec.trainable:
+        raise StageError(
+            f"task {spec.name!r} is extract-only for now: training it needs generation (a "
+            "decoder side network with visual tokens), which is not built yet"
+        )
 
 
 def load_task_of(cfg: TaskConfig, *, limit: int | None = None) -> TaskData:
@@ -314,7 +365,10 @@ def load_task_of(cfg: TaskConfig, *, limit: int | None = None) -> TaskData:
 def spec_of(saved: dict[str, Any]) -> TaskSpec:
     """The task of a cache or a trained network, from its saved description (custom included)."""
     if saved["name"] in TASKS or saved["name"] in VL_TASKS:
-        return get_task(saved["name"])
+        spec = get_task(saved["name"])
+        if spec.labels == ():  # answer set read from the data (vqa, gqa)
+            spec = replace(spec, labels=tuple(saved["labels"]))
+        return spec
     labels = tuple(saved["labels"]) if saved["labels"] else None
     return TaskSpec(
         name=saved["name"],
@@ -549,9 +603,29 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
 # --- metrics (the paper's, x100) -------------------------------------------------------------
 
 
-def compute_metrics(spec: TaskSpec, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's metric(s) x100 and their mean under ``score`` (the figure the paper reports)."""
+def compute_metrics(
+    spec: TaskSpec,
+    preds: np.ndarray,
+    labels: np.ndarray,
+    targets: Sequence[Sequence[tuple[int, float]]] | None = None,
+) -> dict[str, float]:
+    """The task's metric(s) x100 and their mean under ``score`` (the figure the paper reports).
+
+    ``targets``: the examples' soft targets (VQA: (class id, score) pairs, ``Example.targets``);
+    given, ``vqa_score`` (VL-T5's: the score of the predicted answer) is added and is the
+    ``score``; without them (the cache holds one class per question) the figure is the accuracy
+    of the top answer."""
     preds, labels = np.asarray(preds), np.asarray(labels)
+    if spec.metric == "cider":
+        raise StageError(
+            "CIDEr scores generated captions (stages.vl_metrics.cider); generation is not built"
+        )
+    if targets is not None:
+        from stages.vl_metrics import vqa_score_ids
+
+        soft = vqa_score_ids(preds, targets)
+        acc = float(np.mean(preds == labels)) * 100 if len(labels) else 0.0
+        return {"vqa_score": soft, "accuracy": acc, "score": soft}
     if spec.metric == "pearson_spearman":
         from scipy.stats import pearsonr, spearmanr
 

@@ -56,7 +56,14 @@ from stages.runfiles import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from stages.tasks import TaskSpec, compute_metrics, load_task_of, paper_epochs, spec_of
+from stages.tasks import (
+    TaskSpec,
+    check_trainable,
+    compute_metrics,
+    load_task_of,
+    paper_epochs,
+    spec_of,
+)
 
 
 @dataclass(frozen=True)
@@ -664,6 +671,7 @@ def train_side(
     cache = resolve_cache(cfg, cache_key)
     visual_of(cfg, cache)  # a run with images on a cache without them stops here
     spec = task_spec_of(cache)
+    check_trainable(spec)  # captioning: extract-only until generation is built
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
     trials = check_trials(cfg, cache)
