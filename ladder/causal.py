@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -43,7 +42,14 @@ from ladder.attention import attention, mask_bias
 from ladder.errors import LadderError
 from ladder.families import Dims
 from ladder.ladders import Ladders
-from ladder.shared import RMSNorm, backbone_dims, dropped_key, init_weights, load_init
+from ladder.shared import (
+    ClassifierHead,
+    RMSNorm,
+    backbone_dims,
+    dropped_key,
+    init_weights,
+    load_init,
+)
 
 if TYPE_CHECKING:
     from ladder.side import SideConfig
@@ -115,7 +121,7 @@ class CausalSideBlock(nn.Module):
         return x + self.drop(self.down(self.act(self.gate(h)) * self.up(h)))  # via (B, T, d_ff/r)
 
 
-class CausalSideNetwork(Ladders):
+class CausalSideNetwork(ClassifierHead, Ladders):
     """Side network for Llama-family backbones, with a last-real-token classification head.
 
     Canonical init keys (``load_side_init``), this module's own ``state_dict`` names:
@@ -137,10 +143,7 @@ class CausalSideNetwork(Ladders):
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
         self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.kept})
         self.final_ln = RMSNorm(self.d_side, dims.ln_eps)  # the model's final norm
-        self.up = nn.Linear(self.d_side, self.d)
-        self.head_drop = nn.Dropout(dims.cls_dropout)
-        self.head_dense = nn.Linear(self.d, self.d)
-        self.head_out = nn.Linear(self.d, side.num_labels)
+        self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         hd = dims.head_dim // r
         inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,)
@@ -178,15 +181,7 @@ class CausalSideNetwork(Ladders):
             pos = torch.arange(T, device=x.device)
             pool_index = (pos * mask).argmax(-1)  # (B,)
         pooled = x[torch.arange(B, device=x.device), pool_index.to(x.device)]  # (B, d/r)
-        h = self.up(pooled)  # (B, d)
-        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
-        return self.head_out(self.head_drop(h))  # (B, num_labels)
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy, or MSE when num_labels == 1 (regression)."""
-        if self.side.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels.long())
+        return self.head(pooled)  # (B, num_labels)
 
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
         """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.

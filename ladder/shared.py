@@ -1,5 +1,6 @@
 """Pieces every side network shares: the backbone's sizes with the side's dropout, the reference's
-init, loading canonical (pruned) weights, and the RMSNorm of T5 and Llama.
+init, loading canonical (pruned) weights, the RMSNorm of T5 and Llama, and the classification
+head of the encoder-only and causal networks.
 
 ``ladder.side`` (encoder-only and T5) and ``ladder.causal`` (Llama family) both build on these.
 """
@@ -12,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
@@ -95,3 +97,36 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         var = x.float().pow(2).mean(-1, keepdim=True)
         return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+class ClassifierHead:
+    """The head of the encoder-only and causal side networks (a mixin for an ``nn.Module``).
+
+    The pooled side state goes up to the backbone's width, then through the BART/RoBERTa
+    classification head: dropout -> dense -> tanh -> dropout -> out. Its parameters are the
+    network's own (``up``, ``head_dense``, ``head_out``), so checkpoints name them as before.
+    """
+
+    side: SideConfig
+    up: nn.Linear
+    head_drop: nn.Dropout
+    head_dense: nn.Linear
+    head_out: nn.Linear
+
+    def build_head(self, d_side: int, d: int, dropout: float, num_labels: int) -> None:
+        self.up = nn.Linear(d_side, d)
+        self.head_drop = nn.Dropout(dropout)
+        self.head_dense = nn.Linear(d, d)
+        self.head_out = nn.Linear(d, num_labels)
+
+    def head(self, pooled: Tensor) -> Tensor:
+        """(B, d/r) pooled side states -> (B, num_labels) logits."""
+        h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
+        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
+        return self.head_out(self.head_drop(h))  # (B, num_labels)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy, or MSE when num_labels == 1 (regression)."""
+        if self.side.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.long())

@@ -49,6 +49,7 @@ from ladder.errors import LadderError
 from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, T5_TYPES, Dims, divisors
 from ladder.ladders import Ladders
 from ladder.shared import (
+    ClassifierHead,
     RMSNorm,
     backbone_dims,
     dropped_key,
@@ -202,7 +203,7 @@ class EncoderSideBlock(nn.Module):
         return self.ln_ffn(x + self.drop(self.ffn(x)))
 
 
-class EncoderSideNetwork(Ladders):
+class EncoderSideNetwork(ClassifierHead, Ladders):
     """Side network for BERT-family and BART/mBART encoders, with a first-token classification head.
 
     Canonical init keys (``load_side_init``): ``layers.{i}.{q,k,v,o,ffn_in,ffn_out}.{weight,bias}``
@@ -224,11 +225,7 @@ class EncoderSideNetwork(Ladders):
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "encoder")
         self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.kept})
         self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
-        self.up = nn.Linear(self.d_side, self.d)
-        # BART/RoBERTa classification head: dropout -> dense -> tanh -> dropout -> out_proj
-        self.head_drop = nn.Dropout(dims.cls_dropout)
-        self.head_dense = nn.Linear(self.d, self.d)
-        self.head_out = nn.Linear(self.d, side.num_labels)
+        self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         self.apply(init_weights)
 
     def needed_layers(self, stack: str = "enc") -> list[int]:
@@ -264,15 +261,7 @@ class EncoderSideNetwork(Ladders):
         else:
             rows = torch.arange(x.shape[0], device=x.device)
             pooled = x[rows, pool_index.to(x.device)]  # (B, d/r)
-        h = self.up(pooled)  # (B, d); up is per-token linear, so pooling first is exact and cheaper
-        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
-        return self.head_out(self.head_drop(h))  # (B, num_labels)
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy, or MSE when num_labels == 1 (regression)."""
-        if self.side.num_labels == 1:
-            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels.long())
+        return self.head(pooled)  # (B, num_labels)
 
     def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
         """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
