@@ -405,6 +405,16 @@ class Extractor:
             self.cfg.extract.max_batch_size,
         )
 
+    def progress_bar(self, remaining: int, where: str = "") -> tqdm:
+        """The extraction's progress bar over the ``remaining`` tokens, in tok/s."""
+        return tqdm(
+            total=remaining,
+            unit="tok",
+            unit_scale=True,
+            desc=f"extract: backbone states of {self.data.spec.name}{where}",
+            disable=not self.show_progress,
+        )
+
     # --- the manifest ---------------------------------------------------------------------------
 
     def _manifest(
@@ -495,13 +505,7 @@ def run_segments_here(
     ex: Extractor, writer: CacheWriter, work: list[SplitWork], remaining: int
 ) -> dict[str, Any]:
     """The segments in this process; a background thread encodes and writes whole shards."""
-    bar = tqdm(
-        total=remaining,
-        unit="tok",
-        unit_scale=True,
-        desc=f"extract: backbone states of {ex.data.spec.name}",
-        disable=not ex.show_progress,
-    )
+    bar = ex.progress_bar(remaining)
     bg = BackgroundWriter()
     t0, n_ex = time.perf_counter(), 0
     try:

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from cache_store import store as st
 from cache_store.writer import BackgroundWriter, CacheWriter, StreamWriter
@@ -428,13 +427,7 @@ class DaskSegments:
             for u in units
         ]
         by_key = {f.key: u for f, u in zip(futures, units, strict=True)}
-        bar = tqdm(
-            total=remaining,
-            unit="tok",
-            unit_scale=True,
-            desc=f"extract: backbone states of {ex.data.spec.name} ({n_workers} workers)",
-            disable=not ex.show_progress,
-        )
+        bar = ex.progress_bar(remaining, f" ({n_workers} workers)")
         from distributed import as_completed
 
         workers_seen: set[str] = set()
