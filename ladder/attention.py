@@ -93,9 +93,11 @@ class _DropoutAttention(torch.autograd.Function):
 
 def _random_bytes(n: int, device: torch.device | None, generator: torch.Generator | None) -> Tensor:
     """``n`` random bytes, four from each 32-bit draw."""
-    words = torch.randint(
-        -(2**31), 2**31 - 1, (-(-n // 4),), dtype=torch.int32, device=device, generator=generator
-    )
+    lo, hi, size = -(2**31), 2**31 - 1, (-(-n // 4),)
+    if generator is None:  # the overload torch.compile traces with dynamic sizes
+        words = torch.randint(lo, hi, size, dtype=torch.int32, device=device)
+    else:
+        words = torch.randint(lo, hi, size, dtype=torch.int32, device=device, generator=generator)
     return words.view(torch.uint8)[:n]
 
 

@@ -91,6 +91,8 @@ class TrialState:
     best_score: float = -math.inf
     best_epoch: int = 0  # 1-based, as everywhere users see it; 0 = none yet
     compute_s: float = 0.0
+    compile_s: float = 0.0  # steps that compiled a graph (train_side.compile), not in compute_s
+    compiled: Callable[..., torch.Tensor] | None = None  # the compiled forward + loss, if any
     rng: torch.Tensor | None = None  # this network's torch RNG (init, dropout), between steps
     next_epoch: int = 0  # the first epoch (0-based, internal) it has not finished
     stopped: str | None = None  # why training stopped early (a non-finite loss), else None
@@ -428,8 +430,11 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
             batch.target_ids["dec"],
         )
     else:
-        logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
-        loss = ts.net.loss(logits, batch.labels)
+        if ts.compiled is not None and batch.visual is None:
+            loss = ts.compiled(states(batch, "enc"), batch.masks["enc"], batch.labels)
+        else:
+            logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
+            loss = ts.net.loss(logits, batch.labels)
     ts.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
@@ -543,6 +548,52 @@ def stack_groups(cfg: StageConfig, runs: list[TrialState], tokens: int) -> dict[
                 out[ts.trial.name] = group
             i += size
     return out
+
+
+def compile_on(cfg: StageConfig, device: str) -> bool:
+    """``train_side.compile``: on, off, or auto (on for CUDA; off on CPU, where compiling the
+    step was measured not to pay: README, "Measured here")."""
+    c = cfg.train_side.compile
+    return c == "on" or (c == "auto" and device != "cpu")
+
+
+def compile_networks(runs: list[TrialState], groups: dict[str, int]) -> None:
+    """torch.compile (inductor) the forward and loss of each network trained one by one.
+
+    Inductor's artefacts are cached on disk (its FX graph and AOT autograd caches, under
+    ``TORCHINDUCTOR_CACHE_DIR``, default ``~/.cache/lst-pipeline/inductor``), so a second run of
+    the same shapes does not compile again. Random ops fall back to ATen (``fallback_random``):
+    the dropout masks, the attention's 1-byte one included, are the bits eager draws, from the
+    network's own stream. Shapes change with the loader's length buckets (bounded by the max
+    length): after a second shape the graph is recompiled with dynamic sizes. The T5 family and
+    stacked groups run eager (their candidates / per-network generators are not traced).
+    """
+    import torch._inductor.config as inductor_config
+
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "lst-pipeline" / "inductor")
+    )
+    inductor_config.fallback_random = True
+    for ts in runs:
+        if ts.trial.name in groups or not hasattr(ts.net, "loss"):
+            continue
+        net = ts.net
+
+        def forward_loss(
+            h: dict, mask: torch.Tensor, labels: torch.Tensor, net: torch.nn.Module = net
+        ) -> torch.Tensor:
+            return net.loss(net(h, mask), labels)
+
+        ts.compiled = torch.compile(forward_loss)
+
+
+def _graphs() -> int:
+    """Graphs compiled so far in this process (0 without torch.compile)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def visual_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -698,6 +749,7 @@ def save_checkpoint(folder: Path, ts: TrialState, epoch: int) -> None:
         "best_score": ts.best_score,
         "best_epoch": ts.best_epoch,
         "compute_s": ts.compute_s,
+        "compile_s": ts.compile_s,
         "stopped": ts.stopped,
     }
     buf = io.BytesIO()  # serialised first: a write error is then a plain OSError (ENOSPC)
@@ -725,6 +777,7 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
     ts.sched.load_state_dict(ck["sched"])
     ts.history, ts.best_score, ts.best_epoch = ck["history"], ck["best_score"], ck["best_epoch"]
     ts.compute_s = ck.get("compute_s", 0.0)
+    ts.compile_s = ck.get("compile_s", 0.0)
     ts.rng = ck["rng"]
     ts.stopped = ck.get("stopped")
     return epochs if ts.stopped else ck["epoch"] + 1
@@ -836,6 +889,9 @@ def train_side(
         states_train = online_states(online, online_dropout, layers)
         states_eval = online_states(online, False, eval_layers)
 
+    groups = stack_groups(cfg, runs, cfg.backbone.max_length)
+    if compile_on(cfg, device):
+        compile_networks(runs, groups)
     for ts in runs:
         ts.next_epoch = load_checkpoint(folder, ts, epochs)
     start = min(ts.next_epoch for ts in runs)
@@ -851,7 +907,7 @@ def train_side(
         _train_epochs(
             runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
             epochs, start, progress, tracker, say,
-            groups=stack_groups(cfg, runs, cfg.backbone.max_length),
+            groups=groups,
         )  # fmt: skip
         # the best checkpoint of each network, scored on the test split
         scored = [ts for ts in runs if ts.stopped is None]
@@ -915,6 +971,7 @@ def _train_epochs(
             continue
         t0 = time.perf_counter()
         losses: list[list[float]] = [[] for _ in active]
+        compile_s = 0.0
         with tqdm(
             total=n_batches,
             unit="batch",
@@ -939,8 +996,13 @@ def _train_epochs(
                             continue
                         members = [unit]
                         lrs = [unit.opt.param_groups[0]["lr"]]  # the rate this step uses
+                        graphs = _graphs()
                         got = [train_step(unit, batch, states_train, t.max_grad_norm)]
                         share = time.perf_counter() - c0
+                        if _graphs() != graphs:  # this step compiled: reported apart
+                            unit.compile_s += share
+                            compile_s += share
+                            share = 0.0
                     stopped = []
                     for ts, lr, loss in zip(members, lrs, got, strict=True):
                         ts.compute_s += share
@@ -962,7 +1024,7 @@ def _train_epochs(
             for unit in units:
                 if isinstance(unit, StackedGroup):
                     unit.unpack()
-        epoch_s = time.perf_counter() - t0
+        epoch_s = time.perf_counter() - t0 - compile_s
         going = [ts for ts in active if ts.stopped is None]
         desc = f"train-side: validation after epoch {epoch + 1}/{epochs}"
         scores = (
@@ -980,6 +1042,7 @@ def _train_epochs(
                         "train_loss": float(np.mean(loss)),
                         "validation": score,
                         "epoch_s": epoch_s,
+                        **({"compile_s": compile_s} if ts.compiled is not None else {}),
                     }
                 )
                 if score["score"] > ts.best_score:
@@ -1072,6 +1135,7 @@ def _write_metrics(
                 "best_epoch": ts.best_epoch,
                 "best_validation": ts.best_score,
                 "compute_s": ts.compute_s,
+                **({"compile_s": ts.compile_s} if ts.compiled is not None else {}),
                 "epochs": ts.history,
                 **({"stopped": ts.stopped} if ts.stopped else {}),
                 **(

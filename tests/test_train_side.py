@@ -38,12 +38,16 @@ def _last_params(folder, name):
     return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)["net"]
 
 
-@pytest.mark.parametrize("family", ["bert", "bert-stacked", "t5", "llama"])
+@pytest.mark.parametrize(
+    "family",
+    ["bert", "bert-stacked", pytest.param("bert-compiled", marks=pytest.mark.slow), "t5", "llama"],
+)
 def test_cache_and_online_lst_follow_the_same_trajectory(
     tmp_path, glue_dir, minilm_tokenizer, family
 ):
     """float32 cache vs the live backbone (dropout off), same seed and batches: same losses and
-    weights; ``bert-stacked``: two seeds per r, trained as stacked groups in both modes."""
+    weights; ``bert-stacked``: two seeds per r, trained as stacked groups in both modes;
+    ``bert-compiled``: each network's forward and loss compiled (inductor) in both modes."""
     tiny = {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family.split("-")[0]]
     backbone = tiny(minilm_tokenizer)
     cfg = _trainable(
@@ -55,6 +59,8 @@ def test_cache_and_online_lst_follow_the_same_trajectory(
     stacked = family.endswith("stacked")
     if stacked:
         cfg = apply_overrides(cfg, {"train_side.batched": "on", "train_side.seeds": [0, 1]})
+    if family.endswith("compiled"):
+        cfg = apply_overrides(cfg, {"train_side.compile": "on"})
     extract(cfg, backbone=backbone, progress=False)
     cached = train_side(cfg, run_name="cached", progress=False)
     online = train_side(
@@ -63,6 +69,8 @@ def test_cache_and_online_lst_follow_the_same_trajectory(
     names = {"r2-s0-lr0.003", "r4-s0-lr0.003"}
     names |= {"r2-s1-lr0.003", "r4-s1-lr0.003"} if stacked else set()
     assert set(cached.metrics["networks"]) == names
+    if family.endswith("compiled"):
+        assert all("compile_s" in n for n in cached.metrics["networks"].values())
     for name, c in cached.metrics["networks"].items():
         o = online.metrics["networks"][name]
         c_loss = [h["train_loss"] for h in c["epochs"]]
