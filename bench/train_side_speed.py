@@ -21,6 +21,7 @@ batches (padded token slots / all slots) is reported too.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -228,6 +229,47 @@ print(json.dumps({{"base_rss": base, "peak_rss": peak}}))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compile_runs(root: Path, key: str, tmp: Path) -> dict[str, Any]:
+    """train-side with ``train_side.compile: on`` (one network, r = 8, 2 epochs), twice on the
+    same shapes with one inductor cache folder, each in its own process, then once eager: the
+    first epoch (compilation included) over a later epoch, cold and with the on-disk cache."""
+    cache_dir = tmp / "inductor"
+
+    def run(name: str, mode: str) -> dict[str, Any]:
+        code = f"""
+import json, torch
+from pipeline.config import Config, apply_overrides
+from stages.train_side import train_side
+cfg = apply_overrides(Config(), {{"task.name": "sst2", "cache.root": {str(root)!r},
+    "train_side.init": "magnitude", "train_side.epochs": 2, "train_side.compile": {mode!r},
+    "train_side.threads": 1, "train_side.run_dir": {str(tmp / "runs")!r}}})
+r = train_side(cfg, cache_key={key!r}, run_name={name!r}, progress=False, echo=False)
+print(json.dumps(r.metrics["networks"]["r8-s0-lr0.003"]["epochs"]))
+"""
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+            check=True,
+        )  # fmt: skip
+        h = json.loads(out.stdout.strip().splitlines()[-1])
+        first = h[0]["epoch_s"] + h[0].get("compile_s", 0.0)
+        return {
+            "first_s": first,
+            "compile_s": h[0].get("compile_s", 0.0),
+            "later_s": h[1]["epoch_s"],
+        }
+
+    cold, warm, eager = run("cold", "on"), run("warm", "on"), run("eager", "off")
+    return {
+        "cold": cold,
+        "warm": warm,
+        "eager": eager,
+        "first_over_later_warm": warm["first_s"] / warm["later_s"],
+        "first_over_later_cold": cold["first_s"] / cold["later_s"],
+        "compiled_over_eager_epoch": warm["later_s"] / eager["later_s"],
+    }
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     data = glue_dir(args.data_dir)
@@ -269,6 +311,7 @@ def main() -> None:
             rows["nine"].append(epoch_grid(root, key, nine, rep))
             rows["twelve"].append(epoch_grid(root, key, twelve, rep))
         med = {k: median(v) for k, v in rows.items()}
+        comp = compile_runs(root, key, Path(tmp))
         mem = peak_memory(root, key, 4096)
         streamed = peak_memory(root, key, 256)
     figures = {
@@ -282,6 +325,7 @@ def main() -> None:
         "cache_over_compute": med["cache"] / med["compute"],
         "four_over_compute": med["four"] / med["four_compute"],
         "four_over_separate": med["four"] / med["four_separate"],
+        "compile": comp,
         "peak_rss_bytes": mem["peak_rss"],
         "rss_after_imports_and_data": mem["base_rss"],
         "peak_above_base_bytes": mem["peak_rss"] - mem["base_rss"],
@@ -302,6 +346,17 @@ def main() -> None:
                 ["online LST epoch / cache epoch", f"{figures['online_over_cache']:.1f}x", ">= 10"],
                 ["9 networks (3 seeds x 3 lr) / one", f"{figures['nine_over_one']:.2f}x", "<= 3"],
                 ["12 networks (4 r x 3 seeds) / one", f"{figures['twelve_over_one']:.2f}x", "<= 5"],
+                [
+                    "compiled: first epoch / later, 2nd run",
+                    f"{comp['first_over_later_warm']:.2f}",
+                    "<= 1.3",
+                ],
+                [
+                    "compiled: first epoch / later, cold",
+                    f"{comp['first_over_later_cold']:.2f}",
+                    "",
+                ],
+                ["compiled epoch / eager epoch", f"{comp['compiled_over_eager_epoch']:.2f}", ""],
                 [
                     "cache epoch / in-memory compute",
                     f"{figures['cache_over_compute']:.2f}",

@@ -25,7 +25,11 @@ CHUNK_BYTES = 16 << 20  # float32 (.., Tq, Tk) maps computed at once: batch rows
 
 
 def _chunks(B: int, per_row: int) -> list[slice]:
-    """Batch slices whose full-size float32 maps take about ``CHUNK_BYTES`` each."""
+    """Batch slices whose full-size float32 maps take about ``CHUNK_BYTES`` each; one slice
+    under torch.compile, where a loop over symbolic sizes would specialise (and recompile) the
+    graph on every sequence length, and inductor plans the buffers itself."""
+    if torch.compiler.is_compiling():
+        return [slice(None)]
     n = max(1, CHUNK_BYTES // max(1, per_row * 4))
     return [slice(i, min(B, i + n)) for i in range(0, B, n)]
 

@@ -65,13 +65,20 @@ class _NarrowStackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         ctx.save_for_backward(x)
-        return torch.baddbmm(bias.unsqueeze(1), x.to(weight.dtype), weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), _widen(x, weight.dtype), weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, Tensor]:
         (x,) = ctx.saved_tensors
-        gw = torch.bmm(grad.transpose(1, 2), x.to(grad.dtype))
+        gw = torch.bmm(grad.transpose(1, 2), _widen(x, grad.dtype))
         return None, gw, grad.sum(1)
+
+
+def _widen(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``; a stride-0 expansion of one state is converted once, not K times."""
+    if x.dim() == 3 and x.shape[0] > 1 and x.stride(0) == 0:
+        return x[0].to(dtype).expand(x.shape)
+    return x.to(dtype)
 
 
 def _dropout(x: Tensor, p: float, gens: Sequence[torch.Generator], shared: bool) -> Tensor:
@@ -148,7 +155,7 @@ class StackedEncoderSide:
         else:
             x = h.reshape(1, B * T, d).expand(K, B * T, d)  # one state for all: held once
         if x.dtype == w.dtype or not torch.is_grad_enabled():
-            y = torch.baddbmm(b.unsqueeze(1), x.to(w.dtype), w.transpose(1, 2))
+            y = torch.baddbmm(b.unsqueeze(1), _widen(x, w.dtype), w.transpose(1, 2))
         else:
             y = _NarrowStackedLinear.apply(x, w, b)
         return y.view(K, B, T, w.shape[1])

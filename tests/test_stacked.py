@@ -72,13 +72,16 @@ def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_p
                 )
 
 
-def test_a_network_gives_the_same_bits_in_any_group(tiny, tmp_path, monkeypatch):
-    """Split into groups of one by memory (``memory_mb``) or stacked two at a time: bit for bit."""
+@pytest.mark.parametrize("ladder_dropout", [0.0, 0.2])
+def test_a_network_gives_the_same_bits_in_any_group(tiny, tmp_path, monkeypatch, ladder_dropout):
+    """Split into groups of one by memory (``memory_mb``) or stacked two at a time: bit for bit
+    (without ladder dropout the networks share each widened state, held once)."""
     import stages.train_side as ts_mod
 
-    big = _run(tiny, tmp_path, "big", **{"train_side.batched": "on"})
+    over = {"train_side.batched": "on", "train_side.ladder_dropout": ladder_dropout}
+    big = _run(tiny, tmp_path, "big", **over)
     monkeypatch.setattr(ts_mod, "activation_bytes", lambda net, b, t: 10**15)
-    small = _run(tiny, tmp_path, "small", **{"train_side.batched": "on"})
+    small = _run(tiny, tmp_path, "small", **over)
     assert _strip_timing(big.metrics) == _strip_timing(small.metrics)
     for name in big.metrics["networks"]:
         a = (big.folder / f"{name}.best.safetensors").read_bytes()
