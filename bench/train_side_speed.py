@@ -296,6 +296,9 @@ def main() -> None:
         }  # fmt: skip
         nine = [(8, s, lr) for s in (0, 1, 2) for lr in (3e-3, 1e-3, 3e-4)]
         twelve = [(r, s, 3e-3) for r in R4 for s in (0, 1, 2)]
+        # first, while this process is small: a child's ru_maxrss starts from its parent's RSS
+        mem = peak_memory(root, key, 4096)
+        streamed = peak_memory(root, key, 256)
         step = step_over_forward(root, key, backbone, 5)
         for rep in range(reps):
             rows["cache"].append(epoch_from_cache(root, key, [8], rep)["wall_s"])
@@ -312,8 +315,6 @@ def main() -> None:
             rows["twelve"].append(epoch_grid(root, key, twelve, rep))
         med = {k: median(v) for k, v in rows.items()}
         comp = compile_runs(root, key, Path(tmp))
-        mem = peak_memory(root, key, 4096)
-        streamed = peak_memory(root, key, 256)
     figures = {
         "task": "sst2",
         "train_examples": 2000 if args.quick else "all",
