@@ -450,6 +450,18 @@ TRAIN_OPTIONS = [
     ),
     config_option("--run-dir", "train_side.run_dir", "parent folder of run folders"),
     config_option(
+        "--batched",
+        "train_side.batched",
+        "train networks of one shape as one stacked model (auto: where a shape has several)",
+        type=click.Choice(_choices("train_side.batched")),
+    ),
+    config_option(
+        "--compile",
+        "train_side.compile",
+        "torch.compile each network's step (auto: on for CUDA, off on CPU)",
+        type=click.Choice(_choices("train_side.compile")),
+    ),
+    config_option(
         "--report-to",
         "train_side.report_to",
         "experiment trackers, comma-separated: tensorboard, mlflow (none or empty: no tracking)",

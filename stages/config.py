@@ -102,6 +102,13 @@ class TrainSideConfig(Section):
     # experiment trackers (the HF Trainer convention): per-step loss and learning rate,
     # per-epoch validation metrics, per network; [] or [none]: no tracking
     report_to: list[Literal["tensorboard", "mlflow", "none"]] = []
+    # networks of one shape (same r, kept layers, fusion) trained as one stacked model
+    # (ladder.stacked); auto: where more than one network of the grid shares a shape. Groups
+    # are split to fit memory_mb. Encoder-only backbones; the others train one by one.
+    batched: Literal["auto", "on", "off"] = "auto"
+    # torch.compile of the stacked step (inductor); auto: off on CPU, where it was measured not
+    # to pay (README, "Measured here"), on for CUDA
+    compile: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("reduction_factors", "seeds", "learning_rates")
     @classmethod

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,14 @@ from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache, open_cache
 from cache_store.registry import list_caches
 from ladder.side import SideConfig, build_side_network, trainable_parameters
+from ladder.stacked import (
+    StackedAdamW,
+    StackedEncoderSide,
+    activation_bytes,
+    group_sizes,
+    shape_key,
+    stackable,
+)
 from ladder.vision import build_visual_side_network
 from stages import tracking
 from stages.batches import Batch, torch_batches
@@ -89,6 +98,8 @@ class TrialState:
     best_score: float = -math.inf
     best_epoch: int = 0  # 1-based, as everywhere users see it; 0 = none yet
     compute_s: float = 0.0
+    compile_s: float = 0.0  # steps that compiled a graph (train_side.compile), not in compute_s
+    compiled: Callable[..., torch.Tensor] | None = None  # the compiled forward + loss, if any
     rng: torch.Tensor | None = None  # this network's torch RNG (init, dropout), between steps
     next_epoch: int = 0  # the first epoch (0-based, internal) it has not finished
     stopped: str | None = None  # why training stopped early (a non-finite loss), else None
@@ -426,14 +437,170 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
             batch.target_ids["dec"],
         )
     else:
-        logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
-        loss = ts.net.loss(logits, batch.labels)
+        if ts.compiled is not None and batch.visual is None:
+            loss = ts.compiled(states(batch, "enc"), batch.masks["enc"], batch.labels)
+        else:
+            logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
+            loss = ts.net.loss(logits, batch.labels)
     ts.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
     ts.opt.step()
     ts.sched.step()
     return float(loss.detach())
+
+
+class StackedGroup:
+    """Networks of one shape trained as one stacked model (``ladder.stacked``) for an epoch.
+
+    Built from the networks' own state (weights, AdamW moments and step, RNG) and written back
+    by :meth:`unpack` (end of the epoch, or when one of them stops), so evaluation, checkpoints
+    and resume see each network as if it had trained alone. Each network keeps its learning-rate
+    schedule (``ts.sched``, stepped every step) and its own random stream (a ``torch.Generator``
+    holding its state): its dropout masks are the ones it draws alone.
+    """
+
+    def __init__(self, members: list[TrialState]) -> None:
+        self.members = members
+        self._pack()
+
+    def _pack(self) -> None:
+        ms = self.members
+        self.stack = StackedEncoderSide([ts.net for ts in ms])
+        wd = ms[0].opt.param_groups[0]["weight_decay"]
+        self.opt = StackedAdamW(self.stack.params, len(ms), wd)
+        for k, ts in enumerate(ms):
+            own = dict(ts.net.named_parameters())
+            for name in self.stack.names:
+                st = ts.opt.state.get(own[name])
+                if st:
+                    self.opt.exp_avg[name][k].copy_(st["exp_avg"])
+                    self.opt.exp_avg_sq[name][k].copy_(st["exp_avg_sq"])
+                    self.opt.steps[k] = float(st["step"])
+        self.gens = []
+        for ts in ms:
+            g = torch.Generator()
+            g.set_state(ts.rng if ts.rng is not None else torch.get_rng_state())
+            self.gens.append(g)
+
+    @torch.no_grad()
+    def unpack(self) -> None:
+        """Write weights, AdamW state and RNG back into each network."""
+        if not self.members:
+            return
+        self.stack.unstack()
+        for k, ts in enumerate(self.members):
+            if self.opt.steps[k] > 0:
+                own = dict(ts.net.named_parameters())
+                for name in self.stack.names:
+                    ts.opt.state[own[name]] = {
+                        "step": torch.tensor(self.opt.steps[k], dtype=torch.float32),
+                        "exp_avg": self.opt.exp_avg[name][k].clone(),
+                        "exp_avg_sq": self.opt.exp_avg_sq[name][k].clone(),
+                    }
+            ts.rng = self.gens[k].get_state()
+
+    def drop(self, stopped: list[TrialState]) -> None:
+        """Take networks out (stopped): written back, the others stacked again."""
+        self.unpack()
+        self.members = [ts for ts in self.members if ts not in stopped]
+        if self.members:
+            self._pack()
+
+    def step(self, batch: Batch, states: StateSource, max_grad_norm: float) -> list[float]:
+        """One optimizer step of every network; their losses."""
+        # online dropout: the backbone draws from the first network's stream, as train_step
+        torch.set_rng_state(self.gens[0].get_state())
+        hiddens = states(batch, "enc")
+        self.gens[0].set_state(torch.get_rng_state())
+        logits = self.stack.forward(hiddens, batch.masks["enc"], self.gens)
+        losses = self.stack.losses(logits, batch.labels)
+        self.opt.zero_grad()
+        losses.sum().backward()
+        self.opt.clip_(max_grad_norm)
+        self.opt.step([ts.opt.param_groups[0]["lr"] for ts in self.members])
+        with warnings.catch_warnings():  # the schedule of an optimizer stepped here, not by itself
+            warnings.simplefilter("ignore", UserWarning)
+            for ts in self.members:
+                ts.sched.step()
+        return losses.detach().tolist()
+
+
+def stack_groups(cfg: StageConfig, runs: list[TrialState], tokens: int) -> dict[str, int]:
+    """Which networks train stacked, and with which: trial name -> group number.
+
+    ``train_side.batched``: ``off`` none; ``on`` every stackable network (one of a shape alone
+    too); ``auto`` the networks of a shape that more than one network of the grid shares. The
+    decision is the grid's, not an epoch's: a network that resumes behind the others trains the
+    same way as in an uninterrupted run. A shape's networks are split into groups whose
+    activations (:func:`ladder.stacked.activation_bytes` at ``batch_size`` x ``tokens``) fit
+    ``train_side.memory_mb``.
+    """
+    t = cfg.train_side
+    if t.batched == "off":
+        return {}
+    shapes: dict[tuple, list[TrialState]] = {}
+    for ts in runs:
+        if stackable(ts.net):
+            shapes.setdefault(shape_key(ts.net), []).append(ts)
+    out: dict[str, int] = {}
+    for members in shapes.values():
+        if t.batched == "auto" and len(members) < 2:
+            continue
+        per = activation_bytes(members[0].net, t.batch_size, tokens)
+        i = 0
+        for size in group_sizes(len(members), per, t.memory_mb << 20):
+            group = len(set(out.values()))
+            for ts in members[i : i + size]:
+                out[ts.trial.name] = group
+            i += size
+    return out
+
+
+def compile_on(cfg: StageConfig, device: str) -> bool:
+    """``train_side.compile``: on, off, or auto (on for CUDA; off on CPU, where compiling the
+    step was measured not to pay: README, "Measured here")."""
+    c = cfg.train_side.compile
+    return c == "on" or (c == "auto" and device != "cpu")
+
+
+def compile_networks(runs: list[TrialState], groups: dict[str, int]) -> None:
+    """torch.compile (inductor) the forward and loss of each network trained one by one.
+
+    Inductor's artefacts are cached on disk (its FX graph and AOT autograd caches, under
+    ``TORCHINDUCTOR_CACHE_DIR``, default ``~/.cache/lst-pipeline/inductor``), so a second run of
+    the same shapes does not compile again. Random ops fall back to ATen (``fallback_random``):
+    the dropout masks, the attention's 1-byte one included, are the bits eager draws, from the
+    network's own stream. Shapes change with the loader's length buckets (bounded by the max
+    length): after a second shape the graph is recompiled with dynamic sizes. The T5 family and
+    stacked groups run eager (their candidates / per-network generators are not traced).
+    """
+    import torch._inductor.config as inductor_config
+
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "lst-pipeline" / "inductor")
+    )
+    inductor_config.fallback_random = True
+    for ts in runs:
+        if ts.trial.name in groups or not hasattr(ts.net, "loss"):
+            continue
+        net = ts.net
+
+        def forward_loss(
+            h: dict, mask: torch.Tensor, labels: torch.Tensor, net: torch.nn.Module = net
+        ) -> torch.Tensor:
+            return net.loss(net(h, mask), labels)
+
+        ts.compiled = torch.compile(forward_loss)
+
+
+def _graphs() -> int:
+    """Graphs compiled so far in this process (0 without torch.compile)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def visual_inputs(batch: Batch) -> dict[str, torch.Tensor]:
@@ -525,6 +692,9 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     t = cfg.train_side.model_dump()
     t.pop("run_dir")
     t.pop("report_to", None)  # where figures are reported does not change them
+    # how the networks are computed changes their figures by float rounding at most
+    t.pop("batched", None)
+    t.pop("compile", None)
     if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
         t.pop("warmup_ratio", None)
     return {
@@ -586,6 +756,7 @@ def save_checkpoint(folder: Path, ts: TrialState, epoch: int) -> None:
         "best_score": ts.best_score,
         "best_epoch": ts.best_epoch,
         "compute_s": ts.compute_s,
+        "compile_s": ts.compile_s,
         "stopped": ts.stopped,
     }
     buf = io.BytesIO()  # serialised first: a write error is then a plain OSError (ENOSPC)
@@ -613,6 +784,7 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
     ts.sched.load_state_dict(ck["sched"])
     ts.history, ts.best_score, ts.best_epoch = ck["history"], ck["best_score"], ck["best_epoch"]
     ts.compute_s = ck.get("compute_s", 0.0)
+    ts.compile_s = ck.get("compile_s", 0.0)
     ts.rng = ck["rng"]
     ts.stopped = ck.get("stopped")
     return epochs if ts.stopped else ck["epoch"] + 1
@@ -725,6 +897,9 @@ def train_side(
         states_train = online_states(online, online_dropout, layers)
         states_eval = online_states(online, False, eval_layers)
 
+    groups = stack_groups(cfg, runs, cfg.backbone.max_length)
+    if compile_on(cfg, device):
+        compile_networks(runs, groups)
     for ts in runs:
         ts.next_epoch = load_checkpoint(folder, ts, epochs)
     start = min(ts.next_epoch for ts in runs)
@@ -740,6 +915,7 @@ def train_side(
         _train_epochs(
             runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
             epochs, start, progress, tracker, say,
+            groups=groups,
         )  # fmt: skip
         # the best checkpoint of each network, scored on the test split
         scored = [ts for ts in runs if ts.stopped is None]
@@ -780,6 +956,7 @@ def _train_epochs(
     progress: bool,
     tracker: tracking.Tracker | None = None,
     say: Callable[[str], None] | None = None,
+    groups: dict[str, int] | None = None,
 ) -> None:
     """Epochs ``start`` .. ``epochs - 1``; each network trains only the epochs it has not finished.
 
@@ -789,7 +966,9 @@ def _train_epochs(
     finite is stopped there, with the reason in its metrics; the others go on.
 
     ``tracker`` gets each network's loss and learning rate per step and its validation metrics
-    per epoch; ``say`` one line per network per epoch (:func:`epoch_line`).
+    per epoch; ``say`` one line per network per epoch (:func:`epoch_line`). ``groups``: trial
+    name -> stacked group (:func:`stack_groups`); the networks of a group that train this epoch
+    take their steps as one model (:class:`StackedGroup`), the others one by one.
     """
     t = cfg.train_side
     tracker = tracker or tracking.NullTracker()
@@ -800,6 +979,7 @@ def _train_epochs(
             continue
         t0 = time.perf_counter()
         losses: list[list[float]] = [[] for _ in active]
+        compile_s = 0.0
         with tqdm(
             total=n_batches,
             unit="batch",
@@ -807,27 +987,52 @@ def _train_epochs(
             disable=not progress,
             leave=False,
         ) as bar:
+            units = _units(active, groups or {})
+            index = {id(ts): k for k, ts in enumerate(active)}
             for step, batch in enumerate(torch_batches(train.epoch(epoch))):
-                for k, ts in enumerate(active):
-                    if ts.stopped is not None:
-                        continue
-                    lr = ts.opt.param_groups[0]["lr"]  # the rate this step uses
+                for unit in units:
                     c0 = time.perf_counter()
-                    loss = train_step(ts, batch, states_train, t.max_grad_norm)
-                    ts.compute_s += time.perf_counter() - c0
-                    if not math.isfinite(loss):
-                        ts.stopped = (
-                            f"training loss became {loss} at epoch {epoch + 1}, step {step + 1} "
-                            f"(learning rate {ts.trial.lr:g}); stopped"
+                    if isinstance(unit, StackedGroup):
+                        if not unit.members:
+                            continue
+                        members = list(unit.members)
+                        lrs = [ts.opt.param_groups[0]["lr"] for ts in members]
+                        got = unit.step(batch, states_train, t.max_grad_norm)
+                        share = (time.perf_counter() - c0) / len(members)
+                    else:
+                        if unit.stopped is not None:
+                            continue
+                        members = [unit]
+                        lrs = [unit.opt.param_groups[0]["lr"]]  # the rate this step uses
+                        graphs = _graphs()
+                        got = [train_step(unit, batch, states_train, t.max_grad_norm)]
+                        share = time.perf_counter() - c0
+                        if _graphs() != graphs:  # this step compiled: reported apart
+                            unit.compile_s += share
+                            compile_s += share
+                            share = 0.0
+                    stopped = []
+                    for ts, lr, loss in zip(members, lrs, got, strict=True):
+                        ts.compute_s += share
+                        if not math.isfinite(loss):
+                            ts.stopped = (
+                                f"training loss became {loss} at epoch {epoch + 1}, step {step + 1} "
+                                f"(learning rate {ts.trial.lr:g}); stopped"
+                            )
+                            stopped.append(ts)
+                        losses[index[id(ts)]].append(loss)
+                        tracker.log(
+                            ts.trial.name,
+                            {"train/loss": loss, "train/learning_rate": lr},
+                            epoch * n_batches + step + 1,
                         )
-                    losses[k].append(loss)
-                    tracker.log(
-                        ts.trial.name,
-                        {"train/loss": loss, "train/learning_rate": lr},
-                        epoch * n_batches + step + 1,
-                    )
+                    if stopped and isinstance(unit, StackedGroup):
+                        unit.drop(stopped)
                 bar.update(1)
-        epoch_s = time.perf_counter() - t0
+            for unit in units:
+                if isinstance(unit, StackedGroup):
+                    unit.unpack()
+        epoch_s = time.perf_counter() - t0 - compile_s
         going = [ts for ts in active if ts.stopped is None]
         desc = f"train-side: validation after epoch {epoch + 1}/{epochs}"
         scores = (
@@ -845,6 +1050,7 @@ def _train_epochs(
                         "train_loss": float(np.mean(loss)),
                         "validation": score,
                         "epoch_s": epoch_s,
+                        **({"compile_s": compile_s} if ts.compiled is not None else {}),
                     }
                 )
                 if score["score"] > ts.best_score:
@@ -864,6 +1070,23 @@ def _train_epochs(
             if say is not None:
                 say(epoch_line(ts, epoch + 1, epochs, spec, epoch_s, loss))
         _write_metrics(folder, runs, cache, spec, final=None)
+
+
+def _units(active: list[TrialState], groups: dict[str, int]) -> list[Any]:
+    """This epoch's networks as training units, in the order of their first network: a
+    :class:`StackedGroup` per group with networks to train, the other networks as they are."""
+    units: list[Any] = []
+    seen: dict[int, list[TrialState]] = {}
+    for ts in active:
+        g = groups.get(ts.trial.name)
+        if g is None:
+            units.append(ts)
+        elif g not in seen:
+            seen[g] = [ts]
+            units.append(seen[g])
+        else:
+            seen[g].append(ts)
+    return [StackedGroup(u) if isinstance(u, list) else u for u in units]
 
 
 def epoch_line(
@@ -920,6 +1143,7 @@ def _write_metrics(
                 "best_epoch": ts.best_epoch,
                 "best_validation": ts.best_score,
                 "compute_s": ts.compute_s,
+                **({"compile_s": ts.compile_s} if ts.compiled is not None else {}),
                 "epochs": ts.history,
                 **({"stopped": ts.stopped} if ts.stopped else {}),
                 **(

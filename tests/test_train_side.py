@@ -38,12 +38,17 @@ def _last_params(folder, name):
     return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)["net"]
 
 
-@pytest.mark.parametrize("family", ["bert", "t5", "llama"])
+@pytest.mark.parametrize(
+    "family",
+    ["bert", "bert-stacked", pytest.param("bert-compiled", marks=pytest.mark.slow), "t5", "llama"],
+)
 def test_cache_and_online_lst_follow_the_same_trajectory(
     tmp_path, glue_dir, minilm_tokenizer, family
 ):
-    """float32 cache vs the live backbone (dropout off), same seed and batches: same losses and weights."""
-    tiny = {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family]
+    """float32 cache vs the live backbone (dropout off), same seed and batches: same losses and
+    weights; ``bert-stacked``: two seeds per r, trained as stacked groups in both modes;
+    ``bert-compiled``: each network's forward and loss compiled (inductor) in both modes."""
+    tiny = {"bert": tiny_bert, "t5": tiny_t5, "llama": tiny_llama}[family.split("-")[0]]
     backbone = tiny(minilm_tokenizer)
     cfg = _trainable(
         make_config(tmp_path, glue_dir, **{"cache.dtype": "float32", "task.limit": 12})
@@ -51,12 +56,21 @@ def test_cache_and_online_lst_follow_the_same_trajectory(
     cfg = apply_overrides(
         cfg, {"backbone.name": backbone.name, "train_side.run_dir": str(tmp_path / "runs")}
     )
+    stacked = family.endswith("stacked")
+    if stacked:
+        cfg = apply_overrides(cfg, {"train_side.batched": "on", "train_side.seeds": [0, 1]})
+    if family.endswith("compiled"):
+        cfg = apply_overrides(cfg, {"train_side.compile": "on"})
     extract(cfg, backbone=backbone, progress=False)
     cached = train_side(cfg, run_name="cached", progress=False)
     online = train_side(
         cfg, run_name="online", online=backbone, online_dropout=False, progress=False
     )
-    assert set(cached.metrics["networks"]) == {"r2-s0-lr0.003", "r4-s0-lr0.003"}
+    names = {"r2-s0-lr0.003", "r4-s0-lr0.003"}
+    names |= {"r2-s1-lr0.003", "r4-s1-lr0.003"} if stacked else set()
+    assert set(cached.metrics["networks"]) == names
+    if family.endswith("compiled"):
+        assert all("compile_s" in n for n in cached.metrics["networks"].values())
     for name, c in cached.metrics["networks"].items():
         o = online.metrics["networks"][name]
         c_loss = [h["train_loss"] for h in c["epochs"]]

@@ -1,0 +1,106 @@
+"""Networks of one shape trained as one stacked model (``train_side.batched``) follow the
+trajectories they follow alone: same dropout masks (each network's own stream), same losses and
+weights to float rounding, and the same bits whatever the size of the group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ladder.stacked import group_sizes
+from pipeline.config import apply_overrides
+from stages.extract import extract
+from stages.train_side import train_side
+from tests.conftest import make_config, tiny_bert
+from tests.test_reliability import _strip_timing
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, glue_dir, minilm_tokenizer):
+    """A float32 cache of RTE (12 examples a split) from a tiny random BERT (dropout 0.1)."""
+    tmp = tmp_path_factory.mktemp("stacked")
+    backbone = tiny_bert(minilm_tokenizer)
+    cfg = make_config(tmp, glue_dir, **{"cache.dtype": "float32", "task.limit": 12})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "backbone.name": backbone.name,
+            "train_side.init": "random",
+            "train_side.epochs": 2,
+            "train_side.batch_size": 4,
+            "train_side.warmup_steps": 2,
+            "train_side.reduction_factors": [2, 4],
+            "train_side.seeds": [0, 1],
+            "train_side.learning_rates": [3e-3],
+            "train_side.ladder_dropout": 0.2,
+        },
+    )
+    extract(cfg, backbone=backbone, progress=False)
+    return cfg
+
+
+def _run(cfg, tmp_path, name, **over):
+    cfg = apply_overrides(cfg, {"train_side.run_dir": str(tmp_path / "runs"), **over})
+    return train_side(cfg, run_name=name, progress=False, echo=False)
+
+
+def _last(folder, name):
+    return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
+
+
+def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_path):
+    """4 networks (2 r x 2 seeds: two stacked groups of 2) vs one by one, dropout on
+    (the backbone's 0.1 and ladder dropout 0.2): same losses and weights to 1e-5."""
+    alone = _run(tiny, tmp_path, "alone", **{"train_side.batched": "off"})
+    stacked = _run(tiny, tmp_path, "stacked", **{"train_side.batched": "on"})
+    assert len(alone.metrics["networks"]) == 4
+    for name, a in alone.metrics["networks"].items():
+        s = stacked.metrics["networks"][name]
+        la = torch.tensor([h["train_loss"] for h in a["epochs"]])
+        ls = torch.tensor([h["train_loss"] for h in s["epochs"]])
+        torch.testing.assert_close(ls, la, rtol=1e-5, atol=0)
+        assert s["test"] == a["test"] and s["best_epoch"] == a["best_epoch"]
+        ca, cs = _last(alone.folder, name), _last(stacked.folder, name)
+        for k in ca["net"]:
+            torch.testing.assert_close(cs["net"][k], ca["net"][k], rtol=0, atol=1e-5, msg=k)
+        assert torch.equal(cs["rng"], ca["rng"])  # the same draws, from the network's own stream
+        assert ca["opt"]["state"][0]["step"] == cs["opt"]["state"][0]["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            for i, st in ca["opt"]["state"].items():
+                torch.testing.assert_close(
+                    cs["opt"]["state"][i][key], st[key], rtol=1e-4, atol=1e-7
+                )
+
+
+@pytest.mark.parametrize("ladder_dropout", [0.0, 0.2])
+def test_a_network_gives_the_same_bits_in_any_group(tiny, tmp_path, monkeypatch, ladder_dropout):
+    """Split into groups of one by memory (``memory_mb``) or stacked two at a time: bit for bit
+    (without ladder dropout the networks share each widened state, held once)."""
+    import stages.train_side as ts_mod
+
+    over = {"train_side.batched": "on", "train_side.ladder_dropout": ladder_dropout}
+    big = _run(tiny, tmp_path, "big", **over)
+    monkeypatch.setattr(ts_mod, "activation_bytes", lambda net, b, t: 10**15)
+    small = _run(tiny, tmp_path, "small", **over)
+    assert _strip_timing(big.metrics) == _strip_timing(small.metrics)
+    for name in big.metrics["networks"]:
+        a = (big.folder / f"{name}.best.safetensors").read_bytes()
+        assert (small.folder / f"{name}.best.safetensors").read_bytes() == a
+
+
+def test_groups_are_split_to_fit_the_budget():
+    assert group_sizes(9, 100, 10_000) == [9]
+    assert group_sizes(9, 100, 400) == [3, 3, 3]
+    assert group_sizes(9, 100, 500) == [5, 4]
+    assert group_sizes(3, 100, 10) == [1, 1, 1]
+
+
+def test_batched_and_compile_do_not_define_the_run(tiny, tmp_path):
+    """The same run folder under another ``batched`` or ``compile``: resumed (here: nothing left
+    to train), not refused."""
+    a = _run(tiny, tmp_path, "r", **{"train_side.batched": "off", "train_side.seeds": [0]})
+    b = _run(
+        tiny, tmp_path, "r",
+        **{"train_side.batched": "on", "train_side.compile": "off", "train_side.seeds": [0]},
+    )  # fmt: skip
+    assert a.folder == b.folder and _strip_timing(a.metrics) == _strip_timing(b.metrics)
