@@ -29,7 +29,6 @@ type) are not copied; the side's sequences are short.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -46,9 +45,7 @@ from ladder.shared import (
     ClassifierHead,
     RMSNorm,
     backbone_dims,
-    dropped_key,
     init_weights,
-    load_init,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +126,12 @@ class CausalSideNetwork(ClassifierHead, Ladders):
     ``layers.{i}.{ln_attn,ln_ffn}.weight`` for kept ``i``, and ``final_ln.weight``.
     """
 
+    stream_note = "the causal stream"
+    init_keys = (
+        "layers.{i}.{attn.q,attn.k,attn.v,attn.o,gate,up,down,ln_attn,ln_ffn}.{weight,bias} "
+        "for i < L, final_ln.weight"
+    )
+
     def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
         super().__init__()
         side.validate(backbone_config)
@@ -148,12 +151,6 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,)
         self.apply(init_weights)
-
-    def needed_layers(self, stack: str = "enc") -> list[int]:
-        """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
-        if stack != "enc":
-            raise LadderError(f"stack={stack!r}; allowed: 'enc' (the causal stream)")
-        return self.needed_states()
 
     def forward(
         self,
@@ -182,18 +179,3 @@ class CausalSideNetwork(ClassifierHead, Ladders):
             pool_index = (pos * mask).argmax(-1)  # (B,)
         pooled = x[torch.arange(B, device=x.device), pool_index.to(x.device)]  # (B, d/r)
         return self.head(pooled)  # (B, num_labels)
-
-    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
-        """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
-
-        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
-        """
-        own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
-        own.update({f"final_ln.{k}": p for k, p in self.final_ln.named_parameters()})
-        pattern = re.compile(r"^(layers)\.(\d+)\.")
-        kept, n = {"layers": self.kept}, {"layers": self.n_layers}
-        allowed = (
-            "layers.{i}.{attn.q,attn.k,attn.v,attn.o,gate,up,down,ln_attn,ln_ffn}.{weight,bias} "
-            "for i < L, final_ln.weight"
-        )
-        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), allowed)

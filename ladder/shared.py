@@ -100,18 +100,43 @@ class RMSNorm(nn.Module):
 
 
 class ClassifierHead:
-    """The head of the encoder-only and causal side networks (a mixin for an ``nn.Module``).
+    """What the one-stream side networks (encoder-only, causal) share, as a mixin for a
+    ``Ladders`` module: the stream they read, their kept blocks' init, and the head.
 
     The pooled side state goes up to the backbone's width, then through the BART/RoBERTa
     classification head: dropout -> dense -> tanh -> dropout -> out. Its parameters are the
     network's own (``up``, ``head_dense``, ``head_out``), so checkpoints name them as before.
     """
 
+    stream_note: str  # what the one stream ``enc`` is, for errors
+    init_keys: str  # the canonical side-init keys, for errors
     side: SideConfig
+    kept: list[int]
+    n_layers: int
+    layers: nn.ModuleDict
+    final_ln: nn.Module | None
     up: nn.Linear
     head_drop: nn.Dropout
     head_dense: nn.Linear
     head_out: nn.Linear
+
+    def needed_layers(self, stack: str = "enc") -> list[int]:
+        """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
+        if stack != "enc":
+            raise LadderError(f"stack={stack!r}; allowed: 'enc' ({self.stream_note})")
+        return self.needed_states()  # type: ignore[attr-defined]
+
+    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
+
+        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
+        """
+        own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
+        if self.final_ln is not None:
+            own.update({f"final_ln.{k}": p for k, p in self.final_ln.named_parameters()})
+        pattern = re.compile(r"^(layers)\.(\d+)\.")
+        kept, n = {"layers": self.kept}, {"layers": self.n_layers}
+        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), self.init_keys)
 
     def build_head(self, d_side: int, d: int, dropout: float, num_labels: int) -> None:
         self.up = nn.Linear(d_side, d)

@@ -211,6 +211,9 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
     they are this module's own ``state_dict`` names.
     """
 
+    stream_note = "encoder-only backbone"
+    init_keys = "layers.{i}.{q,k,v,o,ln_attn,ffn_in,ffn_out,ln_ffn}.{weight,bias} for i < L"
+
     def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
         super().__init__()
         side.validate(backbone_config)
@@ -227,12 +230,6 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
         self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
         self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         self.apply(init_weights)
-
-    def needed_layers(self, stack: str = "enc") -> list[int]:
-        """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
-        if stack != "enc":
-            raise LadderError(f"stack={stack!r}; allowed: 'enc' (encoder-only backbone)")
-        return self.needed_states()
 
     def forward(
         self,
@@ -262,19 +259,6 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
             rows = torch.arange(x.shape[0], device=x.device)
             pooled = x[rows, pool_index.to(x.device)]  # (B, d/r)
         return self.head(pooled)  # (B, num_labels)
-
-    def load_side_init(self, weights: Mapping[str, Tensor]) -> None:
-        """Copy canonical (pruned) weights into the kept layers; dropped layers' keys are ignored.
-
-        Raises LadderError on a shape mismatch or a key that is not canonical, before copying.
-        """
-        own = {f"layers.{k}": p for k, p in self.layers.named_parameters()}
-        if self.final_ln is not None:
-            own.update({f"final_ln.{k}": p for k, p in self.final_ln.named_parameters()})
-        pattern = re.compile(r"^(layers)\.(\d+)\.")
-        kept, n = {"layers": self.kept}, {"layers": self.n_layers}
-        allowed = "layers.{i}.{q,k,v,o,ln_attn,ffn_in,ffn_out,ln_ffn}.{weight,bias} for i < L"
-        load_init(weights, own, lambda key: dropped_key(key, pattern, kept, n), allowed)
 
 
 # --------------------------------------------------------------------------- T5 family
