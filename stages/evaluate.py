@@ -169,12 +169,7 @@ class Predictor:
             self.backbone_cfg.name, revision=self.backbone_cfg.revision, device=device
         )
         self.spec = spec_of(saved["task_spec"])
-        side = SideConfig(
-            **{
-                **saved["side"],
-                "kept_layers": saved["side"]["kept_layers"] and tuple(saved["side"]["kept_layers"]),
-            }
-        )
+        side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list
         lm_head = self.backbone.frozen_tensors().get("lm_head")
         self.net = build_side_network(self.backbone.config, side, lm_head)
         self.net.load_state_dict(state, strict=False)

@@ -128,3 +128,15 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
         max_position_embeddings=256,
     )
     return from_model("tiny-llama", "", LlamaModel(cfg), tokenizer)
+
+
+TIMING = ("epoch_s", "compute_s")  # what differs between two runs of the same training
+
+
+def strip_timing(obj):
+    """``metrics.json`` (or a part of it) without its wall-clock figures, to compare two runs."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj

@@ -16,9 +16,7 @@ import pytest
 from pipeline.config import apply_overrides
 from stages.errors import StageError
 from stages.extract import extract
-from tests.conftest import make_config, tiny_bert
-
-TIMING = ("epoch_s", "compute_s")
+from tests.conftest import make_config, strip_timing, tiny_bert
 
 
 class Killed(BaseException):
@@ -28,14 +26,6 @@ class Killed(BaseException):
 def _errors(stderr: str) -> list[str]:
     """stderr's lines but the per-epoch progress lines (stderr with --json)."""
     return [ln for ln in stderr.strip().splitlines() if not ln.startswith("epoch ")]
-
-
-def _strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [_strip_timing(v) for v in obj]
-    return obj
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +65,7 @@ def _cli_args(tiny, tmp_path, *extra):
 
 
 def _metrics(folder):
-    return _strip_timing(json.loads((folder / "metrics.json").read_text()))
+    return strip_timing(json.loads((folder / "metrics.json").read_text()))
 
 
 def _kill_at(monkeypatch, net: str, epoch: int, before: bool = True, symlink_full: bool = False):

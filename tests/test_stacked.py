@@ -11,8 +11,7 @@ from ladder.stacked import group_sizes
 from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.train_side import train_side
-from tests.conftest import make_config, tiny_bert
-from tests.test_reliability import _strip_timing
+from tests.conftest import make_config, strip_timing, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +81,7 @@ def test_a_network_gives_the_same_bits_in_any_group(tiny, tmp_path, monkeypatch,
     big = _run(tiny, tmp_path, "big", **over)
     monkeypatch.setattr(ts_mod, "activation_bytes", lambda net, b, t: 10**15)
     small = _run(tiny, tmp_path, "small", **over)
-    assert _strip_timing(big.metrics) == _strip_timing(small.metrics)
+    assert strip_timing(big.metrics) == strip_timing(small.metrics)
     for name in big.metrics["networks"]:
         a = (big.folder / f"{name}.best.safetensors").read_bytes()
         assert (small.folder / f"{name}.best.safetensors").read_bytes() == a
@@ -103,4 +102,4 @@ def test_batched_and_compile_do_not_define_the_run(tiny, tmp_path):
         tiny, tmp_path, "r",
         **{"train_side.batched": "on", "train_side.compile": "off", "train_side.seeds": [0]},
     )  # fmt: skip
-    assert a.folder == b.folder and _strip_timing(a.metrics) == _strip_timing(b.metrics)
+    assert a.folder == b.folder and strip_timing(a.metrics) == strip_timing(b.metrics)
