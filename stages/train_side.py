@@ -5,8 +5,8 @@
 
 Opens a committed cache (by key, or the newest one made from the config's inputs: task,
 backbone, max length, and the data when the config names it), builds one side network per
-(reduction factor, seed, learning rate), and trains them all on one pass over the loader's batches per epoch: each batch is read and decoded once and fed
-to every network. The backbone is never loaded; the states come from the cache, and so does the
+(reduction factor, seed, learning rate), and trains them all on one pass over the loader's
+batches per epoch: each batch is read and decoded once and fed to every network. The backbone is never loaded; the states come from the cache, and so does the
 frozen T5 LM head. Every epoch evaluates on the cached validation split with the task's metric;
 the best checkpoint per network is kept (safetensors + JSON config) and scored on the test split
 at the end. A killed run resumes each network from its own last finished epoch, on its own
