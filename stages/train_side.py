@@ -3,14 +3,14 @@
     pipeline run train-side --task sst2 --data-dir ../shared/data/glue
     pipeline run train-side --cache-key sst2-minilm-l6-0123abcd --reduction-factors 4,8,16,32
 
-Opens a committed cache (by key, or the newest one made from the config's inputs: task,
-backbone, max length, and the data when the config names it), builds one side network per
-(reduction factor, seed, learning rate), and trains them all on one pass over the loader's
-batches per epoch: each batch is read and decoded once and fed to every network. The backbone is never loaded; the states come from the cache, and so does the
-frozen T5 LM head. Every epoch evaluates on the cached validation split with the task's metric;
-the best checkpoint per network is kept (safetensors + JSON config) and scored on the test split
-at the end. A killed run resumes each network from its own last finished epoch, on its own
-RNG stream, and ends where it would have.
+Opens a committed cache (by key, or the newest one made from the config's inputs: task, backbone,
+max length, and the data when the config names it), builds one side network per (reduction factor,
+seed, learning rate), and trains them all on one pass over the loader's batches per epoch: each
+batch is read and decoded once and fed to every network. The backbone is never loaded; the states
+come from the cache, and so does the frozen T5 LM head. Every epoch evaluates on the cached
+validation split with the task's metric; the best checkpoint per network is kept (safetensors +
+JSON config) and scored on the test split at the end. A killed run resumes each network from its
+own last finished epoch, on its own RNG stream, and ends where it would have.
 
 The same training loop runs online LST (``online=``): the states then come from a live
 backbone on the batch's token ids, with its dropout on (the authors' setting) or off.
