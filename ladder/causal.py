@@ -1,4 +1,5 @@
-"""Ladder side network for decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral, Qwen2).
+"""Ladder side network for decoder-only causal LMs: the Llama family (Llama, SmolLM2, Mistral,
+Qwen2) and GPT-2.
 
 The side blocks are the backbone's blocks at width d/r, as for the other families: pre-RMSNorm,
 causal self-attention with rotary positions that keeps the backbone's query heads *and* its
@@ -20,6 +21,13 @@ example's last real token (the attention mask's last True position: with right p
 ``mask.sum(1) - 1``), as ``LlamaForSequenceClassification`` pools; then, as the encoder-only
 side network's head, ``up`` (d/r -> d), dropout, dense, tanh, dropout, out. A causal model's last
 token is the only one that has seen the whole input.
+
+GPT-2, through the same classes (``Dims`` chooses): LayerNorm with bias in place of RMSNorm
+(:func:`side_norm`), every head its own key-value head, biases on q/k/v/o and on the MLP, a plain
+``up -> gelu_new -> down`` MLP in place of SwiGLU (``dims.gated`` False), and no rotary: GPT-2's
+positions are learned absolute embeddings added to the token embeddings before block 0, so they
+are in state 0 (``wte(ids) + wpe(pos)``) and reach the side stream through ``first_down``; the
+side's attention gets ``cos, sin = None``.
 
 Rotary: the side's heads are head_dim/r wide and rotate pairs (j, j + head_dim/(2r)) at the
 plain rotary frequencies of that width with the backbone's base theta, which are every r-th
@@ -52,6 +60,11 @@ if TYPE_CHECKING:
     from ladder.side import SideConfig
 
 
+def side_norm(dims: Dims, d: int) -> nn.Module:
+    """The family's norm at width ``d``: RMSNorm (Llama) or LayerNorm with bias (GPT-2)."""
+    return RMSNorm(d, dims.ln_eps) if dims.norm == "rms" else nn.LayerNorm(d, eps=dims.ln_eps)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     """(x1, x2) -> (-x2, x1) over the last dim's halves (transformers' Llama convention)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -67,7 +80,7 @@ def rotary_tables(inv_freq: Tensor, T: int, dtype: torch.dtype) -> tuple[Tensor,
 
 
 class CausalSideAttention(nn.Module):
-    """Causal self-attention with rotary positions and grouped KV heads, at side width."""
+    """Causal self-attention (rotary positions if given, grouped KV heads) at side width."""
 
     def __init__(self, d: int, n_head: int, n_kv_head: int, head_dim: int, dims: Dims) -> None:
         super().__init__()
@@ -79,15 +92,19 @@ class CausalSideAttention(nn.Module):
         self.v = nn.Linear(d, n_kv_head * head_dim, bias=dims.qkv_bias)
         self.o = nn.Linear(n_head * head_dim, d, bias=dims.o_bias)
 
-    def forward(self, x: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x: (B, T, d/r); bias: (B, 1, T, T) additive (causal + padding); cos, sin: (T, hd/r)."""
+    def forward(
+        self, x: Tensor, bias: Tensor, cos: Tensor | None = None, sin: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, T, d/r); bias: (B, 1, T, T) additive (causal + padding); cos, sin: (T, hd/r),
+        or None for no rotary (GPT-2)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd/r)
         k = self.k(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, nkv, T, hd/r)
         v = self.v(x).view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if cos is not None and sin is not None:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if self.group > 1:  # query head h reads key-value head h // group
             k = k.repeat_interleave(self.group, dim=1)  # (B, nh, T, hd/r)
             v = v.repeat_interleave(self.group, dim=1)
@@ -97,39 +114,53 @@ class CausalSideAttention(nn.Module):
 
 
 class CausalSideBlock(nn.Module):
-    """A Llama block at side width: x + attn(norm(x)), then x + mlp(norm(x)), SwiGLU MLP."""
+    """A pre-norm decoder block at side width: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    Llama: RMSNorm, SwiGLU MLP ``down(act(gate(h)) * up(h))``; GPT-2: LayerNorm, plain MLP
+    ``down(act(up(h)))`` (``up`` is GPT-2's ``c_fc``, ``down`` its ``mlp.c_proj``).
+    """
 
     def __init__(self, dims: Dims, r: int) -> None:
         super().__init__()
         d, d_ff = dims.d // r, dims.d_ff // r
-        self.ln_attn = RMSNorm(d, dims.ln_eps)  # input_layernorm
+        self.ln_attn = side_norm(dims, d)  # input_layernorm / ln_1
         self.attn = CausalSideAttention(d, dims.n_head, dims.n_kv_head, dims.head_dim // r, dims)
-        self.ln_ffn = RMSNorm(d, dims.ln_eps)  # post_attention_layernorm
-        self.gate = nn.Linear(d, d_ff, bias=dims.mlp_bias)
+        self.ln_ffn = side_norm(dims, d)  # post_attention_layernorm / ln_2
+        if dims.gated:
+            self.gate = nn.Linear(d, d_ff, bias=dims.mlp_bias)
         self.up = nn.Linear(d, d_ff, bias=dims.mlp_bias)
         self.down = nn.Linear(d_ff, d, bias=dims.mlp_bias)
         self.act = ACT2FN[dims.act]
         self.drop = nn.Dropout(dims.dropout)
+        self.gated = dims.gated
 
-    def forward(self, x: Tensor, bias: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, bias: Tensor, cos: Tensor | None = None, sin: Tensor | None = None
+    ) -> Tensor:
         """x: (B, T, d/r) -> (B, T, d/r)."""
         x = x + self.drop(self.attn(self.ln_attn(x), bias, cos, sin))
-        h = self.ln_ffn(x)
-        return x + self.drop(self.down(self.act(self.gate(h)) * self.up(h)))  # via (B, T, d_ff/r)
+        return x + self.drop(self.mlp(self.ln_ffn(x)))
+
+    def mlp(self, h: Tensor) -> Tensor:
+        """(B, T, d/r) -> (B, T, d/r) via (B, T, d_ff/r)."""
+        if self.gated:
+            return self.down(self.act(self.gate(h)) * self.up(h))
+        return self.down(self.act(self.up(h)))
 
 
 class CausalSideNetwork(ClassifierHead, Ladders):
-    """Side network for Llama-family backbones, with a last-real-token classification head.
+    """Side network for Llama-family and GPT-2 backbones, with a last-real-token head.
 
     Canonical init keys (``load_side_init``), this module's own ``state_dict`` names:
-    ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}``, ``layers.{i}.{gate,up,down}.weight``,
-    ``layers.{i}.{ln_attn,ln_ffn}.weight`` for kept ``i``, and ``final_ln.weight``.
+    ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}``, ``layers.{i}.{gate,up,down}.weight``
+    (GPT-2: ``layers.{i}.{up,down}.{weight,bias}``), ``layers.{i}.{ln_attn,ln_ffn}.weight``
+    (GPT-2: and ``.bias``) for kept ``i``, and ``final_ln.weight`` (GPT-2: and ``.bias``).
     """
 
     stream_note = "the causal stream"
     init_keys = (
         "layers.{i}.{attn.q,attn.k,attn.v,attn.o,gate,up,down,ln_attn,ln_ffn}.{weight,bias} "
-        "for i < L, final_ln.weight"
+        "for i < L, final_ln.{weight,bias}"
     )
 
     def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
@@ -138,18 +169,20 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         dims = backbone_dims(backbone_config, side)
         if not dims.causal:
             raise LadderError(
-                f"model_type={backbone_config.model_type!r} is not a Llama-family causal LM; "
-                "use build_side_network"
+                f"model_type={backbone_config.model_type!r} is not a decoder-only causal LM "
+                "(Llama family, GPT-2); use build_side_network"
             )
         r = side.reduction_factor
         self.dims = dims
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
         self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.kept})
-        self.final_ln = RMSNorm(self.d_side, dims.ln_eps)  # the model's final norm
+        self.final_ln = side_norm(dims, self.d_side)  # the model's final norm
         self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
-        hd = dims.head_dim // r
-        inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,)
+        inv_freq = None  # no rotary (GPT-2)
+        if dims.rotary:
+            hd = dims.head_dim // r
+            inv_freq = 1.0 / (dims.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,) or None
         self.apply(init_weights)
 
     def forward(
@@ -169,7 +202,9 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         mask = attention_mask.bool().to(x.device)  # (B, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         bias = mask_bias(causal[None, None] & mask[:, None, None, :], x.dtype)  # (B, 1, T, T)
-        cos, sin = rotary_tables(self.inv_freq, T, x.dtype)  # (T, hd/r)
+        cos = sin = None  # GPT-2: positions came in with state 0
+        if self.inv_freq is not None:
+            cos, sin = rotary_tables(self.inv_freq, T, x.dtype)  # (T, hd/r)
         for i in self.kept:
             x = self.before_block(x, i, hiddens)
             x = self.layers[str(i)](x, bias, cos, sin)  # (B, T, d/r)

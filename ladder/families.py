@@ -22,7 +22,9 @@ from ladder.errors import LadderError
 # model_type -> family. "bert": post-LN encoder, one stream; "bart": the BART/mBART encoder, one
 # stream; "t5": encoder-decoder, an encoder stream and a teacher-forced decoder stream; "llama":
 # decoder-only causal LMs (Llama, SmolLM2, Mistral, Qwen2: pre-RMSNorm, rotary, grouped KV heads,
-# SwiGLU), one causal stream.
+# SwiGLU), one causal stream; "gpt2": decoder-only GPT-2 (pre-LayerNorm with biases, learned
+# absolute positions added to the token embeddings, multi-head attention, GELU MLP), one causal
+# stream.
 FAMILY = {
     "bert": "bert",
     "roberta": "bert",
@@ -35,20 +37,22 @@ FAMILY = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "gpt2": "gpt2",
 }
-FAMILIES = ("bert", "bart", "t5", "llama")
+FAMILIES = ("bert", "bart", "t5", "llama", "gpt2")
+CAUSAL_FAMILIES = ("llama", "gpt2")  # decoder-only: one causal stream, last-token head
 ENCODER_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam in ("bert", "bart"))  # encoder-only
 T5_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "t5")  # encoder-decoder
-CAUSAL_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "llama")  # decoder-only
+CAUSAL_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam in CAUSAL_FAMILIES)  # decoder-only
 
 
 def family_of(config: Any) -> str:
-    """ "bert" (BERT family), "bart", "t5" or "llama"; an error for architectures we do not support."""
+    """ "bert" (BERT family), "bart", "t5", "llama" or "gpt2"; an error for the others."""
     mt = config.model_type
     if mt not in FAMILY:
         raise LadderError(
             f"backbone architecture {mt!r} is not supported; allowed: BERT family (bert, roberta, "
-            "xlm-roberta, electra), bart, t5, Llama family (llama, mistral, qwen2)"
+            "xlm-roberta, electra), bart, t5, Llama family (llama, mistral, qwen2), gpt2"
         )
     return FAMILY[mt]
 
@@ -63,7 +67,7 @@ def check_family(family: str) -> None:
 def num_blocks(config: Any) -> tuple[int, int]:
     """(encoder blocks, decoder blocks) of a backbone config; decoder 0 for encoder-only."""
     fam = family_of(config)
-    if fam in ("bert", "llama"):
+    if fam in ("bert", "llama", "gpt2"):  # GPT2Config aliases num_hidden_layers to n_layer
         return config.num_hidden_layers, 0
     if fam == "bart":
         return config.encoder_layers, 0
@@ -86,7 +90,7 @@ def divisors(sizes: Mapping[str, int]) -> str:
 class Dims:
     """The backbone sizes and settings a side network copies, read from the backbone config."""
 
-    family: str  # "bert" | "bart" | "t5" | "llama"
+    family: str  # "bert" | "bart" | "t5" | "llama" | "gpt2"
     d: int  # backbone width d_model
     n_head: int  # attention heads (the side keeps the same count)
     head_dim: int  # backbone per-head dim (T5: d_kv)
@@ -101,7 +105,10 @@ class Dims:
     attn_dropout: float  # dropout on attention probabilities
     act_dropout: float  # dropout inside the FFN after the activation (0 for the BERT family)
     cls_dropout: float  # dropout of the classification head
-    # Llama family only (the defaults suit the others): grouped KV heads, rotary, biases
+    # decoder-only families (the defaults suit the others): norm kind, grouped KV heads, rotary,
+    # biases; the MLP is SwiGLU where ``gated`` (Llama), else up -> act -> down (GPT-2)
+    norm: str = "layer"  # "layer": LayerNorm with bias (GPT-2); "rms": RMSNorm, scale only (Llama)
+    rotary: bool = False  # rotary positions in attention (Llama); GPT-2's positions are in state 0
     n_kv_head: int = 0  # key/value heads; n_head / n_kv_head query heads share each (GQA)
     rope_theta: float = 10000.0  # rotary base
     rope_type: str = "default"  # the backbone's rotary scaling; the side uses plain rotary
@@ -116,8 +123,8 @@ class Dims:
 
     @property
     def causal(self) -> bool:
-        """Decoder-only causal LM (the Llama family)."""
-        return self.family == "llama"
+        """Decoder-only causal LM (the Llama family, GPT-2)."""
+        return self.family in CAUSAL_FAMILIES
 
     def r_divides(self) -> dict[str, int]:
         """The sizes a reduction factor r must divide, so that each keeps exactly n/r.
@@ -126,7 +133,7 @@ class Dims:
         of head_dim/r dims keeps whole pairs: r divides head_dim/2 as well.
         """
         sizes = {"d_model": self.d, "per-head dim": self.head_dim, "d_ff": self.d_ff}
-        if self.causal:
+        if self.rotary:
             sizes["rotary pairs per head"] = self.head_dim // 2
         return sizes
 
@@ -156,12 +163,14 @@ def dims_of(cfg: Any) -> Dims:
         )  # fmt: skip
     if family == "llama":
         return _llama_dims(cfg, d, n_layers)
+    if family == "gpt2":
+        return _gpt2_dims(cfg, d, n_layers)
     p = cfg.dropout_rate
     return Dims(
         family, d=d, n_head=cfg.num_heads, head_dim=cfg.d_kv, d_ff=cfg.d_ff,
         n_layers=n_layers, n_dec_layers=n_dec_layers, act=cfg.dense_act_fn,
         gated=bool(cfg.is_gated_act), ln_eps=cfg.layer_norm_epsilon, pre_ln=True,
-        dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p,
+        dropout=p, attn_dropout=p, act_dropout=p, cls_dropout=p, norm="rms",
     )  # fmt: skip
 
 
@@ -184,8 +193,25 @@ def _llama_dims(cfg: Any, d: int, n_layers: int) -> Dims:
         n_layers=n_layers, n_dec_layers=0, act=cfg.hidden_act, gated=True,
         ln_eps=cfg.rms_norm_eps, pre_ln=True, dropout=0.0,
         attn_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0), act_dropout=0.0,
-        cls_dropout=0.0, n_kv_head=kv, rope_theta=float(theta),
+        cls_dropout=0.0, norm="rms", rotary=True, n_kv_head=kv, rope_theta=float(theta),
         rope_type=str(rope.get("rope_type", rope.get("type", "default"))),
         qkv_bias=attn_bias or qwen2, o_bias=attn_bias and not qwen2,
         mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+    )  # fmt: skip
+
+
+def _gpt2_dims(cfg: Any, d: int, n_layers: int) -> Dims:
+    """GPT-2: pre-LayerNorm blocks (with biases), one KV head per query head, plain GELU MLP.
+
+    Positions are learned absolute embeddings added before block 0, so they are in state 0; the
+    attention has no rotary. GPT-2's ``scale_attn_by_inverse_layer_idx`` (off in the released
+    checkpoints) is not copied: the side scales scores by its own head width only.
+    """
+    h = cfg.n_head
+    return Dims(
+        "gpt2", d=d, n_head=h, head_dim=d // h, d_ff=cfg.n_inner or 4 * d,
+        n_layers=n_layers, n_dec_layers=0, act=cfg.activation_function, gated=False,
+        ln_eps=cfg.layer_norm_epsilon, pre_ln=True, dropout=cfg.resid_pdrop,
+        attn_dropout=cfg.attn_pdrop, act_dropout=0.0, cls_dropout=cfg.resid_pdrop,
+        norm="layer", rotary=False, n_kv_head=h, qkv_bias=True, o_bias=True, mlp_bias=True,
     )  # fmt: skip

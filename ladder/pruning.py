@@ -20,6 +20,14 @@ n_kv_head) = g), so query heads still meet their own keys, and o keeps the match
 every query head. Rotary positions rotate dims j and j + head_dim/2 together, so dims are kept in
 those pairs. The MLP's gate and up share one row set (one product score), down follows them.
 
+GPT-2 (not in the reference either) goes through the same walk as Llama, pre-norm, with
+LayerNorm biases selected with their weights and no rotary pairing (every head is its own
+key-value group). Its projections are ``Conv1D`` layers whose weights are [in, out], and q, k, v
+are one fused ``c_attn`` [d, 3d]: :func:`_gpt2_as_linears` first turns weights and importances
+alike into [out, in] matrices, c_attn split into q, k, v (and its bias into three), so the
+indices returned for GPT-2 read ``W[rows][:, cols]`` of those transposed, split matrices
+(``c_attn.weight[:, :d].T`` for q).
+
 Importance is either the empirical Fisher (``ladder.fisher.compute_fisher``) or, for the magnitude
 variant, the raw weights (:func:`magnitude_importance`).
 
@@ -40,7 +48,7 @@ import transformers
 from torch import Tensor
 
 from ladder.errors import LadderError
-from ladder.families import Dims, check_family, dims_of, divisors
+from ladder.families import CAUSAL_FAMILIES, Dims, check_family, dims_of, divisors
 
 # --------------------------------------------------------------------------- importance
 
@@ -164,10 +172,11 @@ class _Pruner:
         the rows of k_g, v_g and of the group's query heads (summed over those heads), each over
         the input columns ``cols``; pairs (j, j + head_dim/2) are scored by their sum and kept or
         pruned together (rotary), keeping head_dim/(2r) pairs per group with ``_keep_rows``. Row
-        sets are ascending, so a kept pair's two dims stay half a side head apart.
+        sets are ascending, so a kept pair's two dims stay half a side head apart. Without rotary
+        (GPT-2) every head dim is scored on its own, keeping head_dim/r per group.
         """
         h, kv, hd = dims.n_head, dims.n_kv_head, dims.head_dim
-        group, half = h // kv, hd // 2
+        group, half = h // kv, (hd // 2 if dims.rotary else hd)
 
         def l1(name: str, heads: int) -> Tensor:
             imp = self._importance(f"{name}.weight")
@@ -180,11 +189,12 @@ class _Pruner:
 
         q, k, v = (l1(name, n) for name, n in zip(hf, (h, kv, kv), strict=True))
         score = q.reshape(kv, group, hd).sum(1) * k * v  # [kv, hd]
-        pairs = score[:, :half] + score[:, half:]  # [kv, hd/2]
+        pairs = score[:, :half] + score[:, half:] if dims.rotary else score  # [kv, hd/2 or hd]
         kv_rows, q_rows = [], []
         for g in range(kv):
             kept = _keep_rows(pairs[g], self.r, f"{hf[1]}.weight (key-value head {g})")
-            dims_g = torch.cat([kept, kept + half])  # ascending: first halves, then their pairs
+            # rotary: ascending, first halves then their pairs; else the kept dims themselves
+            dims_g = torch.cat([kept, kept + half]) if dims.rotary else kept
             kv_rows.append(g * hd + dims_g)
             q_rows.extend((g * group + i) * hd + dims_g for i in range(group))
         q_idx, kv_idx = torch.cat(q_rows), torch.cat(kv_rows)
@@ -260,6 +270,7 @@ _BART = _EncoderNames(
 
 _T5_ANCHOR = "encoder.block.0.layer.0.SelfAttention.q.weight"
 _LLAMA_ANCHOR = "layers.0.self_attn.q_proj.weight"
+_GPT2_ANCHOR = "h.0.attn.c_attn.weight"
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
@@ -356,6 +367,50 @@ def _prune_llama(p: _Pruner, dims: Dims) -> None:
     p.norm("final_ln", "norm", idxs)
 
 
+def _gpt2_as_linears(tensors: Mapping[str, Tensor], d: int) -> dict[str, Tensor]:
+    """GPT-2's Conv1D weights ([in, out]) as [out, in], the fused c_attn split into q, k, v.
+
+    Applied alike to weights and importances (both are elementwise over the same tensor), so
+    scores and weights stay aligned: ``h.{i}.attn.c_attn.weight`` [d, 3d] becomes
+    ``h.{i}.attn.{q,k,v}.weight`` [d, d] (columns :d, d:2d, 2d: transposed) and its bias [3d] three
+    [d] biases; ``attn.c_proj``, ``mlp.c_fc`` and ``mlp.c_proj`` weights are transposed. Every
+    other tensor (LayerNorms, wte, wpe) is kept as it is.
+    """
+    out: dict[str, Tensor] = {}
+    for key, t in tensors.items():
+        if key.endswith(".attn.c_attn.weight") or key.endswith(".attn.c_attn.bias"):
+            if t.shape[-1] != 3 * d:
+                raise LadderError(
+                    f"{key!r} has shape {tuple(t.shape)}; allowed: last dim 3 x d_model = {3 * d}"
+                )
+            base, kind = key.rsplit(".c_attn.", 1)
+            for name, part in zip("qkv", t.split(d, dim=-1), strict=True):
+                out[f"{base}.{name}.{kind}"] = part.t() if kind == "weight" else part
+        elif key.endswith((".c_proj.weight", ".c_fc.weight")):
+            out[key] = t.t()  # Conv1D [in, out] -> [out, in]
+        else:
+            out[key] = t
+    return out
+
+
+def _prune_gpt2(p: _Pruner, dims: Dims) -> None:
+    """GPT-2 (pre-LayerNorm, as Llama): embeddings -> per block ln_1, q/k/v (per head), attention
+    c_proj, ln_2, c_fc, mlp c_proj -> ln_f; each norm selected by the idxs coming into it."""
+    idxs = p.embedding(("wte.weight",), dims.d)
+    for i in range(dims.n_layers):
+        hf, c = f"h.{i}.", f"layers.{i}."
+        p.norm(c + "ln_attn", hf + "ln_1", idxs)
+        a = hf + "attn."
+        q_rows, _ = p.grouped_attention(
+            [c + "attn.q", c + "attn.k", c + "attn.v"], [a + "q", a + "k", a + "v"], idxs, dims
+        )
+        idxs = p.linears([c + "attn.o"], [a + "c_proj"], q_rows)
+        p.norm(c + "ln_ffn", hf + "ln_2", idxs)
+        inner = p.linears([c + "up"], [hf + "mlp.c_fc"], idxs)
+        idxs = p.linears([c + "down"], [hf + "mlp.c_proj"], inner)
+    p.norm("final_ln", "ln_f", idxs)
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -413,6 +468,8 @@ def prune_backbone(
       [n_kv_head*hd/r, d/r], o [d/r, n_head*hd/r]), ``layers.{i}.{gate,up}.weight`` [d_ff/r, d/r],
       ``layers.{i}.down.weight`` [d/r, d_ff/r], ``layers.{i}.{ln_attn,ln_ffn}.weight``,
       ``final_ln.weight``.
+    * "gpt2": as "llama" without ``gate``, with every bias (``attn.{q,k,v,o}``, ``up``,
+      ``down``, both norms and ``final_ln``); weights in [out, in] as ``nn.Linear`` has them.
 
     Indices, int64 ascending: ``idx.<module>.rows`` and, for projections, ``idx.<module>.cols``,
     with every pruned tensor equal to ``W[rows][:, cols]``; ``idx.embeddings.rows`` is the initial
@@ -424,17 +481,21 @@ def prune_backbone(
     if importance is None:
         importance = magnitude_importance(state_dict)
     names = _BERT if family == "bert" else _BART
-    anchor = {"t5": _T5_ANCHOR, "llama": _LLAMA_ANCHOR}.get(family, names.anchor)
-    pruner = _Pruner(
-        family,
-        _strip_prefix(state_dict, anchor, "state_dict"),
-        _strip_prefix(importance, anchor, "importance"),
-        r,
+    anchor = {"t5": _T5_ANCHOR, "llama": _LLAMA_ANCHOR, "gpt2": _GPT2_ANCHOR}.get(
+        family, names.anchor
     )
+    weights = _strip_prefix(state_dict, anchor, "state_dict")
+    importance = _strip_prefix(importance, anchor, "importance")
+    if family == "gpt2":
+        weights = _gpt2_as_linears(weights, dims.d)
+        importance = _gpt2_as_linears(importance, dims.d)
+    pruner = _Pruner(family, weights, importance, r)
     if family == "t5":
         _prune_t5(pruner, dims)
     elif family == "llama":
         _prune_llama(pruner, dims)
+    elif family == "gpt2":
+        _prune_gpt2(pruner, dims)
     else:
         _prune_post_ln_encoder(pruner, names, dims.n_layers, dims.d)
     return pruner.out, pruner.idx
@@ -452,9 +513,10 @@ def fisher_model_for(
     "bert"/"bart": ``AutoModelForSequenceClassification`` with a classification head randomly
     initialised under ``seed`` (as the reference's BART run; ``num_labels=1`` means regression with
     MSE). "t5": ``T5ForConditionalGeneration`` (label cross-entropy; ``num_labels`` is unused).
-    "llama": ``AutoModelForSequenceClassification`` too (``LlamaForSequenceClassification`` and
-    its Mistral/Qwen2 twins), whose head reads the last token that is not ``pad_token_id`` (the
-    tokenizer's, given here when the config has none: eos for most Llama tokenizers).
+    "llama", "gpt2": ``AutoModelForSequenceClassification`` too (``LlamaForSequenceClassification``
+    and its Mistral/Qwen2 twins, ``GPT2ForSequenceClassification``), whose head reads the last
+    token that is not ``pad_token_id`` (the tokenizer's, given here when the config has none: eos
+    for most Llama and GPT-2 tokenizers).
     A ``PretrainedConfig`` gives a randomly initialised model (for tests). The global RNG state is
     left untouched.
     """
@@ -468,7 +530,7 @@ def fisher_model_for(
         cls = transformers.AutoModelForSequenceClassification
         problem = "regression" if num_labels == 1 else "single_label_classification"
         kwargs = {"num_labels": num_labels, "problem_type": problem}
-        if family == "llama" and pad_token_id is not None:
+        if family in CAUSAL_FAMILIES and pad_token_id is not None:
             kwargs["pad_token_id"] = pad_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -2,7 +2,7 @@
 init, loading canonical (pruned) weights, the RMSNorm of T5 and Llama, and the classification
 head of the encoder-only and causal networks.
 
-``ladder.side`` (encoder-only and T5) and ``ladder.causal`` (Llama family) both build on these.
+``ladder.side`` (encoder-only and T5) and ``ladder.causal`` (Llama family, GPT-2) build on these.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def backbone_dims(cfg: PretrainedConfig, side: SideConfig) -> Dims:
     dims = dims_of(cfg)
     if side.dropout is None:
         return dims
-    p = side.dropout  # one rate for every dropout the family has (BERT, Llama: none in the FFN)
-    act = p if dims.family not in ("bert", "llama") else 0.0
+    p = side.dropout  # one rate for every dropout the family has (BERT, causal: none in the FFN)
+    act = 0.0 if dims.family == "bert" or dims.causal else p
     return replace(dims, dropout=p, attn_dropout=p, cls_dropout=p, act_dropout=act)
 
 

@@ -22,7 +22,7 @@ dropped layers have neither a side block nor a down-projection.
 
 The file reads top to bottom: configuration (``SideConfig``), the encoder-only family (BERT,
 RoBERTa, ELECTRA, BART/mBART encoder), the T5 family, the builder. The decoder-only Llama family
-(Llama, SmolLM2, Mistral, Qwen2) has its own module, ``ladder.causal``. The family table and the
+(Llama, SmolLM2, Mistral, Qwen2) and GPT-2 have their own module, ``ladder.causal``. The family table and the
 sizes read from a backbone config live in ``ladder.families``; the ladders (first and per-layer
 down-projections, gates, fusion) that every family shares live in ``ladder.ladders``, and the
 other shared pieces (init, loading pruned weights, RMSNorm) in ``ladder.shared``.
@@ -131,11 +131,13 @@ class SideConfig:
             if value % r:
                 name = "the per-head dim" if name == "per-head dim" else name
                 heads = ""
-                if dims.causal and name != "d_model" and name != "d_ff":  # head sizes
+                if dims.rotary and name != "d_model" and name != "d_ff":  # head sizes
                     heads = (
                         f" (the side keeps the {dims.n_head} query heads grouped over "
                         f"{dims.n_kv_head} key-value heads, each head_dim/r wide, rotary pairs whole)"
                     )
+                elif dims.causal and name == "the per-head dim":
+                    heads = f" (the side keeps the {dims.n_head} heads, each head_dim/r wide)"
                 raise LadderError(
                     f"side.reduction_factor={r} does not divide {name}={value}{heads}; "
                     f"allowed: one of {divisors(sizes)}"
@@ -545,7 +547,7 @@ class T5SideNetwork(nn.Module):
 def build_side_network(
     backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor | None = None
 ) -> nn.Module:
-    """EncoderSideNetwork, CausalSideNetwork (Llama family) or T5SideNetwork (needs ``lm_head``
+    """EncoderSideNetwork, CausalSideNetwork (Llama family, GPT-2) or T5SideNetwork (needs ``lm_head``
     [V, d]) for a backbone config."""
     mt = getattr(backbone_config, "model_type", None)
     if mt in ENCODER_TYPES:

@@ -51,6 +51,7 @@ from ladder.backbones import (
     pick_device,
 )
 from ladder.errors import LadderError
+from ladder.families import CAUSAL_FAMILIES
 from ladder.side import SideConfig
 from ladder.vision import VisionEncoder, load_vision_encoder
 from stages.config import StageConfig
@@ -184,7 +185,7 @@ def stored_layers(cfg: StageConfig, config: Any) -> dict[str, list[int]]:
 def _stack_word(config: Any, stack: str) -> str:
     if stack == "dec":
         return "decoder"
-    return "decoder-only" if family_of(config) == "llama" else "encoder"
+    return "decoder-only" if family_of(config) in CAUSAL_FAMILIES else "encoder"
 
 
 def check_side_init_factors(cfg: StageConfig, config: Any) -> None:

@@ -1,0 +1,261 @@
+"""GPT-2 as a decoder-only causal backbone: states, side network, pruning, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache_store.registry import open_cache
+from ladder.errors import LadderError
+from ladder.pruning import fisher_model_for, prune_backbone
+from ladder.side import SideConfig, build_side_network
+from pipeline.config import apply_overrides
+from stages.extract import extract
+from stages.tasks import load_task
+from stages.tokens import tokenize_split
+from stages.train_side import train_side
+from tests.conftest import make_config
+from tests.test_extract import direct_states, stored_rows
+
+
+def tiny_gpt2(tokenizer, seed: int = 0, layers: int = 2):
+    """A tiny random GPT-2 (4 heads of 8 dims, d_ff = 4 d), dropout off as GPT2Config's 0.1 is."""
+    from transformers import GPT2Config, GPT2Model
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return from_model("tiny-gpt2", "", GPT2Model(cfg), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt2(minilm_tokenizer):
+    return tiny_gpt2(minilm_tokenizer)
+
+
+def test_every_row_equals_a_direct_unpadded_forward(tmp_path, glue_dir, gpt2):
+    """Padded, length-grouped batches give each example the states of its own unpadded forward."""
+    cfg = make_config(tmp_path, glue_dir, **{"cache.dtype": "float32", "task.limit": 8})
+    result = extract(cfg, backbone=gpt2, progress=False)
+    cache = open_cache(cfg.cache_root, result.key)
+    m = cache.manifest
+    assert m["backbone"]["family"] == "gpt2" and m["key_inputs"]["template"] == "fields-v1"
+    data = load_task("rte", data_dir=cfg.task.data_dir, limit=cfg.task.limit)
+    enc = tokenize_split(gpt2, data, "validation", cfg.backbone.max_length)["enc"]
+    assert len({len(x) for x in enc.ids}) > 1  # the batches were padded
+    for i in range(len(enc.ids)):
+        want = direct_states(gpt2, enc.ids[i], None)["enc"]
+        for n in range(gpt2.n_layers + 1):
+            got = stored_rows(cache, "validation", "enc", n, i)
+            torch.testing.assert_close(got, want[n][0], rtol=0, atol=1e-5)
+
+
+def test_state_convention_embeddings_plus_positions_then_each_block_before_ln_f(gpt2):
+    ids = torch.tensor([[101, 2054, 2003, 102]])
+    states = gpt2.states(ids, torch.ones_like(ids))["enc"]
+    m = gpt2.model
+    hs = []
+    m.drop.register_forward_pre_hook(lambda _m, inp: hs.append(inp[0]))  # what block 0 reads
+    out = m(input_ids=ids)
+    m.drop._forward_pre_hooks.clear()
+    torch.testing.assert_close(states[0], hs[0], rtol=0, atol=0)
+    torch.testing.assert_close(states[0], m.wte(ids) + m.wpe(torch.arange(4))[None])
+    torch.testing.assert_close(states[1], m.h[0](states[0]))
+    torch.testing.assert_close(m.ln_f(states[-1]), out.last_hidden_state)
+
+
+def test_side_block_equals_the_gpt2_block(gpt2):
+    """At r = 1 a side block with the backbone's weights is GPT2Block (Conv1D [in, out] weights)."""
+    from ladder.causal import CausalSideBlock
+    from ladder.families import dims_of
+
+    cfg, d = gpt2.config, gpt2.config.n_embd
+    layer = gpt2.model.h[1]
+    block = CausalSideBlock(dims_of(cfg), 1)
+    wq, wk, wv = layer.attn.c_attn.weight.split(d, dim=1)
+    bq, bk, bv = layer.attn.c_attn.bias.split(d)
+    w = {
+        "ln_attn.weight": layer.ln_1.weight, "ln_attn.bias": layer.ln_1.bias,
+        "ln_ffn.weight": layer.ln_2.weight, "ln_ffn.bias": layer.ln_2.bias,
+        "attn.q.weight": wq.t(), "attn.q.bias": bq, "attn.k.weight": wk.t(), "attn.k.bias": bk,
+        "attn.v.weight": wv.t(), "attn.v.bias": bv,
+        "attn.o.weight": layer.attn.c_proj.weight.t(), "attn.o.bias": layer.attn.c_proj.bias,
+        "up.weight": layer.mlp.c_fc.weight.t(), "up.bias": layer.mlp.c_fc.bias,
+        "down.weight": layer.mlp.c_proj.weight.t(), "down.bias": layer.mlp.c_proj.bias,
+    }  # fmt: skip
+    block.load_state_dict(w)  # strict: these are all of the block's parameters
+    assert isinstance(block.ln_attn, torch.nn.LayerNorm) and not hasattr(block, "gate")
+    torch.manual_seed(1)
+    x = torch.randn(2, 7, d)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    bias = torch.zeros(7, 7).masked_fill(~causal, torch.finfo(x.dtype).min)[None, None]
+    with torch.no_grad():
+        want = layer(x, attention_mask=bias)
+        want = want[0] if isinstance(want, tuple) else want
+        got = block(x, bias)  # no cos, sin: no rotary
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_side_network_has_layernorms_no_rotary_and_a_last_token_head(gpt2):
+    torch.manual_seed(0)
+    net = build_side_network(gpt2.config, SideConfig(reduction_factor=2, num_labels=3)).eval()
+    assert net.inv_freq is None and isinstance(net.final_ln, torch.nn.LayerNorm)
+    ids = torch.tensor([[101, 2054, 2003, 1037, 102], [101, 2129, 102, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    states = gpt2.states(ids, mask, for_training=True)["enc"]
+    alone = gpt2.states(ids[1:, :3], mask[1:, :3], for_training=True)["enc"]
+    with torch.no_grad():
+        both = net({k: states[k] for k in net.needed_layers()}, mask)
+        one = net({k: alone[k] for k in net.needed_layers()}, mask[1:, :3])
+    assert both.shape == (2, 3)
+    torch.testing.assert_close(both[1], one[0], rtol=1e-5, atol=1e-6)
+
+
+def test_cache_and_online_lst_follow_the_same_trajectory(tmp_path, glue_dir, gpt2):
+    """float32 cache vs the live backbone (dropout off): same losses and weights, 2 nets x 2 epochs."""
+    cfg = make_config(tmp_path, glue_dir, **{"cache.dtype": "float32", "task.limit": 12})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "train_side.epochs": 2,
+            "train_side.batch_size": 4,
+            "train_side.warmup_steps": 2,
+            "train_side.reduction_factors": [2, 4],
+            "train_side.init": "magnitude",
+            "extract.side_init": ["magnitude"],
+            "extract.reduction_factors": [2, 4],
+            "backbone.name": gpt2.name,
+            "train_side.run_dir": str(tmp_path / "runs"),
+        },
+    )
+    extract(cfg, backbone=gpt2, progress=False)
+    cached = train_side(cfg, run_name="cached", progress=False)
+    online = train_side(cfg, run_name="online", online=gpt2, online_dropout=False, progress=False)
+    assert set(cached.metrics["networks"]) == {"r2-s0-lr0.003", "r4-s0-lr0.003"}
+    for name, c in cached.metrics["networks"].items():
+        o = online.metrics["networks"][name]
+        c_loss = [h["train_loss"] for h in c["epochs"]]
+        o_loss = [h["train_loss"] for h in o["epochs"]]
+        assert len(c_loss) == 2
+        torch.testing.assert_close(torch.tensor(c_loss), torch.tensor(o_loss), rtol=1e-5, atol=0)
+        assert c["test"] == o["test"]
+        pc = torch.load(cached.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
+        po = torch.load(online.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
+        for k in pc["net"]:
+            torch.testing.assert_close(pc["net"][k], po["net"][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("importance", ["magnitude", "fisher-like"])
+def test_pruned_weights_follow_the_conv1d_layout_keep_heads_and_load(gpt2, r, importance):
+    cfg, sd = gpt2.config, gpt2.model.state_dict()
+    imp = None
+    if importance == "fisher-like":
+        g = torch.Generator().manual_seed(3)
+        imp = {k: torch.rand(v.shape, generator=g) for k, v in sd.items() if v.is_floating_point()}
+    weights, idx = prune_backbone("gpt2", sd, imp, r, cfg)
+    idx = {k.removeprefix("idx."): v for k, v in idx.items()}
+    d, h, hd = 32, 4, 8
+    hs = hd // r
+    for i in range(cfg.n_layer):
+        c, hf = f"layers.{i}.", f"h.{i}."
+        q_rows = idx[c + "attn.q.rows"]
+        assert torch.equal(q_rows, idx[c + "attn.k.rows"])  # one key-value head per query head
+        assert torch.equal(q_rows, idx[c + "attn.v.rows"])
+        assert torch.equal(q_rows // hd, torch.arange(h).repeat_interleave(hs))  # head by head
+        cols = idx[c + "attn.q.cols"]
+        # c_attn is [d, 3d] (Conv1D: in, out): q is its first d output columns, transposed
+        c_attn, b_attn = sd[hf + "attn.c_attn.weight"], sd[hf + "attn.c_attn.bias"]
+        for j, name in enumerate("qkv"):
+            want = c_attn[:, j * d : (j + 1) * d].t()[q_rows][:, cols]
+            torch.testing.assert_close(weights[f"{c}attn.{name}.weight"], want)
+            torch.testing.assert_close(weights[f"{c}attn.{name}.bias"], b_attn[j * d + q_rows])
+        assert torch.equal(idx[c + "attn.o.cols"], q_rows)
+        for name, hf_name in (
+            ("attn.o", "attn.c_proj"),
+            ("up", "mlp.c_fc"),
+            ("down", "mlp.c_proj"),
+        ):
+            rows, cols = idx[f"{c}{name}.rows"], idx[f"{c}{name}.cols"]
+            want = sd[f"{hf}{hf_name}.weight"].t()[rows][:, cols]
+            torch.testing.assert_close(weights[f"{c}{name}.weight"], want)
+            torch.testing.assert_close(weights[f"{c}{name}.bias"], sd[f"{hf}{hf_name}.bias"][rows])
+        rows = idx[c + "ln_attn.rows"]
+        torch.testing.assert_close(weights[c + "ln_attn.bias"], sd[hf + "ln_1.bias"][rows])
+        assert weights[c + "attn.q.weight"].shape == (d // r, d // r)
+        assert weights[c + "up.weight"].shape == (4 * d // r, d // r)
+        assert weights[c + "down.weight"].shape == (d // r, 4 * d // r)
+    assert "final_ln.bias" in weights and not any(".gate." in k for k in weights)
+    net = build_side_network(cfg, SideConfig(reduction_factor=r))
+    net.load_side_init(weights)
+    own = net.state_dict()
+    for k, w in weights.items():
+        torch.testing.assert_close(own[k], w, msg=k)
+    assert set(weights) == {k for k in own if k.startswith(("layers.", "final_ln."))}
+
+
+def test_pruning_at_r1_keeps_the_backbone_weights_in_place(gpt2):
+    sd = gpt2.model.state_dict()
+    weights, _ = prune_backbone("gpt2", sd, None, 1, gpt2.config)
+    torch.testing.assert_close(
+        weights["layers.1.attn.k.weight"], sd["h.1.attn.c_attn.weight"][:, 32:64].t()
+    )
+    torch.testing.assert_close(weights["layers.0.down.weight"], sd["h.0.mlp.c_proj.weight"].t())
+    torch.testing.assert_close(weights["final_ln.bias"], sd["ln_f.bias"])
+
+
+def test_fisher_model_is_gpt2_sequence_classification_pooling_the_last_non_pad(gpt2):
+    model = fisher_model_for("gpt2", gpt2.config, 2, seed=0, pad_token_id=0)
+    assert type(model).__name__ == "GPT2ForSequenceClassification"
+    model.transformer.load_state_dict(gpt2.model.state_dict())
+    ids = torch.tensor([[101, 2054, 2003, 102, 0, 0]])
+    full = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    short = model(input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-6)
+
+
+def test_magnitude_and_fisher_side_init_from_the_extraction(tmp_path, glue_dir, gpt2):
+    cfg = make_config(
+        tmp_path,
+        glue_dir,
+        **{
+            "task.limit": 6,
+            "extract.side_init": ["magnitude", "fisher"],
+            "extract.reduction_factors": [2],
+            "extract.fisher_samples": 4,
+        },
+    )
+    result = extract(cfg, backbone=gpt2, progress=False)
+    cache = open_cache(cfg.cache_root, result.key)
+    from stages.train_side import load_side_init
+
+    fisher, magnitude = load_side_init(cache, 2, "fisher"), load_side_init(cache, 2, "magnitude")
+    for w in (fisher, magnitude):
+        build_side_network(gpt2.config, SideConfig(reduction_factor=2)).load_side_init(w)
+    assert any(not torch.equal(fisher[k], magnitude[k]) for k in fisher)
+
+
+@pytest.mark.parametrize(
+    ("r", "match"),
+    [
+        (16, r"does not divide the per-head dim=8 \(the side keeps the 4 heads, each head_dim/r"),
+        (3, r"does not divide d_model=32; allowed: one of 1, 2, 4, 8$"),
+    ],
+)
+def test_r_that_breaks_the_head_dim_is_one_line(gpt2, r, match):
+    with pytest.raises(LadderError, match=match) as e:
+        SideConfig(reduction_factor=r).validate(gpt2.config)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LadderError, match="does not divide") as e:
+        prune_backbone("gpt2", gpt2.model.state_dict(), None, r, gpt2.config)
+    assert "\n" not in str(e.value)
