@@ -379,35 +379,104 @@ def _unknown_backbone(name: str, e: Exception) -> str:
     )
 
 
+QUANTIZATIONS = ("none", "4bit", "8bit")  # backbone.quantization: bitsandbytes on CUDA
+
+
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """Raise LadderError (one line) unless ``quantization`` can be loaded on ``device`` here.
+
+    "4bit" and "8bit" need a CUDA device and the optional ``bitsandbytes`` package; checked
+    before anything is loaded or written.
+    """
+    import importlib.util
+
+    if quantization not in QUANTIZATIONS:
+        raise LadderError(
+            f"backbone.quantization={quantization!r}; allowed: {', '.join(QUANTIZATIONS)}"
+        )
+    if quantization == "none":
+        return
+    if device.type != "cuda":
+        raise LadderError(
+            f"backbone.quantization={quantization} needs a CUDA GPU (bitsandbytes), but the "
+            f"backbone would run on {device}; allowed: quantization none on this machine"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LadderError(
+            f"backbone.quantization={quantization} needs the bitsandbytes package, which is not "
+            "installed; allowed: pip install 'lst-pipeline[cuda4bit]', or quantization none"
+        )
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    """transformers' BitsAndBytesConfig: QST's 4-bit NF4 with double quantisation, or LLM.int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_backbone(
     name: str,
     *,
     revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
 ) -> Backbone:
-    """Load a frozen backbone (eval mode, no grad) and its tokenizer."""
+    """Load a frozen backbone (eval mode, no grad) and its tokenizer.
+
+    ``quantization`` "4bit" or "8bit" loads the weights through bitsandbytes onto ``device``
+    (CUDA only; see :func:`check_quantization`), ``dtype`` being the compute dtype.
+    """
     from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is going on; errors stay one line
 
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    check_quantization(quantization, dev)
     path = resolve_backbone(name)
     config = load_config_only(name, revision)
     family = family_of(config)
-    dev = device if isinstance(device, torch.device) else pick_device(device)
+    kw: dict[str, Any] = {}
+    if quantization != "none":  # placed on the GPU while loading; quantised modules cannot move
+        kw = {
+            "quantization_config": _quantization_config(quantization, dtype),
+            "device_map": {"": dev},
+        }
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         cls = T5ForConditionalGeneration if family == "t5" else AutoModel
-        model = cls.from_pretrained(path, revision=revision, dtype=dtype)
+        model = cls.from_pretrained(path, revision=revision, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise LadderError(_unknown_backbone(name, e)) from None
-    model.eval().requires_grad_(False).to(dev)
-    return from_model(name, path, model, tokenizer, revision=revision)
+    model.eval().requires_grad_(False)
+    if quantization == "none":
+        model.to(dev)
+    return from_model(
+        name,
+        path,
+        model,
+        tokenizer,
+        revision=revision,
+        quantization=None if quantization == "none" else quantization,
+    )
 
 
 def from_model(
-    name: str, path: str, model: nn.Module, tokenizer: Any, revision: str | None = None
+    name: str,
+    path: str,
+    model: nn.Module,
+    tokenizer: Any,
+    revision: str | None = None,
+    quantization: str | None = None,
 ) -> Backbone:
     """Wrap an already built model (tests build tiny random ones from configs)."""
     config = model.config
@@ -441,4 +510,5 @@ def from_model(
         revision=revision or getattr(config, "_commit_hash", None),
         weights_digest=weights,
         tokenizer_digest=tok,
+        quantization=quantization,
     )

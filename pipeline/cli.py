@@ -161,6 +161,12 @@ COMMON_OPTIONS = [
         none="none (text only)",
     ),
     config_option("--max-length", "backbone.max_length", "truncation length in tokens", type=int),
+    config_option(
+        "--quantization",
+        "backbone.quantization",
+        "backbone weights through bitsandbytes (4bit NF4, 8bit), CUDA only; part of the cache key",
+        type=click.Choice(_choices("backbone.quantization")),
+    ),
     config_option("--cache-root", "cache.root", ROOT_HELP),
 ]
 
@@ -489,7 +495,11 @@ def _train(
     if online is not None:
         from ladder.backbones import load_backbone
 
-        backbone = load_backbone(cfg.backbone.name, revision=cfg.backbone.revision)
+        backbone = load_backbone(
+            cfg.backbone.name,
+            revision=cfg.backbone.revision,
+            quantization=cfg.backbone.quantization,
+        )
     result = train_side(
         cfg,
         cache_key=cache_key,

@@ -20,6 +20,9 @@ from stages.tasks import TaskConfig
 
 Dtype = Literal["float32", "float16", "bfloat16", "int8"]
 Codec = Literal["raw", "lz4", "zstd"]
+# bitsandbytes weight quantisation of the backbone (CUDA only); the values of
+# ladder.backbones.QUANTIZATIONS, which checks them where the backbone is loaded
+Quantization = Literal["none", "4bit", "8bit"]
 
 
 class Section(BaseModel):
@@ -35,6 +38,9 @@ class BackboneConfig(Section):
     vision: str | None = (
         None  # frozen vision encoder for VL tasks (random-vit, CLIP...); None: text
     )
+    # QST-style 4-bit NF4 (or 8-bit) weights through bitsandbytes, CUDA only; it changes the
+    # states, so it is part of the cache key. none: the weights as stored
+    quantization: Quantization = "none"
 
 
 class CacheConfig(Section):

@@ -166,7 +166,10 @@ class Predictor:
         )
         state = load_weights(weights)
         self.backbone: Backbone = load_backbone(
-            self.backbone_cfg.name, revision=self.backbone_cfg.revision, device=device
+            self.backbone_cfg.name,
+            revision=self.backbone_cfg.revision,
+            device=device,
+            quantization=self.backbone_cfg.quantization,  # the states it was trained on
         )
         self.spec = spec_of(saved["task_spec"])
         side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list

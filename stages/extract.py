@@ -42,6 +42,7 @@ from cache_store.reader import damaged_message, read_commit
 from cache_store.writer import BackgroundWriter, CacheWriter, StreamWriter, raise_write_error
 from ladder.backbones import (
     Backbone,
+    check_quantization,
     d_model,
     family_of,
     load_backbone,
@@ -186,6 +187,31 @@ def _stack_word(config: Any, stack: str) -> str:
     if stack == "dec":
         return "decoder"
     return "decoder-only" if family_of(config) in CAUSAL_FAMILIES else "encoder"
+
+
+def check_quantized(cfg: StageConfig, backbone: Backbone | None) -> None:
+    """``backbone.quantization`` can run here, and agrees with a backbone given ready-made.
+
+    A quantised backbone's weights are packed bitsandbytes tensors that neither pruning nor the
+    Fisher pass can read, so its extraction computes no side_init (``extract.side_init: []``).
+    """
+    q = cfg.backbone.quantization
+    if backbone is None:
+        try:
+            check_quantization(q, pick_device(cfg.extract.device))
+        except LadderError as e:
+            raise StageError(str(e)) from None
+    elif (backbone.quantization or "none") != q:
+        raise StageError(
+            f"the backbone given was loaded with quantization {backbone.quantization or 'none'}, "
+            f"but backbone.quantization is {q}; allowed: the same in both"
+        )
+    if q != "none" and cfg.extract.side_init:
+        raise StageError(
+            f"extract.side_init={list(cfg.extract.side_init)} needs the backbone's full-precision "
+            f"weights, not the {q} ones; allowed: extract.side_init [] (--side-init '') with "
+            "backbone.quantization, then train_side.init random"
+        )
 
 
 def check_side_init_factors(cfg: StageConfig, config: Any) -> None:
@@ -565,6 +591,7 @@ def extract(
     ``runner`` runs the segments elsewhere: ``stages.extract_dask.DaskSegments(cluster)`` on Dask
     workers that load the backbone by name; the cache is bit-identical.
     """
+    check_quantized(cfg, backbone)  # fail early, before loading or writing anything
     if data is None:
         data = load_task_of(cfg.task)
     check_vision_task(cfg, data)
@@ -580,6 +607,10 @@ def extract(
         device = pick_device(cfg.extract.device)
         dtype = pick_compute_dtype(cfg.extract.compute_dtype, cfg.cache.dtype, device)
         backbone = load_backbone(
-            cfg.backbone.name, revision=cfg.backbone.revision, device=device, dtype=dtype
+            cfg.backbone.name,
+            revision=cfg.backbone.revision,
+            device=device,
+            dtype=dtype,
+            quantization=cfg.backbone.quantization,
         )
     return Extractor(cfg, backbone, data, progress=progress, runner=runner, vision=vision).run()

@@ -63,6 +63,7 @@ class BackboneSpec:
     dtype: str
     weights_digest: str
     tokenizer_digest: str
+    quantization: str = "none"  # backbone.quantization
 
 
 _BACKBONES: dict[tuple[Any, ...], Backbone] = {}  # per worker process: loaded once
@@ -75,7 +76,7 @@ def worker_backbone(spec: BackboneSpec) -> Backbone:
 
     from ladder.backbones import load_backbone, pick_device
 
-    memo = (spec.name, spec.revision, spec.device, spec.dtype)
+    memo = (spec.name, spec.revision, spec.device, spec.dtype, spec.quantization)
     with _BACKBONES_LOCK:
         bb = _BACKBONES.get(memo)
         if bb is None:
@@ -85,6 +86,7 @@ def worker_backbone(spec: BackboneSpec) -> Backbone:
                 revision=spec.revision,
                 device=pick_device(spec.device),
                 dtype=getattr(torch, spec.dtype),
+                quantization=spec.quantization,
             )
             _BACKBONES[memo] = bb
     got = (bb.weights_digest, bb.tokenizer_digest)
@@ -315,6 +317,7 @@ def backbone_spec(cfg: StageConfig, backbone: Backbone) -> BackboneSpec:
         dtype=str(backbone.dtype).removeprefix("torch."),
         weights_digest=backbone.weights_digest,
         tokenizer_digest=backbone.tokenizer_digest,
+        quantization=cfg.backbone.quantization,
     )
 
 

@@ -122,12 +122,16 @@ def _data_of(cfg: StageConfig) -> Any:
 
 
 def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str | None:
-    """How a cache's inputs differ from the config's (task, backbone, max length, data), or None."""
+    """How a cache's inputs differ from the config's (task, backbone and its quantization, max
+    length, data), or None."""
     m = manifest
     if m["task"]["name"] != cfg.task.name:
         return f"task ({m['task']['name']!r}, asked {cfg.task.name!r})"
     if m["backbone"]["name"] != cfg.backbone.name:
         return f"backbone ({m['backbone']['name']!r}, asked {cfg.backbone.name!r})"
+    quantization = m["backbone"].get("quantization") or "none"
+    if quantization != cfg.backbone.quantization:
+        return f"quantization ({quantization}, asked {cfg.backbone.quantization})"
     inputs = m.get("key_inputs", {})
     max_length = inputs.get("max_length")
     if max_length is not None and max_length != cfg.backbone.max_length:

@@ -65,9 +65,11 @@ def test_state_convention_embeddings_plus_positions_then_each_block_before_ln_f(
     states = gpt2.states(ids, torch.ones_like(ids))["enc"]
     m = gpt2.model
     hs = []
-    m.drop.register_forward_pre_hook(lambda _m, inp: hs.append(inp[0]))  # what block 0 reads
-    out = m(input_ids=ids)
-    m.drop._forward_pre_hooks.clear()
+    hook = m.drop.register_forward_pre_hook(lambda _m, inp: hs.append(inp[0]))  # block 0 reads
+    try:
+        out = m(input_ids=ids)
+    finally:
+        hook.remove()
     torch.testing.assert_close(states[0], hs[0], rtol=0, atol=0)
     torch.testing.assert_close(states[0], m.wte(ids) + m.wpe(torch.arange(4))[None])
     torch.testing.assert_close(states[1], m.h[0](states[0]))
