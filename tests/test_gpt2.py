@@ -261,3 +261,34 @@ def test_r_that_breaks_the_head_dim_is_one_line(gpt2, r, match):
     with pytest.raises(LadderError, match="does not divide") as e:
         prune_backbone("gpt2", gpt2.model.state_dict(), None, r, gpt2.config)
     assert "\n" not in str(e.value)
+
+
+def test_a_gpt2_folder_loads_by_path_and_extracts_with_side_init_from_the_cli(
+    tmp_path, glue_dir, gpt2
+):
+    """A GPT2LMHeadModel checkpoint loads as the GPT2Model backbone; pruning reads its weights."""
+    from transformers import GPT2LMHeadModel
+
+    from pipeline.cli import run_cli
+
+    folder = tmp_path / "tiny-gpt2"
+    lm = GPT2LMHeadModel(gpt2.config)
+    lm.transformer.load_state_dict(gpt2.model.state_dict())
+    lm.save_pretrained(folder)
+    gpt2.tokenizer.save_pretrained(folder)
+    root = tmp_path / "cache"
+    args = ["run", "extract", "--task", "sst2", "--data-dir", str(glue_dir), "--limit", "4"]
+    args += ["--cache-root", str(root), "--backbone", str(folder), "--dtype", "float32"]
+    args += ["--side-init", "magnitude", "--side-init-factors", "2"]
+    assert run_cli(args) == 0
+    key = next(p.name for p in root.iterdir() if p.is_dir())
+    cache = open_cache(str(root), key)
+    assert cache.manifest["backbone"]["model_type"] == "gpt2"
+    from stages.train_side import load_side_init
+
+    w = load_side_init(cache, 2, "magnitude")
+    build_side_network(gpt2.config, SideConfig(reduction_factor=2)).load_side_init(w)
+    want, _ = prune_backbone("gpt2", gpt2.model.state_dict(), None, 2, gpt2.config)
+    assert w.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(w[k], want[k], rtol=0, atol=0, msg=k)
