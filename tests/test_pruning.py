@@ -456,8 +456,8 @@ def test_fisher_model_for_builds_seeded_loss_models():
     prune_backbone("bart", bart.state_dict(), fisher, 2, bart.config)  # keys line up
     with pytest.raises(LadderError, match="num_labels=0"):
         fisher_model_for("bert", config, 0, seed=0)
-    with pytest.raises(LadderError, match="gpt2"):
-        fisher_model_for("gpt2", config, 2, seed=0)
+    with pytest.raises(LadderError, match="opt"):
+        fisher_model_for("opt", config, 2, seed=0)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -466,8 +466,8 @@ def test_fisher_model_for_builds_seeded_loss_models():
 def test_bad_family_and_reduction_factor_raise_pipeline_error():
     model = build(CASES[0])
     sd, config = model.state_dict(), model.config
-    with pytest.raises(LadderError, match="'gpt2'.*allowed: 'bert', 'bart', 't5'"):
-        prune_backbone("gpt2", sd, None, 2, config)
+    with pytest.raises(LadderError, match="'opt'.*allowed: 'bert', 'bart', 't5', 'llama', 'gpt2'"):
+        prune_backbone("opt", sd, None, 2, config)
     with pytest.raises(LadderError, match="r=3 does not divide d_model=32"):
         prune_backbone("bert", sd, None, 3, config)
     with pytest.raises(LadderError, match="r=16 does not divide per-head dim=8.*1, 2, 4, 8$"):
