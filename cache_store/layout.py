@@ -28,7 +28,7 @@ This module owns the on-disk layout: every reader and writer builds its paths he
     <root>/<key>/attempts/<id>.lease-<gen>     object stores: the owner's lease
 
 Each stream (``enc``, ``dec``, ``cand_K``) has its own token axis, offsets and ids. A decoder-only
-(Llama-family) backbone has one causal stream over its input tokens, stored as ``enc`` (as
+(Llama family, GPT-2) backbone has one causal stream over its input tokens, stored as ``enc`` (as
 :data:`CAUSAL_STREAM` says): the classification side network reads it as the encoder-only one
 does. DESIGN.md's ``lm`` name is kept for the prompt/answer stream of generation tasks, which
 has not been built. Layer arrays

@@ -447,9 +447,10 @@ def load_backbone(
     family = family_of(config)
     kw: dict[str, Any] = {}
     if quantization != "none":  # placed on the GPU while loading; quantised modules cannot move
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
         kw = {
             "quantization_config": _quantization_config(quantization, dtype),
-            "device_map": {"": dev},
+            "device_map": {"": index},  # the whole model on that GPU
         }
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
