@@ -109,6 +109,12 @@ def test_side_block_equals_the_gpt2_block(gpt2):
 
 
 def test_side_network_has_layernorms_no_rotary_and_a_last_token_head(gpt2):
+    from ladder.families import dims_of
+
+    dims = dims_of(gpt2.config)
+    assert (dims.family, dims.norm, dims.rotary, dims.gated) == ("gpt2", "layer", False, False)
+    assert (dims.n_head, dims.n_kv_head, dims.head_dim, dims.d_ff) == (4, 4, 8, 128)
+    assert dims.act == "gelu_new" and dims.qkv_bias and dims.o_bias and dims.mlp_bias
     torch.manual_seed(0)
     net = build_side_network(gpt2.config, SideConfig(reduction_factor=2, num_labels=3)).eval()
     assert net.inv_freq is None and isinstance(net.final_ln, torch.nn.LayerNorm)
