@@ -155,6 +155,7 @@ class Backbone:
     weights_digest: str
     tokenizer_digest: str
     quantization: str | None = None  # how the backbone's weights are quantised (None: not at all)
+    lm_head: torch.Tensor | None = None  # Llama family: the LM head weight [V, d] (tied: embed)
 
     @property
     def encoder_decoder(self) -> bool:
@@ -185,11 +186,39 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def frozen_tensors(self) -> dict[str, torch.Tensor]:
-        """The few frozen tensors a side network needs besides the cached states."""
+    def frozen_tensors(self, lm_head: bool = False) -> dict[str, torch.Tensor]:
+        """The few frozen tensors a side network needs besides the cached states: T5's LM head;
+        with ``lm_head`` (generation tasks) a causal LM's too."""
         if self.family == "t5":
             return {"lm_head": self.model.lm_head.weight.detach().float().cpu()}
+        if lm_head and self.causal:
+            if self.lm_head is None:
+                raise LadderError(
+                    f"backbone {self.name!r} has no LM head (a bare decoder without "
+                    "lm_head.weight or tied embeddings); allowed: a causal LM checkpoint"
+                )
+            return {"lm_head": self.lm_head.detach().float().cpu()}
         return {}
+
+    def decode_states(
+        self, input_ids: torch.Tensor, past: Any, layers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], Any]:
+        """Llama family, incremental: the states ``layers`` of new tokens [B, T_new] (no padding)
+        after the tokens ``past`` (the model's own KV cache, None at the start) holds, and the
+        extended cache. The same states as :meth:`states` on the whole sequence."""
+        if not self.causal:
+            raise LadderError(f"incremental decoding needs a causal backbone, not {self.family}")
+        m, want = self.model, (lambda n: n in layers)  # noqa: E731
+        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` is deprecated)
+        name = "cache" if _takes(m, "cache") else "past_key_values"
+        with torch.inference_mode():
+            states, out = self._run_stack(
+                m.layers,
+                want,
+                lambda: m(input_ids=input_ids, use_cache=True, **{name: past}),
+                m.embed_tokens(input_ids) if want(0) else None,
+            )
+        return {n: states[n] for n in layers}, getattr(out, name)
 
     def states(
         self,
@@ -307,6 +336,12 @@ class Backbone:
         return states, out
 
 
+def _takes(model: nn.Module, arg: str) -> bool:
+    import inspect
+
+    return arg in inspect.signature(model.forward).parameters
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -369,7 +404,12 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
 ) -> Backbone:
     """Load a frozen backbone (eval mode, no grad) and its tokenizer."""
-    from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is going on; errors stay one line
@@ -380,7 +420,10 @@ def load_backbone(
     dev = device if isinstance(device, torch.device) else pick_device(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        cls = T5ForConditionalGeneration if family == "t5" else AutoModel
+        # the Llama family with its LM head (generation tasks read it); from_model unwraps it
+        cls = {"t5": T5ForConditionalGeneration, "llama": AutoModelForCausalLM}.get(
+            family, AutoModel
+        )
         model = cls.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as e:
         raise LadderError(_unknown_backbone(name, e)) from None
@@ -409,6 +452,14 @@ def from_model(
         tok = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
     model.eval().requires_grad_(False)
     family = family_of(config)
+    lm_head = None
+    if family == "llama":
+        # a *ForCausalLM: keep its decoder as the model (states read m.layers, m.embed_tokens)
+        # and its LM head weight; a bare decoder has one only through tied embeddings
+        if hasattr(model, "lm_head") and hasattr(model, "model"):
+            lm_head, model = model.lm_head.weight, model.model
+        elif getattr(config, "tie_word_embeddings", False):
+            lm_head = model.embed_tokens.weight
     if family == "llama" and tokenizer.pad_token is None:
         # Llama-family tokenizers often have no pad token: pad with end-of-sequence (masked, and
         # on the right, so it never reaches a real token of a causal model)
@@ -423,4 +474,5 @@ def from_model(
         revision=revision or getattr(config, "_commit_hash", None),
         weights_digest=weights,
         tokenizer_digest=tok,
+        lm_head=lm_head,
     )
