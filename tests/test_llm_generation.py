@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ladder.causal import SideKVCache
 from ladder.generation import greedy_generate
 from ladder.side import SideConfig, build_side_network
-from tests.conftest import tiny_llama
+from stages.extract import extract
+from tests.conftest import make_config, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +53,157 @@ def test_incremental_decoding_equals_full_recompute(llama_lm):
         st = bb.states(t, torch.ones_like(t), layers=layers)["enc"]
         seq.append(int(net({n: st[n] for n in layers}, torch.ones_like(t))[0, -1].argmax()))
     assert got == seq[len(prompt) :]
+
+
+# --- a generation task from JSONL files --------------------------------------------------------
+
+PROMPT = "Review: {}\nAnswer with one word: positive or negative.\nAnswer:"
+
+
+def sst2_jsonl(folder, glue, sizes=(("train", 200), ("validation", 50), ("test", 50))):
+    """Prompt/answer pairs from SST-2 sentences (the first of train.tsv, split in order)."""
+    import csv
+    import json
+
+    with (glue / "SST-2" / "train.tsv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    files, at = {}, 0
+    for split, n in sizes:
+        path = folder / f"{split}.jsonl"
+        with path.open("w", encoding="utf-8") as f:
+            for r in rows[at : at + n]:
+                answer = " positive" if r["label"] == "1" else " negative"
+                f.write(
+                    json.dumps({"prompt": PROMPT.format(r["sentence"].strip()), "answer": answer})
+                )
+                f.write("\n")
+        files[split] = str(path)
+        at += n
+    return files
+
+
+def gen_config(tmp_path, glue, files, **overrides):
+    from pipeline.config import apply_overrides
+
+    cfg = make_config(
+        tmp_path,
+        glue,
+        **{
+            "task.name": "custom",
+            "task.problem": "generation",
+            "task.files": files,
+            "task.limit": None,
+            "cache.dtype": "float32",
+            "backbone.name": "tiny-llama-lm",
+            "backbone.max_length": 96,
+            "train_side.run_dir": str(tmp_path / "runs"),
+            "train_side.init": "random",
+            "train_side.reduction_factors": [2],
+        },
+    )
+    return apply_overrides(cfg, overrides)
+
+
+@torch.no_grad()
+def test_tokens_mask_the_prompt_and_the_loss_reads_the_answer_only(tmp_path, glue_dir, llama_lm):
+    from stages.tasks import load_task_of
+    from stages.tokens import template_id, tokenize_split
+
+    cfg = gen_config(
+        tmp_path, glue_dir, sst2_jsonl(tmp_path, glue_dir, (("train", 4), ("validation", 2)))
+    )
+    data = load_task_of(cfg.task)
+    assert data.spec.generation and template_id(llama_lm, data.spec) == "prompt-answer-v1"
+    enc = tokenize_split(llama_lm, data, "train", 96)["enc"]
+    tok = llama_lm.tokenizer
+    for ids, tg, ex in zip(enc.ids, enc.targets, data.splits["train"], strict=True):
+        answer = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        n = len(answer) + 1  # + EOS
+        assert ids[-n:] == [*answer, tok.sep_token_id] and tg[-n:] == ids[-n:]
+        assert tg[:-n] == [-100] * (len(ids) - n)
+        assert tok.decode(ids[:-n], skip_special_tokens=True).startswith("review :")
+    # the loss: prompt positions carry nothing; changing prompt logits leaves it unchanged
+    net = lm_net(llama_lm)
+    ids = torch.tensor([enc.ids[0]])
+    labels = torch.tensor([enc.targets[0]])
+    states = llama_lm.states(
+        ids, torch.ones_like(ids), layers=net.needed_layers(), for_training=True
+    )["enc"]
+    h = {n: states[n] for n in net.needed_layers()}
+    logits = net(h, torch.ones_like(ids))
+    loss = net.loss(logits, labels)
+    n = int((labels != -100).sum())
+    want = torch.nn.functional.cross_entropy(logits[0, -n - 1 : -1], labels[0, -n:])
+    torch.testing.assert_close(loss, want)
+    noisy = logits.clone()
+    noisy[0, : -n - 1] += 5 * torch.randn_like(noisy[0, : -n - 1])
+    torch.testing.assert_close(net.loss(noisy, labels), loss)
+    torch.testing.assert_close(net.lm_loss(h, torch.ones_like(ids), labels), loss)
+
+
+def test_frozen_lm_head_is_stored_in_frozen_and_never_trained(tmp_path, glue_dir, llama_lm):
+    from cache_store import layout
+    from cache_store.registry import open_cache
+    from ladder.side import trainable_parameters
+    from stages.train_side import train_side
+
+    files = sst2_jsonl(tmp_path, glue_dir, (("train", 8), ("validation", 4), ("test", 4)))
+    cfg = gen_config(
+        tmp_path, glue_dir, files, **{"train_side.epochs": 1, "train_side.batch_size": 4}
+    )
+    result = extract(cfg, backbone=llama_lm, progress=False)
+    cache = open_cache(cfg.cache_root, result.key)
+    assert cache.manifest["frozen"] == ["lm_head"]
+    assert cache.manifest["key_inputs"]["template"] == "prompt-answer-v1"
+    stored = torch.from_numpy(cache.array(layout.frozen_path("lm_head"))[...])
+    torch.testing.assert_close(stored, llama_lm.lm_head.float())
+    run = train_side(cfg, progress=False, echo=False)
+    net = lm_net(llama_lm)
+    assert "lm_head" not in dict(net.named_parameters()) and "lm_head" not in net.state_dict()
+    assert trainable_parameters(net) == sum(p.numel() for n, p in net.named_parameters())
+    saved = load_file(str(run.folder / "r2-s0-lr0.003.best.safetensors"))
+    assert "lm_head" not in saved and "up.weight" in saved
+    ep = run.metrics["networks"]["r2-s0-lr0.003"]["epochs"][0]["validation"]
+    assert set(ep) == {"exact_match", "answer_loss", "score"}
+    assert torch.equal(torch.from_numpy(cache.array(layout.frozen_path("lm_head"))[...]), stored)
+
+
+def test_cache_and_online_lst_follow_the_same_trajectory_with_the_lm_head(
+    tmp_path, glue_dir, llama_lm
+):
+    """float32 cache vs the live backbone (dropout off): same losses, figures and weights."""
+    from stages.train_side import train_side
+
+    files = sst2_jsonl(tmp_path, glue_dir, (("train", 12), ("validation", 6), ("test", 6)))
+    cfg = gen_config(
+        tmp_path,
+        glue_dir,
+        files,
+        **{"train_side.epochs": 2, "train_side.batch_size": 4, "train_side.warmup_steps": 2},
+    )
+    extract(cfg, backbone=llama_lm, progress=False)
+    cached = train_side(cfg, run_name="cached", progress=False, echo=False)
+    online = train_side(
+        cfg, run_name="online", online=llama_lm, online_dropout=False, progress=False, echo=False
+    )
+    c = cached.metrics["networks"]["r2-s0-lr0.003"]
+    o = online.metrics["networks"]["r2-s0-lr0.003"]
+    c_loss = torch.tensor([h["train_loss"] for h in c["epochs"]])
+    o_loss = torch.tensor([h["train_loss"] for h in o["epochs"]])
+    torch.testing.assert_close(c_loss, o_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(c["test"]["answer_loss"]),
+        torch.tensor(o["test"]["answer_loss"]),
+        rtol=1e-5,
+        atol=0,
+    )
+    assert c["test"]["exact_match"] == o["test"]["exact_match"]
+    pc = torch.load(cached.folder / "checkpoints" / "r2-s0-lr0.003.last.pt", weights_only=False)[
+        "net"
+    ]
+    po = torch.load(online.folder / "checkpoints" / "r2-s0-lr0.003.last.pt", weights_only=False)[
+        "net"
+    ]
+    assert pc.keys() == po.keys() and "lm_head" not in pc
+    for k in pc:
+        torch.testing.assert_close(pc[k], po[k], rtol=1e-4, atol=1e-6, msg=k)
