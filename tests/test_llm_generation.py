@@ -16,7 +16,13 @@ from tests.conftest import make_config, tiny_llama
 
 @pytest.fixture(scope="module")
 def llama_lm(minilm_tokenizer):
-    return tiny_llama(minilm_tokenizer, lm_head=True)
+    """A tiny random LlamaForCausalLM (untied LM head). Its LM head rows are drawn at std 1, not
+    the init's 0.02: a trained LM's logits have a scale its 32-dim random rows lack (at 0.02 the
+    side network's up-projection needs hundreds of steps just to grow logits that pick a word)."""
+    bb = tiny_llama(minilm_tokenizer, lm_head=True)
+    with torch.no_grad():
+        bb.lm_head.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+    return bb
 
 
 def lm_net(backbone, r: int = 2, seed: int = 0, **kw):
@@ -207,3 +213,114 @@ def test_cache_and_online_lst_follow_the_same_trajectory_with_the_lm_head(
     assert pc.keys() == po.keys() and "lm_head" not in pc
     for k in pc:
         torch.testing.assert_close(pc[k], po[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"prompt": "Review: fine"}',
+            ":3 has no 'answer'; allowed: JSON objects with string fields 'prompt' and 'answer'",
+        ),
+        ('{"answer": " positive"}', ":3 has no 'prompt'; allowed: JSON objects with string fields"),
+        ('{"prompt": "x", "answer": 1}', ":3 has a non-string (int) 'answer'; allowed:"),
+        ('{"prompt": "x"', ":3 is not valid JSON"),
+    ],
+)
+def test_bad_jsonl_line_is_one_line_exit_2_and_nothing_committed(
+    tmp_path, glue_dir, capsys, line, message
+):
+    import yaml
+
+    from pipeline.cli import run_cli
+
+    files = sst2_jsonl(tmp_path, glue_dir, (("train", 4), ("validation", 2)))
+    with open(files["train"], "a", encoding="utf-8") as f:  # line 5; line 3 is made bad below
+        f.write("\n")
+    lines = open(files["train"], encoding="utf-8").read().splitlines()
+    lines[2] = line
+    open(files["train"], "w", encoding="utf-8").write("\n".join(lines) + "\n")
+    config = tmp_path / "pipeline.yaml"
+    task = {"name": "custom", "problem": "generation", "files": files}
+    config.write_text(yaml.safe_dump({"task": task}))
+    root = tmp_path / "cache"
+    code = run_cli(
+        [
+            "run",
+            "extract",
+            "--config",
+            str(config),
+            "--cache-root",
+            str(root),
+            "--backbone",
+            "minilm-l6",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and files["train"] in err[0], err
+    assert message in err[0], err[0]
+    assert not root.exists() or not any(p.name == "commit.json" for p in root.rglob("*"))
+
+
+def test_generation_needs_a_causal_backbone(tmp_path, glue_dir, capsys):
+    import yaml
+
+    from pipeline.cli import run_cli
+
+    files = sst2_jsonl(tmp_path, glue_dir, (("train", 4), ("validation", 2)))
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        yaml.safe_dump({"task": {"name": "custom", "problem": "generation", "files": files}})
+    )
+    root = tmp_path / "cache"
+    code = run_cli(["run", "extract", "--config", str(config), "--cache-root", str(root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert (
+        "a generation task needs a decoder-only causal LM backbone; 'minilm-l6' is bert" in err[0]
+    )
+    assert "allowed: the Llama family" in err[0]
+    assert not root.exists() or not any(p.name == "commit.json" for p in root.rglob("*"))
+    with pytest.raises(Exception, match="side.head='lm' needs a decoder-only causal backbone"):
+        from transformers import BertConfig
+
+        build_side_network(BertConfig(hidden_size=32, num_attention_heads=4), SideConfig(head="lm"))
+
+
+def test_trained_tiny_llama_generates_valid_answers(tmp_path, glue_dir, llama_lm, monkeypatch):
+    """200 SST-2 prompt/answer pairs: a tiny random Llama's side network learns the answer format;
+    greedy generation with both KV caches answers one of the two words on >= 95% of held-out
+    prompts, and its exact match equals the one the cache measured (teacher-forced argmax)."""
+    import stages.evaluate
+    from stages.evaluate import Predictor, evaluate_split, generate_ids
+    from stages.tasks import load_task_of
+    from stages.train_side import train_side
+
+    files = sst2_jsonl(tmp_path, glue_dir)
+    cfg = gen_config(
+        tmp_path,
+        glue_dir,
+        files,
+        **{
+            "train_side.epochs": 4,
+            "train_side.batch_size": 10,
+            "train_side.learning_rates": [1e-2],
+            "train_side.warmup_steps": 5,
+        },
+    )
+    extract(cfg, backbone=llama_lm, progress=False)
+    run = train_side(cfg, progress=False, echo=False)
+    net = run.metrics["networks"]["r2-s0-lr0.01"]
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: llama_lm)
+    p = Predictor(run.folder)
+    data = load_task_of(cfg.task)
+    test = data.splits["test"]
+    words = [llama_lm.tokenizer.decode(t) for t in generate_ids(p, test, max_new_tokens=4)]
+    valid = sum(w in ("positive", "negative") for w in words) / len(words)
+    assert valid >= 0.95, (valid, words[:10], net["epochs"][-1])
+    em = evaluate_split(p, data, "test")["exact_match"]
+    print(f"valid {valid:.0%}, exact match {em:.1f} (cache: {net['test']['exact_match']:.1f})")
+    assert em == pytest.approx(net["test"]["exact_match"])
+    rows = p.explain(test[:2])
+    assert [r["prediction"] for r in rows] == words[:2]
