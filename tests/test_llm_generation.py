@@ -63,29 +63,12 @@ def test_incremental_decoding_equals_full_recompute(llama_lm):
 
 # --- a generation task from JSONL files --------------------------------------------------------
 
-PROMPT = "Review: {}\nAnswer with one word: positive or negative.\nAnswer:"
-
 
 def sst2_jsonl(folder, glue, sizes=(("train", 200), ("validation", 50), ("test", 50))):
-    """Prompt/answer pairs from SST-2 sentences (the first of train.tsv, split in order)."""
-    import csv
-    import json
+    """Prompt/answer pairs from SST-2 sentences (the benchmark's fixture, written at test time)."""
+    from bench.llm_generation import sst2_generation_jsonl
 
-    with (glue / "SST-2" / "train.tsv").open(encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    files, at = {}, 0
-    for split, n in sizes:
-        path = folder / f"{split}.jsonl"
-        with path.open("w", encoding="utf-8") as f:
-            for r in rows[at : at + n]:
-                answer = " positive" if r["label"] == "1" else " negative"
-                f.write(
-                    json.dumps({"prompt": PROMPT.format(r["sentence"].strip()), "answer": answer})
-                )
-                f.write("\n")
-        files[split] = str(path)
-        at += n
-    return files
+    return sst2_generation_jsonl(folder, glue, sizes)
 
 
 def gen_config(tmp_path, glue, files, **overrides):
