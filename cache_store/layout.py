@@ -205,6 +205,8 @@ def expected_arrays(manifest: dict[str, Any]) -> set[str]:
             if stream == "enc":
                 if info.get("token_type_ids"):
                     out.add(token_type_ids_path(split))
+                if info.get("target_ids"):  # generation tasks: the answer tokens
+                    out.add(target_ids_path(split, stream))
             else:
                 out.add(target_ids_path(split, stream))
             out |= set(state_arrays(split, stream, stored[stack_of(stream)], dtype).values())

@@ -173,6 +173,8 @@ class CacheLoader:
         }
         self.labels = np.asarray(cache.array(layout.labels_path(split))[:])
         self.has_types = layout.token_type_ids_path(split) in cache.group
+        # generation tasks: the encoder stream has targets too (the answer tokens)
+        self.has_enc_targets = layout.target_ids_path(split, "enc") in cache.group
         self.n = len(self.labels)
         chunk = m["chunk_rows"]
         self._itemsize = stored_numpy_dtype(self.dtype).itemsize
@@ -223,7 +225,7 @@ class CacheLoader:
             reads[(stream, "ids")] = layout.input_ids_path(self.split, stream)
             if stream == "enc" and self.has_types:
                 reads[(stream, "types")] = layout.token_type_ids_path(self.split)
-            if stream != "enc":
+            if stream != "enc" or self.has_enc_targets:
                 reads[(stream, "targets")] = layout.target_ids_path(self.split, stream)
             for n in states if self.read_states else []:
                 reads[(stream, n)] = layout.state_path(self.split, stream, n)
@@ -241,7 +243,7 @@ class CacheLoader:
             off = self.offsets[stream]
             offsets[stream] = off[lo : hi + 1] - off[lo]
             ids[stream] = got[(stream, "ids")]
-            if stream != "enc":
+            if (stream, "targets") in got:
                 targets[stream] = got[(stream, "targets")]
             rows[stream] = {
                 n: (got[(stream, n)], got.get((stream, f"{n}_scale")))
@@ -310,7 +312,7 @@ class CacheLoader:
             input_ids[stream] = gather([blk.ids[stream] for blk in blocks], 0)
             if stream == "enc" and self.has_types:
                 token_types = gather([blk.types for blk in blocks], 0)
-            if stream != "enc":
+            if stream != "enc" or self.has_enc_targets:
                 target_ids[stream] = gather([blk.targets[stream] for blk in blocks], -100)
             states[stream] = {}
             for n in self.layers[stream] if self.read_states else []:

@@ -160,6 +160,7 @@ class Backbone:
     weights_digest: str
     tokenizer_digest: str
     quantization: str | None = None  # how the backbone's weights are quantised (None: not at all)
+    lm_head: torch.Tensor | None = None  # Llama family: the LM head weight [V, d] (tied: embed)
 
     @property
     def encoder_decoder(self) -> bool:
@@ -190,11 +191,46 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def frozen_tensors(self) -> dict[str, torch.Tensor]:
-        """The few frozen tensors a side network needs besides the cached states."""
+    def frozen_tensors(self, lm_head: bool = False) -> dict[str, torch.Tensor]:
+        """The few frozen tensors a side network needs besides the cached states: T5's LM head;
+        with ``lm_head`` (generation tasks) a causal LM's too."""
         if self.family == "t5":
             return {"lm_head": self.model.lm_head.weight.detach().float().cpu()}
+        if lm_head and self.causal:
+            if self.lm_head is None:
+                raise LadderError(
+                    f"backbone {self.name!r} has no LM head (a bare decoder without "
+                    "lm_head.weight or tied embeddings); allowed: a causal LM checkpoint"
+                )
+            return {"lm_head": self.lm_head.detach().float().cpu()}
         return {}
+
+    def decode_states(
+        self, input_ids: torch.Tensor, past: Any, layers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], Any]:
+        """Causal LMs, incremental: the states ``layers`` of new tokens [B, T_new] (no padding)
+        after the tokens ``past`` (the model's own KV cache, None at the start) holds, and the
+        extended cache. The same states as :meth:`states` on the whole sequence."""
+        if not self.causal:
+            raise LadderError(f"incremental decoding needs a causal backbone, not {self.family}")
+        m, want = self.model, (lambda n: n in layers)  # noqa: E731
+        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` is deprecated)
+        name = "cache" if _takes(m, "cache") else "past_key_values"
+        state0 = None
+        if want(0) and self.family == "gpt2":  # wte + wpe at the positions after the past ones
+            start = 0 if past is None else past.get_seq_length()
+            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+            state0 = m.wte(input_ids) + m.wpe(pos)
+        elif want(0):
+            state0 = m.embed_tokens(input_ids)
+        with torch.inference_mode():
+            states, out = self._run_stack(
+                m.h if self.family == "gpt2" else m.layers,
+                want,
+                lambda: m(input_ids=input_ids, use_cache=True, **{name: past}),
+                state0,
+            )
+        return {n: states[n] for n in layers}, getattr(out, name)
 
     def states(
         self,
@@ -325,6 +361,12 @@ class Backbone:
         return states, out
 
 
+def _takes(model: nn.Module, arg: str) -> bool:
+    import inspect
+
+    return arg in inspect.signature(model.forward).parameters
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         if torch.cuda.is_available():
@@ -435,7 +477,12 @@ def load_backbone(
     ``quantization`` "4bit" or "8bit" loads the weights through bitsandbytes onto ``device``
     (CUDA only; see :func:`check_quantization`), ``dtype`` being the compute dtype.
     """
-    from transformers import AutoModel, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is going on; errors stay one line
@@ -454,7 +501,10 @@ def load_backbone(
         }
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        # decoder-only LMs with their LM head (generation tasks read it); from_model unwraps it
         cls = T5ForConditionalGeneration if family == "t5" else AutoModel
+        if family in CAUSAL_FAMILIES:
+            cls = AutoModelForCausalLM
         model = cls.from_pretrained(path, revision=revision, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise LadderError(_unknown_backbone(name, e)) from None
@@ -497,6 +547,15 @@ def from_model(
         tok = hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
     model.eval().requires_grad_(False)
     family = family_of(config)
+    lm_head = None
+    if family in CAUSAL_FAMILIES:
+        # a *ForCausalLM: keep its decoder as the model (states read the decoder's blocks) and its
+        # LM head weight; a bare decoder has one only through tied embeddings
+        inner = getattr(model, "model", None) or getattr(model, "transformer", None)
+        if hasattr(model, "lm_head") and inner is not None:
+            lm_head, model = model.lm_head.weight, inner
+        elif getattr(config, "tie_word_embeddings", False):
+            lm_head = model.get_input_embeddings().weight
     if family in CAUSAL_FAMILIES and tokenizer.pad_token is None:
         # Llama-family and GPT-2 tokenizers often have no pad token: pad with end-of-sequence
         # (masked, and on the right, so it never reaches a real token of a causal model)
@@ -512,4 +571,5 @@ def from_model(
         weights_digest=weights,
         tokenizer_digest=tok,
         quantization=quantization,
+        lm_head=lm_head,
     )

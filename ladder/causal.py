@@ -29,6 +29,15 @@ positions are learned absolute embeddings added to the token embeddings before b
 are in state 0 (``wte(ids) + wpe(pos)``) and reach the side stream through ``first_down``; the
 side's attention gets ``cos, sin = None``.
 
+Head "lm" (``SideConfig(head="lm")``, generation): the side stream after the final norm goes up
+to d (``up``, d/r -> d, trained) and through the backbone's *frozen* LM head [V, d] (a
+non-persistent buffer: never trained, never saved; stage one stores it in the cache's
+``frozen/lm_head``, for tied embeddings ``embed_tokens``' weight), as ``LlamaForCausalLM``: the
+logits at position t predict token t + 1, and the loss is the cross-entropy on the positions
+whose label is not -100 (the answer tokens). :meth:`CausalSideNetwork.decode` runs new tokens
+only, against a :class:`SideKVCache` of every kept block's keys and values (rotary at the
+positions after the cached ones), for greedy generation (``ladder.generation``).
+
 Rotary: the side's heads are head_dim/r wide and rotate pairs (j, j + head_dim/(2r)) at the
 plain rotary frequencies of that width with the backbone's base theta, which are every r-th
 frequency of the backbone's own. Rotary scaling variants of the backbone (Llama 3's ``llama3``
@@ -41,6 +50,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -53,6 +63,7 @@ from ladder.shared import (
     ClassifierHead,
     RMSNorm,
     backbone_dims,
+    frozen_lm_head,
     init_weights,
 )
 
@@ -93,10 +104,17 @@ class CausalSideAttention(nn.Module):
         self.o = nn.Linear(n_head * head_dim, d, bias=dims.o_bias)
 
     def forward(
-        self, x: Tensor, bias: Tensor, cos: Tensor | None = None, sin: Tensor | None = None
+        self,
+        x: Tensor,
+        bias: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        kv: dict | None = None,
     ) -> Tensor:
-        """x: (B, T, d/r); bias: (B, 1, T, T) additive (causal + padding); cos, sin: (T, hd/r),
-        or None for no rotary (GPT-2)."""
+        """x: (B, T, d/r); bias: (B, 1, T, T_kv) additive (causal + padding); cos, sin: (T, hd/r)
+        at x's positions, or None for no rotary (GPT-2). ``kv`` (incremental decoding): this
+        block's cached ``"k"``/``"v"`` (B, nkv, T_past, hd/r), extended in place with x's keys and
+        values (T_kv = T_past + T)."""
         B, T, _ = x.shape
         hd = self.head_dim
         q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd/r)
@@ -105,6 +123,10 @@ class CausalSideAttention(nn.Module):
         if cos is not None and sin is not None:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        if kv is not None:
+            if "k" in kv:
+                k, v = torch.cat((kv["k"], k), 2), torch.cat((kv["v"], v), 2)
+            kv["k"], kv["v"] = k, v
         if self.group > 1:  # query head h reads key-value head h // group
             k = k.repeat_interleave(self.group, dim=1)  # (B, nh, T, hd/r)
             v = v.repeat_interleave(self.group, dim=1)
@@ -135,10 +157,15 @@ class CausalSideBlock(nn.Module):
         self.gated = dims.gated
 
     def forward(
-        self, x: Tensor, bias: Tensor, cos: Tensor | None = None, sin: Tensor | None = None
+        self,
+        x: Tensor,
+        bias: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        kv: dict | None = None,
     ) -> Tensor:
-        """x: (B, T, d/r) -> (B, T, d/r)."""
-        x = x + self.drop(self.attn(self.ln_attn(x), bias, cos, sin))
+        """x: (B, T, d/r) -> (B, T, d/r); ``kv``: the attention's cache (incremental decoding)."""
+        x = x + self.drop(self.attn(self.ln_attn(x), bias, cos, sin, kv))
         return x + self.drop(self.mlp(self.ln_ffn(x)))
 
     def mlp(self, h: Tensor) -> Tensor:
@@ -148,8 +175,18 @@ class CausalSideBlock(nn.Module):
         return self.down(self.act(self.up(h)))
 
 
+class SideKVCache:
+    """The side network's keys and values of the tokens seen so far (incremental decoding):
+    per kept block ``{"k", "v"}`` (B, nkv, T, hd/r) after rotary, and ``length`` = T."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[str, Tensor]] = {}
+        self.length = 0
+
+
 class CausalSideNetwork(ClassifierHead, Ladders):
-    """Side network for Llama-family and GPT-2 backbones, with a last-real-token head.
+    """Side network for Llama-family and GPT-2 backbones, with a last-real-token classification
+    head (``side.head == "cls"``) or the backbone's frozen LM head (``"lm"``, needs ``lm_head``).
 
     Canonical init keys (``load_side_init``), this module's own ``state_dict`` names:
     ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}``, ``layers.{i}.{gate,up,down}.weight``
@@ -163,7 +200,9 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         "for i < L, final_ln.{weight,bias}"
     )
 
-    def __init__(self, backbone_config: PretrainedConfig, side: SideConfig) -> None:
+    def __init__(
+        self, backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor | None = None
+    ) -> None:
         super().__init__()
         side.validate(backbone_config)
         dims = backbone_dims(backbone_config, side)
@@ -177,7 +216,13 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
         self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.kept})
         self.final_ln = side_norm(dims, self.d_side)  # the model's final norm
-        self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
+        self.lm = side.head == "lm"
+        if self.lm:
+            self.up = nn.Linear(self.d_side, self.d)  # the only trained part of the head
+            lm = frozen_lm_head(lm_head, self.d, "causal side network with head 'lm':")
+            self.register_buffer("lm_head", lm.to(self.up.weight.dtype), persistent=False)
+        else:
+            self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         inv_freq = None  # no rotary (GPT-2)
         if dims.rotary:
             hd = dims.head_dim // r
@@ -185,32 +230,100 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hd/2r,) or None
         self.apply(init_weights)
 
+    def side_stream(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor | None,
+        cache: SideKVCache | None = None,
+    ) -> Tensor:
+        """The side stream after the final norm, (B, T, d/r).
+
+        attention_mask: (B, T), True on real tokens (None: all real); ``cache``: the tokens
+        before these (their positions come first), extended in place with these.
+        """
+        x = self.side_input(hiddens)  # (B, T, d/r)
+        B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
+        allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        allowed = allowed[None, None]  # (1, 1, T, past + T): causal, offset by the past
+        if attention_mask is not None:
+            if past:
+                raise LadderError(
+                    "attention_mask with a non-empty cache; allowed: None (no padding)"
+                )
+            allowed = allowed & attention_mask.bool().to(x.device)[:, None, None, :]
+        bias = mask_bias(allowed, x.dtype)  # (B | 1, 1, T, past + T)
+        cos = sin = None  # GPT-2: positions came in with state 0
+        if self.inv_freq is not None:
+            cos, sin = rotary_tables(self.inv_freq, past + T, x.dtype)
+            cos, sin = cos[past:], sin[past:]  # (T, hd/r): the positions of these tokens
+        for i in self.kept:
+            x = self.before_block(x, i, hiddens)
+            kv = None if cache is None else cache.blocks.setdefault(i, {})
+            x = self.layers[str(i)](x, bias, cos, sin, kv)  # (B, T, d/r)
+        if cache is not None:
+            cache.length = past + T
+        return self.final_ln(self.after_blocks(x, hiddens))  # (B, T, d/r)
+
+    def lm_logits(self, x: Tensor) -> Tensor:
+        """Side states (..., d/r) -> vocabulary logits (..., V) through ``up`` and the frozen head."""
+        return F.linear(self.up(x), self.lm_head)
+
     def forward(
         self,
         hiddens: Mapping[int, Tensor],
         attention_mask: Tensor,
         pool_index: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, num_labels).
+        """Logits (B, num_labels); head "lm": next-token logits (B, T, V) at every position.
 
         hiddens: {state: (B, T, d)}, at least ``needed_layers()``; attention_mask: (B, T) bool or
         0/1, True on real tokens; pool_index: (B,) position whose side state feeds the head
         (default: the last real token).
         """
-        x = self.side_input(hiddens)  # (B, T, d/r)
+        x = self.side_stream(hiddens, attention_mask)  # (B, T, d/r)
+        if self.lm:
+            return self.lm_logits(x)  # (B, T, V)
         B, T, _ = x.shape
-        mask = attention_mask.bool().to(x.device)  # (B, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        bias = mask_bias(causal[None, None] & mask[:, None, None, :], x.dtype)  # (B, 1, T, T)
-        cos = sin = None  # GPT-2: positions came in with state 0
-        if self.inv_freq is not None:
-            cos, sin = rotary_tables(self.inv_freq, T, x.dtype)  # (T, hd/r)
-        for i in self.kept:
-            x = self.before_block(x, i, hiddens)
-            x = self.layers[str(i)](x, bias, cos, sin)  # (B, T, d/r)
-        x = self.final_ln(self.after_blocks(x, hiddens))  # (B, T, d/r)
+        mask = attention_mask.bool().to(x.device)
         if pool_index is None:  # the last real token: right padding or not
             pos = torch.arange(T, device=x.device)
             pool_index = (pos * mask).argmax(-1)  # (B,)
         pooled = x[torch.arange(B, device=x.device), pool_index.to(x.device)]  # (B, d/r)
         return self.head(pooled)  # (B, num_labels)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Head "lm": next-token cross-entropy of logits (B, T, V) on labels (B, T) aligned with
+        the inputs, -100 where nothing is predicted (prompt, padding), shifted by one as in
+        ``LlamaForCausalLM``; else the classification (or regression) loss."""
+        if not self.lm:
+            return ClassifierHead.loss(self, logits, labels)
+        shifted = labels[:, 1:].to(logits.device).long()
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100
+        )
+
+    def answer_logits(
+        self, hiddens: Mapping[int, Tensor], attention_mask: Tensor, labels: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Head "lm": the logits of the predicted (answer) positions only, (N, V), their targets
+        (N,) and rows (N,) in the batch. Position t predicts ``labels[:, t + 1]``; the vocabulary
+        projection runs on those N positions alone (the prompt's would be most of (B, T, V))."""
+        x = self.side_stream(hiddens, attention_mask)  # (B, T, d/r)
+        shifted = labels[:, 1:].to(x.device).long()  # (B, T - 1)
+        sel = shifted != -100
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(shifted)[sel]
+        return self.lm_logits(x[:, :-1][sel]), shifted[sel], rows
+
+    def lm_loss(
+        self, hiddens: Mapping[int, Tensor], attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
+        """Head "lm": the mean cross-entropy over the answer tokens (as :meth:`loss`, cheaper)."""
+        logits, targets, _ = self.answer_logits(hiddens, attention_mask, labels)
+        return F.cross_entropy(logits.float(), targets)
+
+    def decode(self, hiddens: Mapping[int, Tensor], cache: SideKVCache) -> Tensor:
+        """Head "lm", incremental: next-token logits (B, T_new, V) of new tokens, from their
+        states alone ({state: (B, T_new, d)}, no padding); ``cache`` holds the earlier tokens and
+        is extended with these. Equals :meth:`forward` on the whole sequence (eval mode)."""
+        return self.lm_logits(self.side_stream(hiddens, None, cache))

@@ -86,6 +86,15 @@ def dropped_key(
     return 0 <= i < n[stack] and i not in kept[stack]
 
 
+def frozen_lm_head(lm_head: Tensor | None, d: int, who: str) -> Tensor:
+    """The frozen LM head weight [V, d] a network keeps as a non-persistent buffer (never trained,
+    never saved with a side checkpoint: stage two reads it from the cache's ``frozen/lm_head``)."""
+    if lm_head is None or lm_head.dim() != 2 or lm_head.shape[1] != d:
+        got = None if lm_head is None else tuple(lm_head.shape)
+        raise LadderError(f"{who} lm_head={got}; allowed: the frozen LM head weight [V, {d}]")
+    return lm_head.detach()
+
+
 class RMSNorm(nn.Module):
     """T5's and Llama's norm: scale only, no mean subtraction, variance in float32."""
 

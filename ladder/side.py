@@ -53,12 +53,14 @@ from ladder.shared import (
     RMSNorm,
     backbone_dims,
     dropped_key,
+    frozen_lm_head,
     init_weights,
     load_init,
     no_side_network,
 )
 
 FUSIONS = ("ladder", "late", "none")
+HEADS = ("cls", "lm")  # the one-stream networks' head: classification/regression, or causal LM
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -77,6 +79,7 @@ class SideConfig:
     ladder_dropout: float = 0.0  # dropout on ladder inputs: noise an eval-mode cache lacks
     dropout: float | None = None  # one rate for every side dropout; None = the backbone's own rates
     num_labels: int = 2  # head outputs (encoder-only families); 1 = regression (MSE); unused by T5
+    head: str = "cls"  # "cls" (classification/regression) | "lm" (Llama family: the frozen LM head)
 
     def __post_init__(self) -> None:
         r = self.reduction_factor
@@ -114,6 +117,8 @@ class SideConfig:
                 continue
             if not _is_real(p) or not 0 <= p < 1:
                 raise LadderError(f"side.{name}={p!r}; allowed: a probability in [0, 1)")
+        if self.head not in HEADS:
+            raise LadderError(f"side.head={self.head!r}; allowed: {', '.join(map(repr, HEADS))}")
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LadderError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
@@ -453,11 +458,7 @@ class T5SideNetwork(nn.Module):
             raise LadderError(
                 f"model_type={backbone_config.model_type!r} is not T5; use EncoderSideNetwork"
             )
-        if lm_head is None or lm_head.dim() != 2 or lm_head.shape[1] != dims.d:
-            got = None if lm_head is None else tuple(lm_head.shape)
-            raise LadderError(
-                f"T5 side network lm_head={got}; allowed: the frozen LM head weight [V, {dims.d}]"
-            )
+        lm = frozen_lm_head(lm_head, dims.d, "T5 side network")
         self.side, self.d, self.d_side = side, dims.d, dims.d // side.reduction_factor
         self.enc = T5SideStack(backbone_config, dims, side, decoder=False)
         self.dec = T5SideStack(backbone_config, dims, side, decoder=True)
@@ -465,8 +466,7 @@ class T5SideNetwork(nn.Module):
         init_weights(self.up)
         self.out_scale = self.d**-0.5 if _t5_scales_output(backbone_config) else 1.0
         # Frozen and not saved with the side checkpoint: stage two gets it from the cache.
-        lm = lm_head.detach().to(self.up.weight.dtype)
-        self.register_buffer("lm_head", lm, persistent=False)
+        self.register_buffer("lm_head", lm.to(self.up.weight.dtype), persistent=False)
 
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers stack 'enc' or 'dec' reads (0 = shared(ids), i + 1 = output of block i)."""
@@ -547,13 +547,19 @@ class T5SideNetwork(nn.Module):
 def build_side_network(
     backbone_config: PretrainedConfig, side: SideConfig, lm_head: Tensor | None = None
 ) -> nn.Module:
-    """EncoderSideNetwork, CausalSideNetwork (Llama family, GPT-2) or T5SideNetwork (needs ``lm_head``
-    [V, d]) for a backbone config."""
+    """EncoderSideNetwork, CausalSideNetwork (Llama family, GPT-2) or T5SideNetwork (needs
+    ``lm_head`` [V, d]) for a backbone config; a causal network with ``side.head == "lm"`` needs
+    it too."""
     mt = getattr(backbone_config, "model_type", None)
+    if side.head == "lm" and mt not in CAUSAL_TYPES:
+        raise LadderError(
+            f"side.head='lm' needs a decoder-only causal backbone; model_type={mt!r} is not one "
+            f"(allowed: {', '.join(CAUSAL_TYPES)})"
+        )
     if mt in ENCODER_TYPES:
         return EncoderSideNetwork(backbone_config, side)
     if mt in CAUSAL_TYPES:
-        return CausalSideNetwork(backbone_config, side)
+        return CausalSideNetwork(backbone_config, side, lm_head)
     if mt in T5_TYPES:
         if lm_head is None:
             raise LadderError(

@@ -5,7 +5,9 @@
     pipeline evaluate --run runs/<folder> --split test --data-dir ../shared/data/glue
 
 These need the backbone (the text is new, so there is no cache for it): it runs live in eval mode
-and feeds the side network exactly the states stage one would have stored.
+and feeds the side network exactly the states stage one would have stored. Generation tasks
+generate greedily (``ladder.generation``: the backbone and the side network each with their KV
+cache), up to EOS or ``MAX_NEW_TOKENS``; ``evaluate`` scores the exact match of the answer tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from cache_store import layout
 from ladder.backbones import Backbone, load_backbone
+from ladder.generation import greedy_generate
 from ladder.side import SideConfig, build_side_network
 from stages.batches import Batch
 from stages.config import BackboneConfig
@@ -38,7 +41,7 @@ from stages.tasks import (
     spec_of,
     t5_candidates,
 )
-from stages.tokens import Stream, pad, tokenize_split
+from stages.tokens import Stream, end_token_id, pad, prompt_ids, tokenize_split
 from stages.train_side import batch_outputs, online_states, predictions_of
 
 
@@ -173,7 +176,7 @@ class Predictor:
         )
         self.spec = spec_of(saved["task_spec"])
         side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list
-        lm_head = self.backbone.frozen_tensors().get("lm_head")
+        lm_head = self.backbone.frozen_tensors(lm_head=self.spec.generation).get("lm_head")
         self.net = build_side_network(self.backbone.config, side, lm_head)
         self.net.load_state_dict(state, strict=False)
         self.net.eval()
@@ -232,7 +235,9 @@ class Predictor:
         """Per example: ``prediction`` (the label's name, or the score as text) and, for
         classification, ``probability`` (of that label) and ``probabilities`` (of every label:
         the softmax of the logits, or for T5 of the candidate strings' scores); for regression
-        ``score``."""
+        ``score``; for generation the generated text (:func:`generation_rows`)."""
+        if self.spec.generation:
+            return generation_rows(self, examples, progress=progress)
         out = self.outputs(examples, batch_size, progress)
         if not examples:
             return []
@@ -282,7 +287,60 @@ def read_inputs(source: str, spec: TaskSpec) -> list[Example]:
 
 
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
+    if predictor.spec.generation:
+        return evaluate_generation_split(predictor, data, split)
     examples = data.splits[split]
     desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples)"
     preds = predictor.predict(examples, progress=desc)
     return compute_metrics(predictor.spec, preds, np.asarray([ex.label for ex in examples]))
+
+
+# --- generation tasks ----------------------------------------------------------------------------
+
+MAX_NEW_TOKENS = 32  # generation stops at EOS, or after this many tokens
+
+
+def generate_ids(
+    predictor: Predictor,
+    examples: list[Example],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    progress: str | None = None,
+) -> list[list[int]]:
+    """Greedy answer tokens (EOS excluded) per example's prompt, one example at a time."""
+    tok, max_length = predictor.backbone.tokenizer, predictor.backbone_cfg.max_length
+    eos = end_token_id(tok)
+    out = []
+    with tqdm(
+        total=len(examples),
+        unit="ex",
+        desc=progress,
+        disable=None if progress else True,
+        leave=False,
+    ) as bar:
+        for ex in examples:
+            prompt = prompt_ids(tok, ex.texts[0], max_length)
+            out.append(
+                greedy_generate(predictor.backbone, predictor.net, prompt, max_new_tokens, eos)
+            )
+            bar.update(1)
+    return out
+
+
+def generation_rows(
+    predictor: Predictor, examples: list[Example], progress: str | None = None
+) -> list[dict[str, Any]]:
+    """Per example ``prediction``: the generated text (greedy, up to EOS)."""
+    tok = predictor.backbone.tokenizer
+    ids = generate_ids(predictor, examples, progress=progress)
+    return [{"prediction": tok.decode(t, skip_special_tokens=True)} for t in ids]
+
+
+def evaluate_generation_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
+    """``exact_match`` (x100, the ``score``): the generated tokens are the answer's, then EOS."""
+    examples = data.splits[split]
+    desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples, generating)"
+    tok = predictor.backbone.tokenizer
+    got = generate_ids(predictor, examples, progress=desc)
+    want = tok([ex.answer or "" for ex in examples], add_special_tokens=False)["input_ids"]
+    right = np.asarray([g == w for g, w in zip(got, want, strict=True)], dtype=np.int64)
+    return compute_metrics(predictor.spec, right, np.ones_like(right))

@@ -62,6 +62,7 @@ from stages.side_init import write_side_init
 from stages.tasks import TaskData, load_task_of, t5_candidates
 from stages.tokens import (
     Stream,
+    check_generation_backbone,
     pad,
     padded_batches,
     plan_segments,
@@ -149,7 +150,7 @@ def key_inputs(
             "splits": {s: data.fingerprint(s) for s in data.splits},
         },
         "max_length": cfg.backbone.max_length,
-        "template": template_id(backbone),
+        "template": template_id(backbone, data.spec),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "dtype": cfg.cache.dtype,
         "codec": cfg.cache.codec,
@@ -223,6 +224,22 @@ def check_side_init_factors(cfg: StageConfig, config: Any) -> None:
             SideConfig(reduction_factor=r).validate(config)
         except LadderError as e:
             raise StageError(f"extract.reduction_factors has {r}: {e}") from None
+
+
+def check_generation_task(cfg: StageConfig, data: TaskData, backbone: Backbone | None) -> None:
+    """A generation task needs a decoder-only backbone (checked on its config alone, before any
+    weights load) and no Fisher side_init (its loss is a classifier's)."""
+    if not data.spec.generation:
+        return
+    family = backbone.family if backbone is not None else None
+    if family is None:
+        family = family_of(load_config_only(cfg.backbone.name, cfg.backbone.revision))
+    check_generation_backbone(family, cfg.backbone.name)
+    if "fisher" in cfg.extract.side_init:
+        raise StageError(
+            "--side-init fisher is not built for generation tasks (its loss is a classifier's); "
+            "allowed: magnitude, or none"
+        )
 
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -331,7 +348,7 @@ class Extractor:
                 progress=self.show_progress,
             )
             self.timings["side_init_s"] = time.perf_counter() - t1  # fisher_s is part of it
-            frozen = self.backbone.frozen_tensors()
+            frozen = self.backbone.frozen_tensors(lm_head=self.data.spec.generation)
             for name, t in frozen.items():
                 writer.create_array(
                     layout.frozen_path(name),
@@ -515,6 +532,8 @@ def stream_info(s: Stream) -> dict[str, Any]:
     info: dict[str, Any] = {"n_tokens": s.n_tokens}
     if s.name == "enc":
         info["token_type_ids"] = s.token_types is not None
+        if s.targets is not None:  # generation tasks (recorded only there: older manifests stay)
+            info["target_ids"] = True
     return info
 
 
@@ -595,6 +614,7 @@ def extract(
     if data is None:
         data = load_task_of(cfg.task)
     check_vision_task(cfg, data)
+    check_generation_task(cfg, data, backbone)
     # fail early, before loading anything
     st.open_root(cfg.cache.resolved_root, cfg.cache.storage_options, write=True)
     if vision is None and cfg.backbone.vision is not None:  # a text model here fails early

@@ -3,7 +3,9 @@
 Sources, in the order a user meets them:
   * a local directory in the classic ``glue_data`` TSV layout (``--data-dir``),
   * the Hugging Face hub through ``datasets`` (for users who are online),
-  * the user's own CSV/JSONL files with a column mapping (task ``custom``).
+  * the user's own CSV/JSONL files with a column mapping (task ``custom``); with ``problem:
+    generation``, JSONL lines of ``prompt`` and ``answer`` (a decoder-only backbone learns to
+    generate the answer; metric ``exact_match``).
 
 Splits follow the authors' code (LST_REFERENCE.md section 6): the small tasks halve the original
 validation set into validation and test; the large ones hold out 1000 training examples as
@@ -63,8 +65,13 @@ class TaskSpec:
         return 1 if self.labels is None else len(self.labels)
 
     @property
+    def generation(self) -> bool:
+        """A generation task: the answer is text the model generates (``Example.answer``)."""
+        return self.metric == GENERATION_METRIC
+
+    @property
     def is_regression(self) -> bool:
-        return self.labels is None
+        return self.labels is None and not self.generation
 
 
 def _glue(name: str, **kw: object) -> TaskSpec:
@@ -165,6 +172,8 @@ TASKS: dict[str, TaskSpec] = {
     ]
 }
 METRICS = ("accuracy", "mcc", "acc_f1", "pearson_spearman")
+GENERATION_METRIC = "exact_match"  # generation tasks: the whole answer (+ EOS) right, x100
+GENERATION_FIELDS = ("prompt", "answer")  # a generation task's JSONL fields
 # vision-and-language tasks: each example names an image (stages.vqa, stages.vl_data read them);
 # vqa's and gqa's answer sets come from the data (labels=() here: set when the data is read)
 VL_TASKS: dict[str, TaskSpec] = {
@@ -207,6 +216,7 @@ class Example:
     image: str | None = None  # vision-and-language tasks: the key of the example's image
     image2: str | None = None  # NLVR2: the second image's key
     targets: tuple[tuple[int, float], ...] = ()  # VQA/GQA: (class id, score) of each answer
+    answer: str | None = None  # generation tasks: the text to generate after the prompt
 
 
 @dataclass
@@ -227,6 +237,8 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
         row = [ex.texts, ex.label] if ex.image is None else [ex.texts, ex.label, ex.image]
         if ex.image2 is not None:
             row.append(ex.image2)
+        if ex.answer is not None:
+            row.append({"answer": ex.answer})
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
@@ -242,7 +254,8 @@ class TaskConfig(BaseModel):
     files: dict[str, str] = {}  # custom task: split -> CSV/TSV/JSONL path
     text_columns: list[str] = []  # custom task: text columns, in order
     label_column: str = "label"  # custom task: label column
-    problem: Literal["classification", "regression"] = "classification"  # custom task
+    # custom task; generation: JSONL lines {"prompt", "answer"}, a decoder-only backbone
+    problem: Literal["classification", "regression", "generation"] = "classification"
     metric: Literal["accuracy", "mcc", "acc_f1", "pearson_spearman"] = "accuracy"  # custom task
     split_seed: int = 42  # shuffle seed for the paper's validation/test splits (as data_seed)
     limit: int | None = Field(default=None, ge=1)  # first N examples of each split (smoke runs)
@@ -264,7 +277,7 @@ class CustomTask:
     files: dict[str, str]
     text_columns: tuple[str, ...]
     label_column: str = "label"
-    problem: str = "classification"  # or "regression"
+    problem: str = "classification"  # or "regression", "generation"
     metric: str = "accuracy"
 
 
@@ -501,6 +514,11 @@ def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
 
 def jsonl_rows(lines: Iterable[str], where: str) -> list[dict]:
     """One JSON object per line (blank lines skipped); a bad line is an error naming it."""
+    return [row for _, row in jsonl_numbered(lines, where)]
+
+
+def jsonl_numbered(lines: Iterable[str], where: str) -> list[tuple[int, dict]]:
+    """:func:`jsonl_rows` with each row's line number (1-based), for errors that name it."""
     rows = []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -515,7 +533,7 @@ def jsonl_rows(lines: Iterable[str], where: str) -> list[dict]:
             raise StageError(
                 f"{where}:{n} is a JSON {type(row).__name__}; expected one JSON object per line"
             )
-        rows.append(row)
+        rows.append((n, row))
     return rows
 
 
@@ -545,13 +563,17 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
     for split in custom.files:
         if split not in SPLITS:
             raise StageError(f"task.files has split {split!r}; allowed: {', '.join(SPLITS)}")
+    if custom.problem == "generation":
+        return _load_generation(custom)
     if not custom.text_columns:
         raise StageError("task 'custom' needs task.text_columns (the text columns, in order)")
     for split in ("train", "validation"):
         if split not in custom.files:
             raise StageError(f"task 'custom' needs a {split} file in task.files")
     if custom.problem not in ("classification", "regression"):
-        raise StageError(f"task.problem is {custom.problem!r}; allowed: classification, regression")
+        raise StageError(
+            f"task.problem is {custom.problem!r}; allowed: classification, regression, generation"
+        )
     if custom.metric not in METRICS:
         raise StageError(f"task.metric is {custom.metric!r}; allowed: {', '.join(METRICS)}")
     tables = {split: read_table(Path(p)) for split, p in custom.files.items()}
@@ -600,6 +622,45 @@ def _load_custom(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]
     return spec, original
 
 
+def _load_generation(custom: CustomTask) -> tuple[TaskSpec, dict[str, list[Example]]]:
+    """A generation task: per split a JSONL file whose lines hold string ``prompt`` and ``answer``
+    fields (others are ignored); a line without them is an error naming the file and line."""
+    for split in ("train", "validation"):
+        if split not in custom.files:
+            raise StageError(f"task 'custom' needs a {split} file in task.files")
+    allowed = "JSON objects with string fields 'prompt' and 'answer'"
+    original = {}
+    for split, name in custom.files.items():
+        path = Path(name)
+        if path.suffix not in (".jsonl", ".json"):
+            raise StageError(
+                f"{path}: a generation task reads JSONL files; allowed: .jsonl ({allowed})"
+            )
+        if not path.is_file():
+            raise StageError(f"missing data file {path}")
+        with path.open(encoding="utf-8") as f:
+            rows = jsonl_numbered(f, str(path))
+        examples = []
+        for n, row in rows:
+            for key in GENERATION_FIELDS:
+                if not isinstance(row.get(key), str):
+                    what = (
+                        "no"
+                        if row.get(key) is None
+                        else f"a non-string ({type(row[key]).__name__})"
+                    )
+                    raise StageError(
+                        f"{path}:{n} has {what} {key!r}; allowed: {allowed} (found: "
+                        f"{', '.join(map(str, row)) or 'none'})"
+                    )
+            if not row["answer"]:
+                raise StageError(f"{path}:{n} has an empty 'answer'; allowed: {allowed}, non-empty")
+            examples.append(Example((row["prompt"],), 0, answer=row["answer"]))
+        original[split] = examples
+    spec = TaskSpec(name="custom", text_fields=("prompt",), labels=None, metric=GENERATION_METRIC)
+    return spec, original
+
+
 # --- metrics (the paper's, x100) -------------------------------------------------------------
 
 
@@ -620,6 +681,9 @@ def compute_metrics(
         raise StageError(
             "CIDEr scores generated captions (stages.vl_metrics.cider); generation is not built"
         )
+    if spec.generation:  # preds: 1 where the whole answer was right; labels: ones
+        em = float(np.mean(preds == labels)) * 100 if len(labels) else 0.0
+        return {"exact_match": em, "score": em}
     if targets is not None:
         from stages.vl_metrics import vqa_score_ids
 

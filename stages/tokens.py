@@ -15,6 +15,12 @@ Templates (the cache key records :func:`template_id`):
   ..."``), tokenised with the tokenizer's own special tokens (Llama: BOS first; SmolLM2: none)
   and truncated from the end to the max length. No answer prompt: the side network reads the
   last real token.
+* ``prompt-answer`` (generation tasks, decoder-only): ``enc`` is the prompt's tokens (with the
+  tokenizer's special tokens), then the answer's (without), then the end-of-sequence token:
+  teacher forcing, so the cache holds the states of prompt and answer. ``targets`` (aligned with
+  the ids) are -100 on the prompt and the token itself on the answer and EOS; the side network
+  predicts position t + 1 from t. Too long: the answer (+ EOS) is kept, the prompt loses its
+  first tokens.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ import numpy as np
 import torch
 
 from cache_store import layout
+from ladder.families import CAUSAL_FAMILIES
+from stages.errors import StageError
 from stages.tasks import TaskData, t5_candidates, t5_source, t5_target
 
 if TYPE_CHECKING:
     from ladder.backbones import Backbone
-    from stages.tasks import Example
+    from stages.tasks import Example, TaskSpec
 
 
 @dataclass
@@ -59,9 +67,12 @@ class Stream:
 TEMPLATE_VERSION = 1  # bump when a tokenisation template changes (it is part of the cache key)
 
 
-def template_id(backbone: Backbone) -> str:
-    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1`` or ``fields-v1``."""
-    if backbone.encoder_decoder:
+def template_id(backbone: Backbone, spec: TaskSpec | None = None) -> str:
+    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1``, ``fields-v1`` or
+    (generation tasks) ``prompt-answer-v1``."""
+    if spec is not None and spec.generation:
+        kind = "prompt-answer"
+    elif backbone.encoder_decoder:
         kind = "t5-prefix"
     elif getattr(backbone, "causal", False):
         kind = "fields"
@@ -81,6 +92,9 @@ def tokenize_split(
     """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation."""
     spec, examples = data.spec, data.splits[split]
     tok = backbone.tokenizer
+    if spec.generation:
+        check_generation_backbone(backbone.family, backbone.name)
+        return {"enc": generation_stream(tok, examples, max_length)}
     if getattr(backbone, "causal", False):
         texts = [causal_text(spec.text_fields, ex) for ex in examples]
         return {
@@ -103,6 +117,47 @@ def tokenize_split(
             ids = tok([cand])["input_ids"][0]
             streams[layout.cand_stream(k)] = teacher([ids] * len(examples), layout.cand_stream(k))
     return streams
+
+
+def check_generation_backbone(family: str, name: str) -> None:
+    """A generation task needs a decoder-only causal backbone (its LM head generates)."""
+    if family not in CAUSAL_FAMILIES:
+        raise StageError(
+            f"a generation task needs a decoder-only causal LM backbone; {name!r} is {family} "
+            "(allowed: the Llama family (Llama, SmolLM2, Mistral, Qwen2, e.g. smollm2-135m) "
+            "or GPT-2)"
+        )
+
+
+def end_token_id(tokenizer: Any) -> int:
+    """The token that ends an answer: the tokenizer's end-of-sequence token ([SEP] without one)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(tokenizer, "sep_token_id", None)
+    if eos is None:
+        raise StageError("the tokenizer has no end-of-sequence token; a generation task needs one")
+    return int(eos)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, max_length: int) -> list[int]:
+    """A prompt's tokens as generation feeds them (the template's), its last ``max_length - 1``."""
+    ids = tokenizer(prompt)["input_ids"]
+    return ids[-(max_length - 1) :] if max_length > 1 else ids[-1:]
+
+
+def generation_stream(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Stream:
+    """The ``enc`` stream of a generation task (template ``prompt-answer``): prompt + answer + EOS
+    ids, with targets -100 on the prompt (see the module docstring)."""
+    eos = end_token_id(tokenizer)
+    prompts = tokenizer([ex.texts[0] for ex in examples])["input_ids"]
+    answers = tokenizer([ex.answer or "" for ex in examples], add_special_tokens=False)
+    ids, targets = [], []
+    for p, a in zip(prompts, answers["input_ids"], strict=True):
+        tail = [*a, eos][: max(1, max_length - 1)]
+        p = p[-(max_length - len(tail)) :] if max_length > len(tail) else p[-1:]
+        ids.append([*p, *tail])
+        targets.append([-100] * len(p) + tail)
+    return Stream("enc", ids, targets=targets)
 
 
 def tokenize_texts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Stream:

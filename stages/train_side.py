@@ -9,7 +9,9 @@ seed, learning rate), and trains them all on one pass over the loader's batches 
 batch is read and decoded once and fed to every network. The backbone is never loaded; the states
 come from the cache, and so does the frozen T5 LM head. Every epoch evaluates on the cached
 validation split with the task's metric; the best checkpoint per network is kept (safetensors +
-JSON config) and scored on the test split at the end. A killed run resumes each network from its
+JSON config) and scored on the test split at the end. Generation tasks (a causal backbone's
+frozen LM head, head "lm") train on the answer tokens' cross-entropy and are scored from the
+cache too: answer-token loss and exact match (:func:`evaluate_generation`). A killed run resumes each network from its
 own last finished epoch, on its own RNG stream, and ends where it would have.
 
 The same training loop runs online LST (``online=``): the states then come from a live
@@ -266,7 +268,7 @@ def resolved_config(cfg: StageConfig, epochs: int, total_steps: int) -> dict[str
 def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | None:
     """Classification: the validation score of always predicting the most frequent label
     (``label``, ``score``); None for regression. A best score equal to it learned nothing."""
-    if spec.is_regression:
+    if spec.is_regression or spec.generation:
         return None
     memo = _MAJORITY.get(cache.key)
     if memo is None:
@@ -320,6 +322,7 @@ def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
         fusion=t.fusion,
         ladder_dropout=t.ladder_dropout,
         num_labels=spec.num_labels,
+        head="lm" if spec.generation else "cls",
     )
 
 
@@ -432,7 +435,9 @@ def train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm:
 
 def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm: float) -> float:
     ts.net.train()
-    if "dec" in batch.masks:  # T5: teacher forcing on the verbalised target
+    if "enc" in batch.target_ids:  # generation: the answer tokens, under teacher forcing
+        loss = ts.net.lm_loss(states(batch, "enc"), batch.masks["enc"], batch.target_ids["enc"])
+    elif "dec" in batch.masks:  # T5: teacher forcing on the verbalised target
         _, loss = ts.net(
             states(batch, "enc"),
             batch.masks["enc"],
@@ -586,7 +591,7 @@ def compile_networks(runs: list[TrialState], groups: dict[str, int]) -> None:
     )
     inductor_config.fallback_random = True
     for ts in runs:
-        if ts.trial.name in groups or not hasattr(ts.net, "loss"):
+        if ts.trial.name in groups or not hasattr(ts.net, "loss") or getattr(ts.net, "lm", False):
             continue
         net = ts.net
 
@@ -673,6 +678,8 @@ def evaluate(
 ) -> list[dict[str, float]]:
     """The task metrics of every network on one split, one pass over the loader; ``progress``:
     a progress bar's description."""
+    if spec.generation:
+        return evaluate_generation(ts_list, loader, states, progress)
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
     with tqdm(
@@ -686,6 +693,62 @@ def evaluate(
             bar.update(1)
     y = np.concatenate(labels)
     return [compute_metrics(spec, np.concatenate(p), y) for p in preds]
+
+
+@torch.no_grad()
+def answer_scores(
+    net: torch.nn.Module, batch: Batch, states: StateSource
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A generation batch under teacher forcing: per example the summed answer-token loss, the
+    answer tokens (+ EOS), and whether the argmax got every one of them right (all [B])."""
+    net.eval()
+    labels = batch.target_ids["enc"]
+    logits, targets, rows = net.answer_logits(states(batch, "enc"), batch.masks["enc"], labels)
+    B = labels.shape[0]
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    wrong = (logits.argmax(-1) != targets).float()
+    loss = torch.zeros(B).index_add_(0, rows.cpu(), nll.cpu())
+    n = torch.zeros(B).index_add_(0, rows.cpu(), torch.ones_like(nll).cpu())
+    right = torch.zeros(B).index_add_(0, rows.cpu(), wrong.cpu()) == 0
+    return loss, n, right
+
+
+def evaluate_generation(
+    ts_list: list[TrialState],
+    loader: CacheLoader,
+    states: StateSource,
+    progress: str | None = None,
+) -> list[dict[str, float]]:
+    """Generation tasks, from the cache: ``answer_loss`` (mean cross-entropy per answer token,
+    EOS included) and ``exact_match`` (x100, the ``score``) of every network on one split.
+
+    Exact match is the share of examples whose teacher-forced argmax is right at every answer
+    position (and at EOS). That equals greedy generation's exact match: greedy decoding feeds back
+    its own argmax, so as long as every argmax so far was the answer's token, it has fed the
+    answer itself, exactly what teacher forcing feeds; by induction it emits the whole answer
+    and then EOS (stops right there) iff every teacher-forced argmax is right. With the first
+    wrong argmax both count the example as wrong. (Ties in the argmax aside, which the cache's
+    float rounding could break differently than a live pass.)
+    """
+    right: list[list[torch.Tensor]] = [[] for _ in ts_list]
+    loss = [0.0 for _ in ts_list]
+    tokens = [0.0 for _ in ts_list]
+    with tqdm(
+        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for batch in torch_batches(loader.epoch(0)):
+            for k, ts in enumerate(ts_list):
+                lo, n, ok = answer_scores(ts.net, batch, states)
+                loss[k] += float(lo.sum())
+                tokens[k] += float(n.sum())
+                right[k].append(ok)
+            bar.update(1)
+    out = []
+    for k in range(len(ts_list)):
+        ok = torch.cat(right[k]).float() if right[k] else torch.zeros(0)
+        em = float(ok.mean()) * 100 if len(ok) else 0.0
+        out.append({"exact_match": em, "answer_loss": loss[k] / max(tokens[k], 1.0), "score": em})
+    return out
 
 
 # --- the run folder ----------------------------------------------------------------------------------

@@ -110,10 +110,11 @@ def make_config(tmp_path: Path, glue: Path, **overrides):
     return apply_overrides(Config(), base)
 
 
-def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
-    """A tiny random Llama (grouped KV heads: 4 query heads over 2 key-value heads)."""
+def tiny_llama(tokenizer, seed: int = 0, layers: int = 2, lm_head: bool = False):
+    """A tiny random Llama (grouped KV heads: 4 query heads over 2 key-value heads); with
+    ``lm_head`` a ``LlamaForCausalLM`` (its own LM head, for generation tasks)."""
     import torch
-    from transformers import LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     from ladder.backbones import from_model
 
@@ -127,7 +128,8 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2):
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
-    return from_model("tiny-llama", "", LlamaModel(cfg), tokenizer)
+    model = LlamaForCausalLM(cfg) if lm_head else LlamaModel(cfg)
+    return from_model("tiny-llama", "", model, tokenizer)
 
 
 TIMING = ("epoch_s", "compute_s")  # what differs between two runs of the same training

@@ -298,3 +298,33 @@ def test_a_gpt2_folder_loads_by_path_and_extracts_with_side_init_from_the_cli(
     assert w.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(w[k], want[k], rtol=0, atol=0, msg=k)
+
+
+@torch.no_grad()
+def test_gpt2_incremental_decoding_equals_full_recompute(minilm_tokenizer):
+    """GPT-2 with its LM head: the backbone's and the side network's KV caches, a few tokens at a
+    time, give the logits of a full pass (state 0 takes wpe at the positions after the past)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ladder.backbones import from_model
+    from ladder.causal import SideKVCache
+    from ladder.side import SideConfig, build_side_network
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=minilm_tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4)
+    bb = from_model("tiny-gpt2-lm", "", GPT2LMHeadModel(cfg), minilm_tokenizer)
+    assert bb.lm_head is not None and bb.family == "gpt2"
+    side = SideConfig(reduction_factor=2, head="lm", dropout=0.0, kept_layers=(0, 1))
+    net = build_side_network(bb.config, side, bb.frozen_tensors(lm_head=True)["lm_head"]).eval()
+    for p in net.parameters():  # not the near-zero init: make every block matter
+        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else None
+    ids = torch.randint(1000, 2000, (1, 9))
+    layers = net.needed_layers()
+    full_states = bb.states(ids, torch.ones_like(ids), layers=layers)["enc"]
+    full = net({n: full_states[n] for n in layers}, torch.ones_like(ids))  # (1, 9, V)
+    past, cache, steps = None, SideKVCache(), []
+    for chunk in (ids[:, :4], ids[:, 4:5], ids[:, 5:9]):
+        states, past = bb.decode_states(chunk, past, layers)
+        steps.append(net.decode(states, cache))
+    scale = full.abs().max()
+    torch.testing.assert_close(torch.cat(steps, 1) / scale, full / scale, rtol=0, atol=1e-5)
