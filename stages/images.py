@@ -194,3 +194,10 @@ def vision_mismatch(cfg: StageConfig, manifest: dict[str, Any]) -> str | None:
         return None
     have = (manifest.get("images") or {}).get("encoder", {}).get("name")
     return None if have == want else f"vision encoder ({have!r}, asked {want!r})"
+
+
+def images_per_example(cache: CommittedCache) -> int:
+    """How many images each example of a VL cache names: 2 where ``image_index`` is [n, 2]
+    (NLVR2), else 1."""
+    shape = cache.array(layout.image_index_path(next(iter(cache.manifest["splits"])))).shape
+    return 1 if len(shape) == 1 else int(shape[1])

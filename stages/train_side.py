@@ -51,12 +51,12 @@ from ladder.stacked import (
     shape_key,
     stackable,
 )
-from ladder.vision import build_visual_side_network
+from ladder.vision import VisualSideNetwork, build_visual_side_network
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.images import vision_mismatch, visual_of
+from stages.images import images_per_example, vision_mismatch, visual_of
 from stages.runfiles import (
     DiskFull,
     make_private_dir,
@@ -362,7 +362,8 @@ def build_trial(
         lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
     visual = visual_of(cfg, cache)
     if visual is not None:  # visual tokens before the text (ladder.vision)
-        net = build_visual_side_network(bcfg, side_config(cfg, trial.r, spec), visual["d"])
+        side = side_config(cfg, trial.r, spec)
+        net = build_visual_side_network(bcfg, side, visual["d"], images_per_example(cache))
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
     if cfg.train_side.init != "random":
@@ -805,8 +806,15 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
                 k: cache.manifest["task"][k] for k in ("name", "labels", "metric", "text_fields")
             },
             "epoch": ts.best_epoch,
+            **({"visual": visual_config(ts.net)} if isinstance(ts.net, VisualSideNetwork) else {}),
         },
     )
+
+
+def visual_config(net: VisualSideNetwork) -> dict[str, Any]:
+    """What rebuilds a network's visual part (``<net>.config.json``'s ``visual``): the vision
+    encoder's width and the images per example."""
+    return {"d": net.d_visual, "n_images": net.n_images}
 
 
 # --- the run -------------------------------------------------------------------------------------------

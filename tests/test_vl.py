@@ -282,3 +282,55 @@ def test_a_vl_run_on_a_text_only_cache_is_one_line_exit_2(vqa, tmp_path, capsys,
     _one_line_exit_2(capsys, [*args, "--cache-key", key], "has no image features")
     _one_line_exit_2(capsys, args, "differs in vision encoder (None, asked 'tiny-clip')")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/checkpoints"))
+
+
+# --- several images per example (NLVR2): the image-index embedding ---------------------------------
+
+# the logits of the one-image network below, computed before the image-index embedding existed
+ONE_IMAGE_LOGITS = [
+    [-5.544570740312338e-06, -6.195180321810767e-05, -2.7748023057938553e-05,
+     -2.0388688426464796e-07, -8.923927089199424e-05],
+    [2.5746412575244904e-05, -7.030620326986536e-05, -0.00012163758947281167,
+     8.63932291395031e-06, -8.225397323258221e-05],
+]  # fmt: skip
+
+
+def _visual_net(n_images: int):
+    from transformers import BertConfig
+
+    from ladder.side import SideConfig
+    from ladder.vision import build_visual_side_network
+
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    net = build_visual_side_network(cfg, SideConfig(reduction_factor=4, num_labels=5), 24, n_images)
+    g = torch.Generator().manual_seed(1)
+    hiddens = {n: torch.randn(2, 6, 32, generator=g) for n in range(4)}
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return net.eval(), hiddens, mask, torch.randn(2, 5 * n_images, 24, generator=g)
+
+
+def test_two_images_are_told_apart_and_one_image_is_unchanged():
+    net, hiddens, mask, visual = _visual_net(2)
+    with torch.no_grad():
+        both = net(hiddens, mask, visual=visual)
+        swapped = net(hiddens, mask, visual=torch.cat([visual[:, 5:], visual[:, :5]], 1))
+    assert net.image_embed.weight.shape == (2, 8)
+    assert not torch.allclose(both, swapped, rtol=0, atol=1e-9)  # left/right matter
+    with torch.no_grad():  # without the embedding the side network is blind to the order
+        net.image_embed.weight.zero_()
+        torch.testing.assert_close(
+            net(hiddens, mask, visual=visual),
+            net(hiddens, mask, visual=torch.cat([visual[:, 5:], visual[:, :5]], 1)),
+        )
+    one, hiddens, mask, visual = _visual_net(1)
+    assert not hasattr(one, "image_embed") and not any("image_embed" in k for k in one.state_dict())
+    with torch.no_grad():
+        logits = one(hiddens, mask, visual=visual)
+    torch.testing.assert_close(logits, torch.tensor(ONE_IMAGE_LOGITS), rtol=0, atol=0)
+    with pytest.raises(Exception, match="7 visual tokens for 2 images per example"):
+        net(hiddens, mask, visual=torch.zeros(2, 7, 24))
