@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ from stages.tasks import (
     load_task_of,
     paper_epochs,
     spec_of,
+    targets_of_table,
 )
 
 
@@ -270,7 +271,8 @@ def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | No
         if not len(labels):
             return None
         top = int(np.bincount(labels).argmax())
-        score = compute_metrics(spec, np.full_like(labels, top), labels)["score"]
+        soft = split_targets(cache, "validation")
+        score = compute_metrics(spec, np.full_like(labels, top), labels, soft)["score"]
         name = spec.labels[top] if spec.labels and top < len(spec.labels) else str(top)
         memo = _MAJORITY[cache.key] = {"label": name, "score": score}
     return memo
@@ -660,6 +662,18 @@ def predict_batch(
     return predictions_of(batch_outputs(net, batch, states, candidates), spec, candidates)
 
 
+def split_targets(cache: CommittedCache, split: str) -> list[tuple[tuple[int, float], ...]] | None:
+    """A split's scored answers per example (``Example.targets``) where the cache stores them
+    (tasks scored by the VQA score), else None (the metric is then the top answer's)."""
+    if not cache.manifest["splits"][split].get("targets"):
+        return None
+    paths = layout.target_arrays(split)
+    return targets_of_table(
+        np.asarray(cache.array(paths["classes"])[...]),
+        np.asarray(cache.array(paths["scores"])[...]),
+    )
+
+
 def evaluate(
     ts_list: list[TrialState],
     loader: CacheLoader,
@@ -667,9 +681,11 @@ def evaluate(
     spec: TaskSpec,
     candidates: list[str] | None,
     progress: str | None = None,
+    targets: Sequence[Sequence[tuple[int, float]]] | None = None,
 ) -> list[dict[str, float]]:
     """The task metrics of every network on one split, one pass over the loader; ``progress``:
-    a progress bar's description."""
+    a progress bar's description; ``targets``: the split's scored answers per example
+    (:func:`split_targets`), which make the score the VQA score."""
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
     with tqdm(
@@ -682,7 +698,44 @@ def evaluate(
                 preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
             bar.update(1)
     y = np.concatenate(labels)
-    return [compute_metrics(spec, np.concatenate(p), y) for p in preds]
+    order = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+    soft = None if targets is None else [targets[i] for i in order]
+    return [compute_metrics(spec, np.concatenate(p), y, soft) for p in preds]
+
+
+def cached_predictions(
+    cfg: StageConfig, folder: Path, name: str, split: str = "test", cache_key: str | None = None
+) -> np.ndarray:
+    """Class ids (or scores) per example of a split, in the split's order, of network ``name``'s
+    best checkpoint in run ``folder``, from the cache's states and image features: what
+    train-side's evaluation computes (``cache_key``: default, the network's own cache)."""
+    saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
+    cache = resolve_cache(cfg, cache_key or saved["cache"])
+    spec, candidates = task_spec_of(cache), cache.manifest["task"].get("candidates")
+    weights_only = cfg.train_side.model_copy(update={"init": "random"})  # the checkpoint's, below
+    cfg = cfg.model_copy(update={"train_side": weights_only})
+    ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
+    ts.net.load_state_dict(load_file(str(Path(folder) / f"{name}.best.safetensors")), strict=False)
+    layers = {"enc": ts.net.needed_layers("enc")}
+    if candidates is not None:
+        layers.update(
+            {s: ts.net.needed_layers("dec") for s in layout.cand_streams(len(candidates))}
+        )
+    loader = CacheLoader(
+        cache,
+        split,
+        layers,
+        batch_size=cfg.train_side.batch_size * 2,
+        shuffle=False,
+        memory_budget=cfg.train_side.memory_mb << 20,
+        images=ImageTable(cache) if visual_of(cfg, cache) is not None else None,
+    )
+    out = np.zeros(cache.manifest["splits"][split]["n_examples"])
+    for batch in torch_batches(loader.epoch(0)):
+        p = predict_batch(ts.net, batch, cached_states, spec, candidates)
+        out = out.astype(p.dtype, copy=False)
+        out[batch.index.numpy()] = p
+    return out
 
 
 # --- the run folder ----------------------------------------------------------------------------------
@@ -930,7 +983,13 @@ def train_side(
         for ts in scored:
             best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
             ts.net.load_state_dict(best, strict=False)
-        tests = evaluate(scored, test, states_eval, spec, candidates) if scored else []
+        tests = (
+            evaluate(
+                scored, test, states_eval, spec, candidates, None, split_targets(cache, "test")
+            )
+            if scored
+            else []
+        )
         _check_cache_still_there(cfg, cache, folder)
     except DiskFull as e:
         raise StageError(
@@ -1044,7 +1103,15 @@ def _train_epochs(
         going = [ts for ts in active if ts.stopped is None]
         desc = f"train-side: validation after epoch {epoch + 1}/{epochs}"
         scores = (
-            evaluate(going, val, states_eval, spec, candidates, desc if progress else None)
+            evaluate(
+                going,
+                val,
+                states_eval,
+                spec,
+                candidates,
+                desc if progress else None,
+                split_targets(cache, "validation"),
+            )  # fmt: skip
             if going
             else []
         )
