@@ -709,6 +709,15 @@ def cached_predictions(
     """Class ids (or scores) per example of a split, in the split's order, of network ``name``'s
     best checkpoint in run ``folder``, from the cache's states and image features: what
     train-side's evaluation computes (``cache_key``: default, the network's own cache)."""
+    outputs, spec, candidates = cached_outputs(cfg, folder, name, split, cache_key)
+    return predictions_of(outputs, spec, candidates)
+
+
+def cached_outputs(
+    cfg: StageConfig, folder: Path, name: str, split: str = "test", cache_key: str | None = None
+) -> tuple[torch.Tensor, TaskSpec, list[str] | None]:
+    """:func:`cached_predictions`' raw outputs per example (:func:`batch_outputs`: logits, or
+    T5 candidate scores), with the cache's task spec and T5 candidates."""
     saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
     cache = resolve_cache(cfg, cache_key or saved["cache"])
     spec, candidates = task_spec_of(cache), cache.manifest["task"].get("candidates")
@@ -730,12 +739,13 @@ def cached_predictions(
         memory_budget=cfg.train_side.memory_mb << 20,
         images=ImageTable(cache) if visual_of(cfg, cache) is not None else None,
     )
-    out = np.zeros(cache.manifest["splits"][split]["n_examples"])
+    out: torch.Tensor | None = None
     for batch in torch_batches(loader.epoch(0)):
-        p = predict_batch(ts.net, batch, cached_states, spec, candidates)
-        out = out.astype(p.dtype, copy=False)
-        out[batch.index.numpy()] = p
-    return out
+        o = batch_outputs(ts.net, batch, cached_states, candidates)
+        if out is None:
+            out = o.new_zeros((cache.manifest["splits"][split]["n_examples"], *o.shape[1:]))
+        out[batch.index] = o
+    return (out if out is not None else torch.zeros(0, 1)), spec, candidates
 
 
 # --- the run folder ----------------------------------------------------------------------------------
