@@ -327,3 +327,10 @@ def test_vqa_train_side_scores_and_keeps_the_vqa_score(tmp_path, capsys):
         spec, preds, np.asarray([ex.label for ex in test]), [ex.targets for ex in test]
     )
     assert net["test"] == want and set(want) == {"vqa_score", "accuracy", "score"}
+    # pipeline evaluate (live MiniLM and random-vit) reports the VQA score too
+    capsys.readouterr()
+    args = ["evaluate", "--run", str(run), "--split", "test", "--data-dir", str(folder)]
+    assert run_cli([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert set(got) == {"split", "vqa_score", "accuracy", "score"}
+    assert got["score"] == got["vqa_score"]
