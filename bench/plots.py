@@ -269,6 +269,47 @@ def time_to_result(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def vqa_question_types(figures: dict[str, Any], path: Path) -> Path:
+    """``bench.vqa``: test accuracy per easy-VQA question type (and over all questions), with
+    and without the visual tokens; bars are the mean over the seeds, whiskers the range, the
+    dashed ticks the type's majority answer (what the answer prior alone can reach)."""
+    plt = _plt()
+    arms = list(figures["arms"])
+    first = figures["arms"][arms[0]]["by_type"]
+    types = list(first)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / len(arms)
+    colors = {"with images": "tab:blue", "text alone": "tab:gray"}
+    for k, arm in enumerate(arms):
+        by = figures["arms"][arm]["by_type"]
+        xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(types))]
+        means = [by[t]["mean"] for t in types]
+        lo = [by[t]["mean"] - min(by[t]["seeds"]) for t in types]
+        hi = [max(by[t]["seeds"]) - by[t]["mean"] for t in types]
+        ax.bar(xs, means, width * 0.95, yerr=[lo, hi], capsize=3, label=arm,
+               color=colors.get(arm))  # fmt: skip
+        for x, m, top in zip(xs, means, [max(by[t]["seeds"]) for t in types], strict=True):
+            ax.annotate(f"{m:.1f}", (x, top), ha="center", va="bottom", fontsize=8,
+                        xytext=(0, 3), textcoords="offset points")  # fmt: skip
+    for i, t in enumerate(types):
+        if first[t].get("majority") is not None:
+            ax.hlines(first[t]["majority"], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                      linewidth=1, label="majority answer" if i == 0 else None)  # fmt: skip
+    ax.set_xticks(range(len(types)), [f"{t}\n(n = {first[t]['n']})" for t in types])
+    ax.set(ylabel="test accuracy (%)", ylim=(0, 115))
+    ax.set_title(
+        f"easy-VQA by question type: {figures['vision_encoder']}, r = {figures['r']}, "
+        f"{figures['epochs']} epochs, --limit {figures['limit']}, {len(figures['seeds'])} seeds",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_all(summary: dict[str, Any], stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = [accuracy_memory(summary, Path(f"{stem}_accuracy_memory.png"))]

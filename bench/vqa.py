@@ -2,12 +2,17 @@
 text alone (the answer prior), from one cache.
 
     python -m bench.vqa --limit 4000 --json bench/results/vqa_quick.json
+    python -m bench.vqa --limit 1000 --epochs 2 --plot docs/vqa-question-types.png
 
 Extracts one cache (packaged MiniLM text backbone, the packaged ``random-vit`` vision encoder,
 float16/lz4, magnitude side_init at r = 4), then trains r = 4 side networks, seeds 0, 1, 2 in one
 pass, twice on the same batches: with the visual tokens (``backbone.vision`` set) and without
 (text alone). Reports test accuracy (mean and std over the seeds), seconds per epoch, and the
 bytes of image features in the cache against the bytes they would take stored once per question.
+Per question type (``stages.vqa.question_type``: color, shape, yes/no) the test accuracy of
+each arm comes from every network's test predictions (``stages.train_side.cached_predictions``,
+the same figures train-side's test evaluation computes); ``--plot`` draws it
+(``bench.plots.vqa_question_types``).
 
 ``random-vit`` is a randomly initialised, frozen ViT (no pretrained vision weights exist offline
 here): whatever it adds over the answer prior comes from random features of the pixels, so the
@@ -24,11 +29,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import parser, table, write_json
+from stages.vqa import QUESTION_TYPES, question_type
 
 
 def stored_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def by_type(preds: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray) -> dict[str, Any]:
+    """Test accuracy x100 per question type and over all questions: per network (``seeds``),
+    their mean, the type's size and its majority answer's accuracy."""
+    out = {}
+    for t in [*QUESTION_TYPES, "all"]:
+        pick = np.ones(len(labels), bool) if t == "all" else kinds == t
+        if not pick.any():
+            continue
+        seeds = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+        majority = float(np.bincount(labels[pick]).max() / pick.sum()) * 100
+        out[t] = {
+            "seeds": seeds,
+            "mean": statistics.mean(seeds),
+            "n": int(pick.sum()),
+            "majority": majority,
+        }
+    return out
 
 
 def main() -> None:
@@ -40,6 +67,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--vision-encoder", default="random-vit")
     p.add_argument("--work", type=Path, default=None, help="cache and runs here (default: temp)")
+    p.add_argument("--plot", type=Path, default=None, help="accuracy per question type (PNG)")
     args = p.parse_args()
     if args.quick:
         args.limit, args.epochs = 1000, 2
@@ -48,7 +76,8 @@ def main() -> None:
     from cache_store import layout
     from pipeline.config import Config, apply_overrides
     from stages.extract import extract
-    from stages.train_side import train_side
+    from stages.tasks import load_task_of
+    from stages.train_side import cached_predictions, train_side
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-vqa-"))
     over: dict[str, Any] = {
@@ -78,6 +107,9 @@ def main() -> None:
     image_bytes = stored_bytes(attempt / layout.IMAGES)
     text_bytes = sum(stored_bytes(attempt / s / "enc") for s in m["splits"])
 
+    test = load_task_of(cfg.task).splits["test"]  # the cache's test split, in its order
+    labels = np.asarray([ex.label for ex in test])
+    kinds = np.asarray([question_type(ex.texts[0]) for ex in test])
     arms: dict[str, Any] = {}
     no_vision = cfg.model_copy(
         update={"backbone": cfg.backbone.model_copy(update={"vision": None})}
@@ -85,6 +117,7 @@ def main() -> None:
     for arm, c in (("with images", cfg), ("text alone", no_vision)):
         t1 = time.perf_counter()
         out = train_side(c, cache_key=res.key, run_name=arm.replace(" ", "-"), progress=True)
+        names = list(out.metrics["networks"])
         nets = out.metrics["networks"].values()
         acc = [n["test"]["accuracy"] for n in nets]
         epoch_s = [h["epoch_s"] for n in nets for h in n["epochs"]]
@@ -96,7 +129,14 @@ def main() -> None:
             "epoch_s": statistics.median(epoch_s),
             "trainable_parameters": next(iter(nets))["trainable_parameters"],
             "wall_s": time.perf_counter() - t1,
+            "by_type": by_type(
+                [cached_predictions(c, out.folder, name, "test", res.key) for name in names],
+                labels,
+                kinds,
+            ),
         }
+        for got, want in zip(arms[arm]["by_type"]["all"]["seeds"], acc, strict=True):
+            assert abs(got - want) < 1e-6, (got, want)  # the test figures of train-side
     figures = {
         "cache": res.key,
         "limit": args.limit,
@@ -141,6 +181,26 @@ def main() -> None:
         f"{figures['image_bytes_if_per_question'] / 2**20:.1f} MB if per question "
         f"({n_questions} questions); text states {text_bytes / 2**20:.1f} MB"
     )
+    print()
+    print(
+        table(
+            ["question type", "n", *arms, "majority answer"],
+            [
+                [
+                    t,
+                    v["n"],
+                    *(f"{arms[a]['by_type'][t]['mean']:.1f}" for a in arms),
+                    f"{v['majority']:.1f}",
+                ]
+                for t, v in next(iter(arms.values()))["by_type"].items()
+            ],
+        )  # fmt: skip
+    )
+    if args.plot is not None:
+        from bench.plots import vqa_question_types
+
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {vqa_question_types(figures, args.plot)}")
     write_json(args.json, "vqa", figures)
 
 

@@ -36,6 +36,16 @@ class ImageTable:
             for split in m["splits"]
         }
 
+    @classmethod
+    def of_arrays(cls, grid: np.ndarray, index: dict[str, np.ndarray]) -> ImageTable:
+        """A table of features computed elsewhere (a live vision encoder): ``grid`` [n_images,
+        n_tokens, d_v], ``index`` per split each example's row(s)."""
+        table = cls.__new__(cls)
+        table.dtype = str(grid.dtype)
+        table.n_images, table.n_tokens, table.d = grid.shape
+        table.grid, table.index = grid, index
+        return table
+
     def gather(self, split: str, examples: np.ndarray) -> np.ndarray:
         """The visual tokens of examples ``examples`` of ``split``: [B, n_tokens, d_v]; with two
         images per example (``image_index`` [n, 2], NLVR2) the first image's tokens, then the

@@ -15,6 +15,8 @@ This module owns the on-disk layout: every reader and writer builds its paths he
         <split>/dec/...      T5: decoder stream under teacher forcing on the target
                              (its own offsets, input_ids, target_ids and layer_NN)
         <split>/cand_K/...   T5, validation/test: decoder stream on candidate label string K
+        <split>/target_classes int32 [n, K]    VQA score tasks: each example's scored answers (class
+        <split>/target_scores float64 [n, K]   ids, -1 = none) and their scores (K: the most any has)
         <split>/image_index  int32 [n]         vision-and-language: each example's image (row of images/)
                              ([n, 2] when each example names two images: NLVR2)
         images/grid          [n_images * n_tok, d_v]   the vision encoder's last hidden state,
@@ -140,6 +142,12 @@ def labels_path(split: str) -> str:
     return f"{split}/labels"
 
 
+def target_arrays(split: str) -> dict[str, str]:
+    """Tasks scored by the VQA score: each example's scored answers, ``classes`` int32 [n, K]
+    (-1 pads) and ``scores`` float64 [n, K]; the manifest's ``splits.<split>.targets`` is K."""
+    return {"classes": f"{split}/target_classes", "scores": f"{split}/target_scores"}
+
+
 IMAGES = "images"
 
 
@@ -200,6 +208,8 @@ def expected_arrays(manifest: dict[str, Any]) -> set[str]:
     out: set[str] = set()
     for split, s in manifest["splits"].items():
         out.add(labels_path(split))
+        if s.get("targets"):
+            out |= set(target_arrays(split).values())
         for stream, info in s["streams"].items():
             out |= {offsets_path(split, stream), input_ids_path(split, stream)}
             if stream == "enc":

@@ -244,17 +244,36 @@ class VisualSideNetwork(EncoderSideNetwork):
     positions only. The head reads the first text token ([CLS]; BART: the last real token).
     Built after the text part, so a seed gives the text part the same weights as
     ``EncoderSideNetwork``; the visual part's keys are not canonical side-init keys.
+
+    Several images per example (``n_images`` > 1, NLVR2's left and right image): the visual
+    tokens come image after image (``n_images`` blocks of equal length), and a learned
+    image-index embedding ``image_embed`` (as VL-T5's image order ids) is added to each block's
+    projected tokens before the layer norm, so the network can tell the images apart. With one
+    image there is no such parameter: the network (its parameters for a seed, its logits) is the
+    one-image network it was before the embedding existed.
     """
 
-    def __init__(self, backbone_config: PretrainedConfig, side: SideConfig, d_visual: int) -> None:
+    def __init__(
+        self,
+        backbone_config: PretrainedConfig,
+        side: SideConfig,
+        d_visual: int,
+        n_images: int = 1,
+    ) -> None:
         super().__init__(backbone_config, side)
         if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
             raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+            raise LadderError(f"n_images={n_images!r}; allowed: images per example (>= 1)")
         dims = backbone_dims(backbone_config, side)
         self.d_visual = d_visual
+        self.n_images = n_images
         self.visual_proj = nn.Linear(d_visual, self.d_side)
         self.visual_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
         init_weights(self.visual_proj)
+        if n_images > 1:  # created last: the one-image network's draws stay as they were
+            self.image_embed = nn.Embedding(n_images, self.d_side)
+            nn.init.normal_(self.image_embed.weight, mean=0.0, std=0.01)
 
     def forward(  # type: ignore[override]
         self,
@@ -270,8 +289,18 @@ class VisualSideNetwork(EncoderSideNetwork):
             raise LadderError(
                 f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
             )
+        if visual.shape[1] % self.n_images:
+            raise LadderError(
+                f"{visual.shape[1]} visual tokens for {self.n_images} images per example; allowed: "
+                f"a multiple of {self.n_images} (the images' tokens one image after the other)"
+            )
         text = self.side_input(hiddens)  # (B, T, d/r)
-        v = self.drop(self.visual_ln(ladder_linear(self.visual_proj, visual)))  # (B, T_v, d/r)
+        v = ladder_linear(self.visual_proj, visual)  # (B, T_v, d/r)
+        if self.n_images > 1:  # which image each block of tokens comes from
+            B, Tv, d = v.shape
+            per = v.reshape(B, self.n_images, Tv // self.n_images, d)  # (B, n_images, T_i, d/r)
+            v = (per + self.image_embed.weight[None, :, None, :].to(v.dtype)).reshape(B, Tv, d)
+        v = self.drop(self.visual_ln(v))  # (B, T_v, d/r)
         B, Tv = v.shape[:2]
         x = torch.cat([v.to(text.dtype), text], 1)  # (B, T_v + T, d/r)
         ones = torch.ones(B, Tv, dtype=torch.bool, device=x.device)
@@ -299,12 +328,13 @@ class VisualSideNetwork(EncoderSideNetwork):
 
 
 def build_visual_side_network(
-    backbone_config: PretrainedConfig, side: SideConfig, d_visual: int
+    backbone_config: PretrainedConfig, side: SideConfig, d_visual: int, n_images: int = 1
 ) -> VisualSideNetwork:
-    """The encoder-only side network with visual tokens (T5 with visual tokens: not built yet)."""
+    """The encoder-only side network with visual tokens of ``n_images`` images per example (T5
+    with visual tokens: not built yet)."""
     if getattr(backbone_config, "model_type", None) in T5_TYPES:
         raise LadderError(
             "visual tokens with a T5 side network are not built yet; use an encoder-only "
             "backbone (BERT family, BART) for vision-and-language tasks"
         )
-    return VisualSideNetwork(backbone_config, side, d_visual)
+    return VisualSideNetwork(backbone_config, side, d_visual, n_images)

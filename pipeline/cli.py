@@ -742,6 +742,11 @@ def predict(
     t0 = time.perf_counter()
     p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
     load_s = time.perf_counter() - t0
+    if input_path is None and p.spec.images:
+        raise PipelineError(
+            f"task {p.spec.name!r} reads images: give --input FILE (- for stdin) whose JSONL rows "
+            f"hold {', '.join(p.spec.text_fields)} and image (a file path)"
+        )
     if input_path is None:
         n = len(p.spec.text_fields)
         if len(texts) != n:

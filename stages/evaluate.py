@@ -8,13 +8,21 @@ These need the backbone (the text is new, so there is no cache for it): it runs 
 and feeds the side network exactly the states stage one would have stored. Generation tasks
 generate greedily (``ladder.generation``: the backbone and the side network each with their KV
 cache), up to EOS or ``MAX_NEW_TOKENS``; ``evaluate`` scores the exact match of the answer tokens.
+
+Vision-and-language runs (``backbone.vision`` set) also need the visual tokens: ``evaluate``
+takes the run's cache's image features when the cache holds the split being scored (same
+content), else runs the frozen vision encoder once per distinct image; ``predict`` reads
+``--input`` rows with ``question`` and ``image`` (a file path) and runs the encoder on them.
+
+    pipeline predict  --run runs/<vqa folder> --input questions.jsonl --json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +32,16 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from cache_store import layout
+from cache_store.images import ImageTable
+from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
 from ladder.generation import greedy_generate
 from ladder.side import SideConfig, build_side_network
+from ladder.vision import VisionEncoder, build_visual_side_network, load_vision_encoder
 from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
+from stages.images import encode_images
 from stages.tasks import (
     Example,
     TaskConfig,
@@ -89,11 +101,6 @@ def load_trained(
     saved_cfg = _read_json(folder / "config.json")
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
-    if backbone.vision is not None:
-        raise StageError(
-            f"run {folder} reads images (vision encoder {backbone.vision!r}); predict and "
-            "evaluate on new images are not built yet: its test figures are in metrics.json"
-        )
     configs = sorted(folder.glob("*.config.json"))
     if not configs:
         raise StageError(f"run folder {folder} has no trained network yet")
@@ -167,6 +174,7 @@ class Predictor:
         self.task, self.backbone_cfg, saved, weights = load_trained(
             run, network, allow_unfinished=allow_unfinished
         )
+        self.run, self.saved = Path(run), saved
         state = load_weights(weights)
         self.backbone: Backbone = load_backbone(
             self.backbone_cfg.name,
@@ -177,7 +185,11 @@ class Predictor:
         self.spec = spec_of(saved["task_spec"])
         side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list
         lm_head = self.backbone.frozen_tensors(lm_head=self.spec.generation).get("lm_head")
-        self.net = build_side_network(self.backbone.config, side, lm_head)
+        self.vision: VisionEncoder | None = None
+        if self.backbone_cfg.vision is not None:  # visual tokens before the text
+            self.net, self.vision = visual_network(self.backbone, self.backbone_cfg, saved, device)
+        else:
+            self.net = build_side_network(self.backbone.config, side, lm_head)
         self.net.load_state_dict(state, strict=False)
         self.net.eval()
         self.candidates = t5_candidates(self.spec) if self.backbone.encoder_decoder else None
@@ -192,12 +204,19 @@ class Predictor:
         self.states = online_states(self.backbone, False, layers)
 
     def outputs(
-        self, examples: list[Example], batch_size: int = 64, progress: str | None = None
+        self,
+        examples: list[Example],
+        batch_size: int = 64,
+        progress: str | None = None,
+        images: VisualTokens | None = None,
     ) -> torch.Tensor:
         """The side network's raw outputs per example, in the examples' order: logits (regression:
         ``[N, 1]``), or for T5 the score of every candidate label string. Batches group examples
         of similar length (less padding); ``progress`` describes a progress bar (stderr, shown
-        on a terminal only)."""
+        on a terminal only). A VL network reads each example's visual tokens from ``images``
+        (default: :func:`encoded_tokens` of the examples' ``image`` fields as file paths)."""
+        if self.vision is not None and images is None:
+            images = encoded_tokens(self.vision, examples)
         data = TaskData(self.spec, {"test": examples}, "given")
         streams = tokenize_split(self.backbone, data, "test", self.backbone_cfg.max_length)
         streams = {k: v for k, v in streams.items() if k != "dec"}
@@ -213,6 +232,8 @@ class Predictor:
             leave=False,
         ) as bar:
             for b in batches_of(streams, labels, batch_size, pad_id, order):
+                if images is not None:
+                    b = dataclasses.replace(b, visual=torch.from_numpy(images(b.index.numpy())))
                 o = batch_outputs(self.net, b, self.states, self.candidates)
                 if out is None:
                     out = o.new_zeros((len(examples), *o.shape[1:]))
@@ -221,10 +242,14 @@ class Predictor:
         return out if out is not None else torch.zeros(0, 1)
 
     def predict(
-        self, examples: list[Example], batch_size: int = 64, progress: str | None = None
+        self,
+        examples: list[Example],
+        batch_size: int = 64,
+        progress: str | None = None,
+        images: VisualTokens | None = None,
     ) -> np.ndarray:
         """Class ids (or scores) per example, as evaluation computes them."""
-        out = self.outputs(examples, batch_size, progress)
+        out = self.outputs(examples, batch_size, progress, images)
         if not examples:
             return np.zeros(0)
         return predictions_of(out, self.spec, self.candidates)
@@ -282,8 +307,26 @@ def read_inputs(source: str, spec: TaskSpec) -> list[Example]:
                 f"{where}: row {n} has no {', '.join(map(repr, missing))}; task {spec.name!r} "
                 f"reads the column(s) {', '.join(fields)} (have: {', '.join(map(str, row)) or 'none'})"
             )
+        if spec.images:  # vision-and-language: the row's image file(s) too
+            out.append(image_example(row, n, where, spec))
+            continue
         out.append(Example(tuple(str(row[f]) for f in fields), 0))
     return out
+
+
+def image_example(row: dict[str, Any], n: int, where: str, spec: TaskSpec) -> Example:
+    """A VL input row as an example: its text fields and ``image`` (a file path; ``image2``
+    too for two-image tasks, NLVR2), paths as given (relative ones from the working directory).
+    A row without an image is one line; the files are read when the encoder runs."""
+    image = row.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise StageError(
+            f"{where}: row {n} has no 'image' (a file path); task {spec.name!r} reads images: "
+            f"each row needs {', '.join(spec.text_fields)} and image"
+        )
+    image2 = row.get("image2")
+    texts = tuple(str(row[f]) for f in spec.text_fields)
+    return Example(texts, 0, image, str(image2) if image2 is not None else None)
 
 
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
@@ -291,8 +334,12 @@ def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str
         return evaluate_generation_split(predictor, data, split)
     examples = data.splits[split]
     desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples)"
-    preds = predictor.predict(examples, progress=desc)
-    return compute_metrics(predictor.spec, preds, np.asarray([ex.label for ex in examples]))
+    images = split_tokens(predictor, data, split) if predictor.vision is not None else None
+    preds = predictor.predict(examples, progress=desc, images=images)
+    targets = [ex.targets for ex in examples] if predictor.spec.metric == "vqa_score" else None
+    return compute_metrics(
+        predictor.spec, preds, np.asarray([ex.label for ex in examples]), targets
+    )
 
 
 # --- generation tasks ----------------------------------------------------------------------------
@@ -344,3 +391,75 @@ def evaluate_generation_split(predictor: Predictor, data: TaskData, split: str) 
     want = tok([ex.answer or "" for ex in examples], add_special_tokens=False)["input_ids"]
     right = np.asarray([g == w for g, w in zip(got, want, strict=True)], dtype=np.int64)
     return compute_metrics(predictor.spec, right, np.ones_like(right))
+
+
+# --- vision-and-language: the visual part of a network, its visual tokens --------------------------
+
+VisualTokens = Callable[[np.ndarray], np.ndarray]  # example rows -> [B, n_tokens, d_v] features
+
+
+def visual_network(
+    backbone: Backbone, backbone_cfg: BackboneConfig, saved: dict[str, Any], device: str
+) -> tuple[torch.nn.Module, VisionEncoder]:
+    """A VL run's side network (unloaded) as train-side built it, from its ``<net>.config.json``
+    (``visual``: the vision encoder's width, images per example), and the frozen vision encoder
+    the run names (``backbone.vision``)."""
+    vision = load_vision_encoder(backbone_cfg.vision or "", device=device)
+    visual = saved.get("visual") or {"d": vision.d, "n_images": 1}
+    if visual["d"] != vision.d:
+        raise StageError(
+            f"vision encoder {backbone_cfg.vision!r} gives features of width {vision.d}, but the "
+            f"network was trained on width {visual['d']}"
+        )
+    side = SideConfig(**saved["side"])
+    net = build_visual_side_network(backbone.config, side, visual["d"], visual["n_images"])
+    return net, vision
+
+
+def encoded_tokens(
+    vision: VisionEncoder, examples: list[Example], files: dict[str, str] | None = None
+) -> VisualTokens:
+    """The visual tokens of ``examples`` from the live vision encoder, run once per distinct
+    image: ``files`` maps each example's ``image`` (and ``image2``) key to its file (default:
+    the keys are file paths). A missing or unreadable file is one line naming it."""
+    spec = TaskSpec(name="given", text_fields=(), labels=None, metric="accuracy")
+    data = TaskData(spec, {"given": examples}, "the given inputs", files or {})
+    if files is None:
+        data.images = {k: k for ex in examples for k in (ex.image, ex.image2) if k is not None}
+    grid, _, index = encode_images(vision, data)
+    table = ImageTable.of_arrays(grid, index)
+    return lambda rows: table.gather("given", rows)
+
+
+def split_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTokens:
+    """The visual tokens of a split's examples: the run's cache's image features when the cache
+    (still there) holds this split with the same content and the run's vision encoder, else the
+    live vision encoder on the split's image files."""
+    cached = cached_tokens(predictor, data, split)
+    if cached is not None:
+        return cached
+    assert predictor.vision is not None
+    return encoded_tokens(predictor.vision, data.splits[split], data.images)
+
+
+def cached_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTokens | None:
+    """The run's cache's image features for ``split``, or None where the cache is gone, holds
+    other data for the split, or holds another encoder's features."""
+    folder = Path(predictor.run)
+    root = _read_json(folder / "config.json").get("cache", {}).get("root")
+    key = predictor.saved.get("cache")
+    if root is None or key is None:
+        return None
+    try:
+        cache = open_cache(root, key, check=False)
+    except Exception:  # gone, moved, or remote without credentials: the encoder runs instead
+        return None
+    info = cache.manifest["splits"].get(split, {})
+    encoder = (cache.manifest.get("images") or {}).get("encoder", {}).get("name")
+    if (
+        info.get("fingerprint") != data.fingerprint(split)
+        or encoder != predictor.backbone_cfg.vision
+    ):
+        return None
+    table = ImageTable(cache)
+    return lambda rows: table.gather(split, rows)

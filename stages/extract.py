@@ -59,7 +59,7 @@ from stages.config import StageConfig
 from stages.errors import StageError
 from stages.images import check_vision_task, vision_key_inputs, write_images
 from stages.side_init import write_side_init
-from stages.tasks import TaskData, load_task_of, t5_candidates
+from stages.tasks import TaskData, load_task_of, t5_candidates, targets_table, targets_width
 from stages.tokens import (
     Stream,
     check_generation_backbone,
@@ -385,6 +385,11 @@ class Extractor:
         writer.create_array(
             layout.labels_path(split), labels.shape, labels.dtype, chunk_rows=1 << 20, data=labels
         )
+        if (width := targets_width(self.data)) is not None:
+            classes, scores = targets_table(self.data.splits[split], width)
+            paths = layout.target_arrays(split)
+            for name, x in (("classes", classes), ("scores", scores)):
+                writer.create_array(paths[name], x.shape, x.dtype, chunk_rows=1 << 20, data=x)
         for name, s in streams.items():
 
             def flat(seqs: list[list[int]], dtype: Any, n_tokens: int = s.n_tokens) -> np.ndarray:
@@ -502,6 +507,7 @@ class Extractor:
                     "n_examples": len(self.data.splits[split]),
                     "streams": {name: stream_info(s) for name, s in ss.items()},
                     "fingerprint": self.data.fingerprint(split),
+                    **({"targets": w} if (w := targets_width(self.data)) is not None else {}),
                 }
                 for split, ss in streams.items()
             },

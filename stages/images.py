@@ -100,9 +100,14 @@ def vision_key_inputs(vision: VisionEncoder, data: TaskData) -> dict[str, Any]:
 
 def open_image(data: TaskData, key: str) -> Any:
     """The decoded image; a missing or undecodable file is one line naming it."""
+    return read_image(image_file(data, key), key)
+
+
+def read_image(path: str, key: str) -> Any:
+    """The decoded image of file ``path`` (image ``key``); a missing or undecodable file is one
+    line naming it."""
     from PIL import Image, UnidentifiedImageError
 
-    path = image_file(data, key)
     try:
         with Image.open(path) as im:
             im.load()
@@ -116,6 +121,23 @@ def open_image(data: TaskData, key: str) -> Any:
         ) from None
 
 
+def encode_images(
+    vision: VisionEncoder, data: TaskData
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Every distinct image of the task's splits through the frozen vision encoder, once, in
+    batches of ``BATCH``: grid features float32 [n_images, n_tokens, d_v], pooled [n_images, d_v]
+    and per split each example's row (``distinct_images``)."""
+    keys, index = distinct_images(data)
+    grids, pooled = [], []
+    for k in range(0, len(keys), BATCH):
+        g, p = vision.features([open_image(data, key) for key in keys[k : k + BATCH]])
+        grids.append(g.numpy())
+        pooled.append(p.numpy())
+    if not grids:
+        raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
+    return np.concatenate(grids), np.concatenate(pooled), index
+
+
 def write_images(
     cfg: StageConfig, writer: CacheWriter, vision: VisionEncoder, data: TaskData
 ) -> dict[str, Any]:
@@ -125,17 +147,11 @@ def write_images(
     if prog is not None and prog.get("done"):
         return prog["manifest"]
     t0 = time.perf_counter()
-    keys, index = distinct_images(data)
-    grids, pooled = [], []
-    for k in range(0, len(keys), BATCH):
-        g, p = vision.features([open_image(data, key) for key in keys[k : k + BATCH]])
-        grids.append(g.numpy())
-        pooled.append(p.numpy())
-    grid = np.concatenate(grids)  # [n_images, n_tokens, d_v]
+    grid, pooled, index = encode_images(vision, data)
     n_images, n_tokens, d = grid.shape
     dtype, codec = cfg.cache.dtype, cfg.cache.codec
     chunk = rows_per_chunk(d, dtype, cfg.cache.chunk_mb)
-    values = {"grid": grid.reshape(n_images * n_tokens, d), "pooled": np.concatenate(pooled)}
+    values = {"grid": grid.reshape(n_images * n_tokens, d), "pooled": pooled}
     paths = layout.image_arrays(dtype)
     for name, x in values.items():
         codes, scale = layout.encode(x, dtype)
@@ -194,3 +210,10 @@ def vision_mismatch(cfg: StageConfig, manifest: dict[str, Any]) -> str | None:
         return None
     have = (manifest.get("images") or {}).get("encoder", {}).get("name")
     return None if have == want else f"vision encoder ({have!r}, asked {want!r})"
+
+
+def images_per_example(cache: CommittedCache) -> int:
+    """How many images each example of a VL cache names: 2 where ``image_index`` is [n, 2]
+    (NLVR2), else 1."""
+    shape = cache.array(layout.image_index_path(next(iter(cache.manifest["splits"])))).shape
+    return 1 if len(shape) == 1 else int(shape[1])

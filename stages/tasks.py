@@ -49,7 +49,7 @@ class TaskSpec:
     name: str
     text_fields: tuple[str, ...]  # field names, also the keys of the T5 input template
     labels: tuple[str, ...] | None  # class names in id order; None for regression (STS-B)
-    metric: str  # "accuracy" | "mcc" | "acc_f1" | "pearson_spearman"
+    metric: str  # "accuracy" | "mcc" | "acc_f1" | "pearson_spearman" | "vqa_score" | "cider"
     glue_dir: str = ""  # folder name in glue_data
     tsv_columns: tuple[str | int, ...] = ()  # TSV header names (or positions) of text fields
     tsv_label: str | int = "label"  # TSV header name (or position) of the label
@@ -186,7 +186,7 @@ VL_TASKS: dict[str, TaskSpec] = {
         images=True,
     ),
     "vqa": TaskSpec(
-        name="vqa", text_fields=("question",), labels=(), metric="accuracy", images=True
+        name="vqa", text_fields=("question",), labels=(), metric="vqa_score", images=True
     ),
     "gqa": TaskSpec(
         name="gqa", text_fields=("question",), labels=(), metric="accuracy", images=True
@@ -239,6 +239,8 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
             row.append(ex.image2)
         if ex.answer is not None:
             row.append({"answer": ex.answer})
+        if ex.targets:  # the VQA score's answers: another score is another cache
+            row.append([list(t) for t in ex.targets])
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
@@ -704,6 +706,35 @@ def compute_metrics(
         out = {"accuracy": float(np.mean(preds == labels)) * 100}
     out["score"] = float(np.mean(list(out.values())))
     return out
+
+
+def targets_width(data: TaskData) -> int | None:
+    """Tasks scored by the VQA score (``metric == "vqa_score"``): the most scored answers any
+    example has (at least 1), the width of the cache's target arrays; None for other tasks."""
+    if data.spec.metric != "vqa_score":
+        return None
+    return max([1, *(len(ex.targets) for v in data.splits.values() for ex in v)])
+
+
+def targets_table(examples: Sequence[Example], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The examples' ``targets`` as the cache stores them: class ids int32 [n, width] (-1 pads)
+    and scores float64 [n, width] (:func:`targets_of_table` reads them back, exactly)."""
+    classes = np.full((len(examples), width), -1, dtype=np.int32)
+    scores = np.zeros((len(examples), width), dtype=np.float64)
+    for n, ex in enumerate(examples):
+        for k, (c, sc) in enumerate(ex.targets):
+            classes[n, k], scores[n, k] = c, sc
+    return classes, scores
+
+
+def targets_of_table(
+    classes: np.ndarray, scores: np.ndarray
+) -> list[tuple[tuple[int, float], ...]]:
+    """Per example, its (class id, score) pairs from :func:`targets_table`'s arrays."""
+    return [
+        tuple((int(c), float(sc)) for c, sc in zip(cs, ss, strict=True) if c >= 0)
+        for cs, ss in zip(classes, scores, strict=True)
+    ]
 
 
 def _mcc(preds: np.ndarray, labels: np.ndarray) -> float:

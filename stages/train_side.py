@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,12 @@ from ladder.stacked import (
     shape_key,
     stackable,
 )
-from ladder.vision import build_visual_side_network
+from ladder.vision import VisualSideNetwork, build_visual_side_network
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.images import vision_mismatch, visual_of
+from stages.images import images_per_example, vision_mismatch, visual_of
 from stages.runfiles import (
     DiskFull,
     make_private_dir,
@@ -74,6 +74,7 @@ from stages.tasks import (
     load_task_of,
     paper_epochs,
     spec_of,
+    targets_of_table,
 )
 
 
@@ -276,7 +277,8 @@ def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | No
         if not len(labels):
             return None
         top = int(np.bincount(labels).argmax())
-        score = compute_metrics(spec, np.full_like(labels, top), labels)["score"]
+        soft = split_targets(cache, "validation")
+        score = compute_metrics(spec, np.full_like(labels, top), labels, soft)["score"]
         name = spec.labels[top] if spec.labels and top < len(spec.labels) else str(top)
         memo = _MAJORITY[cache.key] = {"label": name, "score": score}
     return memo
@@ -369,7 +371,8 @@ def build_trial(
         lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
     visual = visual_of(cfg, cache)
     if visual is not None:  # visual tokens before the text (ladder.vision)
-        net = build_visual_side_network(bcfg, side_config(cfg, trial.r, spec), visual["d"])
+        side = side_config(cfg, trial.r, spec)
+        net = build_visual_side_network(bcfg, side, visual["d"], images_per_example(cache))
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
     if cfg.train_side.init != "random":
@@ -668,6 +671,18 @@ def predict_batch(
     return predictions_of(batch_outputs(net, batch, states, candidates), spec, candidates)
 
 
+def split_targets(cache: CommittedCache, split: str) -> list[tuple[tuple[int, float], ...]] | None:
+    """A split's scored answers per example (``Example.targets``) where the cache stores them
+    (tasks scored by the VQA score), else None (the metric is then the top answer's)."""
+    if not cache.manifest["splits"][split].get("targets"):
+        return None
+    paths = layout.target_arrays(split)
+    return targets_of_table(
+        np.asarray(cache.array(paths["classes"])[...]),
+        np.asarray(cache.array(paths["scores"])[...]),
+    )
+
+
 def evaluate(
     ts_list: list[TrialState],
     loader: CacheLoader,
@@ -675,9 +690,11 @@ def evaluate(
     spec: TaskSpec,
     candidates: list[str] | None,
     progress: str | None = None,
+    targets: Sequence[Sequence[tuple[int, float]]] | None = None,
 ) -> list[dict[str, float]]:
     """The task metrics of every network on one split, one pass over the loader; ``progress``:
-    a progress bar's description."""
+    a progress bar's description; ``targets``: the split's scored answers per example
+    (:func:`split_targets`), which make the score the VQA score."""
     if spec.generation:
         return evaluate_generation(ts_list, loader, states, progress)
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
@@ -692,7 +709,54 @@ def evaluate(
                 preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
             bar.update(1)
     y = np.concatenate(labels)
-    return [compute_metrics(spec, np.concatenate(p), y) for p in preds]
+    order = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+    soft = None if targets is None else [targets[i] for i in order]
+    return [compute_metrics(spec, np.concatenate(p), y, soft) for p in preds]
+
+
+def cached_predictions(
+    cfg: StageConfig, folder: Path, name: str, split: str = "test", cache_key: str | None = None
+) -> np.ndarray:
+    """Class ids (or scores) per example of a split, in the split's order, of network ``name``'s
+    best checkpoint in run ``folder``, from the cache's states and image features: what
+    train-side's evaluation computes (``cache_key``: default, the network's own cache)."""
+    outputs, spec, candidates = cached_outputs(cfg, folder, name, split, cache_key)
+    return predictions_of(outputs, spec, candidates)
+
+
+def cached_outputs(
+    cfg: StageConfig, folder: Path, name: str, split: str = "test", cache_key: str | None = None
+) -> tuple[torch.Tensor, TaskSpec, list[str] | None]:
+    """:func:`cached_predictions`' raw outputs per example (:func:`batch_outputs`: logits, or
+    T5 candidate scores), with the cache's task spec and T5 candidates."""
+    saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
+    cache = resolve_cache(cfg, cache_key or saved["cache"])
+    spec, candidates = task_spec_of(cache), cache.manifest["task"].get("candidates")
+    weights_only = cfg.train_side.model_copy(update={"init": "random"})  # the checkpoint's, below
+    cfg = cfg.model_copy(update={"train_side": weights_only})
+    ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
+    ts.net.load_state_dict(load_file(str(Path(folder) / f"{name}.best.safetensors")), strict=False)
+    layers = {"enc": ts.net.needed_layers("enc")}
+    if candidates is not None:
+        layers.update(
+            {s: ts.net.needed_layers("dec") for s in layout.cand_streams(len(candidates))}
+        )
+    loader = CacheLoader(
+        cache,
+        split,
+        layers,
+        batch_size=cfg.train_side.batch_size * 2,
+        shuffle=False,
+        memory_budget=cfg.train_side.memory_mb << 20,
+        images=ImageTable(cache) if visual_of(cfg, cache) is not None else None,
+    )
+    out: torch.Tensor | None = None
+    for batch in torch_batches(loader.epoch(0)):
+        o = batch_outputs(ts.net, batch, cached_states, candidates)
+        if out is None:
+            out = o.new_zeros((cache.manifest["splits"][split]["n_examples"], *o.shape[1:]))
+        out[batch.index] = o
+    return (out if out is not None else torch.zeros(0, 1)), spec, candidates
 
 
 @torch.no_grad()
@@ -872,8 +936,15 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
                 k: cache.manifest["task"][k] for k in ("name", "labels", "metric", "text_fields")
             },
             "epoch": ts.best_epoch,
+            **({"visual": visual_config(ts.net)} if isinstance(ts.net, VisualSideNetwork) else {}),
         },
     )
+
+
+def visual_config(net: VisualSideNetwork) -> dict[str, Any]:
+    """What rebuilds a network's visual part (``<net>.config.json``'s ``visual``): the vision
+    encoder's width and the images per example."""
+    return {"d": net.d_visual, "n_images": net.n_images}
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -989,7 +1060,13 @@ def train_side(
         for ts in scored:
             best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
             ts.net.load_state_dict(best, strict=False)
-        tests = evaluate(scored, test, states_eval, spec, candidates) if scored else []
+        tests = (
+            evaluate(
+                scored, test, states_eval, spec, candidates, None, split_targets(cache, "test")
+            )
+            if scored
+            else []
+        )
         _check_cache_still_there(cfg, cache, folder)
     except DiskFull as e:
         raise StageError(
@@ -1103,7 +1180,15 @@ def _train_epochs(
         going = [ts for ts in active if ts.stopped is None]
         desc = f"train-side: validation after epoch {epoch + 1}/{epochs}"
         scores = (
-            evaluate(going, val, states_eval, spec, candidates, desc if progress else None)
+            evaluate(
+                going,
+                val,
+                states_eval,
+                spec,
+                candidates,
+                desc if progress else None,
+                split_targets(cache, "validation"),
+            )  # fmt: skip
             if going
             else []
         )

@@ -108,3 +108,18 @@ def vqa_splits(original: dict[str, list[Row]], seed: int) -> dict[str, list[Row]
         "validation": [r for r in train if r[2] in held],
         "test": original["test"],
     }
+
+
+QUESTION_TYPES = ("color", "shape", "yes/no")  # easy-VQA's kinds of question
+
+
+def question_type(question: str) -> str:
+    """An easy-VQA question's type, from its text alone: ``yes/no`` when it opens with "is" or
+    "does" ("is there a red shape?", "is no circle present?", "does the image not contain a
+    triangle?"), else ``color`` when it names the colour ("what color is the shape?", "what is
+    the color of the circle?"), else ``shape`` ("what shape is present?", "what is the blue
+    shape?"). easy-VQA's question templates are of these three kinds only."""
+    words = question.lower().split()
+    if words and words[0] in ("is", "does", "are", "do"):
+        return "yes/no"
+    return "color" if "color" in words or "colour" in words else "shape"

@@ -282,3 +282,156 @@ def test_a_vl_run_on_a_text_only_cache_is_one_line_exit_2(vqa, tmp_path, capsys,
     _one_line_exit_2(capsys, [*args, "--cache-key", key], "has no image features")
     _one_line_exit_2(capsys, args, "differs in vision encoder (None, asked 'tiny-clip')")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/checkpoints"))
+
+
+# --- several images per example (NLVR2): the image-index embedding ---------------------------------
+
+
+def _visual_net(n_images: int):
+    from transformers import BertConfig
+
+    from ladder.side import SideConfig
+    from ladder.vision import build_visual_side_network
+
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    net = build_visual_side_network(cfg, SideConfig(reduction_factor=4, num_labels=5), 24, n_images)
+    g = torch.Generator().manual_seed(1)
+    hiddens = {n: torch.randn(2, 6, 32, generator=g) for n in range(4)}
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    return net.eval(), hiddens, mask, torch.randn(2, 5 * n_images, 24, generator=g)
+
+
+def test_two_images_are_told_apart_and_one_image_is_unchanged():
+    net, hiddens, mask, visual = _visual_net(2)
+    with torch.no_grad():
+        both = net(hiddens, mask, visual=visual)
+        swapped = net(hiddens, mask, visual=torch.cat([visual[:, 5:], visual[:, :5]], 1))
+    assert net.image_embed.weight.shape == (2, 8)
+    assert not torch.allclose(both, swapped, rtol=0, atol=1e-9)  # left/right matter
+    with torch.no_grad():  # without the embedding the side network is blind to the order
+        net.image_embed.weight.zero_()
+        torch.testing.assert_close(
+            net(hiddens, mask, visual=visual),
+            net(hiddens, mask, visual=torch.cat([visual[:, 5:], visual[:, :5]], 1)),
+        )
+    one, hiddens, mask, visual = _visual_net(1)
+    # one image: no image-index parameter, so single-image checkpoints load as before
+    assert not hasattr(one, "image_embed") and not any("image_embed" in k for k in one.state_dict())
+    with pytest.raises(Exception, match="7 visual tokens for 2 images per example"):
+        net(hiddens, mask, visual=torch.zeros(2, 7, 24))
+
+
+# --- evaluate and predict with the live encoders --------------------------------------------------
+
+
+@pytest.fixture
+def vl_run(vqa, tmp_path, encoders, monkeypatch):
+    """A trained VL run (tiny BERT, tiny CLIP, float32 cache); evaluate/predict load the same
+    tiny encoders (they have no hub name)."""
+    import stages.evaluate
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "train_side.epochs": 2,
+            "train_side.batch_size": 6,
+            "train_side.warmup_steps": 2,
+            "train_side.reduction_factors": [4],
+            "train_side.init": "random",
+            "train_side.learning_rates": [0.01],
+        },
+    )
+    extract(cfg, backbone=backbone, vision=vision, progress=False)
+    res = train_side(cfg, run_name="vl", progress=False, echo=False)
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
+    monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: vision)
+    return cfg, res
+
+
+def test_vl_evaluate_and_predict_equal_train_sides_evaluation(vl_run, vqa, tmp_path, capsys):
+    import stages.evaluate
+    from pipeline.cli import run_cli
+    from stages.evaluate import Predictor, read_inputs
+    from stages.train_side import cached_outputs
+
+    cfg, res = vl_run
+    (name,) = res.metrics["networks"]
+    folder = str(res.folder)
+    want = res.metrics["networks"][name]["test"]
+    outputs, spec, _ = cached_outputs(cfg, res.folder, name, "test")
+    # evaluate: the cache's image features (the vision encoder does not run) ...
+    encoded = []
+    real = stages.evaluate.encode_images
+    stages.evaluate.encode_images = lambda *a: encoded.append(1) or real(*a)
+    try:
+        assert run_cli(["evaluate", "--run", folder, "--split", "test", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["accuracy"] == want["accuracy"]
+        assert not encoded
+        # ... and without the cache, the live vision encoder on the image files
+        Path(cfg.cache_root).rename(tmp_path / "cache-moved")
+        assert run_cli(["evaluate", "--run", folder, "--split", "test", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["accuracy"] == want["accuracy"]
+        assert encoded == [1]
+        (tmp_path / "cache-moved").rename(cfg.cache_root)
+    finally:
+        stages.evaluate.encode_images = real
+    # predict on the user's own questions and image files: train-side's predictions
+    data = load_task_of(cfg.task)
+    test = data.splits["test"][:7]
+    rows = [{"question": ex.texts[0], "image": data.images[ex.image]} for ex in test]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli(["predict", "--run", folder, "--input", str(path), "--json"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [g["prediction"] for g in got] == [spec.labels[int(k)] for k in outputs[:7].argmax(-1)]
+    probs = torch.softmax(outputs[:7], -1)
+    for g, p in zip(got, probs, strict=True):
+        assert [g["probabilities"][n] for n in spec.labels] == pytest.approx(p.tolist(), abs=1e-5)
+    assert run_cli(["predict", "--run", folder, "--input", str(path)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 8 and table[1].split()[1] == got[0]["prediction"]
+    # two epochs on 54 questions give every question nearly the same answer distribution: the
+    # logits' differences between questions are compared (the live backbone and vision encoder
+    # against the cache's states and features), to 1/100 of their spread (they differ by ~1e-8)
+    p = Predictor(folder)
+    live = p.outputs(read_inputs(str(path), p.spec))
+    spread = (outputs[:7] - outputs[:7].mean(0)).abs().max()
+    assert spread > 0
+    torch.testing.assert_close(
+        live - live.mean(0), outputs[:7] - outputs[:7].mean(0), rtol=0, atol=float(spread) / 100
+    )
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("no-image", "questions.jsonl: row 2 has no 'image' (a file path); task 'easy-vqa' reads"),
+        ("missing", "gone.png (image "),
+        ("unreadable", "cannot be read as an image"),
+        ("text", "task 'easy-vqa' reads images: give --input FILE"),
+    ],
+)
+def test_bad_vl_predict_input_is_one_line_exit_2(vl_run, vqa, tmp_path, capsys, damage, message):
+    folder = str(vl_run[1].folder)
+    rows = [{"question": "what shape is in the image?", "image": str(vqa / "test/images/0.png")}]
+    rows.append(dict(rows[0]))
+    if damage == "no-image":
+        del rows[1]["image"]
+    if damage == "missing":
+        rows[1]["image"] = str(tmp_path / "gone.png")
+    if damage == "unreadable":
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+        rows[1]["image"] = str(tmp_path / "bad.png")
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    args = ["predict", "--run", folder]
+    args += ["what shape is in the image?"] if damage == "text" else ["--input", str(path)]
+    _one_line_exit_2(capsys, args, message)

@@ -274,3 +274,63 @@ def test_coco_caption_is_extract_only_train_side_refuses_in_one_line(tmp_path, c
     assert run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "task 'coco-caption' is extract-only for now" in err[0], err
+
+
+# --- the VQA score in train-side ------------------------------------------------------------------
+
+
+def test_vqa_train_side_scores_and_keeps_the_vqa_score(tmp_path, capsys):
+    from pipeline.cli import run_cli
+    from pipeline.config import Config, apply_overrides
+    from stages.tasks import compute_metrics
+    from stages.train_side import cached_predictions, split_targets, task_spec_of
+
+    folder = write_vqa(tmp_path / "vqa")
+    val = json.loads((folder / "karpathy_val.json").read_text())
+    for r in val:  # the second answer given by one human of three: min(1/3, 1)
+        r["label"] = {a: 1 if s == 1 else 1 / 3 for a, s in r["label"].items()}
+    dump(folder / "karpathy_val.json", val)
+    cache = _extract(tmp_path, "vqa", folder)
+    data = load_task("vqa", data_dir=folder)
+    spec = task_spec_of(cache)
+    assert spec.metric == "vqa_score" and cache.manifest["splits"]["validation"]["targets"] == 2
+    targets = split_targets(cache, "validation")
+    assert targets == [ex.targets for ex in data.splits["validation"]]  # exactly, from the cache
+    labels = np.asarray([ex.label for ex in data.splits["validation"]])
+    third = np.asarray([min(t, key=lambda x: x[1])[0] for t in targets])  # the 1-of-3 answers
+    got = compute_metrics(spec, third, labels, targets)
+    assert got["score"] == got["vqa_score"] == pytest.approx(100 / 3) and got["accuracy"] == 0
+    top = compute_metrics(spec, labels, labels, targets)
+    assert top["vqa_score"] == top["accuracy"] == 100
+    # train-side: each epoch's validation figure, the kept checkpoint and the test figure
+    capsys.readouterr()
+    args = ["run", "train-side", "--task", "vqa", "--cache-root", str(tmp_path / "cache")]
+    args += ["--cache-key", cache.key, "--run-dir", str(tmp_path / "runs"), "--epochs", "3"]
+    args += ["--vision-encoder", "random-vit", "--init", "random", "--batch-size", "4"]
+    assert run_cli([*args, "--json"]) == 0
+    assert "val vqa_score" in capsys.readouterr().err
+    (run,) = [p.parent for p in (tmp_path / "runs").glob("*/metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metric"] == "vqa_score"
+    (name, net), = metrics["networks"].items()  # fmt: skip
+    scores = [h["validation"]["score"] for h in net["epochs"]]
+    assert all(h["validation"]["score"] == h["validation"]["vqa_score"] for h in net["epochs"])
+    assert net["best_validation"] == max(scores) and scores[net["best_epoch"] - 1] == max(scores)
+    cfg = apply_overrides(
+        Config(),
+        {"task.name": "vqa", "task.data_dir": str(folder), "backbone.vision": "random-vit",
+         "backbone.max_length": 32, "cache.root": str(tmp_path / "cache")},
+    )  # fmt: skip
+    test = data.splits["test"]
+    preds = cached_predictions(cfg, run, name, "test")
+    want = compute_metrics(
+        spec, preds, np.asarray([ex.label for ex in test]), [ex.targets for ex in test]
+    )
+    assert net["test"] == want and set(want) == {"vqa_score", "accuracy", "score"}
+    # pipeline evaluate (live MiniLM and random-vit) reports the VQA score too
+    capsys.readouterr()
+    args = ["evaluate", "--run", str(run), "--split", "test", "--data-dir", str(folder)]
+    assert run_cli([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert set(got) == {"split", "vqa_score", "accuracy", "score"}
+    assert got["score"] == got["vqa_score"]
