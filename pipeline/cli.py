@@ -574,7 +574,8 @@ def _print_multitask(o: dict) -> None:
         test = v["test"] or {}
         click.echo(
             f"  {name}: best epoch {v['best_epoch']}, validation average {v['validation']:.2f}, "
-            f"test average {test.get('score', nan):.2f}" + (" (stopped)" if v.get("stopped") else "")
+            f"test average {test.get('score', nan):.2f}"
+            + (" (stopped)" if v.get("stopped") else "")
         )
         for task, t in v["tasks"].items():
             click.echo(
