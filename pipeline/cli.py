@@ -581,6 +581,7 @@ def _print_multitask(o: dict) -> None:
             click.echo(
                 f"    {task} {t['metric']}: validation {t['validation']:.2f}, test "
                 f"{nan if t['test'] is None else t['test']:.2f}"
+                + (f"; validation {t['note']}" if t.get("note") else "")
             )
 
 

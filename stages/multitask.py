@@ -64,6 +64,7 @@ from stages.train_side import (
     load_checkpoint,
     load_side_init,
     majority_class,
+    majority_note,
     resolve_cache,
     resolved_config,
     run_folder,
@@ -499,6 +500,16 @@ class MultiTaskRun:
         return out
 
 
+def _note(
+    best: dict[str, Any] | None, task: str, info: dict[str, Any], net: dict[str, Any]
+) -> str | None:
+    """A task's ``equals always predicting ...`` at the best epoch (as a one-task run's note)."""
+    if best is None:
+        return None
+    score = best["tasks"][task]["validation"]["score"]
+    return majority_note(score, net["best_epoch"], info.get("majority_class"))
+
+
 def summary(result: TrainResult) -> dict[str, Any]:
     """The CLI's result: run folder, caches, per network the best epoch, the validation and
     test averages, and each task's metric at the best epoch and on its test split."""
@@ -517,6 +528,7 @@ def summary(result: TrainResult) -> dict[str, Any]:
                     "validation": None if best is None else best["tasks"][t]["validation"]["score"],
                     "test": None if test is None else test[t]["score"],
                     **({"test_metrics": test[t]} if test is not None else {}),
+                    **({"note": note} if (note := _note(best, t, info, v)) else {}),
                 }
                 for t, info in m["tasks"].items()
             },
