@@ -86,6 +86,11 @@ def load_trained(
     saved_cfg = _read_json(folder / "config.json")
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
+    if len(task.names) > 1:
+        raise StageError(
+            f"run {folder} trained several tasks ({task.name}); predict and evaluate on a "
+            "multi-task network are not built yet: its per-task test figures are in metrics.json"
+        )
     if backbone.vision is not None:
         raise StageError(
             f"run {folder} reads images (vision encoder {backbone.vision!r}); predict and "

@@ -181,8 +181,24 @@ def test_the_cli_trains_a_task_list_and_extract_refuses_one(caches, tmp_path, ca
     net = out["networks"]["r4-s0-lr0.003"]
     assert set(net["tasks"]) == {"rte", "mrpc"} and net["test"]["score"] is not None
     assert net["tasks"]["mrpc"]["metric"] == "acc_f1"
+    run = out["run"]
+    assert run_cli(["evaluate", "--run", run]) == 2  # not built for a multi-task network: one line
+    assert "trained several tasks (rte,mrpc)" in capsys.readouterr().err
     args = ["run", "extract", "--task", "rte,mrpc", "--data-dir", str(caches["glue"])]
     assert run_cli([*args, "--cache-root", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run extract takes one task, got 'rte,mrpc'" in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_pipeline_yaml_takes_a_task_list(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("task:\n  name: [rte, mrpc]\n")
+    task = load_config(f).task
+    assert task.name == "rte,mrpc" and task.names == ["rte", "mrpc"]
+    f.write_text("task:\n  name: [rte, rte]\n")
+    with pytest.raises(PipelineError, match="task.name: .*the task list repeats rte"):
+        load_config(f)
