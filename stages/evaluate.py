@@ -86,11 +86,6 @@ def load_trained(
     saved_cfg = _read_json(folder / "config.json")
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
-    if len(task.names) > 1:
-        raise StageError(
-            f"run {folder} trained several tasks ({task.name}); predict and evaluate on a "
-            "multi-task network are not built yet: its per-task test figures are in metrics.json"
-        )
     if backbone.vision is not None:
         raise StageError(
             f"run {folder} reads images (vision encoder {backbone.vision!r}); predict and "
@@ -107,6 +102,11 @@ def load_trained(
         raise StageError(
             f"run {folder} is unfinished: {why}; run train-side again to finish it, or pass "
             "--allow-unfinished to use its best checkpoint so far"
+        )
+    if len(task.names) > 1:
+        raise StageError(
+            f"run {folder} trained several tasks ({task.name}); predict and evaluate on a "
+            "multi-task network are not built yet: its per-task test figures are in metrics.json"
         )
     return (
         task,
