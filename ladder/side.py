@@ -250,6 +250,16 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
         0/1; pool_index: (B,) position whose side state feeds the head (default: [CLS] for
         the BERT family, the last real token, </s>, for BART, as the authors' heads).
         """
+        return self.head(self.pooled(hiddens, attention_mask, pool_index))  # (B, num_labels)
+
+    def pooled(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        pool_index: Tensor | None = None,
+    ) -> Tensor:
+        """The side state (B, d/r) that feeds the head: the body's output, before any head
+        parameter (a multi-task network puts one head per task on it); arguments as forward."""
         x = self.side_input(hiddens)  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
         for i in self.kept:
@@ -265,7 +275,7 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
         else:
             rows = torch.arange(x.shape[0], device=x.device)
             pooled = x[rows, pool_index.to(x.device)]  # (B, d/r)
-        return self.head(pooled)  # (B, num_labels)
+        return pooled
 
 
 # --------------------------------------------------------------------------- T5 family

@@ -112,8 +112,9 @@ def config_option(
 
 
 def _task_name(value: str | None) -> str | None:
-    if value is not None and value != "custom":
-        get_task(value)  # unknown task: one line naming the allowed ones
+    for name in [] if value is None else value.split(","):  # several: a multi-task run
+        if name.strip() != "custom":
+            get_task(name.strip())  # unknown task: one line naming the allowed ones
     return value
 
 
@@ -142,7 +143,8 @@ COMMON_OPTIONS = [
     config_option(
         "--task",
         "task.name",
-        f"{' | '.join([*TASKS, 'custom'])} (custom: task.files in pipeline.yaml)",
+        f"{' | '.join([*TASKS, 'custom'])} (custom: task.files in pipeline.yaml); train-side: "
+        "several, comma-separated (rte,mrpc), one side network with a head per task",
         callback=lambda c, p, v: _task_name(v),
     ),
     config_option(
@@ -251,9 +253,17 @@ def build_config(config_path: str | None, **opts: Any) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def _check_task(cfg: Config) -> None:
-    """An unknown task (from the file too) fails here, before torch is imported."""
+def _check_task(cfg: Config, one_task: str | None = None) -> None:
+    """An unknown task (from the file too) fails here, before torch is imported; so does a task
+    list given to ``one_task``, a command that takes one task (extraction)."""
     _task_name(cfg.task.name)
+    names = cfg.task.names
+    if one_task is not None and len(names) > 1:
+        raise PipelineError(
+            f"{one_task} takes one task, got {cfg.task.name!r}; extract each task (--task "
+            f"{names[0]}, then --task {names[1]}, ...), then train them together with "
+            f"`pipeline run train-side --task {cfg.task.name}`"
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -321,7 +331,7 @@ def run_extract(
 ) -> None:
     """Stage one: run the frozen backbone once and write the activation cache."""
     cfg = build_config(config_path, **opts)
-    _check_task(cfg)
+    _check_task(cfg, "run extract")
     with _cluster(workers, scheduler, scheduler_timeout) as cluster:
         result = _extract(cfg, cluster, progress=not as_json)
     out = {"key": result.key, "root": result.root, "reused": result.reused}
@@ -491,6 +501,12 @@ def _train(
 ) -> dict:
     from stages.train_side import train_side
 
+    if len(cfg.task.names) > 1:  # several tasks, one side network (stages.multitask)
+        from stages.multitask import train_multitask
+
+        if online is not None:
+            raise PipelineError("--online trains one task; a task list trains from the caches")
+        return train_multitask(cfg, cache_key=cache_key, run_name=run_name, progress=progress)
     backbone = None
     if online is not None:
         from ladder.backbones import load_backbone
@@ -538,6 +554,8 @@ def _exit_if_stopped(out: dict) -> None:
 
 
 def _print_train(o: dict) -> None:
+    if "tasks" in o:
+        return _print_multitask(o)
     click.echo(f"run folder: {o['run']}  (cache {o['cache']})")
     for name, v in o["networks"].items():
         test = v["test"] or {}
@@ -546,6 +564,25 @@ def _print_train(o: dict) -> None:
             + (" (stopped)" if v.get("stopped") else "")
             + (f"; validation {v['note']}" if v.get("note") else "")
         )
+
+
+def _print_multitask(o: dict) -> None:
+    caches = ", ".join(o["caches"].values())
+    click.echo(f"run folder: {o['run']}  (caches {caches})")
+    nan = float("nan")
+    for name, v in o["networks"].items():
+        test = v["test"] or {}
+        click.echo(
+            f"  {name}: best epoch {v['best_epoch']}, validation average {v['validation']:.2f}, "
+            f"test average {test.get('score', nan):.2f}"
+            + (" (stopped)" if v.get("stopped") else "")
+        )
+        for task, t in v["tasks"].items():
+            click.echo(
+                f"    {task} {t['metric']}: validation {t['validation']:.2f}, test "
+                f"{nan if t['test'] is None else t['test']:.2f}"
+                + (f"; validation {t['note']}" if t.get("note") else "")
+            )
 
 
 def _sweep(
@@ -648,6 +685,8 @@ def _stage_two(
     as_json: bool,
 ) -> None:
     """``train-side`` and the second half of ``all``: one run, or a sweep on ``cluster``."""
+    if sweep and len(cfg.task.names) > 1:
+        raise PipelineError("--sweep runs one task; a task list trains in one process")
     if sweep:
         out = _sweep(cfg, cluster, cache_key, run_name, online, not as_json)
         _emit(out, as_json, _print_sweep)
@@ -682,7 +721,7 @@ def run_all(
     --workers/--scheduler run the extraction on Dask workers (and the --sweep, when given).
     """
     cfg = build_config(config_path, **opts)
-    _check_task(cfg)
+    _check_task(cfg, "run all")
     on_dask = workers is not None or scheduler is not None
     with _cluster(workers, scheduler, scheduler_timeout, _sweep_workers(cfg, sweep)) as cluster:
         if cache_key is None:

@@ -113,6 +113,11 @@ def load_trained(
             f"run {folder} is unfinished: {why}; run train-side again to finish it, or pass "
             "--allow-unfinished to use its best checkpoint so far"
         )
+    if len(task.names) > 1:
+        raise StageError(
+            f"run {folder} trained several tasks ({task.name}); predict and evaluate on a "
+            "multi-task network are not built yet: its per-task test figures are in metrics.json"
+        )
     return (
         task,
         backbone,

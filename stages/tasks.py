@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ladder.hub import hub_or_offline
 from stages.errors import StageError
@@ -251,7 +251,9 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    name: str = "rte"  # a GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte) or "custom"
+    # a GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte) or "custom"; several tasks trained as
+    # one side network (stages.multitask): a list or a comma list, kept as "rte,mrpc"
+    name: str = "rte"
     data_dir: str | None = None  # glue_data folder; None = the Hugging Face hub
     files: dict[str, str] = {}  # custom task: split -> CSV/TSV/JSONL path
     text_columns: list[str] = []  # custom task: text columns, in order
@@ -261,6 +263,30 @@ class TaskConfig(BaseModel):
     metric: Literal["accuracy", "mcc", "acc_f1", "pearson_spearman"] = "accuracy"  # custom task
     split_seed: int = 42  # shuffle seed for the paper's validation/test splits (as data_seed)
     limit: int | None = Field(default=None, ge=1)  # first N examples of each split (smoke runs)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _task_list(cls, v: Any) -> Any:
+        """``[rte, mrpc]`` or ``"rte, mrpc"`` -> ``"rte,mrpc"``; each task once, no ``custom``."""
+        if isinstance(v, list | tuple):
+            names = [str(x).strip() for x in v]
+        elif isinstance(v, str) and "," in v:
+            names = [x.strip() for x in v.split(",")]
+        else:
+            return v
+        if not names or not all(names):
+            raise ValueError("a task list names an empty task; give tasks like rte,mrpc")
+        dup = sorted({x for x in names if names.count(x) > 1})
+        if dup:
+            raise ValueError(f"the task list repeats {', '.join(dup)}; list each task once")
+        if len(names) > 1 and "custom" in names:
+            raise ValueError("'custom' trains alone; a task list takes GLUE tasks")
+        return ",".join(names)
+
+    @property
+    def names(self) -> list[str]:
+        """The task(s) of ``name``: one, or several for a multi-task run."""
+        return self.name.split(",")
 
 
 def get_task(name: str) -> TaskSpec:

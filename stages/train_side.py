@@ -377,6 +377,13 @@ def build_trial(
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
+    return trial_state(cfg, net, trial, total_steps)
+
+
+def trial_state(
+    cfg: StageConfig, net: torch.nn.Module, trial: Trial, total_steps: int
+) -> TrialState:
+    """A built network with its AdamW and schedule; its RNG stream starts from the global one."""
     t = cfg.train_side
     opt = torch.optim.AdamW(net.parameters(), lr=trial.lr, weight_decay=t.weight_decay, eps=1e-8)
     schedule = linear_schedule(warmup_steps_of(cfg, total_steps), total_steps)

@@ -1,0 +1,543 @@
+"""Several tasks in one run: one side network, a shared body and a head per task.
+
+    pipeline run train-side --task rte,mrpc --data-dir ../shared/data/glue --limit 500 --epochs 2
+
+Each task has its own committed cache (``pipeline run extract --task rte``, then ``--task mrpc``),
+resolved as a one-task run resolves its cache; all caches must come from the same backbone
+(weights, tokenizer, revision) and max length. The network (``ladder.multitask``) shares the
+ladders and side blocks and gives each task its own classification head (its own labels;
+regression allowed). Encoder-only backbones only.
+
+Task-mixed batches, as VL-Adapter's multi-task training samples a task per step: every batch
+comes from one task's loader, and an epoch is every batch of every task once, in an order drawn
+from the run's seed and the epoch (a random interleaving in which each task keeps its share of the
+steps, its number of batches). A run of one task is the single-task run, step for step.
+
+Each epoch reports every task's metric on its validation split and their unweighted average; the
+best checkpoint is the best average, and every task is scored on its test split at the end. The
+run folder, checkpoints, resume, progress bar, tracker and ``--json`` follow ``train_side``: the
+helpers are its own, and a killed run resumes from each network's last finished epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from tqdm import tqdm
+
+from cache_store.loader import CacheLoader
+from cache_store.reader import CommittedCache
+from ladder.multitask import MultiTaskSideNetwork
+from ladder.side import trainable_parameters
+from stages import tracking
+from stages.batches import Batch, torch_batches
+from stages.config import StageConfig
+from stages.errors import StageError
+from stages.runfiles import (
+    DiskFull,
+    redact_config,
+    write_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from stages.tasks import TaskSpec, check_trainable, paper_epochs
+from stages.train_side import (
+    TrainResult,
+    Trial,
+    TrialState,
+    backbone_config_of,
+    cached_states,
+    check_trials,
+    curves_figure,
+    evaluate,
+    load_checkpoint,
+    load_side_init,
+    majority_class,
+    majority_note,
+    resolve_cache,
+    resolved_config,
+    run_folder,
+    run_signature,
+    save_checkpoint,
+    side_config,
+    task_spec_of,
+    train_step,
+    trial_state,
+    warmup_warning,
+)
+
+
+def task_config(cfg: StageConfig, task: str) -> StageConfig:
+    """``cfg`` for one task of its list (what that task's cache is resolved with)."""
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"name": task})})
+
+
+def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, CommittedCache]:
+    """Each task's cache, as a one-task run resolves it; ``cache_key``: one key per task, in the
+    task list's order (comma-separated). All must share the backbone and the max length."""
+    tasks = cfg.task.names
+    keys: list[str | None] = [None] * len(tasks)
+    if cache_key is not None:
+        keys = [k.strip() for k in cache_key.split(",")]
+        if len(keys) != len(tasks):
+            raise StageError(
+                f"--cache-key names {len(keys)} cache(s) for {len(tasks)} tasks ({cfg.task.name}); "
+                "allowed: one key per task, comma-separated in the same order, or none"
+            )
+    caches = {t: resolve_cache(task_config(cfg, t), k) for t, k in zip(tasks, keys, strict=True)}
+    first = tasks[0]
+
+    def identity(c: CommittedCache) -> dict[str, Any]:
+        inputs = c.manifest.get("key_inputs", {})
+        return {
+            "backbone": inputs.get("backbone", c.manifest["backbone"]["name"]),
+            "max length": inputs.get("max_length"),
+            "template": inputs.get("template"),
+        }
+
+    want = identity(caches[first])
+    for t in tasks[1:]:
+        have = identity(caches[t])
+        diff = [k for k in want if have[k] != want[k]]
+        if diff:
+            raise StageError(
+                f"the caches of {first} ({caches[first].key}) and {t} ({caches[t].key}) come from "
+                f"different {' and '.join(diff)}; allowed: caches extracted with the same backbone "
+                "and max length (re-extract one of them)"
+            )
+    return caches
+
+
+def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, TaskSpec]:
+    """Each task's spec, checked: text tasks with a classification or regression head."""
+    if cfg.backbone.vision is not None:
+        raise StageError(
+            f"a task list trains text alone, but vision encoder {cfg.backbone.vision!r} was "
+            "asked for; allowed: no --vision-encoder with several tasks"
+        )
+    specs = {}
+    for t, cache in caches.items():
+        spec = task_spec_of(cache)
+        check_trainable(spec)
+        if cache.manifest["task"].get("candidates") is not None:
+            raise StageError(
+                f"cache {cache.key} scores label strings (T5); allowed in a task list: caches of "
+                "an encoder-only backbone (BERT family, BART's encoder, minilm-l6)"
+            )
+        specs[t] = spec
+    return specs
+
+
+def epochs_of_tasks(cfg: StageConfig, tasks: list[str]) -> int:
+    """``train_side.epochs``, else the paper's count of the task that gets the most."""
+    return cfg.train_side.epochs or max(paper_epochs(t) for t in tasks)
+
+
+def task_order(counts: dict[str, int], seed: int, epoch: int) -> list[str]:
+    """An epoch's task per step: each task as many times as it has batches, randomly
+    interleaved with the run's seed and the epoch (so a resumed epoch has the same order)."""
+    steps = [t for t, n in counts.items() for _ in range(n)]
+    rng = np.random.default_rng([seed, epoch, 7])  # 7: apart from the loaders' [seed, epoch]
+    return [steps[int(i)] for i in rng.permutation(len(steps))] if len(counts) > 1 else steps
+
+
+def mixed_batches(
+    loaders: dict[str, CacheLoader], seed: int, epoch: int
+) -> Iterator[tuple[str, Batch]]:
+    """(task, batch) for one epoch, in :func:`task_order`; a loader with more batches than its
+    length promised (streamed buffers) gives the rest at the end, none is lost."""
+    its = {t: torch_batches(ld.epoch(epoch)) for t, ld in loaders.items()}
+    for task in task_order({t: len(ld) for t, ld in loaders.items()}, seed, epoch):
+        batch = next(its[task], None)
+        if batch is not None:
+            yield task, batch
+    for task, it in its.items():
+        for batch in it:
+            yield task, batch
+
+
+def build_multitask_trial(
+    cfg: StageConfig,
+    caches: dict[str, CommittedCache],
+    bcfg: Any,
+    specs: dict[str, TaskSpec],
+    trial: Trial,
+    total_steps: int,
+) -> TrialState:
+    """A seeded multi-task side network, initialised as asked (side_init from the first task's
+    cache: magnitude is every task's, Fisher the first task's), its AdamW and schedule."""
+    first = next(iter(caches))
+    torch.manual_seed(trial.seed)
+    labels = {t: s.num_labels for t, s in specs.items()}
+    net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels)
+    if cfg.train_side.init != "random":
+        net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
+    return trial_state(cfg, net, trial, total_steps)
+
+
+def train_multitask(
+    cfg: StageConfig,
+    *,
+    cache_key: str | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Train every trial of ``cfg.train_side`` on the tasks of ``cfg.task.name`` (a list) as one
+    multi-task side network each; returns the CLI's summary (``run``, ``caches``, ``networks``)."""
+    result = train_multitask_run(
+        cfg, cache_key=cache_key, run_name=run_name, progress=progress, echo=echo
+    )
+    return summary(result)
+
+
+def train_multitask_run(
+    cfg: StageConfig,
+    *,
+    cache_key: str | None = None,
+    run_name: str | None = None,
+    progress: bool = True,
+    echo: bool = True,
+) -> TrainResult:
+    """The run (see the module docstring); ``progress``, ``echo`` as ``train_side``."""
+    tracking.require(cfg.train_side.report_to)
+    torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
+    tasks = cfg.task.names
+    caches = resolve_caches(cfg, cache_key)
+    specs = specs_of(cfg, caches)
+    first = caches[tasks[0]]
+    bcfg = backbone_config_of(first)
+    trials = check_trials(task_config(cfg, tasks[0]), first)
+    t = cfg.train_side
+    epochs = epochs_of_tasks(cfg, tasks)
+    steps_per_epoch = sum(
+        -(-c.manifest["splits"]["train"]["n_examples"] // t.batch_size) for c in caches.values()
+    )
+    total_steps = epochs * steps_per_epoch
+    if (warning := warmup_warning(cfg, total_steps)) is not None:
+        print(warning, file=sys.stderr, flush=True)
+    runs = [build_multitask_trial(cfg, caches, bcfg, specs, tr, total_steps) for tr in trials]
+    layers = {"enc": runs[0].net.needed_layers("enc")}
+    keys = [c.key for c in caches.values()]
+    signature = {
+        **run_signature(cfg, "+".join(keys), None),
+        "epochs": epochs,
+        "tasks": tasks,
+    }
+    private = bool(cfg.cache.storage_options)
+    folder = run_folder(cfg, signature, run_name, private=private)
+
+    seed0 = trials[0].seed
+    budget = (t.memory_mb << 20) // len(tasks)  # the tasks' loaders share the budget
+
+    def loader(cache: CommittedCache, split: str) -> CacheLoader:
+        train = split == "train"
+        return CacheLoader(
+            cache,
+            split,
+            layers,
+            batch_size=t.batch_size if train else t.batch_size * 2,
+            shuffle=train,
+            seed=seed0,
+            memory_budget=budget,
+        )
+
+    loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}
+    for ts in runs:
+        ts.next_epoch = load_checkpoint(folder, ts, epochs)
+    start = min(ts.next_epoch for ts in runs)
+    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
+    write_json_atomic(folder / "config.json", saved_cfg)
+    tracker = tracking.make_tracker(t.report_to, folder, [tr.name for tr in trials], saved_cfg)
+    say = (
+        (lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr))
+        if echo
+        else None
+    )
+    run = MultiTaskRun(cfg, folder, caches, specs, loaders, epochs, tracker, say)
+    try:
+        run.train(runs, start, progress)
+        scored = [ts for ts in runs if ts.stopped is None]
+        for ts in scored:  # the best checkpoint of each network, scored on every test split
+            best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
+            ts.net.load_state_dict(best, strict=False)
+        tests = {k: loader(c, "test") for k, c in caches.items()}
+        final = {ts.trial.name: run.scores(ts, tests) for ts in scored}
+    except DiskFull as e:
+        raise StageError(
+            f"{e}; the run folder {folder} keeps every network's last finished epoch: free "
+            "space and run the same command again to resume"
+        ) from None
+    finally:
+        tracker.close()
+    metrics = run.write_metrics(runs, final)
+    name = "+".join(tasks)
+    write_atomic(
+        folder / "training-curves.png",
+        lambda tmp: _plot(tmp, metrics["networks"], name),
+    )
+    return TrainResult(folder, "+".join(keys), metrics)
+
+
+def _plot(path: Path, networks: dict[str, Any], name: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(networks, name, "average")
+    fig.savefig(path, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+class MultiTaskRun:
+    """The epochs of a multi-task run: task-mixed training, per-task validation, checkpoints."""
+
+    def __init__(
+        self,
+        cfg: StageConfig,
+        folder: Path,
+        caches: dict[str, CommittedCache],
+        specs: dict[str, TaskSpec],
+        loaders: dict[str, dict[str, CacheLoader]],
+        epochs: int,
+        tracker: tracking.Tracker,
+        say: Callable[[str], None] | None,
+    ) -> None:
+        self.cfg, self.folder, self.caches, self.specs = cfg, folder, caches, specs
+        self.train_loaders, self.val_loaders = loaders["train"], loaders["validation"]
+        self.epochs, self.tracker, self.say = epochs, tracker, say
+        self.seed = cfg.train_side.seeds[0]  # the loaders' and the task order's: the run's seed
+
+    def scores(self, ts: TrialState, loaders: dict[str, CacheLoader]) -> dict[str, Any]:
+        """Every task's metrics on one split each, and their average as ``score``."""
+        out: dict[str, Any] = {}
+        for task, ld in loaders.items():
+            ts.net.select(task)  # type: ignore[operator]
+            out[task] = evaluate([ts], ld, cached_states, self.specs[task], None)[0]
+        out["score"] = float(np.mean([out[t]["score"] for t in loaders]))
+        return out
+
+    def train(self, runs: list[TrialState], start: int, progress: bool) -> None:
+        """Epochs ``start`` .. end; each network trains only the epochs it has not finished."""
+        n_batches = sum(len(ld) for ld in self.train_loaders.values())
+        max_norm = self.cfg.train_side.max_grad_norm
+        for epoch in range(start, self.epochs):
+            active = [ts for ts in runs if ts.next_epoch <= epoch and ts.stopped is None]
+            if not active:
+                continue
+            t0 = time.perf_counter()
+            losses: dict[str, dict[str, list[float]]] = {
+                ts.trial.name: {t: [] for t in self.train_loaders} for ts in active
+            }
+            with tqdm(
+                total=n_batches,
+                unit="batch",
+                desc=f"train-side: epoch {epoch + 1}/{self.epochs} ({'+'.join(self.specs)})",
+                disable=not progress,
+                leave=False,
+            ) as bar:
+                batches = mixed_batches(self.train_loaders, self.seed, epoch)
+                for step, (task, batch) in enumerate(batches):
+                    for ts in active:
+                        if ts.stopped is not None:
+                            continue
+                        lr = ts.opt.param_groups[0]["lr"]  # the rate this step uses
+                        ts.net.select(task)  # type: ignore[operator]
+                        c0 = time.perf_counter()
+                        loss = train_step(ts, batch, cached_states, max_norm)
+                        ts.compute_s += time.perf_counter() - c0
+                        if not math.isfinite(loss):
+                            ts.stopped = (
+                                f"training loss became {loss} at epoch {epoch + 1}, step "
+                                f"{step + 1} ({task}; learning rate {ts.trial.lr:g}); stopped"
+                            )
+                        losses[ts.trial.name][task].append(loss)
+                        self.tracker.log(
+                            ts.trial.name,
+                            {
+                                "train/loss": loss,
+                                f"train/{task}/loss": loss,
+                                "train/learning_rate": lr,
+                            },
+                            epoch * n_batches + step + 1,
+                        )
+                    bar.update(1)
+            epoch_s = time.perf_counter() - t0
+            for ts in active:
+                self._end_epoch(ts, epoch, epoch_s, losses[ts.trial.name], progress, n_batches)
+            self.write_metrics(runs, None)
+
+    def _end_epoch(
+        self,
+        ts: TrialState,
+        epoch: int,
+        epoch_s: float,
+        losses: dict[str, list[float]],
+        progress: bool,
+        n_batches: int,
+    ) -> None:
+        """Validation of every task, history, best checkpoint, last checkpoint, the epoch line."""
+        if ts.stopped is None:
+            val = self.scores(ts, self.val_loaders)
+            every = [x for ls in losses.values() for x in ls]
+            ts.history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": float(np.mean(every)),
+                    "validation": {"score": val["score"]},
+                    "tasks": {
+                        t: {"train_loss": float(np.mean(ls)), "validation": val[t]}
+                        for t, ls in losses.items()
+                    },
+                    "epoch_s": epoch_s,
+                }
+            )
+            if val["score"] > ts.best_score:
+                ts.best_score, ts.best_epoch = val["score"], epoch + 1
+                self.save_best(ts)
+            self.tracker.log(
+                ts.trial.name,
+                {
+                    "train/epoch_loss": float(np.mean(every)),
+                    "eval/average": val["score"],
+                    **{f"eval/{t}/{k}": float(v) for t in losses for k, v in val[t].items()},
+                    "epoch": float(epoch + 1),
+                },
+                (epoch + 1) * n_batches,
+            )
+        save_checkpoint(self.folder, ts, epoch)
+        ts.next_epoch = epoch + 1
+        if self.say is not None:
+            self.say(self.epoch_line(ts, epoch + 1, epoch_s))
+
+    def epoch_line(self, ts: TrialState, epoch: int, seconds: float) -> str:
+        """``epoch 2/2  r8-s0-lr0.003  loss 0.61  val rte accuracy 58.0  mrpc acc_f1 78.1
+        average 68.1  (best 68.1 @2)  9.8s``."""
+        head = f"epoch {epoch}/{self.epochs}  {ts.trial.name}"
+        if ts.stopped is not None:
+            return f"{head}  stopped: {ts.stopped}"
+        h = ts.history[-1]
+        per = "  ".join(
+            f"{t} {self.specs[t].metric} {v['validation']['score']:.1f}"
+            for t, v in h["tasks"].items()
+        )
+        return (
+            f"{head}  loss {h['train_loss']:.3f}  val {per}  average {h['validation']['score']:.1f}"
+            f"  (best {ts.best_score:.1f} @{ts.best_epoch})  {seconds:.1f}s"
+        )
+
+    def save_best(self, ts: TrialState) -> None:
+        """The best weights (safetensors) and what they are: side config, tasks, caches, epoch."""
+        state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
+        folder, name = self.folder, ts.trial.name
+        write_bytes_atomic(folder / f"{name}.best.safetensors", safetensors_bytes(state))
+        first = self.caches[next(iter(self.caches))]
+        write_json_atomic(
+            folder / f"{name}.config.json",
+            {
+                "side": asdict(ts.net.side),
+                "trial": asdict(ts.trial),
+                "tasks": {
+                    t: {
+                        "cache": c.key,
+                        "task_spec": {
+                            k: c.manifest["task"][k]
+                            for k in ("name", "labels", "metric", "text_fields")
+                        },
+                        "num_labels": self.specs[t].num_labels,
+                    }
+                    for t, c in self.caches.items()
+                },
+                "backbone": first.manifest["backbone"]["name"],
+                "epoch": ts.best_epoch,
+            },
+        )
+
+    def write_metrics(
+        self, runs: list[TrialState], final: dict[str, dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """metrics.json: per task (cache, metric, majority class) and per network the average
+        and each task's figures per epoch, the best epoch (on the average) and the test scores."""
+        out = {
+            "tasks": {
+                t: {
+                    "cache": c.key,
+                    "metric": self.specs[t].metric,
+                    **(
+                        {"majority_class": m}
+                        if (m := majority_class(c, self.specs[t])) is not None
+                        else {}
+                    ),
+                }
+                for t, c in self.caches.items()
+            },
+            "metric": "average",
+            "networks": {
+                ts.trial.name: {
+                    **asdict(ts.trial),
+                    "trainable_parameters": trainable_parameters(ts.net),
+                    "best_epoch": ts.best_epoch,
+                    "best_validation": ts.best_score,
+                    "compute_s": ts.compute_s,
+                    "epochs": ts.history,
+                    **({"stopped": ts.stopped} if ts.stopped else {}),
+                    **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
+                }
+                for ts in runs
+            },
+        }
+        write_json_atomic(self.folder / "metrics.json", out)
+        return out
+
+
+def _note(
+    best: dict[str, Any] | None, task: str, info: dict[str, Any], net: dict[str, Any]
+) -> str | None:
+    """A task's ``equals always predicting ...`` at the best epoch (as a one-task run's note)."""
+    if best is None:
+        return None
+    score = best["tasks"][task]["validation"]["score"]
+    return majority_note(score, net["best_epoch"], info.get("majority_class"))
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    """The CLI's result: run folder, caches, per network the best epoch, the validation and
+    test averages, and each task's metric at the best epoch and on its test split."""
+    m = result.metrics
+    networks = {}
+    for name, v in m["networks"].items():
+        best = next((h for h in v["epochs"] if h["epoch"] == v["best_epoch"]), None)
+        test = v.get("test")
+        networks[name] = {
+            "best_epoch": v["best_epoch"],
+            "validation": v["best_validation"],
+            "test": None if test is None else {"score": test["score"]},
+            "tasks": {
+                t: {
+                    "metric": info["metric"],
+                    "validation": None if best is None else best["tasks"][t]["validation"]["score"],
+                    "test": None if test is None else test[t]["score"],
+                    **({"test_metrics": test[t]} if test is not None else {}),
+                    **({"note": note} if (note := _note(best, t, info, v)) else {}),
+                }
+                for t, info in m["tasks"].items()
+            },
+            **({"stopped": v["stopped"]} if v.get("stopped") else {}),
+        }
+    return {
+        "run": str(result.folder),
+        "cache": result.cache_key,
+        "caches": {t: info["cache"] for t, info in m["tasks"].items()},
+        "tasks": list(m["tasks"]),
+        "networks": networks,
+    }

@@ -1,0 +1,204 @@
+"""Several tasks in one run: one shared side body, a head per task, task-mixed batches."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import apply_overrides
+from stages.extract import extract
+from stages.multitask import task_order, train_multitask_run
+from stages.train_side import train_side
+from tests.conftest import make_config, strip_timing, tiny_bert
+
+TRAIN = {
+    "train_side.epochs": 2,
+    "train_side.batch_size": 4,
+    "train_side.warmup_steps": 2,
+    "train_side.reduction_factors": [4],
+    "train_side.init": "magnitude",
+}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, glue_dir, minilm_tokenizer):
+    """float32 caches of RTE, MRPC and STS-B (regression) from one tiny BERT, magnitude
+    side_init at r = 4; and under another root an MRPC cache of another tiny BERT of the same
+    name (other weights)."""
+    tmp = tmp_path_factory.mktemp("multitask")
+    backbone = tiny_bert(minilm_tokenizer)
+    common = {
+        "backbone.name": backbone.name,
+        "cache.dtype": "float32",
+        "extract.side_init": ["magnitude"],
+        "extract.reduction_factors": [4],
+    }
+    for task in ("rte", "mrpc", "stsb"):
+        extract(
+            make_config(tmp, glue_dir, **common, **{"task.name": task}),
+            backbone=backbone,
+            progress=False,
+        )
+    other = tmp / "other"
+    for task, seed in (("rte", 0), ("mrpc", 1)):
+        extract(
+            make_config(other, glue_dir, **common, **{"task.name": task}),
+            backbone=tiny_bert(minilm_tokenizer, seed=seed),
+            progress=False,
+        )
+    return {"tmp": tmp, "other": other, "glue": glue_dir, "backbone": backbone.name}
+
+
+def _cfg(c, tmp_path, tasks, **extra):
+    cfg = make_config(c["tmp"], c["glue"], **{"task.name": tasks, "backbone.name": c["backbone"]})
+    return apply_overrides(cfg, {**TRAIN, "train_side.run_dir": str(tmp_path / "runs"), **extra})
+
+
+def test_two_tasks_train_one_body_and_a_head_each(caches, tmp_path):
+    res = train_multitask_run(_cfg(caches, tmp_path, "rte,stsb"), progress=False)
+    net = res.metrics["networks"]["r4-s0-lr0.003"]
+    weights = load_file(str(res.folder / "r4-s0-lr0.003.best.safetensors"))
+    heads = {k.split(".")[1] for k in weights if k.startswith("heads.")}
+    assert heads == {"rte", "stsb"}
+    assert weights["heads.rte.head_out.weight"].shape[0] == 2  # two labels
+    assert weights["heads.stsb.head_out.weight"].shape[0] == 1  # regression
+    body = [k for k in weights if k.startswith("body.")]
+    assert body and not any(".up." in k or "head_" in k for k in body)  # one body, no head in it
+    # every epoch: each task's metric on its validation split, and their average
+    assert len(net["epochs"]) == 2
+    for h in net["epochs"]:
+        per = {t: v["validation"]["score"] for t, v in h["tasks"].items()}
+        assert set(per) == {"rte", "stsb"} and "accuracy" in h["tasks"]["rte"]["validation"]
+        assert "pearson" in h["tasks"]["stsb"]["validation"]
+        assert h["validation"]["score"] == pytest.approx(np.mean(list(per.values())))
+        assert all(np.isfinite(v["train_loss"]) for v in h["tasks"].values())
+    averages = [h["validation"]["score"] for h in net["epochs"]]
+    assert net["best_epoch"] == 1 + int(np.argmax(averages))
+    assert net["best_validation"] == max(averages)
+    # the test split of each task, scored with the best checkpoint, and their average
+    test = net["test"]
+    assert test["score"] == pytest.approx((test["rte"]["score"] + test["stsb"]["score"]) / 2)
+    saved = json.loads((res.folder / "metrics.json").read_text())
+    assert saved["tasks"]["stsb"]["metric"] == "pearson_spearman"
+    assert saved["networks"]["r4-s0-lr0.003"]["test"] == test
+    assert (res.folder / "training-curves.png").exists()
+
+
+def test_one_task_is_the_single_task_run(caches, tmp_path):
+    """The same seed, batches, init (the first head is the body's own) and RNG stream, dropout
+    on: the multi-task code with one task trains the single-task network step for step."""
+    cfg = _cfg(caches, tmp_path, "rte", **{"train_side.epochs": 3})
+    single = train_side(cfg, run_name="single", progress=False, echo=False)
+    multi = train_multitask_run(cfg, run_name="multi", progress=False, echo=False)
+    a = single.metrics["networks"]["r4-s0-lr0.003"]
+    b = multi.metrics["networks"]["r4-s0-lr0.003"]
+    torch.testing.assert_close(
+        torch.tensor([h["train_loss"] for h in b["epochs"]], dtype=torch.float64),
+        torch.tensor([h["train_loss"] for h in a["epochs"]], dtype=torch.float64),
+        rtol=0,
+        atol=1e-6,
+    )
+    assert [h["tasks"]["rte"]["validation"] for h in b["epochs"]] == [
+        h["validation"] for h in a["epochs"]
+    ]
+    assert b["test"]["rte"] == a["test"] and b["best_epoch"] == a["best_epoch"]
+
+
+def test_task_order_mixes_tasks_in_proportion_and_depends_on_seed_and_epoch():
+    order = task_order({"rte": 3, "mrpc": 5}, seed=0, epoch=0)
+    assert sorted(order) == sorted(["rte"] * 3 + ["mrpc"] * 5)
+    assert order == task_order({"rte": 3, "mrpc": 5}, seed=0, epoch=0)
+    others = [task_order({"rte": 3, "mrpc": 5}, seed=s, epoch=e) for s, e in ((0, 1), (1, 0))]
+    assert any(o != order for o in others)
+    assert task_order({"rte": 4}, seed=0, epoch=3) == ["rte"] * 4
+
+
+def test_an_interrupted_epoch_resumes_to_the_uninterrupted_end(caches, tmp_path, monkeypatch):
+    import stages.multitask as mt
+
+    cfg = _cfg(caches, tmp_path, "rte,mrpc", **{"train_side.epochs": 3})
+    full = train_multitask_run(cfg, run_name="full", progress=False, echo=False)
+    real, calls = mt.train_step, {"n": 0}
+    per_epoch = 6  # 12 + 12 training examples in batches of 4
+
+    def dies_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == per_epoch + 3:
+            raise KeyboardInterrupt  # as a kill in the middle of epoch 2
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mt, "train_step", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_multitask_run(cfg, run_name="cut", progress=False, echo=False)
+    folder = tmp_path / "runs" / "cut"
+    done = json.loads((folder / "metrics.json").read_text())["networks"]["r4-s0-lr0.003"]
+    assert len(done["epochs"]) == 1 and "test" not in done
+    monkeypatch.setattr(mt, "train_step", real)
+    resumed = train_multitask_run(cfg, run_name="cut", progress=False, echo=False)
+    assert strip_timing(resumed.metrics["networks"]) == strip_timing(full.metrics["networks"])
+
+
+def _cli(caches, tmp_path, root, *args):
+    from pipeline.cli import run_cli
+
+    return run_cli(
+        [
+            "run", "train-side", "--data-dir", str(caches["glue"]), "--limit", "12",
+            "--backbone", caches["backbone"], "--cache-root", str(root / "cache"),
+            "--run-dir", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "4",
+            "--reduction-factors", "4", "--init", "random", "--json", *args,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tasks", "root", "message"),
+    [
+        ("rte,nope", "tmp", "unknown task 'nope'; allowed: cola"),
+        ("rte,mrpc,rte", "tmp", "the task list repeats rte; list each task once"),
+        ("rte,custom", "tmp", "'custom' trains alone"),
+        ("rte,mrpc", "other", "come from different backbone; allowed: caches extracted with"),
+        ("rte,cola", "tmp", "no committed cache of task 'cola'"),
+    ],
+)
+def test_bad_task_lists_are_one_line_and_exit_2(caches, tmp_path, capsys, tasks, root, message):
+    assert _cli(caches, tmp_path, caches[root], "--task", tasks) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_cli_trains_a_task_list_and_extract_refuses_one(caches, tmp_path, capsys):
+    from pipeline.cli import run_cli
+
+    assert _cli(caches, tmp_path, caches["tmp"], "--task", "rte,mrpc") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tasks"] == ["rte", "mrpc"] and set(out["caches"]) == {"rte", "mrpc"}
+    net = out["networks"]["r4-s0-lr0.003"]
+    assert set(net["tasks"]) == {"rte", "mrpc"} and net["test"]["score"] is not None
+    assert net["tasks"]["mrpc"]["metric"] == "acc_f1"
+    run = out["run"]
+    assert run_cli(["evaluate", "--run", run]) == 2  # not built for a multi-task network: one line
+    assert "trained several tasks (rte,mrpc)" in capsys.readouterr().err
+    args = ["run", "extract", "--task", "rte,mrpc", "--data-dir", str(caches["glue"])]
+    assert run_cli([*args, "--cache-root", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run extract takes one task, got 'rte,mrpc'" in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_pipeline_yaml_takes_a_task_list(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("task:\n  name: [rte, mrpc]\n")
+    task = load_config(f).task
+    assert task.name == "rte,mrpc" and task.names == ["rte", "mrpc"]
+    f.write_text("task:\n  name: [rte, rte]\n")
+    with pytest.raises(PipelineError, match="task.name: .*the task list repeats rte"):
+        load_config(f)
