@@ -247,6 +247,11 @@ class VisualSideNetwork(EncoderSideNetwork):
     """
 
     def __init__(self, backbone_config: PretrainedConfig, side: SideConfig, d_visual: int) -> None:
+        if side.fusion == "xladder":
+            raise LadderError(
+                "side.fusion='xladder' with visual tokens is not built yet; allowed: 'ladder', "
+                "'late', 'none'"
+            )
         super().__init__(backbone_config, side)
         if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
             raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")

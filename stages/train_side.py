@@ -320,6 +320,7 @@ def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
         reduction_factor=r,
         kept_layers=None if t.kept_layers is None else tuple(t.kept_layers),
         fusion=t.fusion,
+        xladder_depth=t.xladder_depth,
         ladder_dropout=t.ladder_dropout,
         num_labels=spec.num_labels,
         head="lm" if spec.generation else "cls",
