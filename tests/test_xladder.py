@@ -178,3 +178,26 @@ def test_train_side_from_the_cli_on_an_extraction_of_the_top_states(
     assert run_cli(train) == 2  # the default delta = 2 needs state 2, which the cache lacks
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "lacks layer state 2" in err[0]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_gpt2_and_the_encoder_only_network_get_xladder_from_the_same_ladders(
+    minilm_tokenizer, family
+):
+    """GPT-2 (the causal network) and BERT (the encoder-only one): 3 blocks, default delta 1."""
+    from tests.conftest import tiny_bert
+    from tests.test_gpt2 import tiny_gpt2
+
+    backbone = (
+        tiny_gpt2(minilm_tokenizer, layers=3) if family == "gpt2" else tiny_bert(minilm_tokenizer)
+    )
+    side = SideConfig(reduction_factor=2, fusion="xladder")
+    net = build_side_network(backbone.config, side)
+    assert list(net.layers) == ["2", "3"] and list(net.down) == ["2"]
+    assert net.needed_layers() == [2, 3]
+    ids = torch.tensor([[101, 2054, 2003, 1037, 102], [101, 2129, 102, 0, 0]])
+    mask = ids != 0
+    states = backbone.states(ids, mask, for_training=True)["enc"]
+    logits = net({k: states[k] for k in net.needed_layers()}, mask)
+    net.loss(logits, torch.tensor([0, 1])).backward()
+    assert all(p.grad is not None for p in net.layers["3"].parameters())
