@@ -763,8 +763,9 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     # how the networks are computed changes their figures by float rounding at most
     t.pop("batched", None)
     t.pop("compile", None)
-    if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
-        t.pop("warmup_ratio", None)
+    for key in ("warmup_ratio", "xladder_depth"):  # runs made before the option still resume
+        if t.get(key) is None:
+            t.pop(key, None)
     return {
         "cache": cache_key,
         "train_side": t,
