@@ -192,6 +192,8 @@ class CausalSideNetwork(ClassifierHead, Ladders):
     ``layers.{i}.attn.{q,k,v,o}.{weight[,bias]}``, ``layers.{i}.{gate,up,down}.weight``
     (GPT-2: ``layers.{i}.{up,down}.{weight,bias}``), ``layers.{i}.{ln_attn,ln_ffn}.weight``
     (GPT-2: and ``.bias``) for kept ``i``, and ``final_ln.weight`` (GPT-2: and ``.bias``).
+    Fusion "xladder" (``ladder.ladders``) adds free blocks ``layers.{L + j}`` after the kept top
+    delta; no side init names them, they keep their random init.
     """
 
     stream_note = "the causal stream"
@@ -214,7 +216,7 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         r = side.reduction_factor
         self.dims = dims
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
-        self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.kept})
+        self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.side_blocks})
         self.final_ln = side_norm(dims, self.d_side)  # the model's final norm
         self.lm = side.head == "lm"
         if self.lm:
@@ -257,7 +259,7 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         if self.inv_freq is not None:
             cos, sin = rotary_tables(self.inv_freq, past + T, x.dtype)
             cos, sin = cos[past:], sin[past:]  # (T, hd/r): the positions of these tokens
-        for i in self.kept:
+        for i in self.side_blocks:  # kept blocks, then xladder's free ones
             x = self.before_block(x, i, hiddens)
             kv = None if cache is None else cache.blocks.setdefault(i, {})
             x = self.layers[str(i)](x, bias, cos, sin, kv)  # (B, T, d/r)

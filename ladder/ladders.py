@@ -7,6 +7,29 @@ i, with a gate ``g_i = sigmoid(alpha_i / T)``: ``x = g_i * x + (1 - g_i) * down_
 Dropped layers have neither a side block nor a down-projection; ``gates`` keeps one alpha per
 backbone layer all the same, so checkpoints of every kept list have one shape.
 
+Fusion "xladder" (depth-extended ladder: "Ladder Up, Memory Down", Zheng et al., arXiv
+2512.14237). Taken from the paper's public description: the *top* delta blocks of the L-block
+frozen backbone are connected to the *first* delta blocks of a trainable side transformer of
+l = 2 * delta blocks; the remaining delta side blocks are free (not connected), so the forward
+depth is L + delta, and gradients stay in the side network. Our choices, which the summaries do
+not fix:
+
+- the connected side blocks are the backbone's blocks L - delta .. L - 1 at width d/r (kept =
+  those, so pruned side init loads into them as for "ladder"), each with the same gated ladder
+  ``down_i(state i + 1)`` before it that fusion "ladder" gives block i (same gate, same init);
+- the side stream's input is ``first_down(state L - delta)``, the input of the first connected
+  backbone block (the equivalent of state 0 for block 0), under ``ladder_drop`` (it is a cached
+  inner state like the ladders', not the embedding output that ``drop`` mimics the backbone's
+  embedding dropout on);
+- the free blocks are numbered L .. L + delta - 1 after the backbone's blocks, have no ladder,
+  and keep the reference's random init (Linear ~ N(0, 0.01)): each starts near the identity, so
+  at step 0 the network computes about what its connected blocks compute; they are never
+  loaded from side init (there is no backbone block to prune them from);
+- the final norm and head follow the last free block, as for every fusion.
+
+So an xladder network reads states L - delta .. L only (``needed_states``): a cache of those
+delta + 1 states is enough.
+
 Both side networks (the encoder-only one, and each T5 stack) are a :class:`Ladders`. The
 ladder parameters are the network's own attributes (``first_down``, ``down.{i}``, ``gates``),
 not a submodule's, so the state-dict keys are the network's, as checkpoints and side init expect.
@@ -77,6 +100,8 @@ class Ladders(nn.Module):
     side: SideConfig
     n_layers: int  # backbone blocks L of this stack
     kept: list[int]  # backbone blocks with a side block, ascending
+    free: list[int]  # side blocks after them with no backbone block and no ladder (xladder)
+    side_blocks: list[int]  # every side block in stream order: kept, then free
     d: int  # backbone width
     d_side: int  # side width d/r
 
@@ -91,19 +116,21 @@ class Ladders(nn.Module):
         self.side, self.n_layers, self.fusion = side, n_layers, side.fusion
         self.d, self.d_side = d, d // side.reduction_factor
         self.kept = side.kept(n_layers)
+        self.free = side.free(n_layers)
+        self.side_blocks = self.kept + self.free
         self.stream = stream
         self.drop = nn.Dropout(dropout)  # on state 0 (the backbone's embedding dropout)
         self.ladder_drop = nn.Dropout(side.ladder_dropout)
         self.first_down = nn.Linear(self.d, self.d_side)
         L = n_layers
-        fused = self.kept if side.fusion == "ladder" else [L - 1] if side.fusion == "late" else []
+        fused = {"ladder": self.kept, "xladder": self.kept, "late": [L - 1]}.get(side.fusion, [])
         self.down = nn.ModuleDict({str(i): nn.Linear(self.d, self.d_side) for i in fused})
         self.gates = nn.Parameter(torch.full((L,), float(side.gate_alpha))) if fused else None
 
     def needed_states(self) -> list[int]:
         """The state numbers this stack reads (0 = embeddings, i + 1 = output of block i)."""
-        if self.fusion == "ladder":
-            return [0] + [i + 1 for i in self.kept]
+        if self.fusion in ("ladder", "xladder"):
+            return [self.input_state()] + [i + 1 for i in self.kept]
         if self.fusion == "late":
             return [0, self.n_layers]
         return [0]
@@ -114,10 +141,15 @@ class Ladders(nn.Module):
             return torch.empty(0)
         return torch.sigmoid(self.gates / self.side.gate_T)
 
+    def input_state(self) -> int:
+        """The state ``first_down`` reads: 0, or xladder's L - delta (first connected block's input)."""
+        return self.kept[0] if self.fusion == "xladder" else 0
+
     def side_input(self, hiddens: Mapping[int, Tensor]) -> Tensor:
-        """The side stream's input (B, T, d/r) from state 0 (B, T, d)."""
-        h0 = _state(hiddens, 0, self.d, self.stream)
-        return ladder_linear(self.first_down, self.drop(h0))
+        """The side stream's input (B, T, d/r) from state 0 (xladder: L - delta), (B, T, d)."""
+        k = self.input_state()
+        h = _state(hiddens, k, self.d, self.stream)
+        return ladder_linear(self.first_down, (self.ladder_drop if k else self.drop)(h))
 
     def fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
         """Gate ``down_i(state i + 1)`` into x: (B, T, d/r) -> (B, T, d/r)."""
@@ -126,8 +158,10 @@ class Ladders(nn.Module):
         return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def before_block(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
-        """The input of side block i: x with its ladder fused in (fusion "ladder")."""
-        return self.fuse(x, i, hiddens) if self.fusion == "ladder" else x
+        """The input of side block i: x with its ladder fused in (fusion "ladder"; "xladder"
+        for the connected blocks i < L, not the free ones)."""
+        laddered = self.fusion == "ladder" or (self.fusion == "xladder" and i < self.n_layers)
+        return self.fuse(x, i, hiddens) if laddered else x
 
     def after_blocks(self, x: Tensor, hiddens: Mapping[int, Tensor]) -> Tensor:
         """The stream after the last side block: state L fused in once (fusion "late")."""

@@ -59,7 +59,7 @@ from ladder.shared import (
     no_side_network,
 )
 
-FUSIONS = ("ladder", "late", "none")
+FUSIONS = ("ladder", "late", "none", "xladder")
 HEADS = ("cls", "lm")  # the one-stream networks' head: classification/regression, or causal LM
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -73,7 +73,10 @@ class SideConfig:
 
     reduction_factor: int = 8  # r: widths d/r, d_kv/r, d_ff/r; head count stays the backbone's
     kept_layers: tuple[int, ...] | None = None  # 0-based blocks with a side block; None = all
-    fusion: str = "ladder"  # "ladder" | "late" (Side-Tuning: state L fused once) | "none"
+    fusion: str = "ladder"  # "ladder" | "late" (Side-Tuning: state L once) | "none" | "xladder"
+    # xladder's delta: the top delta backbone blocks ladder into the first delta of 2 * delta side
+    # blocks (ladder.ladders); None = half the backbone's blocks, rounded down, at least 1
+    xladder_depth: int | None = None
     gate_alpha: float = 0.0  # initial alpha of every gate: sigmoid(0) = 0.5, the paper's zero init
     gate_T: float = 0.1  # gate temperature T in sigmoid(alpha / T), the authors' default
     ladder_dropout: float = 0.0  # dropout on ladder inputs: noise an eval-mode cache lacks
@@ -107,6 +110,23 @@ class SideConfig:
             raise LadderError(
                 f"side.fusion={self.fusion!r}; allowed: {', '.join(map(repr, FUSIONS))}"
             )
+        depth = self.xladder_depth
+        if depth is not None:
+            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+                raise LadderError(
+                    f"side.xladder_depth={depth!r}; allowed: None (half the blocks) or an int "
+                    "in 1..L (the backbone's blocks)"
+                )
+            if self.fusion != "xladder":
+                raise LadderError(
+                    f"side.xladder_depth={depth} with side.fusion={self.fusion!r}; allowed: "
+                    "xladder_depth only with fusion 'xladder'"
+                )
+        if self.fusion == "xladder" and self.kept_layers is not None:
+            raise LadderError(
+                f"side.kept_layers={list(self.kept_layers)} with side.fusion='xladder'; allowed: "
+                "kept_layers None (xladder keeps the top xladder_depth blocks)"
+            )
         if not _is_real(self.gate_alpha):
             raise LadderError(f"side.gate_alpha={self.gate_alpha!r}; allowed: a finite number")
         if not _is_real(self.gate_T) or self.gate_T <= 0:
@@ -123,9 +143,22 @@ class SideConfig:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LadderError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
 
+    def depth(self, n_layers: int) -> int:
+        """xladder's delta for a stack of ``n_layers`` blocks (the default: L // 2, at least 1)."""
+        return self.xladder_depth if self.xladder_depth is not None else max(1, n_layers // 2)
+
     def kept(self, n_layers: int) -> list[int]:
-        """The kept block indices for a stack of ``n_layers`` blocks."""
+        """The kept block indices for a stack of ``n_layers`` blocks (xladder: the top delta)."""
+        if self.fusion == "xladder":
+            return list(range(n_layers - self.depth(n_layers), n_layers))
         return list(range(n_layers)) if self.kept_layers is None else list(self.kept_layers)
+
+    def free(self, n_layers: int) -> list[int]:
+        """Side blocks with no backbone counterpart and no ladder, numbered after the backbone's
+        blocks: xladder's L .. L + delta - 1; none for the other fusions."""
+        if self.fusion != "xladder":
+            return []
+        return list(range(n_layers, n_layers + self.depth(n_layers)))
 
     def validate(self, backbone_config: PretrainedConfig) -> None:
         """Check r and the kept layers against a backbone; raise LadderError naming the value."""
@@ -146,6 +179,18 @@ class SideConfig:
                 raise LadderError(
                     f"side.reduction_factor={r} does not divide {name}={value}{heads}; "
                     f"allowed: one of {divisors(sizes)}"
+                )
+        if self.fusion == "xladder":
+            if dims.t5:
+                raise LadderError(
+                    f"side.fusion='xladder' with model_type={backbone_config.model_type!r}; "
+                    "allowed: a decoder-only causal LM (Llama family, GPT-2) or an encoder-only "
+                    "backbone (BERT family, BART)"
+                )
+            n, depth = dims.n_layers, self.depth(dims.n_layers)
+            if depth > n:
+                raise LadderError(
+                    f"side.xladder_depth={depth} exceeds the backbone's {n} blocks; allowed: 1..{n}"
                 )
         stacks = (
             {"encoder": dims.n_layers, "decoder": dims.n_dec_layers}
@@ -215,7 +260,8 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
 
     Canonical init keys (``load_side_init``): ``layers.{i}.{q,k,v,o,ffn_in,ffn_out}.{weight,bias}``
     and ``layers.{i}.{ln_attn,ln_ffn}.{weight,bias}`` for kept ``i`` (mBART also ``final_ln.*``);
-    they are this module's own ``state_dict`` names.
+    they are this module's own ``state_dict`` names. Fusion "xladder" (``ladder.ladders``) adds
+    free blocks ``layers.{L + j}`` that no side init names (they keep their random init).
     """
 
     stream_note = "encoder-only backbone"
@@ -233,7 +279,7 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
         # BART's classification head reads the last </s> (the last real token); BERT's [CLS]
         self.pool_last = dims.family == "bart"
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "encoder")
-        self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.kept})
+        self.layers = nn.ModuleDict({str(i): EncoderSideBlock(dims, r) for i in self.side_blocks})
         self.final_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps) if dims.pre_ln else None
         self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         self.apply(init_weights)
@@ -262,7 +308,7 @@ class EncoderSideNetwork(ClassifierHead, Ladders):
         parameter (a multi-task network puts one head per task on it); arguments as forward."""
         x = self.side_input(hiddens)  # (B, T, d/r)
         mask = mask_bias(attention_mask[:, None, None, :], x.dtype)  # (B, 1, 1, T), additive
-        for i in self.kept:
+        for i in self.side_blocks:  # kept blocks, then xladder's free ones
             x = self.before_block(x, i, hiddens)
             x = self.layers[str(i)](x, mask)  # (B, T, d/r)
         x = self.after_blocks(x, hiddens)  # (B, T, d/r)

@@ -37,8 +37,9 @@ from ladder.side import EncoderSideNetwork
 
 
 def stackable(net: torch.nn.Module) -> bool:
-    """Whether ``net`` can be trained stacked (the encoder-only side network, no visual tokens)."""
-    return type(net) is EncoderSideNetwork
+    """Whether ``net`` can be trained stacked (the encoder-only side network, no visual tokens;
+    fusion "xladder", whose free blocks the stacked forward lacks, trains one by one)."""
+    return type(net) is EncoderSideNetwork and net.side.fusion != "xladder"
 
 
 def shape_key(net: torch.nn.Module) -> tuple:

@@ -260,6 +260,11 @@ class VisualSideNetwork(EncoderSideNetwork):
         d_visual: int,
         n_images: int = 1,
     ) -> None:
+        if side.fusion == "xladder":
+            raise LadderError(
+                "side.fusion='xladder' with visual tokens is not built yet; allowed: 'ladder', "
+                "'late', 'none'"
+            )
         super().__init__(backbone_config, side)
         if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
             raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")

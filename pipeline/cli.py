@@ -453,6 +453,13 @@ TRAIN_OPTIONS = [
         type=click.Choice(_choices("train_side.fusion")),
     ),
     config_option(
+        "--xladder-depth",
+        "train_side.xladder_depth",
+        "fusion xladder: the top N backbone blocks ladder into the first N of 2N side blocks",
+        none="half the backbone's blocks, at least 1",
+        type=int,
+    ),
+    config_option(
         "--init",
         "train_side.init",
         "side network initialisation (magnitude, fisher: the cache's side_init)",

@@ -98,7 +98,9 @@ class TrainSideConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
     kept_layers: list[int] | None = None  # backbone blocks with a ladder; None = all
-    fusion: Literal["ladder", "late", "none"] = "ladder"
+    fusion: Literal["ladder", "late", "none", "xladder"] = "ladder"
+    # xladder's delta: the top delta blocks ladder into 2 * delta side blocks; None = L // 2
+    xladder_depth: int | None = Field(default=None, ge=1)
     init: Literal["random", "magnitude", "fisher"] = "fisher"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
     threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one

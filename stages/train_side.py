@@ -322,6 +322,7 @@ def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
         reduction_factor=r,
         kept_layers=None if t.kept_layers is None else tuple(t.kept_layers),
         fusion=t.fusion,
+        xladder_depth=t.xladder_depth,
         ladder_dropout=t.ladder_dropout,
         num_labels=spec.num_labels,
         head="lm" if spec.generation else "cls",
@@ -833,8 +834,9 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     # how the networks are computed changes their figures by float rounding at most
     t.pop("batched", None)
     t.pop("compile", None)
-    if t.get("warmup_ratio") is None:  # runs made before the option existed still resume
-        t.pop("warmup_ratio", None)
+    for key in ("warmup_ratio", "xladder_depth"):  # runs made before the option still resume
+        if t.get(key) is None:
+            t.pop(key, None)
     return {
         "cache": cache_key,
         "train_side": t,

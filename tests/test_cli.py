@@ -152,7 +152,7 @@ def test_every_option_has_help_its_default_and_its_choices():
     choices = {
         "dtype": ["float32", "float16", "bfloat16", "int8"],
         "codec": ["raw", "lz4", "zstd"],
-        "fusion": ["ladder", "late", "none"],
+        "fusion": ["ladder", "late", "none", "xladder"],
         "init": ["random", "magnitude", "fisher"],
     }
     for name, values in choices.items():

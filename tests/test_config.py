@@ -117,7 +117,7 @@ def test_bad_enum_names_the_allowed_values(tmp_path):
     assert re.search(r"'float32', 'float16', 'bfloat16' or 'int8'", msg)
     assert msg.endswith("(got 'float64')")
     msg = _error(tmp_path, "train_side:\n  fusion: early\n")
-    assert "train_side.fusion" in msg and "'ladder', 'late' or 'none'" in msg
+    assert "train_side.fusion" in msg and "'ladder', 'late', 'none' or 'xladder'" in msg
 
 
 def test_bad_range(tmp_path):
