@@ -82,10 +82,7 @@ def tokenize_split(
     spec, examples = data.spec, data.splits[split]
     tok = backbone.tokenizer
     if getattr(backbone, "causal", False):
-        texts = [causal_text(spec.text_fields, ex) for ex in examples]
-        return {
-            "enc": Stream("enc", tok(texts, truncation=True, max_length=max_length)["input_ids"])
-        }
+        return {"enc": tokenize_causal(tok, spec.text_fields, examples, max_length)}
     if not backbone.encoder_decoder:
         return {"enc": tokenize_texts(tok, examples, max_length)}
     sources = [t5_source(spec, ex) for ex in examples]
@@ -103,6 +100,16 @@ def tokenize_split(
             ids = tok([cand])["input_ids"][0]
             streams[layout.cand_stream(k)] = teacher([ids] * len(examples), layout.cand_stream(k))
     return streams
+
+
+def tokenize_causal(
+    tokenizer: Any, field_names: Sequence[str], examples: Sequence[Example], max_length: int
+) -> Stream:
+    """The ``enc`` stream of a decoder-only backbone: each example as :func:`causal_text`,
+    truncated to ``max_length`` tokens. Like :func:`tokenize_texts`, it needs only the tokenizer
+    (the benchmarks' baselines run the causal model themselves)."""
+    texts = [causal_text(field_names, ex) for ex in examples]
+    return Stream("enc", tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def tokenize_texts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Stream:
