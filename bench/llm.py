@@ -14,12 +14,14 @@ configuration runs in a ``bench.baselines`` process of its own (its peak RSS is 
                    epoch (the second epoch; the first also reads the cache into RAM)
   lst-streamed     one network, one epoch, the cache streamed through a 16 MB shuffle buffer
                    instead of whole splits in RAM: peak memory
-  lst-online       one network, one epoch with the live backbone (dropout on): time per epoch
   lora             peft LoRA (r = 8, alpha 16, on q_proj and v_proj) on
                    ``LlamaForSequenceClassification`` (last real token, linear head), ``--lora-seeds``
                    one after another, ``--lora-limit`` examples, ``--lora-epochs``
 
-and, in this process, ``bench.cache_size`` on ``--size-samples`` training examples: stored bytes
+then, in this process, one network's epoch from the cache against its epoch with the live
+backbone (online LST, dropout on), in the same loop (``bench.train_side_speed``'s
+``epoch_from_cache`` and ``epoch_online``); the online epoch is timed over ``--online-batches``
+batches and scaled to the epoch's batch count (the output says so), and ``bench.cache_size`` on ``--size-samples`` training examples: stored bytes
 per token per state for float16 and int8 (lz4). The goals: peak training memory of LST from the
 cache <= 25 % of LoRA's, a cached epoch >= 10x faster than an online one. Memory is the
 process's peak RSS (CPU: the backbone's weights, the cached states in RAM, the Python and torch
@@ -69,6 +71,12 @@ def build_parser() -> Any:
     p.add_argument("--fisher-samples", type=int, default=None, help="default 128 (--quick 16)")
     p.add_argument("--size-samples", type=int, default=None, help="cache_size examples (200)")
     p.add_argument("--threads", type=int, default=None, help="children's torch threads")
+    p.add_argument(
+        "--online-batches",
+        type=int,
+        default=None,
+        help="online LST timed over this many batches, scaled to an epoch (default 40, quick 2)",
+    )
     p.add_argument("--work", type=Path, default=None, help="keep the children's JSON and cache")
     return p
 
@@ -109,6 +117,7 @@ def settings_of(args: Any) -> dict[str, Any]:
         "fisher_samples": args.fisher_samples or (16 if quick else 128),
         "size_samples": args.size_samples or (50 if quick else 200),
         "threads": args.threads,
+        "online_batches": args.online_batches or (2 if quick else 40),
     }
 
 
@@ -166,9 +175,6 @@ def run_children(
         ["--method", "lst-cache", *lst, "--seeds", first, "--epochs", "1"]
         + ["--memory-mb", str(STREAM_MB)],
     )
-    out["lst-online"] = run(
-        "lst-online", task, ["--method", "lst-online", *lst, "--seeds", first, "--epochs", "1"]
-    )
     out["lora"] = run(
         "lora",
         task,
@@ -177,6 +183,39 @@ def run_children(
         + ["--lora-r", str(s["lora_r"]), "--lora-alpha", str(2 * s["lora_r"])],
     )
     return out
+
+
+def online_vs_cached(s: dict[str, Any], root: Path, key: str, n_train: int) -> dict[str, Any]:
+    """One network (the first seed, r, kept blocks, Fisher init): a training epoch from the cache
+    (the split already in RAM; the mean of two) against one with the live backbone, timed over
+    ``online_batches`` batches and scaled to the epoch's batch count."""
+    import torch
+
+    from bench.train_side_speed import epoch_from_cache, epoch_online
+    from ladder.backbones import load_backbone
+
+    torch.set_num_threads(s["threads"] or 2)
+    over = {
+        "task.name": s["task"],
+        "backbone.name": s["backbone"],
+        "train_side.kept_layers": s["kept_layers"],
+        "train_side.init": "fisher",
+        "train_side.batch_size": s["batch_size"],
+    }
+    cached = [epoch_from_cache(root, key, [s["r"]], e, over)["wall_s"] for e in (1, 2)]
+    backbone = load_backbone(s["backbone"])
+    batches = -(-n_train // s["batch_size"])
+    timed = min(s["online_batches"], batches)
+    online = epoch_online(root, key, backbone, 1, timed, over, r=s["r"])
+    return {
+        "cached_epoch_s": sum(cached) / len(cached),
+        "cached_epoch_s_all": cached,
+        "online_epoch_s": online,
+        "online_batches_timed": timed,
+        "batches_per_epoch": batches,
+        "scaled": timed < batches,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def cache_sizes(s: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -207,7 +246,7 @@ def ok(fig: dict[str, Any] | None) -> bool:
 def ratios(res: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals from the children's figures (None where a child failed)."""
     lora, one, streamed, online = (
-        res.get(k) for k in ("lora", "lst-cache-1", "lst-streamed", "lst-online")
+        res.get(k) for k in ("lora", "lst-cache-1", "lst-streamed", "online")
     )
     out: dict[str, Any] = {}
     if ok(lora) and ok(one):
@@ -219,8 +258,8 @@ def ratios(res: dict[str, Any]) -> dict[str, Any]:
         out["memory_streamed_abs"] = (
             streamed["memory"]["abs_peak_rss"] / lora["memory"]["abs_peak_rss"]
         )
-    if ok(online) and ok(one):
-        out["online_over_cached_epoch"] = online["epoch_s"] / one["epoch_s"]
+    if ok(online):
+        out["online_over_cached_epoch"] = online["online_epoch_s"] / online["cached_epoch_s"]
     if ok(lora) and ok(one):
         out["lora_epoch_s_scaled"] = lora["epoch_s"] * one["train_tokens"] / lora["train_tokens"]
         out["lora_over_cached_epoch"] = out["lora_epoch_s_scaled"] / one["epoch_s"]
@@ -245,7 +284,6 @@ def tables(summary: dict[str, Any]) -> str:
         "lst-cache": f"LST from cache, {len(s['seeds'])} seeds in one pass",
         "lst-cache-1": "LST from cache, 1 network",
         "lst-streamed": f"LST from cache, 1 network, streamed ({STREAM_MB} MB)",
-        "lst-online": "online LST, 1 network",
         "lora": "LoRA (peft, q_proj+v_proj)",
     }
     for key, label in labels.items():
@@ -263,6 +301,19 @@ def tables(summary: dict[str, Any]) -> str:
                 f"{fig['epoch_s']:.1f}" if good else "-",
             ]
         )
+    online = res.get("online") or {}
+    if ok(online):
+        how = (
+            f"timed over {online['online_batches_timed']} of {online['batches_per_epoch']} "
+            "batches and scaled"
+            if online["scaled"]
+            else "a whole epoch"
+        )
+        for label, val in (
+            ("same network, epoch from the cache (same loop)", online["cached_epoch_s"]),
+            (f"same network, online LST ({how})", online["online_epoch_s"]),
+        ):
+            rows.append([label, "", "", "", "", "", "", f"{val:.1f}"])
     out = [
         f"{s['backbone']} on {s['task']}: r = {s['r']}, batch {s['batch_size']}, cache "
         f"{s['dtype']}, side blocks on backbone blocks {_csv(s['kept_layers'])}",
@@ -287,7 +338,8 @@ def tables(summary: dict[str, Any]) -> str:
         out.append(
             f"\nextract ({s['dtype']}, {n_states} states, {ex['all_tokens']} tokens in 3 splits): "
             f"states {ex['extract_states_s']:.0f} s, side_init {ex['side_init_s']:.0f} s, "
-            f"cache {ex['cache_bytes'] / MB:.1f} MB on disk = {per:.0f} B/token/state"
+            f"cache folder {ex['cache_bytes'] / MB:.1f} MB on disk (side_init weights included) = "
+            f"{per:.0f} B/token/state"
         )
     lora = res.get("lora") or {}
     one = res.get("lst-cache-1") or {}
@@ -350,21 +402,21 @@ def plot(summary: dict[str, Any], path: Path) -> Path | None:
     from bench.plots import _plt
 
     res = summary["results"]
-    keys = [k for k in ("lst-cache-1", "lst-streamed", "lst-online", "lora") if ok(res.get(k))]
+    keys = [k for k in ("lst-cache-1", "lst-streamed", "lora") if ok(res.get(k))]
     if not keys:
         return None
     plt = _plt()
-    names = {
-        "lst-cache-1": "LST cache",
-        "lst-streamed": "LST streamed",
-        "lst-online": "LST online",
-        "lora": "LoRA",
-    }
+    names = {"lst-cache-1": "LST cache", "lst-streamed": "LST streamed", "lora": "LoRA"}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     axes[0].bar([names[k] for k in keys], [res[k]["memory"]["abs_peak_rss"] / MB for k in keys])
     axes[0].set_ylabel("peak RSS (MB)")
-    axes[1].bar([names[k] for k in keys], [res[k]["epoch_s"] for k in keys])
-    axes[1].set_ylabel("seconds per epoch")
+    epochs = {names[k]: res[k]["epoch_s"] for k in keys if k != "lst-streamed"}
+    if ok(res.get("online")):
+        epochs["LST online"] = res["online"]["online_epoch_s"]
+    if "lora_epoch_s_scaled" in summary["ratios"]:
+        epochs["LoRA"] = summary["ratios"]["lora_epoch_s_scaled"]  # at LST's training tokens
+    axes[1].bar(list(epochs), list(epochs.values()))
+    axes[1].set_ylabel("seconds per epoch (LST's data)")
     axes[1].set_yscale("log")
     acc = [k for k in ("lst-cache", "lora") if ok(res.get(k))]
     axes[2].bar(
@@ -389,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         results = run_children(s, data_dir, work)
+        if ok(results.get("extract")) and ok(results.get("lst-cache-1")):
+            results["online"] = online_vs_cached(
+                s,
+                work / "cache",
+                results["extract"]["cache_key"],
+                results["lst-cache-1"]["n_train"],
+            )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
