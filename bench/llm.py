@@ -33,7 +33,9 @@ killed run resumes there.
 
 from __future__ import annotations
 
+import json
 import shutil
+import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,6 +241,26 @@ def cache_sizes(s: dict[str, Any], data_dir: Path) -> dict[str, Any]:
     }
 
 
+def reused(path: Path, make: Any) -> dict[str, Any]:
+    """``make()``'s figures, kept at ``path`` under ``--work``: a rerun reuses them (and says so),
+    as ``Runner`` reuses the children's."""
+    if path.exists():
+        print(f"[llm] {path.stem}: done before, reusing {path}", flush=True)
+        return json.loads(path.read_text())
+    fig = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fig, indent=1) + "\n")
+    return fig
+
+
+def first_epoch_validation(fig: dict[str, Any]) -> list[float]:
+    """Each network's or seed's validation score after its first epoch (like for like where the
+    methods trained different numbers of epochs)."""
+    if "networks" in fig:
+        return [n["epochs"][0]["validation"]["score"] for n in fig["networks"].values()]
+    return [sd["history"][0]["validation"]["score"] for sd in fig.get("seeds", [])]
+
+
 def ok(fig: dict[str, Any] | None) -> bool:
     return bool(fig) and "error" not in fig
 
@@ -270,6 +292,14 @@ def _mb(fig: dict[str, Any], key: str) -> str:
     return f"{fig['memory'][key] / MB:.0f}" if ok(fig) else "-"
 
 
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
+
+
 def _score(fig: dict[str, Any]) -> str:
     if not ok(fig):
         return "failed" if fig else "-"
@@ -299,6 +329,7 @@ def tables(summary: dict[str, Any]) -> str:
                 _mb(fig, "abs_peak_rss"),
                 _mb(fig, "peak_above_base"),
                 f"{fig['epoch_s']:.1f}" if good else "-",
+                _mean_std(first_epoch_validation(fig)) if good else "-",
             ]
         )
     online = res.get("online") or {}
@@ -313,7 +344,7 @@ def tables(summary: dict[str, Any]) -> str:
             ("same network, epoch from the cache (same loop)", online["cached_epoch_s"]),
             (f"same network, online LST ({how})", online["online_epoch_s"]),
         ):
-            rows.append([label, "", "", "", "", "", "", f"{val:.1f}"])
+            rows.append([label, "", "", "", "", "", "", f"{val:.1f}", ""])
     out = [
         f"{s['backbone']} on {s['task']}: r = {s['r']}, batch {s['batch_size']}, cache "
         f"{s['dtype']}, side blocks on backbone blocks {_csv(s['kept_layers'])}",
@@ -327,6 +358,7 @@ def tables(summary: dict[str, Any]) -> str:
                 "peak RSS MB",
                 "above base MB",
                 "s/epoch",
+                "val. after epoch 1",
             ],
             rows,
         ),
@@ -439,20 +471,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s = settings_of(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="lst-bench-llm-"))
     work.mkdir(parents=True, exist_ok=True)
+    here = work / s["task"]  # the in-process figures, beside the children's JSON
     try:
         results = run_children(s, data_dir, work)
         if ok(results.get("extract")) and ok(results.get("lst-cache-1")):
-            results["online"] = online_vs_cached(
-                s,
-                work / "cache",
-                results["extract"]["cache_key"],
-                results["lst-cache-1"]["n_train"],
+            key, n_train = results["extract"]["cache_key"], results["lst-cache-1"]["n_train"]
+            results["online"] = reused(
+                here / f"online-b{s['online_batches']}.json",
+                lambda: online_vs_cached(s, work / "cache", key, n_train),
             )
+        sizes = reused(
+            here / f"cache_size-{s['size_samples']}.json", lambda: cache_sizes(s, data_dir)
+        )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     summary: dict[str, Any] = {"settings": s, "results": results, "ratios": ratios(results)}
-    summary["cache_size"] = cache_sizes(s, data_dir)
+    summary["cache_size"] = sizes
     print("\n" + tables(summary))
     write_json(args.json, "llm", summary)
     if args.json is not None:

@@ -129,6 +129,10 @@ def test_the_bench_runs_on_a_tiny_llama_and_reports_its_own_figures(
         assert fig["memory"]["abs_peak_rss"] > 0 and fig["epoch_s"] > 0
         assert fig["trainable_parameters"] > 0
     assert len(res["lst-cache"]["test"]) == 3  # three seeds in one pass
+    assert len(llm.first_epoch_validation(res["lst-cache"])) == 3
+    assert llm.first_epoch_validation(res["lora"]) == [
+        res["lora"]["seeds"][0]["history"][0]["validation"]["score"]
+    ]
     assert len(res["lst-cache-1"]["epoch_s_all"][0]) == 2
     lora = res["lora"]
     # LoRA r = 2 on q_proj (32 -> 32) and v_proj (32 -> 16): its adapters and the score head
