@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +58,18 @@ from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
 from cache_store.loader import bucketed_batches
 from ladder.side import trainable_parameters
 from stages.tasks import paper_epochs
-from stages.tokens import pad, tokenize_texts
+from stages.tokens import pad, tokenize_causal, tokenize_texts
 from stages.train_side import linear_schedule
 
 METHODS = ("full", "adapters", "lora", "bitfit", "prompt", "lst-online", "lst-cache")
 IN_BACKBONE = ("full", "adapters", "lora", "bitfit", "prompt")
 LST_METHODS = ("lst-online", "lst-cache")
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "electra")  # what the in-backbone methods support
+# decoder-only causal LMs (``*ForSequenceClassification``: the last real token's state, a linear
+# "score" head): full fine-tuning and LoRA are implemented for them
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+CAUSAL_METHODS = ("full", "lora")
+LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
 # Learning rates and method settings (batch 100, AdamW, linear warm-up and decay, clip 1.0 for all).
 HPARAMS: dict[str, dict[str, Any]] = {
@@ -187,8 +192,17 @@ class Encoded:
         return sum(len(x) for x in self.ids)
 
 
-def encode_split(tokenizer: Any, examples: Sequence[Any], max_length: int) -> Encoded:
-    """The split as stage one tokenises it for encoder-only backbones (``tokenize_texts``)."""
+def encode_split(
+    tokenizer: Any,
+    examples: Sequence[Any],
+    max_length: int,
+    causal_fields: Sequence[str] | None = None,
+) -> Encoded:
+    """The split as stage one tokenises it: ``tokenize_texts`` for encoder-only backbones, or,
+    given the task's field names, ``tokenize_causal`` for a decoder-only one."""
+    if causal_fields is not None:
+        stream = tokenize_causal(tokenizer, causal_fields, examples, max_length)
+        return Encoded(stream.ids, None, np.asarray([ex.label for ex in examples]))
     enc = tokenize_texts(tokenizer, examples, max_length)
     labels = np.asarray([ex.label for ex in examples])
     return Encoded(enc.ids, enc.token_types, labels)
@@ -262,16 +276,25 @@ def is_head(name: str) -> bool:
     return name.startswith("classifier.") or ".pooler." in name
 
 
+def is_causal(config: Any) -> bool:
+    """A decoder-only (Llama-family) backbone config."""
+    return config.model_type in LLAMA_TYPES
+
+
 def check_backbone(method: str, config: Any) -> None:
     """Refuse, on the config alone, a backbone the method is not implemented for."""
-    if method in IN_BACKBONE and config.model_type not in BERT_TYPES:
-        extra = ""
-        if method == "prompt" and config.model_type in ("t5", "mt5"):
-            extra = " (transformers' T5ForSequenceClassification also refuses inputs_embeds)"
-        raise BenchError(
-            f"method {method!r} supports BERT-family backbones ({', '.join(BERT_TYPES)}); "
-            f"the backbone is {config.model_type!r}{extra}; the LST methods take any backbone"
-        )
+    if method not in IN_BACKBONE or config.model_type in BERT_TYPES:
+        return
+    if is_causal(config) and method in CAUSAL_METHODS:
+        return
+    extra = ""
+    if method == "prompt" and config.model_type in ("t5", "mt5"):
+        extra = " (transformers' T5ForSequenceClassification also refuses inputs_embeds)"
+    llama = f" and the Llama family ({', '.join(LLAMA_TYPES)})" if method in CAUSAL_METHODS else ""
+    raise BenchError(
+        f"method {method!r} supports BERT-family backbones ({', '.join(BERT_TYPES)}){llama}; "
+        f"the backbone is {config.model_type!r}{extra}; the LST methods take any backbone"
+    )
 
 
 def apply_method(method: str, model: Any, hp: dict[str, Any]) -> Any:
@@ -292,7 +315,7 @@ def apply_method(method: str, model: Any, hp: dict[str, Any]) -> Any:
                 r=hp["rank"],
                 lora_alpha=hp["alpha"],
                 lora_dropout=0.1,
-                target_modules=["query", "value"],
+                target_modules=LORA_TARGETS["llama" if is_causal(model.config) else "bert"],
                 modules_to_save=to_save,
             )
         else:
@@ -330,15 +353,22 @@ def backbone_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_classifier(path: str, num_labels: int, seed: int) -> Any:
-    """The pretrained backbone with a fresh classification head, initialised under ``seed``."""
+def load_classifier(path: str, num_labels: int, seed: int, pad_token_id: int | None = None) -> Any:
+    """The pretrained backbone with a fresh classification head, initialised under ``seed``.
+
+    ``pad_token_id`` goes to the config where it has none: a causal LM's head reads the last
+    token that is not padding (``LlamaForSequenceClassification``), so it must know the pad id.
+    """
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "classifier.weight MISSING" report is expected
     hf_logging.disable_progress_bar()
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
 
 
 # --- one training run of an in-backbone method ---------------------------------------------------
@@ -489,6 +519,11 @@ class Options:
     quick: bool
     json: Path | None = None
     memory_mb: int = 4096  # LST: the loader's budget (train_side.memory_mb)
+    # extraction: storage dtype, stored states (None: all), side_init factors, Fisher examples
+    dtype: str = "float16"
+    layers: list[int] | None = None
+    extract_rs: list[int] = field(default_factory=lambda: list(EXTRACT_RS))
+    fisher_samples: int = 1024
 
     def warmup(self, n_train: int) -> int:
         total = self.epochs * -(-n_train // self.batch_size)
@@ -544,6 +579,14 @@ def build_parser() -> Any:
         help="LST from the cache: RAM for a split's states (kept whole if they fit, else streamed)",
     )
     p.add_argument("--cache-root", type=Path, default=None, help="LST/extract: cache root")
+    p.add_argument("--dtype", default="float16", help="extract: storage dtype (float16, int8, ...)")
+    p.add_argument("--layers", default=None, help="extract: stored state numbers (default all)")
+    p.add_argument(
+        "--extract-rs",
+        default=",".join(map(str, EXTRACT_RS)),
+        help="extract: reduction factors side_init prunes for",
+    )
+    p.add_argument("--fisher-samples", type=int, default=1024, help="extract: Fisher examples")
     p.add_argument("--cache-key", default=None, help="LST: a committed cache (else: extract)")
     p.add_argument("--tmp", type=Path, default=None, help="where run folders go")
     return p
@@ -574,7 +617,11 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         raise BenchError(f"--init={args.init!r}; allowed: random, magnitude, fisher")
     if args.memory_mb < 16:
         raise BenchError(f"--memory-mb={args.memory_mb}; allowed: an integer >= 16")
-    for name in ("limit", "epochs", "batch_size", "threads"):
+    from cache_store.layout import DTYPES
+
+    if args.dtype not in DTYPES:
+        raise BenchError(f"--dtype={args.dtype!r}; allowed: {', '.join(DTYPES)}")
+    for name in ("limit", "epochs", "batch_size", "threads", "fisher_samples"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise BenchError(f"--{name.replace('_', '-')}={v}; allowed: a positive integer")
@@ -629,6 +676,10 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         tmp=args.tmp,
         quick=args.quick,
         json=args.json,
+        dtype=args.dtype,
+        layers=_ints(args.layers, "--layers"),
+        extract_rs=_ints(args.extract_rs, "--extract-rs") or list(EXTRACT_RS),
+        fisher_samples=args.fisher_samples,
     )
 
 
@@ -696,15 +747,20 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     torch.set_num_threads(opt.threads or 2)
     path = resolve_backbone(opt.backbone)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    causal = is_causal(load_config_only(opt.backbone))
+    if causal and tokenizer.pad_token is None:  # as ladder.backbones.from_model: pad with EOS
+        tokenizer.pad_token = tokenizer.eos_token
     task = load_task(opt.task, data_dir=opt.data_dir, limit=opt.limit)
     spec = task.spec
-    data = {s: encode_split(tokenizer, ex, opt.max_length) for s, ex in task.splits.items()}
+    fields = spec.text_fields if causal else None
+    data = {s: encode_split(tokenizer, ex, opt.max_length, fields) for s, ex in task.splits.items()}
     warmup = opt.warmup(len(data["train"].ids))
     pad_id = tokenizer.pad_token_id or 0
     seeds, memory = [], []
     trainable = 0
     for seed in opt.seeds:
-        model = apply_method(opt.method, load_classifier(path, spec.num_labels, seed), opt.hp)
+        model = load_classifier(path, spec.num_labels, seed, tokenizer.pad_token_id)
+        model = apply_method(opt.method, model, opt.hp)
         trainable = trainable_parameters(model)
         meter = PeakMemory()
         meter.start()
@@ -767,7 +823,10 @@ def _lst_config(opt: Options, runs: Path) -> Any:
             "cache.root": str(root),
             "extract.device": "cpu",
             "extract.side_init": ["magnitude", "fisher"],
-            "extract.reduction_factors": EXTRACT_RS,
+            "extract.reduction_factors": opt.extract_rs,
+            "extract.fisher_samples": opt.fisher_samples,
+            "extract.layers": opt.layers,
+            "cache.dtype": opt.dtype,
             "train_side.reduction_factors": opt.rs,
             "train_side.seeds": opt.seeds,
             "train_side.learning_rates": [opt.lr],
@@ -842,6 +901,10 @@ def extract_in_child(opt: Options) -> dict[str, Any]:
         "--json",
         str(out),
     ]
+    cmd += ["--dtype", opt.dtype, "--fisher-samples", str(opt.fisher_samples)]
+    cmd += ["--extract-rs", ",".join(map(str, opt.extract_rs))]
+    if opt.layers is not None:
+        cmd += ["--layers", ",".join(map(str, opt.layers))]
     if opt.limit is not None:
         cmd += ["--limit", str(opt.limit)]
     if subprocess.run(cmd, cwd=REPO).returncode != 0:

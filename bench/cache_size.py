@@ -43,7 +43,7 @@ from cache_store.layout import (
 )
 from cache_store.writer import CacheWriter
 from ladder.backbones import Backbone, d_model, load_backbone
-from pipeline.config import Config
+from pipeline.config import Config, apply_overrides
 from stages.extract import segment_states
 from stages.tasks import TaskData, load_task
 from stages.tokens import tokenize_split
@@ -212,10 +212,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=CODECS)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--tmp", type=Path, default=None, help="where the temporary arrays go")
+    p.add_argument("--backbone", default=None, help="default: the pipeline's (minilm-l6)")
     args = p.parse_args(argv)
     data_dir = common.glue_dir(args.data_dir)
     n = args.samples or (QUICK_SAMPLES if args.quick else FULL_SAMPLES)
     cfg = Config()
+    if args.backbone is not None:
+        cfg = apply_overrides(cfg, {"backbone.name": args.backbone})
     backbone = load_backbone(cfg.backbone.name, device="cpu", dtype=torch.float32)
     d = d_model(backbone.config)
 

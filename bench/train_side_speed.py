@@ -50,8 +50,15 @@ def make_cache(root: Path, data: Path, limit: int | None) -> str:
 
 
 def _setup(
-    root: Path, key: str, rs: list[int], seed: int = 0, grid: list[tuple] | None = None
+    root: Path,
+    key: str,
+    rs: list[int],
+    seed: int = 0,
+    grid: list[tuple] | None = None,
+    over: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Any], Any]:
+    """The cache and one trial per network; ``over``: config overrides (another task, kept
+    layers, init, batch size)."""
     from pipeline.config import Config, apply_overrides
     from stages.train_side import (
         Trial,
@@ -63,7 +70,12 @@ def _setup(
 
     cfg = apply_overrides(
         Config(),
-        {"task.name": "sst2", "cache.root": str(root), "train_side.init": "magnitude"},
+        {
+            "task.name": "sst2",
+            "cache.root": str(root),
+            "train_side.init": "magnitude",
+            **(over or {}),
+        },
     )
     cache = resolve_cache(cfg, key)
     spec, bcfg = task_spec_of(cache), backbone_config_of(cache)
@@ -87,22 +99,28 @@ class _TorchLoader:
         return torch_batches(self.loader.epoch(epoch))
 
 
-def _loader(cache: Any, trials: list[Any]) -> Any:
+def _loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
     from cache_store.loader import CacheLoader
 
     return _TorchLoader(
         CacheLoader(
-            cache, "train", {"enc": trials[0].net.needed_layers()}, batch_size=100, shuffle=True
+            cache,
+            "train",
+            {"enc": trials[0].net.needed_layers()},
+            batch_size=batch_size,
+            shuffle=True,
         )
     )
 
 
-def epoch_from_cache(root: Path, key: str, rs: list[int], epoch: int) -> dict[str, float]:
+def epoch_from_cache(
+    root: Path, key: str, rs: list[int], epoch: int, over: dict[str, Any] | None = None
+) -> dict[str, float]:
     """One training pass over the loader for the networks ``rs``: wall time and per-net compute."""
     from stages.train_side import cached_states, train_step
 
-    cache, trials, _ = _setup(root, key, rs)
-    loader = _loader(cache, trials)
+    cache, trials, cfg = _setup(root, key, rs, over=over)
+    loader = _loader(cache, trials, cfg.train_side.batch_size if over else 100)
     list(loader.epoch(99))  # a first pass reads the split into memory, as epoch 1 of a run does
     compute = [0.0] * len(trials)
     t0 = time.perf_counter()
@@ -183,15 +201,22 @@ def compute_in_memory(root: Path, key: str, rs: list[int], epoch: int) -> float:
 
 
 def epoch_online(
-    root: Path, key: str, backbone: Any, epoch: int, limit_batches: int | None
+    root: Path,
+    key: str,
+    backbone: Any,
+    epoch: int,
+    limit_batches: int | None,
+    over: dict[str, Any] | None = None,
+    r: int = 8,
 ) -> float:
-    """Online LST: the live backbone (dropout on) computes the states of every batch."""
+    """Online LST: the live backbone (dropout on) computes the states of every batch; with
+    ``limit_batches``, the time of that many batches scaled to the epoch's."""
     import torch
 
     from stages.train_side import online_states, train_step
 
-    cache, trials, _ = _setup(root, key, [8])
-    loader = _loader(cache, trials)
+    cache, trials, cfg = _setup(root, key, [r], over=over)
+    loader = _loader(cache, trials, cfg.train_side.batch_size if over else 100)
     source = online_states(backbone, True, {"enc": trials[0].net.needed_layers()})
     n = 0
     t0 = time.perf_counter()

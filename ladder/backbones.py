@@ -41,7 +41,7 @@ from torch import nn
 from ladder.errors import LadderError
 
 # family_of, num_blocks and d_model live in ladder.families; stages and bench import them from here
-from ladder.families import CAUSAL_FAMILIES, d_model, family_of, num_blocks
+from ladder.families import CAUSAL_FAMILIES, FAMILY, d_model, family_of, num_blocks
 from ladder.hub import hub_or_offline
 
 
@@ -121,6 +121,61 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# what a GGUF file given as the backbone may hold: the decoder-only causal LMs we support (GGUF's
+# ``general.architecture`` uses transformers' model_type names for these)
+GGUF_ARCHITECTURES = tuple(mt for mt, fam in FAMILY.items() if fam == "llama")
+
+
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file (read from its header, no tensors loaded)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise LadderError(
+            f"backbone {str(path)!r} is a GGUF file and reading it needs gguf; "
+            "allowed: pip install gguf (the [llm] extra)"
+        ) from None
+    try:
+        field = GGUFReader(path).fields.get("general.architecture")
+        arch = None if field is None else str(field.contents())
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise LadderError(
+            f"backbone {str(path)!r} is not a readable GGUF file ({first}); allowed: a GGUF "
+            f"file of a causal LM ({', '.join(GGUF_ARCHITECTURES)})"
+        ) from None
+    if arch is None:
+        raise LadderError(
+            f"backbone {str(path)!r} is a GGUF file without general.architecture; allowed: a "
+            f"GGUF file of a causal LM ({', '.join(GGUF_ARCHITECTURES)})"
+        )
+    return arch
+
+
+def gguf_backbone(path: Path) -> str:
+    """A GGUF file of a Llama-family causal LM as a safetensors folder, converted once under
+    ``LST_MODELS_DIR`` (keyed by the file's name, size and modification time); any other
+    architecture is refused on its header alone, in one line."""
+    if not path.is_file():
+        raise LadderError(
+            f"backbone {str(path)!r}: no such GGUF file; allowed: the path of a GGUF file of a "
+            f"causal LM ({', '.join(GGUF_ARCHITECTURES)})"
+        )
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise LadderError(
+            f"backbone {str(path)!r} is a GGUF file of architecture {arch!r}, not a causal LM "
+            f"we support; allowed: GGUF files of {', '.join(GGUF_ARCHITECTURES)} (or a model "
+            f"folder, a Hugging Face name, a short name: {', '.join(SHORT_NAMES)})"
+        )
+    st = path.stat()
+    tag = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    folder = models_dir() / f"gguf-{path.stem}-{tag[:12]}"
+    if not (folder / "config.json").is_file():
+        _convert_gguf(path, folder)
+    return str(folder)
+
+
 SHORT_NAMES = {
     "minilm-l6": packaged_minilm,
     "all-minilm-l6-v2": packaged_minilm,
@@ -132,6 +187,8 @@ def resolve_backbone(name: str) -> str:
     """A short name, a local folder or a Hugging Face name -> what ``from_pretrained`` takes."""
     if name in SHORT_NAMES:
         return SHORT_NAMES[name]()
+    if name.lower().endswith(".gguf"):
+        return gguf_backbone(Path(name))
     return name
 
 

@@ -96,10 +96,7 @@ def tokenize_split(
         check_generation_backbone(backbone.family, backbone.name)
         return {"enc": generation_stream(tok, examples, max_length)}
     if getattr(backbone, "causal", False):
-        texts = [causal_text(spec.text_fields, ex) for ex in examples]
-        return {
-            "enc": Stream("enc", tok(texts, truncation=True, max_length=max_length)["input_ids"])
-        }
+        return {"enc": tokenize_causal(tok, spec.text_fields, examples, max_length)}
     if not backbone.encoder_decoder:
         return {"enc": tokenize_texts(tok, examples, max_length)}
     sources = [t5_source(spec, ex) for ex in examples]
@@ -158,6 +155,16 @@ def generation_stream(tokenizer: Any, examples: Sequence[Example], max_length: i
         ids.append([*p, *tail])
         targets.append([-100] * len(p) + tail)
     return Stream("enc", ids, targets=targets)
+
+
+def tokenize_causal(
+    tokenizer: Any, field_names: Sequence[str], examples: Sequence[Example], max_length: int
+) -> Stream:
+    """The ``enc`` stream of a decoder-only backbone: each example as :func:`causal_text`,
+    truncated to ``max_length`` tokens. Like :func:`tokenize_texts`, it needs only the tokenizer
+    (the benchmarks' baselines run the causal model themselves)."""
+    texts = [causal_text(field_names, ex) for ex in examples]
+    return Stream("enc", tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
 
 def tokenize_texts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Stream:
