@@ -46,7 +46,6 @@ from stages.config import StageConfig
 from stages.errors import StageError
 from stages.runfiles import (
     DiskFull,
-    redact_config,
     write_atomic,
     write_bytes_atomic,
     write_json_atomic,
@@ -61,12 +60,11 @@ from stages.train_side import (
     check_trials,
     curves_figure,
     evaluate,
-    load_checkpoint,
     load_side_init,
     majority_class,
     majority_note,
+    open_run,
     resolve_cache,
-    resolved_config,
     run_folder,
     run_signature,
     save_checkpoint,
@@ -254,17 +252,7 @@ def train_multitask_run(
         )
 
     loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}
-    for ts in runs:
-        ts.next_epoch = load_checkpoint(folder, ts, epochs)
-    start = min(ts.next_epoch for ts in runs)
-    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
-    write_json_atomic(folder / "config.json", saved_cfg)
-    tracker = tracking.make_tracker(t.report_to, folder, [tr.name for tr in trials], saved_cfg)
-    say = (
-        (lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr))
-        if echo
-        else None
-    )
+    start, tracker, say = open_run(cfg, folder, runs, epochs, total_steps, progress, echo)
     run = MultiTaskRun(cfg, folder, caches, specs, loaders, epochs, tracker, say)
     try:
         run.train(runs, start, progress)

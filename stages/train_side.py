@@ -878,6 +878,32 @@ def run_folder(
     return folder
 
 
+def open_run(
+    cfg: StageConfig,
+    folder: Path,
+    runs: list[TrialState],
+    epochs: int,
+    total_steps: int,
+    progress: bool,
+    echo: bool,
+) -> tuple[int, tracking.Tracker, Callable[[str], None] | None]:
+    """Start or resume a run folder: each network's next epoch from its checkpoints, the resolved
+    config saved, the tracker opened; returns (first epoch to run, tracker, the epoch-line echo:
+    stdout beside the bars, stderr under ``--json``, None when ``echo`` is off)."""
+    for ts in runs:
+        ts.next_epoch = load_checkpoint(folder, ts, epochs)
+    start = min(ts.next_epoch for ts in runs)
+    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
+    _save_json(folder / "config.json", saved_cfg)
+    names = [ts.trial.name for ts in runs]
+    tracker = tracking.make_tracker(cfg.train_side.report_to, folder, names, saved_cfg)
+    say = None
+    if echo:
+        out = sys.stdout if progress else sys.stderr
+        say = lambda line: tqdm.write(line, file=out)  # noqa: E731
+    return start, tracker, say
+
+
 def _save_json(path: Path, obj: Any) -> None:
     write_json_atomic(path, obj)
 
@@ -1047,17 +1073,7 @@ def train_side(
     groups = stack_groups(cfg, runs, cfg.backbone.max_length)
     if compile_on(cfg, device):
         compile_networks(runs, groups)
-    for ts in runs:
-        ts.next_epoch = load_checkpoint(folder, ts, epochs)
-    start = min(ts.next_epoch for ts in runs)
-    saved_cfg = redact_config(resolved_config(cfg, epochs, total_steps))
-    _save_json(folder / "config.json", saved_cfg)
-    tracker = tracking.make_tracker(t.report_to, folder, [tr.name for tr in trials], saved_cfg)
-    say = (
-        (lambda line: tqdm.write(line, file=sys.stdout if progress else sys.stderr))
-        if echo
-        else None
-    )
+    start, tracker, say = open_run(cfg, folder, runs, epochs, total_steps, progress, echo)
     try:
         _train_epochs(
             runs, folder, train, val, states_train, states_eval, cfg, cache, spec, candidates,
