@@ -202,6 +202,25 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, glue_dir, llama_lm_folder, cap
     code, _, err = cli(["run", "extract", "--task", "stsb", *base, "--head", "lm"], capsys)
     assert code == 2 and len(err) == 1, err
     assert "task 'stsb' is a regression task; allowed: --head cls" in err[0]
+    # an encoder-only backbone; a multi-task run
+    args = [
+        "run",
+        "extract",
+        "--task",
+        "sst2",
+        *base[:6],
+        "--backbone",
+        "minilm-l6",
+        "--head",
+        "lm",
+    ]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "--head lm needs a decoder-only causal LM backbone" in err[0] and "is bert" in err[0]
+    args = ["run", "train-side", "--task", "rte,mrpc", *base[:6], "--head", "lm"]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "--head lm is not built for multi-task training" in err[0]
     # two labels whose words start with the same token
     rows = ["text,label"] + [f"row {i},{('very_good', 'very_bad')[i % 2]}" for i in range(8)]
     files = {}
