@@ -325,6 +325,8 @@ class Extractor:
         # a verbaliser (train_side.head: lm): its label words' first tokens, checked before work
         self.answer = answer_template(cfg.train_side.head, data.spec)
         self.label_tokens = label_token_ids(backbone.tokenizer, data.spec) if self.answer else None
+        if self.answer or data.spec.generation:  # a checkpoint without an LM head stops here
+            backbone.frozen_tensors(lm_head=True)
         self.timings: dict[str, float] = {}
         self.stats: dict[str, Any] = {}  # the runner's, recorded in the manifest when any
 

@@ -194,7 +194,13 @@ def test_cli_train_side_with_head_lm_and_predict_agree(tmp_path, glue_dir, llama
     torch.testing.assert_close(live, stored, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_inputs_are_one_line_exit_2(tmp_path, glue_dir, llama_lm_folder, capsys):
+def test_bad_inputs_are_one_line_exit_2(
+    tmp_path,
+    glue_dir,
+    llama_lm,  # noqa: F811
+    llama_lm_folder,
+    capsys,
+):
     root = tmp_path / "cache"
     base = ["--data-dir", glue_dir, "--limit", 8, "--cache-root", root]
     base += ["--backbone", llama_lm_folder, "--side-init", ""]
@@ -221,6 +227,16 @@ def test_bad_inputs_are_one_line_exit_2(tmp_path, glue_dir, llama_lm_folder, cap
     code, _, err = cli(args, capsys)
     assert code == 2 and len(err) == 1, err
     assert "--head lm is not built for multi-task training" in err[0]
+    # a bare decoder's checkpoint: no LM head (transformers would make up a random one)
+    bare = tmp_path / "bare"
+    llama_lm.model.save_pretrained(bare)
+    llama_lm.tokenizer.save_pretrained(bare)
+    capsys.readouterr()  # the save's progress bars
+    args = ["run", "extract", "--task", "sst2", *base[:6], "--backbone", bare, "--head", "lm"]
+    args += ["--side-init", ""]
+    code, _, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "has no LM head (a bare decoder without lm_head.weight" in err[0]
     # two labels whose words start with the same token
     rows = ["text,label"] + [f"row {i},{('very_good', 'very_bad')[i % 2]}" for i in range(8)]
     files = {}
