@@ -562,13 +562,15 @@ def load_backbone(
         cls = T5ForConditionalGeneration if family == "t5" else AutoModel
         if family in CAUSAL_FAMILIES:
             cls = AutoModelForCausalLM
-        model = cls.from_pretrained(path, revision=revision, dtype=dtype, **kw)
+        model, info = cls.from_pretrained(
+            path, revision=revision, dtype=dtype, output_loading_info=True, **kw
+        )
     except (OSError, ValueError) as e:
         raise LadderError(_unknown_backbone(name, e)) from None
     model.eval().requires_grad_(False)
     if quantization == "none":
         model.to(dev)
-    return from_model(
+    backbone = from_model(
         name,
         path,
         model,
@@ -576,6 +578,12 @@ def load_backbone(
         revision=revision,
         quantization=None if quantization == "none" else quantization,
     )
+    tied = getattr(config, "tie_word_embeddings", False)
+    if backbone.causal and not tied and "lm_head.weight" in info.get("missing_keys", ()):
+        # a bare decoder's checkpoint: the LM head transformers made up is random, another at
+        # each load; none (head "lm" then refuses in one line)
+        backbone.lm_head = None
+    return backbone
 
 
 def from_model(

@@ -38,6 +38,12 @@ whose label is not -100 (the answer tokens). :meth:`CausalSideNetwork.decode` ru
 only, against a :class:`SideKVCache` of every kept block's keys and values (rotary at the
 positions after the cached ones), for greedy generation (``ladder.generation``).
 
+Head "lm" with ``SideConfig(label_tokens=...)`` (a verbaliser, classification): the side stream
+is read at the last real token, as the "cls" head reads it, then goes through ``up`` and the
+frozen LM head's rows of the label words' first tokens (:func:`label_rows`): the logits
+(B, num_labels) are the LM's next-token logits of those words after the prompt, and the loss is
+the classification cross-entropy over them.
+
 Rotary: the side's heads are head_dim/r wide and rotate pairs (j, j + head_dim/(2r)) at the
 plain rotary frequencies of that width with the backbone's base theta, which are every r-th
 frequency of the backbone's own. Rotary scaling variants of the backbone (Llama 3's ``llama3``
@@ -69,6 +75,18 @@ from ladder.shared import (
 
 if TYPE_CHECKING:
     from ladder.side import SideConfig
+
+
+def label_rows(lm_head: Tensor, label_tokens: tuple[int, ...]) -> Tensor:
+    """The verbaliser's head: the frozen LM head's rows [num_labels, d] of the label words' first
+    tokens, so that ``up(x) @ rows.T`` equals the full logits gathered at those ids."""
+    V = lm_head.shape[0]
+    if max(label_tokens) >= V:
+        raise LadderError(
+            f"side.label_tokens={list(label_tokens)}; allowed: token ids below the LM head's "
+            f"vocabulary size {V}"
+        )
+    return lm_head[list(label_tokens)].clone()
 
 
 def side_norm(dims: Dims, d: int) -> nn.Module:
@@ -218,10 +236,15 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         self.build_ladders(side, dims.d, dims.n_layers, dims.dropout, "backbone")
         self.layers = nn.ModuleDict({str(i): CausalSideBlock(dims, r) for i in self.side_blocks})
         self.final_ln = side_norm(dims, self.d_side)  # the model's final norm
-        self.lm = side.head == "lm"
-        if self.lm:
+        # head "lm": generation (every position, every token) or, with label_tokens, a
+        # verbaliser (the last real token, the label words' first tokens only)
+        self.verbaliser = side.label_tokens is not None
+        self.lm = side.head == "lm" and not self.verbaliser
+        if side.head == "lm":
             self.up = nn.Linear(self.d_side, self.d)  # the only trained part of the head
             lm = frozen_lm_head(lm_head, self.d, "causal side network with head 'lm':")
+            if self.verbaliser:
+                lm = label_rows(lm, side.label_tokens)  # (num_labels, d)
             self.register_buffer("lm_head", lm.to(self.up.weight.dtype), persistent=False)
         else:
             self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
@@ -268,7 +291,8 @@ class CausalSideNetwork(ClassifierHead, Ladders):
         return self.final_ln(self.after_blocks(x, hiddens))  # (B, T, d/r)
 
     def lm_logits(self, x: Tensor) -> Tensor:
-        """Side states (..., d/r) -> vocabulary logits (..., V) through ``up`` and the frozen head."""
+        """Side states (..., d/r) -> vocabulary logits (..., V) through ``up`` and the frozen head
+        (a verbaliser: the label words' rows of it, (..., num_labels))."""
         return F.linear(self.up(x), self.lm_head)
 
     def forward(
@@ -292,6 +316,8 @@ class CausalSideNetwork(ClassifierHead, Ladders):
             pos = torch.arange(T, device=x.device)
             pool_index = (pos * mask).argmax(-1)  # (B,)
         pooled = x[torch.arange(B, device=x.device), pool_index.to(x.device)]  # (B, d/r)
+        if self.verbaliser:  # the next-token logits of the label words' first tokens
+            return self.lm_logits(pooled)  # (B, num_labels)
         return self.head(pooled)  # (B, num_labels)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:

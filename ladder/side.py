@@ -83,6 +83,9 @@ class SideConfig:
     dropout: float | None = None  # one rate for every side dropout; None = the backbone's own rates
     num_labels: int = 2  # head outputs (encoder-only families); 1 = regression (MSE); unused by T5
     head: str = "cls"  # "cls" (classification/regression) | "lm" (Llama family: the frozen LM head)
+    # head "lm" as a verbaliser (classification): the vocabulary id of each label word's first
+    # token, in label order; the logits are the LM head's at those ids. None: generation
+    label_tokens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         r = self.reduction_factor
@@ -142,6 +145,34 @@ class SideConfig:
         n = self.num_labels
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LadderError(f"side.num_labels={n!r}; allowed: an int >= 1 (1 = regression)")
+        if self.label_tokens is not None:
+            self.check_label_tokens()
+
+    def check_label_tokens(self) -> None:
+        """The verbaliser's token ids: one int per label (at least 2), each a different token,
+        with head "lm"; a JSON list becomes a tuple."""
+        toks = self.label_tokens
+        ok = isinstance(toks, Iterable) and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in toks
+        )
+        if not ok:
+            raise LadderError(
+                f"side.label_tokens={toks!r}; allowed: None or a list of token ids (ints >= 0)"
+            )
+        toks = tuple(toks)
+        if self.head != "lm" or len(toks) != self.num_labels or self.num_labels < 2:
+            raise LadderError(
+                f"side.label_tokens={list(toks)} with head={self.head!r} and "
+                f"num_labels={self.num_labels}; allowed: head 'lm' and one token per label "
+                "(at least 2: a verbaliser classifies)"
+            )
+        if len(set(toks)) != len(toks):
+            dup = sorted({t for t in toks if toks.count(t) > 1})
+            raise LadderError(
+                f"side.label_tokens={list(toks)} repeats token {dup}; allowed: a different "
+                "first token for each label"
+            )
+        object.__setattr__(self, "label_tokens", toks)
 
     def depth(self, n_layers: int) -> int:
         """xladder's delta for a stack of ``n_layers`` blocks (the default: L // 2, at least 1)."""

@@ -170,6 +170,13 @@ COMMON_OPTIONS = [
         type=click.Choice(_choices("backbone.quantization")),
     ),
     config_option("--cache-root", "cache.root", ROOT_HELP),
+    config_option(
+        "--head",
+        "train_side.head",
+        "decoder-only classification: cls (a head on the last token) or lm (the LM head scores "
+        "each label word after an answer prompt); part of the cache key",
+        type=click.Choice(_choices("train_side.head")),
+    ),
 ]
 
 EXTRACT_OPTIONS = [

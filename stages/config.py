@@ -102,6 +102,10 @@ class TrainSideConfig(Section):
     # xladder's delta: the top delta blocks ladder into 2 * delta side blocks; None = L // 2
     xladder_depth: int | None = Field(default=None, ge=1)
     init: Literal["random", "magnitude", "fisher"] = "fisher"
+    # classification on a decoder-only backbone: cls, a head on the last real token; lm, a
+    # verbaliser: the frozen LM head's logits of each label word after an answer prompt (the
+    # cache's template, fields-answer: extraction reads this key too)
+    head: Literal["cls", "lm"] = "cls"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
     threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one
     # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer

@@ -189,7 +189,8 @@ class Predictor:
         )
         self.spec = spec_of(saved["task_spec"])
         side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list
-        lm_head = self.backbone.frozen_tensors(lm_head=self.spec.generation).get("lm_head")
+        lm_head = self.backbone.frozen_tensors(lm_head=side.head == "lm").get("lm_head")
+        self.answer = side.label_tokens is not None  # a verbaliser: template fields-answer
         self.vision: VisionEncoder | None = None
         if self.backbone_cfg.vision is not None:  # visual tokens before the text
             self.net, self.vision = visual_network(self.backbone, self.backbone_cfg, saved, device)
@@ -223,7 +224,9 @@ class Predictor:
         if self.vision is not None and images is None:
             images = encoded_tokens(self.vision, examples)
         data = TaskData(self.spec, {"test": examples}, "given")
-        streams = tokenize_split(self.backbone, data, "test", self.backbone_cfg.max_length)
+        streams = tokenize_split(
+            self.backbone, data, "test", self.backbone_cfg.max_length, self.answer
+        )
         streams = {k: v for k, v in streams.items() if k != "dec"}
         labels = np.asarray([ex.label for ex in examples])
         pad_id = self.backbone.tokenizer.pad_token_id or 0

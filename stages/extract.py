@@ -59,10 +59,20 @@ from stages.config import StageConfig
 from stages.errors import StageError
 from stages.images import check_vision_task, vision_key_inputs, write_images
 from stages.side_init import write_side_init
-from stages.tasks import TaskData, load_task_of, t5_candidates, targets_table, targets_width
+from stages.tasks import (
+    TaskData,
+    load_task_of,
+    t5_candidates,
+    targets_table,
+    targets_width,
+    verbalised_labels,
+)
 from stages.tokens import (
     Stream,
+    answer_template,
     check_generation_backbone,
+    check_verbaliser,
+    label_token_ids,
     pad,
     padded_batches,
     plan_segments,
@@ -150,7 +160,9 @@ def key_inputs(
             "splits": {s: data.fingerprint(s) for s in data.splits},
         },
         "max_length": cfg.backbone.max_length,
-        "template": template_id(backbone, data.spec),
+        "template": template_id(
+            backbone, data.spec, answer_template(cfg.train_side.head, data.spec)
+        ),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "dtype": cfg.cache.dtype,
         "codec": cfg.cache.codec,
@@ -228,12 +240,17 @@ def check_side_init_factors(cfg: StageConfig, config: Any) -> None:
 
 def check_generation_task(cfg: StageConfig, data: TaskData, backbone: Backbone | None) -> None:
     """A generation task needs a decoder-only backbone (checked on its config alone, before any
-    weights load) and no Fisher side_init (its loss is a classifier's)."""
-    if not data.spec.generation:
+    weights load) and no Fisher side_init (its loss is a classifier's); ``train_side.head: lm``
+    on a classification task a decoder-only backbone and label names
+    (:func:`stages.tokens.check_verbaliser`)."""
+    if not data.spec.generation and not answer_template(cfg.train_side.head, data.spec):
         return
     family = backbone.family if backbone is not None else None
     if family is None:
         family = family_of(load_config_only(cfg.backbone.name, cfg.backbone.revision))
+    if not data.spec.generation:
+        check_verbaliser(cfg.train_side.head, data.spec, family, cfg.backbone.name)
+        return
     check_generation_backbone(family, cfg.backbone.name)
     if "fisher" in cfg.extract.side_init:
         raise StageError(
@@ -305,6 +322,11 @@ class Extractor:
         self.shard_rows = self.chunk_rows * cfg.cache.shard_chunks
         self.compute_dtype = backbone.dtype
         self.key = cache_key(self.key_inputs())
+        # a verbaliser (train_side.head: lm): its label words' first tokens, checked before work
+        self.answer = answer_template(cfg.train_side.head, data.spec)
+        self.label_tokens = label_token_ids(backbone.tokenizer, data.spec) if self.answer else None
+        if self.answer or data.spec.generation:  # a checkpoint without an LM head stops here
+            backbone.frozen_tensors(lm_head=True)
         self.timings: dict[str, float] = {}
         self.stats: dict[str, Any] = {}  # the runner's, recorded in the manifest when any
 
@@ -324,7 +346,9 @@ class Extractor:
         writer = CacheWriter.begin(store, root, self.key)
         try:
             streams = {
-                split: tokenize_split(self.backbone, self.data, split, self.cfg.backbone.max_length)
+                split: tokenize_split(
+                    self.backbone, self.data, split, self.cfg.backbone.max_length, self.answer
+                )
                 for split in self.data.splits
             }
             self.timings["tokenize_s"] = time.perf_counter() - t0
@@ -348,7 +372,7 @@ class Extractor:
                 progress=self.show_progress,
             )
             self.timings["side_init_s"] = time.perf_counter() - t1  # fisher_s is part of it
-            frozen = self.backbone.frozen_tensors(lm_head=self.data.spec.generation)
+            frozen = self.backbone.frozen_tensors(lm_head=self.data.spec.generation or self.answer)
             for name, t in frozen.items():
                 writer.create_array(
                     layout.frozen_path(name),
@@ -497,6 +521,16 @@ class Extractor:
                 "source": self.data.source,
                 "candidates": t5_candidates(spec) if self.backbone.encoder_decoder else None,
             },
+            **(
+                {
+                    "verbaliser": {
+                        "words": verbalised_labels(spec),
+                        "label_tokens": self.label_tokens,
+                    }
+                }
+                if self.label_tokens is not None
+                else {}
+            ),
             "layers_stored": self.layers,
             "dtype": self.dtype,
             "codec": self.cfg.cache.codec,

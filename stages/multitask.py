@@ -212,6 +212,11 @@ def train_multitask_run(
     tracking.require(cfg.train_side.report_to)
     torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
     tasks = cfg.task.names
+    if cfg.train_side.head != "cls":
+        raise StageError(
+            f"--head {cfg.train_side.head} is not built for multi-task training (one head per "
+            "task); allowed: --head cls"
+        )
     caches = resolve_caches(cfg, cache_key)
     specs = specs_of(cfg, caches)
     first = caches[tasks[0]]

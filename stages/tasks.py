@@ -807,3 +807,13 @@ def t5_candidates(spec: TaskSpec) -> list[str]:
     if spec.is_regression:
         return [f"{i / 5:.1f}" for i in range(26)]
     return [str(i) for i in range(spec.num_labels)]
+
+
+def verbalised_labels(spec: TaskSpec) -> list[str]:
+    """The answer word of each label for an LM-scored classification (``train_side.head: lm``):
+    the label names, underscores read as spaces (``not_entailment`` -> ``not entailment``)."""
+    if spec.labels is None or spec.generation:
+        raise StageError(
+            f"task {spec.name!r} has no label names to verbalise; allowed: a classification task"
+        )
+    return [name.replace("_", " ") for name in spec.labels]

@@ -15,6 +15,11 @@ Templates (the cache key records :func:`template_id`):
   ..."``), tokenised with the tokenizer's own special tokens (Llama: BOS first; SmolLM2: none)
   and truncated from the end to the max length. No answer prompt: the side network reads the
   last real token.
+* ``fields-answer`` (decoder-only, ``train_side.head: lm``, a verbaliser): the ``fields`` text,
+  truncated to leave room, then the answer prompt :data:`ANSWER_PROMPT` (``" Answer:"``,
+  tokenised on its own without special tokens): ``"sentence: ... Answer:"``. The side network
+  reads the last real token (the prompt's colon) and scores each label word's first token
+  there (:func:`label_token_ids`: the token that follows ``"Answer:"`` in ``"Answer: <word>"``).
 * ``prompt-answer`` (generation tasks, decoder-only): ``enc`` is the prompt's tokens (with the
   tokenizer's special tokens), then the answer's (without), then the end-of-sequence token:
   teacher forcing, so the cache holds the states of prompt and answer. ``targets`` (aligned with
@@ -35,7 +40,7 @@ import torch
 from cache_store import layout
 from ladder.families import CAUSAL_FAMILIES
 from stages.errors import StageError
-from stages.tasks import TaskData, t5_candidates, t5_source, t5_target
+from stages.tasks import TaskData, t5_candidates, t5_source, t5_target, verbalised_labels
 
 if TYPE_CHECKING:
     from ladder.backbones import Backbone
@@ -67,18 +72,73 @@ class Stream:
 TEMPLATE_VERSION = 1  # bump when a tokenisation template changes (it is part of the cache key)
 
 
-def template_id(backbone: Backbone, spec: TaskSpec | None = None) -> str:
-    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1``, ``fields-v1`` or
-    (generation tasks) ``prompt-answer-v1``."""
+ANSWER_PROMPT = " Answer:"  # after the fields text, template fields-answer (a verbaliser)
+
+
+def template_id(backbone: Backbone, spec: TaskSpec | None = None, answer: bool = False) -> str:
+    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1``, ``fields-v1``,
+    (``answer``: a decoder-only verbaliser's) ``fields-answer-v1`` or (generation tasks)
+    ``prompt-answer-v1``."""
     if spec is not None and spec.generation:
         kind = "prompt-answer"
     elif backbone.encoder_decoder:
         kind = "t5-prefix"
     elif getattr(backbone, "causal", False):
-        kind = "fields"
+        kind = "fields-answer" if answer else "fields"
     else:
         kind = "pair"
     return f"{kind}-v{TEMPLATE_VERSION}"
+
+
+def answer_template(head: str, spec: TaskSpec) -> bool:
+    """Whether a classification task is tokenised with the answer prompt: ``train_side.head``
+    ``lm`` (a verbaliser) on a task that is not a generation task (those have their own)."""
+    return head == "lm" and not spec.generation
+
+
+def check_verbaliser(head: str, spec: TaskSpec, family: str, backbone_name: str) -> None:
+    """``head: lm`` on a classification task needs a decoder-only backbone and label names."""
+    if not answer_template(head, spec):
+        return
+    if spec.is_regression:
+        raise StageError(
+            f"--head lm scores label words; task {spec.name!r} is a regression task; allowed: "
+            "--head cls"
+        )
+    if family not in CAUSAL_FAMILIES:
+        raise StageError(
+            f"--head lm needs a decoder-only causal LM backbone (its LM head scores the label "
+            f"words); {backbone_name!r} is {family}; allowed: --head cls, or the Llama family "
+            "(e.g. smollm2-135m) or GPT-2"
+        )
+
+
+def label_token_ids(tokenizer: Any, spec: TaskSpec) -> list[int]:
+    """Each label word's first token as it follows the answer prompt: the token after
+    ``"Answer:"`` in ``"Answer: <word>"`` (:func:`stages.tasks.verbalised_labels`). Two labels
+    whose words start with the same token cannot be told apart: one error line names them."""
+    words = verbalised_labels(spec)
+    prompt = ANSWER_PROMPT.strip()
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    firsts = []
+    for word in words:
+        ids = tokenizer(f"{prompt} {word}", add_special_tokens=False)["input_ids"]
+        if ids[: len(base)] != base or len(ids) <= len(base):
+            raise StageError(
+                f"label word {word!r} does not tokenise after {prompt!r} as a token of its own "
+                "start; allowed: label names that start a new token"
+            )
+        firsts.append(int(ids[len(base)]))
+    for i, t in enumerate(firsts):
+        j = firsts.index(t)
+        if j != i:
+            raise StageError(
+                f"labels {spec.labels[j]!r} and {spec.labels[i]!r} of task {spec.name!r} start "
+                f"with the same token ({tokenizer.convert_ids_to_tokens(t)!r}, id {t}): the LM "
+                "cannot score them apart; allowed: --head cls, or label names that start "
+                "differently"
+            )
+    return firsts
 
 
 def causal_text(field_names: Sequence[str], ex: Example) -> str:
@@ -87,15 +147,20 @@ def causal_text(field_names: Sequence[str], ex: Example) -> str:
 
 
 def tokenize_split(
-    backbone: Backbone, data: TaskData, split: str, max_length: int
+    backbone: Backbone, data: TaskData, split: str, max_length: int, answer: bool = False
 ) -> dict[str, Stream]:
-    """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation."""
+    """The streams of one split: ``enc``, and for T5 ``dec`` plus ``cand_K`` for evaluation;
+    ``answer``: a decoder-only backbone's classification input ends with the answer prompt
+    (template ``fields-answer``, :func:`answer_template`)."""
     spec, examples = data.spec, data.splits[split]
     tok = backbone.tokenizer
     if spec.generation:
         check_generation_backbone(backbone.family, backbone.name)
         return {"enc": generation_stream(tok, examples, max_length)}
     if getattr(backbone, "causal", False):
+        if answer:
+            texts = [causal_text(spec.text_fields, ex) for ex in examples]
+            return {"enc": answer_stream(tok, texts, max_length)}
         return {"enc": tokenize_causal(tok, spec.text_fields, examples, max_length)}
     if not backbone.encoder_decoder:
         return {"enc": tokenize_texts(tok, examples, max_length)}
@@ -114,6 +179,20 @@ def tokenize_split(
             ids = tok([cand])["input_ids"][0]
             streams[layout.cand_stream(k)] = teacher([ids] * len(examples), layout.cand_stream(k))
     return streams
+
+
+def answer_stream(tokenizer: Any, texts: Sequence[str], max_length: int) -> Stream:
+    """Template ``fields-answer``: each text (with the tokenizer's special tokens) truncated from
+    the end to leave room for the answer prompt's tokens, then those tokens."""
+    suffix = tokenizer(ANSWER_PROMPT, add_special_tokens=False)["input_ids"]
+    room = max_length - len(suffix)
+    if room < 1:
+        raise StageError(
+            f"--max-length {max_length} leaves no room for the text before the answer prompt "
+            f"{ANSWER_PROMPT.strip()!r} ({len(suffix)} tokens); allowed: at least {len(suffix) + 1}"
+        )
+    ids = tokenizer(list(texts), truncation=True, max_length=room)["input_ids"]
+    return Stream("enc", [[*x, *suffix] for x in ids])
 
 
 def check_generation_backbone(family: str, name: str) -> None:

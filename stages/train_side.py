@@ -76,6 +76,7 @@ from stages.tasks import (
     spec_of,
     targets_of_table,
 )
+from stages.tokens import answer_template, check_verbaliser
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str
     quantization = m["backbone"].get("quantization") or "none"
     if quantization != cfg.backbone.quantization:
         return f"quantization ({quantization}, asked {cfg.backbone.quantization})"
+    if (template := template_mismatch(cfg, m)) is not None:
+        return template
     inputs = m.get("key_inputs", {})
     max_length = inputs.get("max_length")
     if max_length is not None and max_length != cfg.backbone.max_length:
@@ -158,6 +161,22 @@ def cache_mismatch(cfg: StageConfig, manifest: dict[str, Any], data: Any) -> str
         if split in prints and prints[split] != data.fingerprint(split):
             return f"{split} data (another content or order than the configured task data)"
     return None
+
+
+def template_mismatch(cfg: StageConfig, manifest: dict[str, Any]) -> str | None:
+    """How a cache's template fails ``train_side.head`` (``lm`` on a classification task needs
+    ``fields-answer``, ``cls`` a template without the answer prompt), or None; a head the task or
+    backbone cannot have at all (regression, not decoder-only) raises."""
+    spec = spec_of(manifest["task"])
+    head = cfg.train_side.head
+    family = manifest["backbone"].get("family", "")
+    check_verbaliser(head, spec, family, manifest["backbone"]["name"])
+    template = manifest.get("key_inputs", {}).get("template", "")
+    want = answer_template(head, spec)
+    if want == template.startswith("fields-answer-"):
+        return None
+    need = "fields-answer (the answer prompt)" if want else "one without the answer prompt"
+    return f"template ({template}; --head {head} needs {need})"
 
 
 def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
@@ -200,6 +219,11 @@ def resolve_cache(cfg: StageConfig, key: str | None) -> CommittedCache:
         raise StageError(
             f"cache {key} holds task {m['task']['name']!r} with backbone {m['backbone']['name']!r}, "
             f"but task {cfg.task.name!r} with backbone {cfg.backbone.name!r} was asked for"
+        )
+    if (template := template_mismatch(cfg, m)) is not None:
+        raise StageError(
+            f"cache {key} does not fit --head {cfg.train_side.head}: it differs in {template}; "
+            f"extract with --head {cfg.train_side.head} first (`pipeline run extract`)"
         )
     return cache
 
@@ -310,14 +334,28 @@ def check_trials(cfg: StageConfig, cache: CommittedCache) -> list[Trial]:
         raise StageError("the grid of trials has repeated values; list each value once")
     spec, bcfg = task_spec_of(cache), backbone_config_of(cache)
     for r in sorted({tr.r for tr in trials}):
-        side_config(cfg, r, spec).validate(bcfg)
+        side_config(cfg, r, spec, cache).validate(bcfg)
         if cfg.train_side.init != "random":
             load_side_init(cache, r, cfg.train_side.init)
     return trials
 
 
-def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
+def side_config(
+    cfg: StageConfig, r: int, spec: TaskSpec, cache: CommittedCache | None = None
+) -> SideConfig:
+    """The side network of a trial; ``train_side.head: lm`` on a classification task (a
+    verbaliser) reads its label words' tokens from ``cache`` (stage one's ``verbaliser``)."""
     t = cfg.train_side
+    label_tokens = None
+    if answer_template(t.head, spec):
+        verbaliser = None if cache is None else cache.manifest.get("verbaliser")
+        if verbaliser is None:
+            where = "this training" if cache is None else f"cache {cache.key}"
+            raise StageError(
+                f"--head lm needs the label words' tokens of a fields-answer cache; {where} has "
+                "none (multi-task training: allowed --head cls)"
+            )
+        label_tokens = tuple(verbaliser["label_tokens"])
     return SideConfig(
         reduction_factor=r,
         kept_layers=None if t.kept_layers is None else tuple(t.kept_layers),
@@ -325,7 +363,8 @@ def side_config(cfg: StageConfig, r: int, spec: TaskSpec) -> SideConfig:
         xladder_depth=t.xladder_depth,
         ladder_dropout=t.ladder_dropout,
         num_labels=spec.num_labels,
-        head="lm" if spec.generation else "cls",
+        head="lm" if spec.generation or label_tokens is not None else "cls",
+        label_tokens=label_tokens,
     )
 
 
@@ -372,10 +411,10 @@ def build_trial(
         lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
     visual = visual_of(cfg, cache)
     if visual is not None:  # visual tokens before the text (ladder.vision)
-        side = side_config(cfg, trial.r, spec)
+        side = side_config(cfg, trial.r, spec, cache)
         net = build_visual_side_network(bcfg, side, visual["d"], images_per_example(cache))
     else:
-        net = build_side_network(bcfg, side_config(cfg, trial.r, spec), lm_head)
+        net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
@@ -1232,7 +1271,7 @@ def _train_epochs(
                 )
                 if score["score"] > ts.best_score:
                     ts.best_score, ts.best_epoch = score["score"], epoch + 1
-                    save_best(folder, ts, side_config(cfg, ts.trial.r, spec), cache)
+                    save_best(folder, ts, side_config(cfg, ts.trial.r, spec, cache), cache)
                 tracker.log(
                     ts.trial.name,
                     {
