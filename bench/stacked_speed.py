@@ -54,6 +54,7 @@ def _trials(args: Any, key: str) -> tuple[Any, list[Any], Any]:
     over: dict[str, Any] = {
         "task.name": args.task,
         "cache.root": str(args.cache_root),
+        "backbone.name": args.backbone,
         "train_side.init": "random",
         "train_side.batch_size": args.batch_size,
     }
@@ -88,6 +89,10 @@ def epoch(args: Any, key: str, stacked: bool, rep: int) -> float:
     return time.perf_counter() - t0
 
 
+def _reps(xs: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in xs)
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--backbone", default="smollm2-135m")
@@ -116,8 +121,8 @@ def main() -> None:
         table(
             ["arm", "epoch s (median)", "all reps"],
             [
-                [f"{args.networks} networks one by one", f"{off:.2f}", rows["off"]],
-                [f"{args.networks} networks stacked", f"{on:.2f}", rows["on"]],
+                [f"{args.networks} networks one by one", f"{off:.2f}", _reps(rows["off"])],
+                [f"{args.networks} networks stacked", f"{on:.2f}", _reps(rows["on"])],
             ],
         )
     )
