@@ -1,4 +1,5 @@
-"""K encoder-only side networks of one shape trained as one model: weights stacked (K, ...).
+"""K side networks of one shape (encoder-only, or causal with the classification head) trained
+as one model: weights stacked (K, ...).
 
 Networks that share a shape (same backbone, r, kept layers, fusion; any seed, learning rate or
 dropout) run their forward, backward and AdamW step together: every weight is held as one

@@ -190,3 +190,23 @@ def test_xladder_networks_are_not_stacked_and_still_train(cache, tmp_path):
     b = _run(cache, tmp_path, "b", **{"train_side.batched": "on", **base})
     assert len(a.metrics["networks"]) == 4
     assert strip_timing(a.metrics) == strip_timing(b.metrics)
+
+
+def test_a_causal_network_gives_the_same_bits_in_any_group(cache, tmp_path, monkeypatch):
+    """Groups of 3 or of 1 (``activation_bytes`` over the budget), ladder dropout on: the same
+    metrics and best weights, bit for bit."""
+    import stages.train_side as ts_mod
+
+    over = {
+        "train_side.batched": "on",
+        "train_side.ladder_dropout": 0.2,
+        "train_side.memory_mb": 64,
+    }
+    monkeypatch.setattr(ts_mod, "activation_bytes", lambda net, b, t: (64 << 20) // 3)
+    three = _run(cache, tmp_path, "three", **over)
+    monkeypatch.setattr(ts_mod, "activation_bytes", lambda net, b, t: 10**15)
+    one = _run(cache, tmp_path, "one", **over)
+    assert strip_timing(three.metrics) == strip_timing(one.metrics)
+    for name in three.metrics["networks"]:
+        a = (three.folder / f"{name}.best.safetensors").read_bytes()
+        assert (one.folder / f"{name}.best.safetensors").read_bytes() == a
