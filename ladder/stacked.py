@@ -1,4 +1,5 @@
-"""K encoder-only side networks of one shape trained as one model: weights stacked (K, ...).
+"""K side networks of one shape (encoder-only, or causal with the classification head) trained
+as one model: weights stacked (K, ...).
 
 Networks that share a shape (same backbone, r, kept layers, fusion; any seed, learning rate or
 dropout) run their forward, backward and AdamW step together: every weight is held as one
@@ -18,8 +19,12 @@ the figures the same up to float rounding (batched matmuls round like the unbatc
 ~1e-7). The computation of a network does not depend on K (every op is per network slice), so
 a network gives the same bits in a group of 1 as in a group of 9.
 
-Only the encoder-only family (BERT, RoBERTa, ELECTRA, BART/mBART encoder) is stacked;
-``stackable`` says whether a network is.
+Stacked are the encoder-only family (BERT, RoBERTa, ELECTRA, BART/mBART encoder;
+:class:`StackedEncoderSide`) and the decoder-only family with the classification head (Llama,
+SmolLM2, Mistral, Qwen2 and GPT-2, head "cls": :class:`StackedCausalSide`), with fusion
+"ladder", "late" or "none". Not stacked, and trained one by one: fusion "xladder" (the stacked
+forward lacks its free blocks), the causal LM head ("lm"), T5, and networks with visual tokens;
+``stackable`` says whether a network is, :func:`stack_networks` stacks a group.
 """
 
 from __future__ import annotations
@@ -33,12 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ladder.attention import attention, drop_mask, mask_bias
+from ladder.causal import CausalSideNetwork, rotary_tables, rotate_half
+from ladder.shared import RMSNorm
 from ladder.side import EncoderSideNetwork
 
 
 def stackable(net: torch.nn.Module) -> bool:
-    """Whether ``net`` can be trained stacked (the encoder-only side network, no visual tokens;
-    fusion "xladder", whose free blocks the stacked forward lacks, trains one by one)."""
+    """Whether ``net`` can be trained stacked: the encoder-only side network (no visual
+    tokens), or the causal one with the classification head (``side.head == "cls"``); fusion
+    "xladder", whose free blocks the stacked forward lacks, trains one by one."""
+    if type(net) is CausalSideNetwork:
+        return net.side.head == "cls" and net.side.fusion != "xladder"
     return type(net) is EncoderSideNetwork and net.side.fusion != "xladder"
 
 
@@ -98,23 +108,26 @@ def _dropout(x: Tensor, p: float, gens: Sequence[torch.Generator], shared: bool)
     return (x.unsqueeze(0) if shared else x) * noise
 
 
-class StackedEncoderSide:
-    """K encoder-only side networks of one shape as stacked tensors; not an ``nn.Module``.
+class StackedSide:
+    """K one-stream side networks of one shape as stacked tensors; not an ``nn.Module``.
 
     ``params[name]`` is (K, *shape) for each trainable parameter of the networks, a leaf that
-    requires grad. :meth:`unstack` writes the values back into the networks.
+    requires grad. :meth:`unstack` writes the values back into the networks. What the families
+    share is here (linears, ladders, norms, dropout, attention, the fused stream, the head); a
+    family's subclass gives its block (:meth:`_block`) and its attention bias and pooling
+    (:meth:`forward`). :func:`stack_networks` picks the subclass.
     """
 
-    def __init__(self, nets: Sequence[EncoderSideNetwork]) -> None:
+    def __init__(self, nets: Sequence[torch.nn.Module]) -> None:
         if not nets or not all(stackable(n) for n in nets):
-            raise ValueError("StackedEncoderSide takes one or more EncoderSideNetwork")
+            raise ValueError(f"{type(self).__name__} takes one or more stackable side networks")
         key = shape_key(nets[0])
         if any(shape_key(n) != key for n in nets):
             raise ValueError("networks of different shapes do not stack")
         self.nets = list(nets)
         self.K = len(nets)
         net0 = nets[0]
-        self.net0 = net0
+        self.net0: Any = net0
         self.names = [n for n, p in net0.named_parameters() if p.requires_grad]
         with torch.no_grad():
             self.params = {
@@ -135,13 +148,17 @@ class StackedEncoderSide:
             for name in self.names:
                 own[name].copy_(self.params[name][k])
 
-    # --- forward ------------------------------------------------------------------------------
+    # --- pieces -------------------------------------------------------------------------------
 
     def _lin(self, name: str, x: Tensor) -> Tensor:
-        """Linear ``name`` of every network on x (K, ..., in) -> (K, ..., out)."""
-        w, b = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
+        """Linear ``name`` of every network on x (K, ..., in) -> (K, ..., out); bias optional."""
+        w, b = self.params[f"{name}.weight"], self.params.get(f"{name}.bias")
         K, shape = x.shape[0], x.shape
-        y = torch.baddbmm(b.unsqueeze(1), x.reshape(K, -1, shape[-1]), w.transpose(1, 2))
+        x3 = x.reshape(K, -1, shape[-1])
+        if b is None:
+            y = torch.bmm(x3, w.transpose(1, 2))
+        else:
+            y = torch.baddbmm(b.unsqueeze(1), x3, w.transpose(1, 2))
         return y.view(*shape[:-1], w.shape[1])
 
     def _ladder(
@@ -161,61 +178,71 @@ class StackedEncoderSide:
             y = _NarrowStackedLinear.apply(x, w, b)
         return y.view(K, B, T, w.shape[1])
 
-    def _ln(self, name: str, x: Tensor, eps: float) -> Tensor:
-        w, b = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
+    def _norm(self, name: str, x: Tensor, module: torch.nn.Module) -> Tensor:
+        """The networks' norm ``name`` (x: (K, ..., d)) as ``module`` (theirs) computes it:
+        LayerNorm (weight and bias), or RMSNorm (``ladder.shared``: weight only, in float32)."""
+        w = self.params[f"{name}.weight"]
         shape = (self.K,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return F.layer_norm(x, x.shape[-1:], eps=eps) * w.view(shape) + b.view(shape)
+        if isinstance(module, RMSNorm):
+            var = x.float().pow(2).mean(-1, keepdim=True)
+            return w.view(shape) * (x.float() * torch.rsqrt(var + module.eps)).to(x.dtype)
+        b = self.params[f"{name}.bias"]
+        return F.layer_norm(x, x.shape[-1:], eps=module.eps) * w.view(shape) + b.view(shape)
 
     def _drop(self, x: Tensor, p: float, gens: Sequence[torch.Generator] | None) -> Tensor:
         return x if gens is None or p == 0 else _dropout(x, p, gens, shared=False)
 
+    def _attention(
+        self,
+        pre: str,
+        x: Tensor,
+        bias: Tensor,
+        heads: tuple[int, int, int],
+        p: float,
+        gens: Sequence[torch.Generator] | None,
+        rotary: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Self-attention ``pre.{q,k,v,o}`` of every network on x (K, B, T, C): ``heads`` = (query
+        heads, key-value heads, head width; query head h reads key-value head h // group, as
+        ``repeat_interleave``), ``bias`` additive (K * B, 1, Tq | 1, T), ``rotary`` (cos, sin)
+        (T, hd) or None. The drop-mask (rate p, training) is each network's own draw."""
+        K, B, T, C = x.shape
+        H, n_kv, hd = heads
+        q = self._lin(f"{pre}.q", x).view(K * B, T, H, hd).transpose(1, 2)
+        k = self._lin(f"{pre}.k", x).view(K * B, T, n_kv, hd).transpose(1, 2)
+        v = self._lin(f"{pre}.v", x).view(K * B, T, n_kv, hd).transpose(1, 2)
+        if rotary is not None:
+            cos, sin = rotary
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        if n_kv != H:
+            k = k.repeat_interleave(H // n_kv, dim=1)
+            v = v.repeat_interleave(H // n_kv, dim=1)
+        p = p if gens is not None else 0.0
+        drop = None
+        if gens is not None and round(p * 256) > 0:
+            drop = torch.cat([drop_mask((B, H, T, T), p, x.device, g)[0] for g in gens])
+        y = attention(q, k, v, bias, dropout_p=p, drop=drop)  # (K*B, H, T, hd)
+        return self._lin(f"{pre}.o", y.transpose(1, 2).reshape(K, B, T, H * hd))
+
     def _block(
         self, i: int, x: Tensor, bias: Tensor, gens: Sequence[torch.Generator] | None
     ) -> Tensor:
-        blk = self.net0.layers[str(i)]
-        pre = f"layers.{i}"
-        K, B, T, C = x.shape
-        H, hd = blk.n_head, blk.head_dim
-        eps = blk.ln_attn.eps
+        raise NotImplementedError
 
-        def attn(x: Tensor) -> Tensor:
-            q, k, v = (
-                self._lin(f"{pre}.{n}", x).view(K * B, T, H, hd).transpose(1, 2) for n in "qkv"
-            )
-            p = blk.attn_dropout if gens is not None else 0.0
-            drop = None
-            if round(p * 256) > 0:
-                drop = torch.cat([drop_mask((B, H, T, T), p, x.device, g)[0] for g in gens])
-            y = attention(q, k, v, bias, dropout_p=p, drop=drop)  # (K*B, H, T, hd)
-            return self._lin(f"{pre}.o", y.transpose(1, 2).reshape(K, B, T, C))
-
-        def ffn(x: Tensor) -> Tensor:
-            h = self._drop(blk.act(self._lin(f"{pre}.ffn_in", x)), blk.act_drop.p, gens)
-            return self._lin(f"{pre}.ffn_out", h)
-
-        pd = blk.drop.p
-        if blk.pre_ln:
-            x = x + self._drop(attn(self._ln(f"{pre}.ln_attn", x, eps)), pd, gens)
-            return x + self._drop(ffn(self._ln(f"{pre}.ln_ffn", x, eps)), pd, gens)
-        x = self._ln(f"{pre}.ln_attn", x + self._drop(attn(x), pd, gens), eps)
-        return self._ln(f"{pre}.ln_ffn", x + self._drop(ffn(x), pd, gens), eps)
-
-    def forward(
+    def _stream(
         self,
         hiddens: Mapping[int, Tensor],
-        attention_mask: Tensor,
-        gens: Sequence[torch.Generator] | None = None,
+        bias: Tensor,
+        gens: Sequence[torch.Generator] | None,
     ) -> Tensor:
-        """Logits (K, B, num_labels) of every network; ``gens``: one generator per network for
-        training (dropout on, each network on its own stream), None for evaluation."""
+        """The side stream (K, B, T, d/r) after the final norm: state 0 through ``first_down``,
+        the kept blocks with their ladders (fusion "ladder"), or state L once ("late")."""
         net, K = self.net0, self.K
         from ladder.ladders import _state
 
         h0 = _state(hiddens, 0, net.d, net.stream)
-        p0 = self.state_p[0]
-        x = self._ladder("first_down", h0, p0, gens)  # (K, B, T, d/r)
-        B = x.shape[1]
-        bias = mask_bias(attention_mask[:, None, None, :], x.dtype).repeat(K, 1, 1, 1)
+        x = self._ladder("first_down", h0, self.state_p[0], gens)  # (K, B, T, d/r)
         gate_T = net.side.gate_T
 
         def fuse(x: Tensor, i: int) -> Tensor:
@@ -230,19 +257,129 @@ class StackedEncoderSide:
         if net.fusion == "late":
             x = fuse(x, net.n_layers - 1)
         if net.final_ln is not None:
-            x = self._ln("final_ln", x, net.final_ln.eps)
+            x = self._norm("final_ln", x, net.final_ln)
+        return x
+
+    def _head(self, pooled: Tensor, gens: Sequence[torch.Generator] | None) -> Tensor:
+        """``ClassifierHead.head`` of every network: (K, B, d/r) -> (K, B, num_labels)."""
+        h = self._lin("up", pooled)
+        pc = self.net0.head_drop.p
+        h = torch.tanh(self._lin("head_dense", self._drop(h, pc, gens)))
+        return self._lin("head_out", self._drop(h, pc, gens))  # (K, B, num_labels)
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        gens: Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Logits (K, B, num_labels) of every network; ``gens``: one generator per network for
+        training (dropout on, each network on its own stream), None for evaluation."""
+        raise NotImplementedError
+
+    def losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Each network's loss (K,), as the network's ``loss``."""
+        return torch.stack([self.net0.loss(logits[k], labels) for k in range(self.K)])
+
+
+class StackedEncoderSide(StackedSide):
+    """K encoder-only side networks (``EncoderSideNetwork``) of one shape, stacked."""
+
+    def _block(
+        self, i: int, x: Tensor, bias: Tensor, gens: Sequence[torch.Generator] | None
+    ) -> Tensor:
+        blk = self.net0.layers[str(i)]
+        pre = f"layers.{i}"
+        heads = (blk.n_head, blk.n_head, blk.head_dim)
+
+        def attn(x: Tensor) -> Tensor:
+            return self._attention(pre, x, bias, heads, blk.attn_dropout, gens)
+
+        def ffn(x: Tensor) -> Tensor:
+            h = self._drop(blk.act(self._lin(f"{pre}.ffn_in", x)), blk.act_drop.p, gens)
+            return self._lin(f"{pre}.ffn_out", h)
+
+        pd = blk.drop.p
+        ln_a, ln_f = f"{pre}.ln_attn", f"{pre}.ln_ffn"
+        if blk.pre_ln:
+            x = x + self._drop(attn(self._norm(ln_a, x, blk.ln_attn)), pd, gens)
+            return x + self._drop(ffn(self._norm(ln_f, x, blk.ln_ffn)), pd, gens)
+        x = self._norm(ln_a, x + self._drop(attn(x), pd, gens), blk.ln_attn)
+        return self._norm(ln_f, x + self._drop(ffn(x), pd, gens), blk.ln_ffn)
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        gens: Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Logits (K, B, num_labels) of every network; ``gens``: one generator per network for
+        training (dropout on, each network on its own stream), None for evaluation."""
+        net, K = self.net0, self.K
+        B = attention_mask.shape[0]
+        dtype = self.params["first_down.weight"].dtype
+        bias = mask_bias(attention_mask[:, None, None, :], dtype).repeat(K, 1, 1, 1)
+        x = self._stream(hiddens, bias, gens)
         if net.pool_last:
             pooled = x[:, torch.arange(B), (attention_mask.long().sum(1) - 1).to(x.device)]
         else:
             pooled = x[:, :, 0]  # (K, B, d/r)
-        h = self._lin("up", pooled)
-        pc = net.head_drop.p
-        h = torch.tanh(self._lin("head_dense", self._drop(h, pc, gens)))
-        return self._lin("head_out", self._drop(h, pc, gens))  # (K, B, num_labels)
+        return self._head(pooled, gens)
 
-    def losses(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Each network's loss (K,), as ``EncoderSideNetwork.loss``."""
-        return torch.stack([self.net0.loss(logits[k], labels) for k in range(self.K)])
+
+class StackedCausalSide(StackedSide):
+    """K causal side networks (``CausalSideNetwork``, head "cls": Llama family or GPT-2) of one
+    shape, stacked: pre-norm blocks (RMSNorm or LayerNorm), causal attention with rotary
+    positions (Llama) and grouped key-value heads, SwiGLU (Llama) or plain (GPT-2) MLP, and the
+    head on each example's last real token."""
+
+    _rotary: tuple[Tensor, Tensor] | None = None  # this forward's (cos, sin); None: GPT-2
+
+    def _block(
+        self, i: int, x: Tensor, bias: Tensor, gens: Sequence[torch.Generator] | None
+    ) -> Tensor:
+        blk = self.net0.layers[str(i)]
+        pre = f"layers.{i}"
+        a = blk.attn
+        heads = (a.n_head, a.n_kv_head, a.head_dim)
+        h = self._norm(f"{pre}.ln_attn", x, blk.ln_attn)
+        y = self._attention(f"{pre}.attn", h, bias, heads, a.dropout, gens, self._rotary)
+        x = x + self._drop(y, blk.drop.p, gens)
+        h = self._norm(f"{pre}.ln_ffn", x, blk.ln_ffn)
+        if blk.gated:
+            m = blk.act(self._lin(f"{pre}.gate", h)) * self._lin(f"{pre}.up", h)
+        else:
+            m = blk.act(self._lin(f"{pre}.up", h))
+        return x + self._drop(self._lin(f"{pre}.down", m), blk.drop.p, gens)
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        gens: Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        """Logits (K, B, num_labels) of every network; ``gens``: one generator per network for
+        training (dropout on, each network on its own stream), None for evaluation."""
+        net, K = self.net0, self.K
+        B, T = attention_mask.shape
+        dtype = self.params["first_down.weight"].dtype
+        device = self.params["first_down.weight"].device
+        mask = attention_mask.bool().to(device)
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+        bias = mask_bias(allowed & mask[:, None, None, :], dtype).repeat(K, 1, 1, 1)
+        self._rotary = None
+        if net.inv_freq is not None:
+            self._rotary = rotary_tables(net.inv_freq, T, dtype)
+        x = self._stream(hiddens, bias, gens)  # (K, B, T, d/r)
+        last = (torch.arange(T, device=device) * mask).argmax(-1)  # the last real token
+        return self._head(x[:, torch.arange(B, device=device), last], gens)
+
+
+def stack_networks(nets: Sequence[torch.nn.Module]) -> StackedSide:
+    """The stacked model of ``nets`` (stackable, one shape): encoder-only or causal."""
+    if nets and type(nets[0]) is CausalSideNetwork:
+        return StackedCausalSide(nets)
+    return StackedEncoderSide(nets)
 
 
 class StackedAdamW:
@@ -305,14 +442,18 @@ class StackedAdamW:
             p.grad = None
 
 
-def activation_bytes(net: EncoderSideNetwork, batch: int, tokens: int) -> int:
+def activation_bytes(net: torch.nn.Module, batch: int, tokens: int) -> int:
     """A bound on what one stacked network holds for backward in a step of ``batch`` x ``tokens``
     (the drop-masks, the float32 activations of each side block, its slice of the ladders'
     inputs), plus its weights, gradients and AdamW moments: what :func:`group_sizes` budgets."""
-    blk = next(iter(net.layers.values()))
-    d_s, d_ff = net.d_side, blk.ffn_in.out_features
+    blk: Any = next(iter(net.layers.values()))
+    if isinstance(net, CausalSideNetwork):  # SwiGLU: a fourth d_ff-wide activation
+        n_head, d_ff, wide = blk.attn.n_head, blk.down.in_features, 4 if blk.gated else 3
+    else:
+        n_head, d_ff, wide = blk.n_head, blk.ffn_in.out_features, 3
+    d_s = net.d_side
     n = batch * tokens
-    per_layer = batch * blk.n_head * tokens * tokens + 4 * n * (12 * d_s + 3 * d_ff)
+    per_layer = batch * n_head * tokens * tokens + 4 * n * (12 * d_s + wide * d_ff)
     ladders = (len(net.kept) + 1) * n * net.d * 2  # a dropped state per network (float16)
     params = sum(p.numel() for p in net.parameters()) * 4 * 4
     return len(net.kept) * per_layer + ladders + params

@@ -47,10 +47,10 @@ from cache_store.registry import list_caches
 from ladder.side import SideConfig, build_side_network, trainable_parameters
 from ladder.stacked import (
     StackedAdamW,
-    StackedEncoderSide,
     activation_bytes,
     group_sizes,
     shape_key,
+    stack_networks,
     stackable,
 )
 from ladder.vision import VisualSideNetwork, build_visual_side_network
@@ -525,7 +525,7 @@ class StackedGroup:
 
     def _pack(self) -> None:
         ms = self.members
-        self.stack = StackedEncoderSide([ts.net for ts in ms])
+        self.stack = stack_networks([ts.net for ts in ms])
         wd = ms[0].opt.param_groups[0]["weight_decay"]
         self.opt = StackedAdamW(self.stack.params, len(ms), wd)
         for k, ts in enumerate(ms):
