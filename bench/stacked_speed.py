@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import glue_dir, median, parser, table, write_json
-from bench.train_side_speed import _loader
+from bench.train_side_speed import train_loader
 
 LRS = [1e-3, 3e-3, 1e-2, 3e-4, 3e-2]
 
@@ -74,7 +74,7 @@ def epoch(args: Any, key: str, stacked: bool, rep: int) -> float:
     cache, trials, cfg = _trials(args, key)
     if stacked and not all(stackable(ts.net) for ts in trials):
         raise SystemExit(f"{type(trials[0].net).__name__} networks are not stackable")
-    loader = _loader(cache, trials, cfg.train_side.batch_size)
+    loader = train_loader(cache, trials, cfg.train_side.batch_size)
     batches = list(loader.epoch(rep))  # in memory: the figures are the networks' compute
     t0 = time.perf_counter()
     if stacked:

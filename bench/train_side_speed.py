@@ -99,7 +99,8 @@ class _TorchLoader:
         return torch_batches(self.loader.epoch(epoch))
 
 
-def _loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
+def train_loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
+    """The shuffled training batches (as torch tensors) of the states the first trial reads."""
     from cache_store.loader import CacheLoader
 
     return _TorchLoader(
@@ -120,7 +121,7 @@ def epoch_from_cache(
     from stages.train_side import cached_states, train_step
 
     cache, trials, cfg = _setup(root, key, rs, over=over)
-    loader = _loader(cache, trials, cfg.train_side.batch_size if over else 100)
+    loader = train_loader(cache, trials, cfg.train_side.batch_size if over else 100)
     list(loader.epoch(99))  # a first pass reads the split into memory, as epoch 1 of a run does
     compute = [0.0] * len(trials)
     t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def epoch_grid(root: Path, key: str, grid: list[tuple], epoch: int) -> float:
     by_r: dict[int, list[Any]] = {}
     for ts in trials:
         by_r.setdefault(ts.trial.r, []).append(ts)
-    loader = _loader(cache, trials)
+    loader = train_loader(cache, trials)
     list(loader.epoch(99))
     t0 = time.perf_counter()
     groups = [StackedGroup(m) for m in by_r.values()]
@@ -161,7 +162,7 @@ def step_over_forward(root: Path, key: str, backbone: Any, reps: int) -> dict[st
     from stages.train_side import cached_states, train_step
 
     cache, trials, _ = _setup(root, key, [8])
-    batches = list(_loader(cache, trials).epoch(0))
+    batches = list(train_loader(cache, trials).epoch(0))
     masks = [b.masks["enc"] for b in batches]
     padding = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     batch = max(batches, key=lambda b: b.masks["enc"].shape[1] * (len(b.labels) == 100))
@@ -192,7 +193,7 @@ def compute_in_memory(root: Path, key: str, rs: list[int], epoch: int) -> float:
     from stages.train_side import cached_states, train_step
 
     cache, trials, _ = _setup(root, key, rs)
-    batches = list(_loader(cache, trials).epoch(epoch))
+    batches = list(train_loader(cache, trials).epoch(epoch))
     t0 = time.perf_counter()
     for batch in batches:
         for ts in trials:
@@ -216,7 +217,7 @@ def epoch_online(
     from stages.train_side import online_states, train_step
 
     cache, trials, cfg = _setup(root, key, [r], over=over)
-    loader = _loader(cache, trials, cfg.train_side.batch_size if over else 100)
+    loader = train_loader(cache, trials, cfg.train_side.batch_size if over else 100)
     source = online_states(backbone, True, {"enc": trials[0].net.needed_layers()})
     n = 0
     t0 = time.perf_counter()
