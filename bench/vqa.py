@@ -66,6 +66,9 @@ def main() -> None:
     p.add_argument("--r", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--vision-encoder", default="random-vit")
+    p.add_argument("--vision-pool", default=None, help="patch tokens pooled to KxK (e.g. 4x4)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--work", type=Path, default=None, help="cache and runs here (default: temp)")
     p.add_argument("--plot", type=Path, default=None, help="accuracy per question type (PNG)")
     args = p.parse_args()
@@ -84,6 +87,7 @@ def main() -> None:
         "task.name": "easy-vqa",
         "task.limit": args.limit,
         "backbone.vision": args.vision_encoder,
+        "backbone.vision_pool": args.vision_pool,
         "cache.root": str(work / "cache"),
         "extract.side_init": ["magnitude"],
         "extract.reduction_factors": [args.r],
@@ -92,7 +96,8 @@ def main() -> None:
         "train_side.epochs": args.epochs,
         "train_side.batch_size": args.batch_size,
         "train_side.init": "magnitude",
-        "train_side.warmup_steps": 50,
+        "train_side.warmup_steps": args.warmup_steps,
+        "train_side.learning_rates": [args.lr],
         "train_side.run_dir": str(work / "runs"),
     }
     cfg = apply_overrides(Config(), over)
@@ -112,7 +117,7 @@ def main() -> None:
     kinds = np.asarray([question_type(ex.texts[0]) for ex in test])
     arms: dict[str, Any] = {}
     no_vision = cfg.model_copy(
-        update={"backbone": cfg.backbone.model_copy(update={"vision": None})}
+        update={"backbone": cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})}
     )
     for arm, c in (("with images", cfg), ("text alone", no_vision)):
         t1 = time.perf_counter()
@@ -144,6 +149,9 @@ def main() -> None:
         "r": args.r,
         "seeds": seeds,
         "vision_encoder": args.vision_encoder,
+        "vision_pool": args.vision_pool,
+        "warmup_steps": args.warmup_steps,
+        "lr": args.lr,
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],
         "image_tokens": img["n_tokens"],

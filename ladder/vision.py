@@ -16,12 +16,19 @@ the pipeline where no pretrained weights can be downloaded: it is not a pretrain
 
 Features per image: ``grid`` = the last hidden state [n_tokens, d_v] (patches and the class token)
 and ``pooled`` [d_v] (the model's pooler output; the class token where it has none).
+
+Pooling the grid (``pool="4x4"``, config ``backbone.vision_pool``): the patch tokens, a square
+grid of g x g, are average-pooled to a k x k grid (adaptive average pooling, so g need not be a
+multiple of k), and the leading tokens (the class token; SigLIP has none) are kept before them:
+``random-vit``'s 65 tokens become 1 + 16 = 17, which cuts a side network's step cost about 4x.
+It is applied when the features are computed (stage one), so it is part of the cache key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,6 +54,32 @@ RANDOM_VIT_SIZE = 64  # input side in pixels
 RANDOM_VIT_PREPROCESS = "rgb-bilinear-64x64-scale-1/255-mean-0.5-std-0.5"
 
 
+def parse_pool(pool: str | None) -> int | None:
+    """``"KxK"`` -> K (the side of the pooled patch grid); None -> None (no pooling)."""
+    if pool is None:
+        return None
+    a, sep, b = str(pool).lower().partition("x")
+    if not sep or not a.isdigit() or a != b or int(a) < 1:
+        raise LadderError(f"vision pool {pool!r}; allowed: KxK (a square grid, K >= 1), or none")
+    return int(a)
+
+
+def pool_grid(grid: Tensor, k: int) -> Tensor:
+    """[B, n_lead + g*g, d] -> [B, n_lead + k*k, d]: the g x g patch tokens average-pooled to k x k
+    (row-major, as the patches), the n_lead leading tokens (class token) kept in front."""
+    B, n, d = grid.shape
+    g = math.isqrt(n)
+    lead = n - g * g
+    if g < 1 or lead > 1 or k > g:
+        raise LadderError(
+            f"cannot pool {n} visual tokens to a {k}x{k} grid; allowed: a square grid of patches "
+            f"(and at most a class token in front) with a side >= {k}"
+        )
+    patches = grid[:, lead:].reshape(B, g, g, d).permute(0, 3, 1, 2)  # [B, d, g, g]
+    pooled = torch.nn.functional.adaptive_avg_pool2d(patches, k)  # [B, d, k, k]
+    return torch.cat([grid[:, :lead], pooled.flatten(2).transpose(1, 2)], 1)
+
+
 @dataclass
 class VisionEncoder:
     """A frozen vision encoder (eval mode, no grad) and the preprocessing it is fed with."""
@@ -58,6 +91,7 @@ class VisionEncoder:
     weights_digest: str
     preprocess: Callable[[list[Any]], Tensor]  # PIL images -> pixel values [B, 3, H, W]
     preprocessing: str  # what the preprocessing is (or a digest of the image processor's config)
+    pool: str | None = None  # "KxK": the patch grid average-pooled to K x K (``pool_grid``)
 
     @property
     def d(self) -> int:
@@ -77,6 +111,9 @@ class VisionEncoder:
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:
             pooled = grid[:, 0]
+        k = parse_pool(self.pool)
+        if k is not None:
+            grid = pool_grid(grid.float(), k)
         return grid.float().cpu(), pooled.float().cpu()
 
     def key_inputs(self) -> dict[str, Any]:
@@ -87,6 +124,7 @@ class VisionEncoder:
             "revision": self.revision,
             "weights": self.weights_digest,
             "preprocessing": self.preprocessing,
+            **({"pool": self.pool} if self.pool is not None else {}),  # unpooled: key as before
         }
 
 
@@ -192,10 +230,24 @@ def _not_vision(name: str, model_type: object) -> LadderError:
 
 
 def load_vision_encoder(
-    name: str, *, revision: str | None = None, device: str | torch.device = "cpu"
+    name: str,
+    *,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    pool: str | None = None,
 ) -> VisionEncoder:
     """``random-vit``, or a CLIP/SigLIP/ViT model by Hugging Face name or local folder; a text
-    model, or a name that is none of these, is one line."""
+    model, or a name that is none of these, is one line. ``pool`` ("KxK"): the grid features
+    average-pooled to K x K patch tokens (``pool_grid``)."""
+    parse_pool(pool)  # a bad value is one line before any model is loaded
+    encoder = _load_vision_encoder(name, revision=revision, device=device)
+    encoder.pool = pool
+    return encoder
+
+
+def _load_vision_encoder(
+    name: str, *, revision: str | None, device: str | torch.device
+) -> VisionEncoder:
     if name == RANDOM_VIT:
         return random_vit()
     from transformers import (
