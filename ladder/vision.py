@@ -303,6 +303,13 @@ class VisualSideNetwork(EncoderSideNetwork):
     projected tokens before the layer norm, so the network can tell the images apart. With one
     image there is no such parameter: the network (its parameters for a seed, its logits) is the
     one-image network it was before the embedding existed.
+
+    The visual tokens are standardised per feature before the projection, with the mean and std
+    of the training images' tokens (buffers ``visual_mean``, ``visual_std``, set by
+    ``set_visual_stats``, saved with the weights). A frozen encoder's tokens share a large
+    constant part (``random-vit``: about 85% of their second moment is the same for every
+    image); after the projection and its layer norm that part would swamp what differs between
+    images, and the side network would have to learn to cancel it first.
     """
 
     def __init__(
@@ -323,9 +330,23 @@ class VisualSideNetwork(EncoderSideNetwork):
         self.visual_proj = nn.Linear(d_visual, self.d_side)
         self.visual_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
         init_weights(self.visual_proj)
+        # per-feature standardisation of the frozen encoder's tokens (``set_visual_stats``):
+        # buffers, not trained, saved with the network; 0 and 1 (identity) until set
+        self.register_buffer("visual_mean", torch.zeros(d_visual))
+        self.register_buffer("visual_std", torch.ones(d_visual))
         if n_images > 1:  # created last: the one-image network's draws stay as they were
             self.image_embed = nn.Embedding(n_images, self.d_side)
             nn.init.normal_(self.image_embed.weight, mean=0.0, std=0.01)
+
+    def set_visual_stats(self, mean: Tensor, std: Tensor) -> None:
+        """The per-feature mean and std [d_v] the visual tokens are standardised with."""
+        if mean.shape != (self.d_visual,) or std.shape != (self.d_visual,) or (std <= 0).any():
+            raise LadderError(
+                f"visual stats of shapes {tuple(mean.shape)}, {tuple(std.shape)}; allowed: "
+                f"({self.d_visual},) each, std > 0"
+            )
+        self.visual_mean.copy_(mean)
+        self.visual_std.copy_(std)
 
     def forward(  # type: ignore[override]
         self,
@@ -347,6 +368,8 @@ class VisualSideNetwork(EncoderSideNetwork):
                 f"a multiple of {self.n_images} (the images' tokens one image after the other)"
             )
         text = self.side_input(hiddens)  # (B, T, d/r)
+        mean, std = self.visual_mean, self.visual_std
+        visual = (visual.to(mean.dtype) - mean) / std  # (B, T_v, d_v), standardised
         v = ladder_linear(self.visual_proj, visual)  # (B, T_v, d/r)
         if self.n_images > 1:  # which image each block of tokens comes from
             B, Tv, d = v.shape
@@ -377,6 +400,12 @@ class VisualSideNetwork(EncoderSideNetwork):
         h = self.up(pooled)  # (B, d)
         h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
         return self.head_out(self.head_drop(h))  # (B, num_labels)
+
+
+def visual_stats(grid: np.ndarray | Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std over every token of ``grid`` [..., d_v] (float32)."""
+    x = torch.as_tensor(np.asarray(grid, dtype=np.float32)).reshape(-1, grid.shape[-1])
+    return x.mean(0), x.std(0, unbiased=False).clamp_min(eps)
 
 
 def build_visual_side_network(

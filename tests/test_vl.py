@@ -517,3 +517,32 @@ def test_the_loader_hands_each_question_its_own_images_features(vqa, tmp_path, e
             assert batch.labels[row] == ex.label
             seen += 1
     assert seen == len(data.splits["train"])
+
+
+def test_visual_tokens_are_standardised_with_the_training_images_stats(vl_run):
+    """The side network standardises each visual feature with the training images' mean and std
+    (buffers saved with its weights): a constant offset shared by every image is removed."""
+    from safetensors.torch import load_file
+
+    from cache_store.images import ImageTable
+    from ladder.vision import visual_stats
+
+    net, hiddens, mask, visual = _visual_net(1)
+    with torch.no_grad():
+        plain = net(hiddens, mask, visual=visual)  # stats 0 and 1 until set: identity
+        shift, scale = torch.randn(24), torch.rand(24) + 0.5
+        net.set_visual_stats(shift, scale)
+        torch.testing.assert_close(net(hiddens, mask, visual=visual * scale + shift), plain)
+    mean, std = visual_stats(np.array([[[1.0, 2.0]], [[3.0, 2.0]]]))
+    torch.testing.assert_close(mean, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(std, torch.tensor([1.0, 1e-6]))  # a constant feature: clamped
+    with pytest.raises(Exception, match=r"allowed: \(24,\) each, std > 0"):
+        net.set_visual_stats(torch.zeros(3), torch.ones(3))
+    # train-side sets them from the training split's images, and the checkpoint keeps them
+    cfg, res = vl_run
+    table = ImageTable(open_cache(cfg.cache_root, res.metrics["cache"]))
+    want_mean, want_std = visual_stats(table.grid[np.unique(table.index["train"])])
+    name = next(iter(res.metrics["networks"]))
+    saved = load_file(str(Path(res.folder) / f"{name}.best.safetensors"))
+    torch.testing.assert_close(saved["visual_mean"], want_mean)
+    torch.testing.assert_close(saved["visual_std"], want_std)
