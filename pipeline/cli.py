@@ -162,6 +162,12 @@ COMMON_OPTIONS = [
         "VL tasks: random-vit (not pretrained), or a CLIP/SigLIP/ViT name or folder",
         none="none (text only)",
     ),
+    config_option(
+        "--vision-pool",
+        "backbone.vision_pool",
+        "VL tasks: average-pool the encoder's patch tokens to a KxK grid (e.g. 4x4) in stage one",
+        none="none (every patch token)",
+    ),
     config_option("--max-length", "backbone.max_length", "truncation length in tokens", type=int),
     config_option(
         "--quantization",

@@ -38,6 +38,9 @@ class BackboneConfig(Section):
     vision: str | None = (
         None  # frozen vision encoder for VL tasks (random-vit, CLIP...); None: text
     )
+    # "KxK": the vision encoder's patch tokens average-pooled to a K x K grid in stage one (the
+    # class token kept): fewer visual tokens, cheaper steps; part of the cache key. None: all
+    vision_pool: str | None = Field(default=None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
     # QST-style 4-bit NF4 (or 8-bit) weights through bitsandbytes, CUDA only; it changes the
     # states, so it is part of the cache key. none: the weights as stored
     quantization: Quantization = "none"

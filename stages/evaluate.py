@@ -412,7 +412,9 @@ def visual_network(
     """A VL run's side network (unloaded) as train-side built it, from its ``<net>.config.json``
     (``visual``: the vision encoder's width, images per example), and the frozen vision encoder
     the run names (``backbone.vision``)."""
-    vision = load_vision_encoder(backbone_cfg.vision or "", device=device)
+    vision = load_vision_encoder(
+        backbone_cfg.vision or "", device=device, pool=backbone_cfg.vision_pool
+    )
     visual = saved.get("visual") or {"d": vision.d, "n_images": 1}
     if visual["d"] != vision.d:
         raise StageError(
@@ -463,10 +465,11 @@ def cached_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTok
     except Exception:  # gone, moved, or remote without credentials: the encoder runs instead
         return None
     info = cache.manifest["splits"].get(split, {})
-    encoder = (cache.manifest.get("images") or {}).get("encoder", {}).get("name")
+    encoder = (cache.manifest.get("images") or {}).get("encoder", {})
     if (
         info.get("fingerprint") != data.fingerprint(split)
-        or encoder != predictor.backbone_cfg.vision
+        or encoder.get("name") != predictor.backbone_cfg.vision
+        or encoder.get("pool") != predictor.backbone_cfg.vision_pool
     ):
         return None
     table = ImageTable(cache)

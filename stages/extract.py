@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -658,7 +659,13 @@ def extract(
     # fail early, before loading anything
     st.open_root(cfg.cache.resolved_root, cfg.cache.storage_options, write=True)
     if vision is None and cfg.backbone.vision is not None:  # a text model here fails early
-        vision = load_vision_encoder(cfg.backbone.vision, device=pick_device(cfg.extract.device))
+        vision = load_vision_encoder(
+            cfg.backbone.vision,
+            device=pick_device(cfg.extract.device),
+            pool=cfg.backbone.vision_pool,
+        )
+    elif vision is not None:  # a given encoder pools as configured (``backbone.vision_pool``)
+        vision = dataclasses.replace(vision, pool=cfg.backbone.vision_pool)
     if backbone is None:
         # bad layer indices fail on the config alone, before any weights are loaded
         config = load_config_only(cfg.backbone.name, cfg.backbone.revision)

@@ -200,6 +200,12 @@ def visual_of(cfg: StageConfig, cache: CommittedCache) -> dict[str, Any] | None:
             f"cache {cache.key} holds image features of vision encoder "
             f"{have['encoder']['name']!r}, but {want!r} was asked for"
         )
+    pool = have["encoder"].get("pool")
+    if pool != cfg.backbone.vision_pool:
+        raise StageError(
+            f"cache {cache.key} holds image features pooled {pool or 'none'}, but vision_pool "
+            f"{cfg.backbone.vision_pool or 'none'} was asked for: extract with that pooling"
+        )
     return have
 
 
@@ -208,8 +214,12 @@ def vision_mismatch(cfg: StageConfig, manifest: dict[str, Any]) -> str | None:
     want = cfg.backbone.vision
     if want is None:
         return None
-    have = (manifest.get("images") or {}).get("encoder", {}).get("name")
-    return None if have == want else f"vision encoder ({have!r}, asked {want!r})"
+    encoder = (manifest.get("images") or {}).get("encoder", {})
+    have = encoder.get("name")
+    if have != want:
+        return f"vision encoder ({have!r}, asked {want!r})"
+    pool, asked = encoder.get("pool"), cfg.backbone.vision_pool
+    return None if pool == asked else f"vision pool ({pool or 'none'}, asked {asked or 'none'})"
 
 
 def images_per_example(cache: CommittedCache) -> int:

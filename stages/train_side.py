@@ -53,7 +53,7 @@ from ladder.stacked import (
     stack_networks,
     stackable,
 )
-from ladder.vision import VisualSideNetwork, build_visual_side_network
+from ladder.vision import VisualSideNetwork, build_visual_side_network, visual_stats
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -413,11 +413,20 @@ def build_trial(
     if visual is not None:  # visual tokens before the text (ladder.vision)
         side = side_config(cfg, trial.r, spec, cache)
         net = build_visual_side_network(bcfg, side, visual["d"], images_per_example(cache))
+        net.set_visual_stats(*train_visual_stats(cache))
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
+
+
+def train_visual_stats(cache: CommittedCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of the visual tokens of the training split's images (what a VL
+    side network standardises its visual tokens with; ``VisualSideNetwork.set_visual_stats``)."""
+    table = ImageTable(cache)
+    rows = np.unique(table.index["train"])
+    return visual_stats(table.grid[rows])
 
 
 def trial_state(

@@ -435,3 +435,114 @@ def test_bad_vl_predict_input_is_one_line_exit_2(vl_run, vqa, tmp_path, capsys, 
     args = ["predict", "--run", folder]
     args += ["what shape is in the image?"] if damage == "text" else ["--input", str(path)]
     _one_line_exit_2(capsys, args, message)
+
+
+# --- pooled visual tokens (backbone.vision_pool) and the loader's data path -------------------------
+
+
+def test_pool_grid_averages_patch_blocks_and_keeps_the_class_token():
+    from ladder.errors import LadderError
+    from ladder.vision import parse_pool, pool_grid
+
+    grid = torch.randn(2, 1 + 8 * 8, 5)
+    out = pool_grid(grid, 4)
+    assert out.shape == (2, 1 + 16, 5)
+    assert torch.equal(out[:, 0], grid[:, 0])  # the class token, as it was
+    patches = grid[:, 1:].reshape(2, 8, 8, 5)
+    want = patches[:, 2:4, 4:6].mean((1, 2))  # pooled row 1, column 2 (row-major)
+    torch.testing.assert_close(out[:, 1 + 1 * 4 + 2], want)
+    assert pool_grid(torch.randn(1, 49, 3), 7).shape == (1, 49, 3)  # SigLIP-like: no class token
+    assert parse_pool(None) is None and parse_pool("4x4") == 4
+    for bad in ("4x2", "x4", "0x0", "four"):
+        with pytest.raises(LadderError, match="allowed: KxK"):
+            parse_pool(bad)
+    with pytest.raises(LadderError, match="cannot pool 65 visual tokens to a 9x9 grid"):
+        pool_grid(torch.randn(1, 65, 3), 9)
+
+
+def test_vision_pool_is_stored_keyed_and_checked_by_train_side(vqa, tmp_path, encoders, capsys):
+    from PIL import Image
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa)
+    pooled_cfg = vl_config(tmp_path, vqa, **{"backbone.vision_pool": "2x2"})
+    full = extract(cfg, backbone=backbone, vision=vision, progress=False)
+    pooled = extract(pooled_cfg, backbone=backbone, vision=vision, progress=False)
+    assert full.key != pooled.key  # pooling changes the stored features: part of the key
+    m = open_cache(cfg.cache_root, pooled.key).manifest
+    assert m["images"]["n_tokens"] == 1 + 2 * 2 and m["images"]["encoder"]["pool"] == "2x2"
+    assert "pool" not in open_cache(cfg.cache_root, full.key).manifest["images"]["encoder"]
+    # the stored rows are the encoder's grid pooled, the class token first
+    data = load_task_of(cfg.task)
+    ex = data.splits["test"][0]
+    grid, _ = vision.features([Image.open(data.images[ex.image])])
+    cache = open_cache(cfg.cache_root, pooled.key)
+    row = int(np.asarray(cache.array(layout.image_index_path("test"))[...])[0])
+    got = np.asarray(cache.array(layout.image_arrays("float32")["grid"])[row * 5 : row * 5 + 5])
+    patches = grid[0, 1:].reshape(4, 4, -1)
+    np.testing.assert_allclose(got[0], grid[0, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(got[4], patches[2:, 2:].mean((0, 1)).numpy(), atol=1e-5)
+    # a run asking for another pooling than the cache's is one line
+    args = ["run", "train-side", "--task", "easy-vqa", "--backbone", "tiny-bert"]
+    args += ["--cache-root", cfg.cache_root, "--run-dir", str(tmp_path / "runs"), "--epochs", "1"]
+    args += ["--vision-encoder", "tiny-clip", "--init", "random", "--cache-key", pooled.key]
+    _one_line_exit_2(capsys, args, "pooled 2x2, but vision_pool none was asked for")
+    with pytest.raises(Exception, match="vision_pool"):
+        vl_config(tmp_path, vqa, **{"backbone.vision_pool": "big"})
+
+
+def test_the_loader_hands_each_question_its_own_images_features(vqa, tmp_path, encoders):
+    """The data path: for shuffled training batches, the visual tokens of every question equal
+    the vision encoder's output on that question's image file (and the labels are its own)."""
+    from PIL import Image
+
+    from cache_store.images import ImageTable
+    from cache_store.loader import CacheLoader
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa)
+    res = extract(cfg, backbone=backbone, vision=vision, progress=False)
+    cache = open_cache(cfg.cache_root, res.key)
+    data = load_task_of(cfg.task)
+    loader = CacheLoader(
+        cache, "train", {"enc": [0]}, batch_size=8, shuffle=True, seed=1, images=ImageTable(cache)
+    )
+    seen = 0
+    for batch in loader.epoch(0):
+        assert batch.visual is not None
+        for row, n in enumerate(batch.index):
+            ex = data.splits["train"][int(n)]
+            want, _ = vision.features([Image.open(data.images[ex.image])])
+            np.testing.assert_allclose(batch.visual[row], want[0].numpy(), atol=1e-5)
+            assert batch.labels[row] == ex.label
+            seen += 1
+    assert seen == len(data.splits["train"])
+
+
+def test_visual_tokens_are_standardised_with_the_training_images_stats(vl_run):
+    """The side network standardises each visual feature with the training images' mean and std
+    (buffers saved with its weights): a constant offset shared by every image is removed."""
+    from safetensors.torch import load_file
+
+    from cache_store.images import ImageTable
+    from ladder.vision import visual_stats
+
+    net, hiddens, mask, visual = _visual_net(1)
+    with torch.no_grad():
+        plain = net(hiddens, mask, visual=visual)  # stats 0 and 1 until set: identity
+        shift, scale = torch.randn(24), torch.rand(24) + 0.5
+        net.set_visual_stats(shift, scale)
+        torch.testing.assert_close(net(hiddens, mask, visual=visual * scale + shift), plain)
+    mean, std = visual_stats(np.array([[[1.0, 2.0]], [[3.0, 2.0]]]))
+    torch.testing.assert_close(mean, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(std, torch.tensor([1.0, 1e-6]))  # a constant feature: clamped
+    with pytest.raises(Exception, match=r"allowed: \(24,\) each, std > 0"):
+        net.set_visual_stats(torch.zeros(3), torch.ones(3))
+    # train-side sets them from the training split's images, and the checkpoint keeps them
+    cfg, res = vl_run
+    table = ImageTable(open_cache(cfg.cache_root, res.metrics["cache"]))
+    want_mean, want_std = visual_stats(table.grid[np.unique(table.index["train"])])
+    name = next(iter(res.metrics["networks"]))
+    saved = load_file(str(Path(res.folder) / f"{name}.best.safetensors"))
+    torch.testing.assert_close(saved["visual_mean"], want_mean)
+    torch.testing.assert_close(saved["visual_std"], want_std)
