@@ -39,7 +39,6 @@ from tqdm import tqdm
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
 from ladder.multitask import MultiTaskSideNetwork
-from ladder.side import trainable_parameters
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -63,6 +62,7 @@ from stages.train_side import (
     load_side_init,
     majority_class,
     majority_note,
+    network_metrics,
     open_run,
     resolve_cache,
     run_folder,
@@ -475,19 +475,7 @@ class MultiTaskRun:
                 for t, c in self.caches.items()
             },
             "metric": "average",
-            "networks": {
-                ts.trial.name: {
-                    **asdict(ts.trial),
-                    "trainable_parameters": trainable_parameters(ts.net),
-                    "best_epoch": ts.best_epoch,
-                    "best_validation": ts.best_score,
-                    "compute_s": ts.compute_s,
-                    "epochs": ts.history,
-                    **({"stopped": ts.stopped} if ts.stopped else {}),
-                    **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
-                }
-                for ts in runs
-            },
+            "networks": {ts.trial.name: network_metrics(ts, final) for ts in runs},
         }
         write_json_atomic(self.folder / "metrics.json", out)
         return out

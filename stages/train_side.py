@@ -1348,6 +1348,28 @@ def _check_cache_still_there(
     ) from error
 
 
+def network_metrics(
+    ts: TrialState, final: dict[str, dict] | None, majority: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One network's entry in ``metrics.json``: its trial, size, best epoch and score, compute
+    time, per-epoch history, why it stopped early, the majority-class note (given the task's
+    majority-class figures) and its test figures (``final``, once scored)."""
+    name = ts.trial.name
+    note = majority_note(ts.best_score, ts.best_epoch, majority)
+    return {
+        **asdict(ts.trial),
+        "trainable_parameters": trainable_parameters(ts.net),
+        "best_epoch": ts.best_epoch,
+        "best_validation": ts.best_score,
+        "compute_s": ts.compute_s,
+        **({"compile_s": ts.compile_s} if ts.compiled is not None else {}),
+        "epochs": ts.history,
+        **({"stopped": ts.stopped} if ts.stopped else {}),
+        **({"note": note} if note else {}),
+        **({"test": final[name]} if final and name in final else {}),
+    }
+
+
 def _write_metrics(
     folder: Path,
     runs: list[TrialState],
@@ -1361,25 +1383,7 @@ def _write_metrics(
         "task": spec.name,
         "metric": spec.metric,
         **({"majority_class": majority} if majority is not None else {}),
-        "networks": {
-            ts.trial.name: {
-                **asdict(ts.trial),
-                "trainable_parameters": trainable_parameters(ts.net),
-                "best_epoch": ts.best_epoch,
-                "best_validation": ts.best_score,
-                "compute_s": ts.compute_s,
-                **({"compile_s": ts.compile_s} if ts.compiled is not None else {}),
-                "epochs": ts.history,
-                **({"stopped": ts.stopped} if ts.stopped else {}),
-                **(
-                    {"note": note}
-                    if (note := majority_note(ts.best_score, ts.best_epoch, majority))
-                    else {}
-                ),
-                **({"test": final[ts.trial.name]} if final and ts.trial.name in final else {}),
-            }
-            for ts in runs
-        },
+        "networks": {ts.trial.name: network_metrics(ts, final, majority) for ts in runs},
     }
     _save_json(folder / "metrics.json", out)
     return out
