@@ -274,15 +274,12 @@ class Backbone:
         # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` is deprecated)
         name = "cache" if _takes(m, "cache") else "past_key_values"
         state0 = None
-        if want(0) and self.family == "gpt2":  # wte + wpe at the positions after the past ones
+        if want(0):  # at the positions after the past ones
             start = 0 if past is None else past.get_seq_length()
-            pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
-            state0 = m.wte(input_ids) + m.wpe(pos)
-        elif want(0):
-            state0 = m.embed_tokens(input_ids)
+            state0 = self._causal_state0(input_ids, start)
         with torch.inference_mode():
             states, out = self._run_stack(
-                m.h if self.family == "gpt2" else m.layers,
+                self._causal_blocks(),
                 want,
                 lambda: m(input_ids=input_ids, use_cache=True, **{name: past}),
                 state0,
@@ -340,26 +337,13 @@ class Backbone:
                     m.shared(dec_ids) if want(0) else None,
                 )
             return out
-        if self.family == "llama":
-            m = self.model  # LlamaModel / MistralModel / Qwen2Model: embed_tokens, layers, norm
+        if self.causal:
+            m = self.model
             states, _ = self._run_stack(
-                m.layers,
+                self._causal_blocks(),
                 want,
                 lambda: m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
-                m.embed_tokens(input_ids) if want(0) else None,
-            )
-            return {"enc": states}
-        if self.family == "gpt2":
-            m = self.model  # GPT2Model: wte, wpe, drop, h, ln_f
-            state0 = None
-            if want(0):  # what block 0 reads (transformers adds wpe of 0..T-1 the same way)
-                pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-                state0 = m.wte(input_ids) + m.wpe(pos)
-            states, _ = self._run_stack(
-                m.h,
-                want,
-                lambda: m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
-                state0,
+                self._causal_state0(input_ids, 0) if want(0) else None,
             )
             return {"enc": states}
         if self.family == "bart":
@@ -388,6 +372,20 @@ class Backbone:
         if want(0):
             states[0] = out.hidden_states[0]
         return {"enc": states}
+
+    def _causal_blocks(self) -> nn.ModuleList:
+        """A causal LM's blocks: LlamaModel / MistralModel / Qwen2Model ``layers``, GPT2Model ``h``."""
+        return self.model.h if self.family == "gpt2" else self.model.layers
+
+    def _causal_state0(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """What a causal LM's block 0 reads for ``input_ids`` at positions ``start``, ``start + 1``,
+        ...: Llama ``embed_tokens(ids)``; GPT-2 ``wte(ids) + wpe(positions)`` (transformers adds
+        wpe the same way, before the embedding dropout)."""
+        m = self.model
+        if self.family != "gpt2":
+            return m.embed_tokens(input_ids)
+        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+        return m.wte(input_ids) + m.wpe(pos)
 
     @staticmethod
     def _run_stack(
