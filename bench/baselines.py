@@ -747,7 +747,8 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     torch.set_num_threads(opt.threads or 2)
     path = resolve_backbone(opt.backbone)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    causal = is_causal(load_config_only(opt.backbone))
+    config = load_config_only(opt.backbone)
+    causal = is_causal(config)
     if causal and tokenizer.pad_token is None:  # as ladder.backbones.from_model: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     task = load_task(opt.task, data_dir=opt.data_dir, limit=opt.limit)
@@ -792,7 +793,7 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     tests = [s["test"]["score"] for s in seeds]
     return {
         "trainable_parameters": trainable,
-        "backbone_parameters": backbone_parameters(load_config_only(opt.backbone)),
+        "backbone_parameters": backbone_parameters(config),
         "memory": merge_memory(memory),
         **_epoch_times([s["history"] for s in seeds]),
         "cpu_s_per_seed": statistics.mean(s["cpu_s"] for s in seeds),
