@@ -56,6 +56,7 @@ from torch import nn
 
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
 from cache_store.loader import bucketed_batches
+from ladder.families import FAMILY
 from ladder.side import trainable_parameters
 from stages.tasks import paper_epochs
 from stages.tokens import pad, tokenize_causal, tokenize_texts
@@ -67,7 +68,7 @@ LST_METHODS = ("lst-online", "lst-cache")
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "electra")  # what the in-backbone methods support
 # decoder-only causal LMs (``*ForSequenceClassification``: the last real token's state, a linear
 # "score" head): full fine-tuning and LoRA are implemented for them
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "llama")  # llama, mistral, qwen2
 CAUSAL_METHODS = ("full", "lora")
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
