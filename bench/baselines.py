@@ -56,6 +56,7 @@ from torch import nn
 
 from bench.common import DEFAULT_GLUE, REPO, parser, table, write_json
 from cache_store.loader import bucketed_batches
+from ladder.families import FAMILY
 from ladder.side import trainable_parameters
 from stages.tasks import paper_epochs
 from stages.tokens import pad, tokenize_causal, tokenize_texts
@@ -67,7 +68,7 @@ LST_METHODS = ("lst-online", "lst-cache")
 BERT_TYPES = ("bert", "roberta", "xlm-roberta", "electra")  # what the in-backbone methods support
 # decoder-only causal LMs (``*ForSequenceClassification``: the last real token's state, a linear
 # "score" head): full fine-tuning and LoRA are implemented for them
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = tuple(mt for mt, fam in FAMILY.items() if fam == "llama")  # llama, mistral, qwen2
 CAUSAL_METHODS = ("full", "lora")
 LORA_TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 
@@ -747,7 +748,8 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     torch.set_num_threads(opt.threads or 2)
     path = resolve_backbone(opt.backbone)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    causal = is_causal(load_config_only(opt.backbone))
+    config = load_config_only(opt.backbone)
+    causal = is_causal(config)
     if causal and tokenizer.pad_token is None:  # as ladder.backbones.from_model: pad with EOS
         tokenizer.pad_token = tokenizer.eos_token
     task = load_task(opt.task, data_dir=opt.data_dir, limit=opt.limit)
@@ -792,7 +794,7 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     tests = [s["test"]["score"] for s in seeds]
     return {
         "trainable_parameters": trainable,
-        "backbone_parameters": backbone_parameters(load_config_only(opt.backbone)),
+        "backbone_parameters": backbone_parameters(config),
         "memory": merge_memory(memory),
         **_epoch_times([s["history"] for s in seeds]),
         "cpu_s_per_seed": statistics.mean(s["cpu_s"] for s in seeds),

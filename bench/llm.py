@@ -42,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DEFAULT_GLUE, parser, table, write_json
-from bench.paper_compare import Runner
+from bench.paper_compare import STREAM_MB, Runner, ok
 
 MB = 2**20
 GOAL_MEMORY = 0.25  # LST-from-cache peak memory / LoRA's, at most
 GOAL_SPEEDUP = 10.0  # online epoch / cached epoch, at least
-STREAM_MB = 16
 
 
 def build_parser() -> Any:
@@ -259,10 +258,6 @@ def first_epoch_validation(fig: dict[str, Any]) -> list[float]:
     if "networks" in fig:
         return [n["epochs"][0]["validation"]["score"] for n in fig["networks"].values()]
     return [sd["history"][0]["validation"]["score"] for sd in fig.get("seeds", [])]
-
-
-def ok(fig: dict[str, Any] | None) -> bool:
-    return bool(fig) and "error" not in fig
 
 
 def ratios(res: dict[str, Any]) -> dict[str, Any]:

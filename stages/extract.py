@@ -328,6 +328,7 @@ class Extractor:
         self.label_tokens = label_token_ids(backbone.tokenizer, data.spec) if self.answer else None
         if self.answer or data.spec.generation:  # a checkpoint without an LM head stops here
             backbone.frozen_tensors(lm_head=True)
+        self.targets_width = targets_width(data)  # VQA score targets: their arrays' width
         self.timings: dict[str, float] = {}
         self.stats: dict[str, Any] = {}  # the runner's, recorded in the manifest when any
 
@@ -410,8 +411,8 @@ class Extractor:
         writer.create_array(
             layout.labels_path(split), labels.shape, labels.dtype, chunk_rows=1 << 20, data=labels
         )
-        if (width := targets_width(self.data)) is not None:
-            classes, scores = targets_table(self.data.splits[split], width)
+        if self.targets_width is not None:
+            classes, scores = targets_table(self.data.splits[split], self.targets_width)
             paths = layout.target_arrays(split)
             for name, x in (("classes", classes), ("scores", scores)):
                 writer.create_array(paths[name], x.shape, x.dtype, chunk_rows=1 << 20, data=x)
@@ -542,7 +543,7 @@ class Extractor:
                     "n_examples": len(self.data.splits[split]),
                     "streams": {name: stream_info(s) for name, s in ss.items()},
                     "fingerprint": self.data.fingerprint(split),
-                    **({"targets": w} if (w := targets_width(self.data)) is not None else {}),
+                    **({"targets": self.targets_width} if self.targets_width is not None else {}),
                 }
                 for split, ss in streams.items()
             },

@@ -100,14 +100,9 @@ def vision_key_inputs(vision: VisionEncoder, data: TaskData) -> dict[str, Any]:
 
 def open_image(data: TaskData, key: str) -> Any:
     """The decoded image; a missing or undecodable file is one line naming it."""
-    return read_image(image_file(data, key), key)
-
-
-def read_image(path: str, key: str) -> Any:
-    """The decoded image of file ``path`` (image ``key``); a missing or undecodable file is one
-    line naming it."""
     from PIL import Image, UnidentifiedImageError
 
+    path = image_file(data, key)
     try:
         with Image.open(path) as im:
             im.load()
