@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from cache_store.loader import CacheLoader
@@ -46,7 +45,6 @@ from stages.errors import StageError
 from stages.runfiles import (
     DiskFull,
     write_atomic,
-    write_bytes_atomic,
     write_json_atomic,
 )
 from stages.tasks import TaskSpec, check_trainable, paper_epochs
@@ -67,9 +65,11 @@ from stages.train_side import (
     resolve_cache,
     run_folder,
     run_signature,
+    save_best_weights,
     save_checkpoint,
     side_config,
     task_spec_of,
+    task_spec_record,
     train_step,
     trial_state,
     warmup_warning,
@@ -446,9 +446,8 @@ class MultiTaskRun:
 
     def save_best(self, ts: TrialState) -> None:
         """The best weights (safetensors) and what they are: side config, tasks, caches, epoch."""
-        state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
         folder, name = self.folder, ts.trial.name
-        write_bytes_atomic(folder / f"{name}.best.safetensors", safetensors_bytes(state))
+        save_best_weights(folder, ts)
         first = self.caches[next(iter(self.caches))]
         write_json_atomic(
             folder / f"{name}.config.json",
@@ -458,10 +457,7 @@ class MultiTaskRun:
                 "tasks": {
                     t: {
                         "cache": c.key,
-                        "task_spec": {
-                            k: c.manifest["task"][k]
-                            for k in ("name", "labels", "metric", "text_fields")
-                        },
+                        "task_spec": task_spec_record(c),
                         "num_labels": self.specs[t].num_labels,
                     }
                     for t, c in self.caches.items()
