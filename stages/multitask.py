@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from cache_store.loader import CacheLoader
@@ -46,7 +45,6 @@ from stages.errors import StageError
 from stages.runfiles import (
     DiskFull,
     write_atomic,
-    write_bytes_atomic,
     write_json_atomic,
 )
 from stages.tasks import TaskSpec, check_trainable, paper_epochs
@@ -67,9 +65,11 @@ from stages.train_side import (
     resolve_cache,
     run_folder,
     run_signature,
+    save_best_weights,
     save_checkpoint,
     side_config,
     task_spec_of,
+    task_spec_record,
     train_step,
     trial_state,
     warmup_warning,
@@ -266,7 +266,9 @@ def train_multitask_run(
             best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
             ts.net.load_state_dict(best, strict=False)
         tests = {k: loader(c, "test") for k, c in caches.items()}
-        final = {ts.trial.name: run.scores(ts, tests) for ts in scored}
+        final = {
+            ts.trial.name: sc for ts, sc in zip(scored, run.scores(scored, tests), strict=True)
+        }
     except DiskFull as e:
         raise StageError(
             f"{e}; the run folder {folder} keeps every network's last finished epoch: free "
@@ -311,13 +313,22 @@ class MultiTaskRun:
         self.epochs, self.tracker, self.say = epochs, tracker, say
         self.seed = cfg.train_side.seeds[0]  # the loaders' and the task order's: the run's seed
 
-    def scores(self, ts: TrialState, loaders: dict[str, CacheLoader]) -> dict[str, Any]:
-        """Every task's metrics on one split each, and their average as ``score``."""
-        out: dict[str, Any] = {}
+    def scores(
+        self, runs: list[TrialState], loaders: dict[str, CacheLoader]
+    ) -> list[dict[str, Any]]:
+        """Per network: every task's metrics on one split each, and their average as ``score``;
+        one pass over each task's loader for all the networks."""
+        if not runs:
+            return []
+        out: list[dict[str, Any]] = [{} for _ in runs]
         for task, ld in loaders.items():
-            ts.net.select(task)  # type: ignore[operator]
-            out[task] = evaluate([ts], ld, cached_states, self.specs[task], None)[0]
-        out["score"] = float(np.mean([out[t]["score"] for t in loaders]))
+            for ts in runs:
+                ts.net.select(task)  # type: ignore[operator]
+            got = evaluate(runs, ld, cached_states, self.specs[task], None)
+            for o, sc in zip(out, got, strict=True):
+                o[task] = sc
+        for o in out:
+            o["score"] = float(np.mean([o[t]["score"] for t in loaders]))
         return out
 
     def train(self, runs: list[TrialState], start: int, progress: bool) -> None:
@@ -366,8 +377,12 @@ class MultiTaskRun:
                         )
                     bar.update(1)
             epoch_s = time.perf_counter() - t0
+            going = [ts for ts in active if ts.stopped is None]
+            scores = self.scores(going, self.val_loaders)
+            val = {ts.trial.name: sc for ts, sc in zip(going, scores, strict=True)}
             for ts in active:
-                self._end_epoch(ts, epoch, epoch_s, losses[ts.trial.name], progress, n_batches)
+                name = ts.trial.name
+                self._end_epoch(ts, epoch, epoch_s, losses[name], val.get(name), n_batches)
             self.write_metrics(runs, None)
 
     def _end_epoch(
@@ -376,12 +391,12 @@ class MultiTaskRun:
         epoch: int,
         epoch_s: float,
         losses: dict[str, list[float]],
-        progress: bool,
+        val: dict[str, Any] | None,
         n_batches: int,
     ) -> None:
-        """Validation of every task, history, best checkpoint, last checkpoint, the epoch line."""
-        if ts.stopped is None:
-            val = self.scores(ts, self.val_loaders)
+        """History (``val``: every task's validation, :meth:`scores`), best checkpoint, last
+        checkpoint, the epoch line."""
+        if val is not None:  # None: stopped
             every = [x for ls in losses.values() for x in ls]
             ts.history.append(
                 {
@@ -431,9 +446,8 @@ class MultiTaskRun:
 
     def save_best(self, ts: TrialState) -> None:
         """The best weights (safetensors) and what they are: side config, tasks, caches, epoch."""
-        state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
         folder, name = self.folder, ts.trial.name
-        write_bytes_atomic(folder / f"{name}.best.safetensors", safetensors_bytes(state))
+        save_best_weights(folder, ts)
         first = self.caches[next(iter(self.caches))]
         write_json_atomic(
             folder / f"{name}.config.json",
@@ -443,10 +457,7 @@ class MultiTaskRun:
                 "tasks": {
                     t: {
                         "cache": c.key,
-                        "task_spec": {
-                            k: c.manifest["task"][k]
-                            for k in ("name", "labels", "metric", "text_fields")
-                        },
+                        "task_spec": task_spec_record(c),
                         "num_labels": self.specs[t].num_labels,
                     }
                     for t, c in self.caches.items()

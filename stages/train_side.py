@@ -1004,9 +1004,19 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
     return epochs if ts.stopped else ck["epoch"] + 1
 
 
-def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCache) -> None:
+def save_best_weights(folder: Path, ts: TrialState) -> None:
+    """A network's weights as its best so far: ``<net>.best.safetensors``."""
     state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
     write_bytes_atomic(folder / f"{ts.trial.name}.best.safetensors", safetensors_bytes(state))
+
+
+def task_spec_record(cache: CommittedCache) -> dict[str, Any]:
+    """The cache's task as ``<net>.config.json`` records it (``task_spec``, read by ``spec_of``)."""
+    return {k: cache.manifest["task"][k] for k in ("name", "labels", "metric", "text_fields")}
+
+
+def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCache) -> None:
+    save_best_weights(folder, ts)
     _save_json(
         folder / f"{ts.trial.name}.config.json",
         {
@@ -1015,9 +1025,7 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
             "cache": cache.key,
             "backbone": cache.manifest["backbone"]["name"],
             "task": cache.manifest["task"]["name"],
-            "task_spec": {
-                k: cache.manifest["task"][k] for k in ("name", "labels", "metric", "text_fields")
-            },
+            "task_spec": task_spec_record(cache),
             "epoch": ts.best_epoch,
             **({"visual": visual_config(ts.net)} if isinstance(ts.net, VisualSideNetwork) else {}),
         },
