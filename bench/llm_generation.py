@@ -60,7 +60,7 @@ def main() -> None:
     glue = glue_dir(args.data_dir)
 
     from pipeline.config import Config, apply_overrides
-    from stages.evaluate import Predictor, evaluate_split, generate_ids
+    from stages.evaluate import Predictor, generate_ids, generation_metrics
     from stages.extract import extract
     from stages.tasks import load_task_of
     from stages.train_side import train_side
@@ -106,10 +106,11 @@ def main() -> None:
     data = load_task_of(cfg.task)
     test = data.splits["test"]
     tok = predictor.backbone.tokenizer
-    words = [tok.decode(t, skip_special_tokens=True).strip() for t in generate_ids(predictor, test)]
+    ids = generate_ids(predictor, test)  # once: the words and the exact match read the same ids
+    words = [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
     valid = 100 * sum(w in WORDS for w in words) / len(words)
     right = 100 * sum(w == (ex.answer or "").strip() for w, ex in zip(words, test, strict=True))
-    em = evaluate_split(predictor, data, "test")["exact_match"]
+    em = generation_metrics(predictor, test, ids)["exact_match"]
     generate_s = time.perf_counter() - t0
     out: dict[str, Any] = {
         "backbone": "smollm2-135m",

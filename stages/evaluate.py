@@ -394,8 +394,14 @@ def evaluate_generation_split(predictor: Predictor, data: TaskData, split: str) 
     """``exact_match`` (x100, the ``score``): the generated tokens are the answer's, then EOS."""
     examples = data.splits[split]
     desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples, generating)"
+    return generation_metrics(predictor, examples, generate_ids(predictor, examples, progress=desc))
+
+
+def generation_metrics(
+    predictor: Predictor, examples: list[Example], got: list[list[int]]
+) -> dict[str, float]:
+    """``exact_match`` of answer tokens already generated (``got``, EOS excluded, per example)."""
     tok = predictor.backbone.tokenizer
-    got = generate_ids(predictor, examples, progress=desc)
     want = tok([ex.answer or "" for ex in examples], add_special_tokens=False)["input_ids"]
     right = np.asarray([g == w for g, w in zip(got, want, strict=True)], dtype=np.int64)
     return compute_metrics(predictor.spec, right, np.ones_like(right))
