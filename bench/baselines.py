@@ -742,7 +742,7 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     """Full fine-tuning or a PETL method inside the backbone: one fresh model per seed."""
     from transformers import AutoTokenizer
 
-    from ladder.backbones import load_config_only, resolve_backbone
+    from ladder.backbones import family_of, load_config_only, pad_causal, resolve_backbone
     from stages.tasks import load_task
 
     torch.set_num_threads(opt.threads or 2)
@@ -750,8 +750,7 @@ def run_in_backbone(opt: Options) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = load_config_only(opt.backbone)
     causal = is_causal(config)
-    if causal and tokenizer.pad_token is None:  # as ladder.backbones.from_model: pad with EOS
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_causal(tokenizer, family_of(config))  # as the product's backbones do
     task = load_task(opt.task, data_dir=opt.data_dir, limit=opt.limit)
     spec = task.spec
     fields = spec.text_fields if causal else None

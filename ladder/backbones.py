@@ -584,6 +584,13 @@ def load_backbone(
     return backbone
 
 
+def pad_causal(tokenizer: Any, family: str) -> None:
+    """Llama-family and GPT-2 tokenizers often have no pad token: pad with end-of-sequence
+    (masked, and on the right, so it never reaches a real token of a causal model)."""
+    if family in CAUSAL_FAMILIES and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def from_model(
     name: str,
     path: str,
@@ -619,10 +626,7 @@ def from_model(
             lm_head, model = model.lm_head.weight, inner
         elif getattr(config, "tie_word_embeddings", False):
             lm_head = model.get_input_embeddings().weight
-    if family in CAUSAL_FAMILIES and tokenizer.pad_token is None:
-        # Llama-family and GPT-2 tokenizers often have no pad token: pad with end-of-sequence
-        # (masked, and on the right, so it never reaches a real token of a causal model)
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_causal(tokenizer, family)
     return Backbone(
         name=name,
         path=path,
