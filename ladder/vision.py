@@ -52,6 +52,9 @@ VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "v
 RANDOM_VIT = "random-vit"
 RANDOM_VIT_SIZE = 64  # input side in pixels
 RANDOM_VIT_PREPROCESS = "rgb-bilinear-64x64-scale-1/255-mean-0.5-std-0.5"
+# how the visual tokens enter the side stream: "ladder" (ours, the default): before every side
+# block, as the backbone's states do for the text; "input" (the authors'): once, at the input
+VISUAL_FUSIONS = ("ladder", "input")
 
 
 def parse_pool(pool: str | None) -> int | None:
@@ -304,6 +307,16 @@ class VisualSideNetwork(EncoderSideNetwork):
     image there is no such parameter: the network (its parameters for a seed, its logits) is the
     one-image network it was before the embedding existed.
 
+    ``visual_fusion`` "ladder" (the default) feeds the projected visual tokens in again before
+    every side block after the first, through a gate per block like the text ladders'
+    (``x_v = g * x_v + (1 - g) * v``, ``g = sigmoid(visual_gates[j] / T)``, alpha starting at
+    ``side.gate_alpha``): the visual positions of the side stream are laddered from the frozen
+    vision encoder as the text positions are from the frozen backbone. "input" is the authors'
+    CLIP-T5 recipe: the visual tokens enter once, at the input. Measured on easy-VQA (README):
+    with "input" the pruned side network's post-LN blocks wash the image out of the visual
+    positions within the first 20 optimizer steps (the logits stop depending on the image), and
+    it never learns even a colour question; with "ladder" it does.
+
     The visual tokens are standardised per feature before the projection, with the mean and std
     of the training images' tokens (buffers ``visual_mean``, ``visual_std``, set by
     ``set_visual_stats``, saved with the weights). A frozen encoder's tokens share a large
@@ -318,7 +331,12 @@ class VisualSideNetwork(EncoderSideNetwork):
         side: SideConfig,
         d_visual: int,
         n_images: int = 1,
+        visual_fusion: str = "ladder",
     ) -> None:
+        if visual_fusion not in VISUAL_FUSIONS:
+            raise LadderError(
+                f"visual fusion {visual_fusion!r}; allowed: {', '.join(map(repr, VISUAL_FUSIONS))}"
+            )
         if side.fusion == "xladder":
             raise LadderError(
                 "side.fusion='xladder' with visual tokens is not built yet; allowed: 'ladder', "
@@ -332,6 +350,7 @@ class VisualSideNetwork(EncoderSideNetwork):
         dims = backbone_dims(backbone_config, side)
         self.d_visual = d_visual
         self.n_images = n_images
+        self.visual_fusion = visual_fusion
         self.visual_proj = nn.Linear(d_visual, self.d_side)
         self.visual_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
         init_weights(self.visual_proj)
@@ -342,6 +361,12 @@ class VisualSideNetwork(EncoderSideNetwork):
         if n_images > 1:  # created last: the one-image network's draws stay as they were
             self.image_embed = nn.Embedding(n_images, self.d_side)
             nn.init.normal_(self.image_embed.weight, mean=0.0, std=0.01)
+        # one alpha per kept block after the first (no random draw: seeds give the same weights)
+        self.visual_gates = (
+            nn.Parameter(torch.full((len(self.kept) - 1,), float(side.gate_alpha)))
+            if visual_fusion == "ladder"
+            else None
+        )
 
     def set_visual_stats(self, mean: Tensor, std: Tensor) -> None:
         """The per-feature mean and std [d_v] the visual tokens are standardised with."""
@@ -386,9 +411,15 @@ class VisualSideNetwork(EncoderSideNetwork):
         ones = torch.ones(B, Tv, dtype=torch.bool, device=x.device)
         full = torch.cat([ones, attention_mask.bool().to(x.device)], 1)  # (B, T_v + T)
         mask = mask_bias(full[:, None, None, :], x.dtype)  # (B, 1, 1, T_v + T)
-        for i in self.kept:
-            if self.fusion == "ladder":  # the backbone saw the text only: text positions
-                x = torch.cat([x[:, :Tv], self.before_block(x[:, Tv:], i, hiddens)], 1)
+        for j, i in enumerate(self.kept):
+            xv = x[:, :Tv]  # (B, T_v, d/r)
+            if self.visual_gates is not None and j > 0:  # the visual ladder
+                g = torch.sigmoid(self.visual_gates[j - 1] / self.side.gate_T)
+                xv = g * xv + (1 - g) * v.to(xv.dtype)
+            xt = x[:, Tv:]  # the backbone saw the text only: its ladders reach text positions
+            x = torch.cat(
+                [xv, self.before_block(xt, i, hiddens) if self.fusion == "ladder" else xt], 1
+            )
             x = self.layers[str(i)](x, mask)  # (B, T_v + T, d/r)
         if self.fusion == "late":
             x = torch.cat([x[:, :Tv], self.after_blocks(x[:, Tv:], hiddens)], 1)
@@ -414,13 +445,17 @@ def visual_stats(grid: np.ndarray | Tensor, eps: float = 1e-6) -> tuple[Tensor, 
 
 
 def build_visual_side_network(
-    backbone_config: PretrainedConfig, side: SideConfig, d_visual: int, n_images: int = 1
+    backbone_config: PretrainedConfig,
+    side: SideConfig,
+    d_visual: int,
+    n_images: int = 1,
+    visual_fusion: str = "ladder",
 ) -> VisualSideNetwork:
-    """The encoder-only side network with visual tokens of ``n_images`` images per example (T5
-    with visual tokens: not built yet)."""
+    """The encoder-only side network with visual tokens of ``n_images`` images per example,
+    entering as ``visual_fusion`` says (T5 with visual tokens: not built yet)."""
     if getattr(backbone_config, "model_type", None) in T5_TYPES:
         raise LadderError(
             "visual tokens with a T5 side network are not built yet; use an encoder-only "
             "backbone (BERT family, BART) for vision-and-language tasks"
         )
-    return VisualSideNetwork(backbone_config, side, d_visual, n_images)
+    return VisualSideNetwork(backbone_config, side, d_visual, n_images, visual_fusion)

@@ -466,6 +466,13 @@ TRAIN_OPTIONS = [
         type=click.Choice(_choices("train_side.fusion")),
     ),
     config_option(
+        "--visual-fusion",
+        "train_side.visual_fusion",
+        "VL tasks: visual tokens into every side block through a gate (ladder), or once at the "
+        "input (the authors')",
+        type=click.Choice(_choices("train_side.visual_fusion")),
+    ),
+    config_option(
         "--xladder-depth",
         "train_side.xladder_depth",
         "fusion xladder: the top N backbone blocks ladder into the first N of 2N side blocks",

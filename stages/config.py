@@ -110,6 +110,9 @@ class TrainSideConfig(Section):
     # cache's template, fields-answer: extraction reads this key too)
     head: Literal["cls", "lm"] = "cls"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
+    # VL tasks: how the visual tokens enter the side stream (ladder.vision): "ladder", before
+    # every side block through a gate, as the backbone's states do; "input", once (the authors')
+    visual_fusion: Literal["ladder", "input"] = "ladder"
     threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one
     # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer
     memory_mb: int = Field(default=4096, ge=16)

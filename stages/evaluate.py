@@ -416,7 +416,8 @@ def visual_network(
     backbone: Backbone, backbone_cfg: BackboneConfig, saved: dict[str, Any], device: str
 ) -> tuple[torch.nn.Module, VisionEncoder]:
     """A VL run's side network (unloaded) as train-side built it, from its ``<net>.config.json``
-    (``visual``: the vision encoder's width, images per example), and the frozen vision encoder
+    (``visual``: the vision encoder's width, images per example, visual fusion), and the frozen
+    vision encoder
     the run names (``backbone.vision``)."""
     vision = load_vision_encoder(
         backbone_cfg.vision or "", device=device, pool=backbone_cfg.vision_pool
@@ -428,7 +429,9 @@ def visual_network(
             f"network was trained on width {visual['d']}"
         )
     side = SideConfig(**saved["side"])
-    net = build_visual_side_network(backbone.config, side, visual["d"], visual["n_images"])
+    net = build_visual_side_network(
+        backbone.config, side, visual["d"], visual["n_images"], visual.get("fusion", "input")
+    )  # networks saved before visual ladders existed took their tokens at the input
     return net, vision
 
 

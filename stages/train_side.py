@@ -412,7 +412,9 @@ def build_trial(
     visual = visual_of(cfg, cache)
     if visual is not None:  # visual tokens before the text (ladder.vision)
         side = side_config(cfg, trial.r, spec, cache)
-        net = build_visual_side_network(bcfg, side, visual["d"], images_per_example(cache))
+        net = build_visual_side_network(
+            bcfg, side, visual["d"], images_per_example(cache), cfg.train_side.visual_fusion
+        )
         net.set_visual_stats(*train_visual_stats(cache))
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
@@ -788,7 +790,11 @@ def cached_outputs(
     saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
     cache = resolve_cache(cfg, cache_key or saved["cache"])
     spec, candidates = task_spec_of(cache), cache.manifest["task"].get("candidates")
-    weights_only = cfg.train_side.model_copy(update={"init": "random"})  # the checkpoint's, below
+    # the checkpoint's weights (below) into the network it was saved from
+    rebuilt: dict[str, Any] = {"init": "random"}
+    if "visual" in saved:  # saved before visual ladders existed: tokens at the input
+        rebuilt["visual_fusion"] = saved["visual"].get("fusion", "input")
+    weights_only = cfg.train_side.model_copy(update=rebuilt)
     cfg = cfg.model_copy(update={"train_side": weights_only})
     ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
     ts.net.load_state_dict(load_file(str(Path(folder) / f"{name}.best.safetensors")), strict=False)
@@ -885,6 +891,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     for key in ("warmup_ratio", "xladder_depth"):  # runs made before the option still resume
         if t.get(key) is None:
             t.pop(key, None)
+    if cfg.backbone.vision is None:  # it changes VL networks only: text runs still resume
+        t.pop("visual_fusion", None)
     return {
         "cache": cache_key,
         "train_side": t,
@@ -1035,7 +1043,7 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
 def visual_config(net: VisualSideNetwork) -> dict[str, Any]:
     """What rebuilds a network's visual part (``<net>.config.json``'s ``visual``): the vision
     encoder's width and the images per example."""
-    return {"d": net.d_visual, "n_images": net.n_images}
+    return {"d": net.d_visual, "n_images": net.n_images, "fusion": net.visual_fusion}
 
 
 # --- the run -------------------------------------------------------------------------------------------

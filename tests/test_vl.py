@@ -287,7 +287,7 @@ def test_a_vl_run_on_a_text_only_cache_is_one_line_exit_2(vqa, tmp_path, capsys,
 # --- several images per example (NLVR2): the image-index embedding ---------------------------------
 
 
-def _visual_net(n_images: int):
+def _visual_net(n_images: int, visual_fusion: str = "ladder"):
     from transformers import BertConfig
 
     from ladder.side import SideConfig
@@ -298,7 +298,8 @@ def _visual_net(n_images: int):
         intermediate_size=64,
     )  # fmt: skip
     torch.manual_seed(0)
-    net = build_visual_side_network(cfg, SideConfig(reduction_factor=4, num_labels=5), 24, n_images)
+    side = SideConfig(reduction_factor=4, num_labels=5)
+    net = build_visual_side_network(cfg, side, 24, n_images, visual_fusion)
     g = torch.Generator().manual_seed(1)
     hiddens = {n: torch.randn(2, 6, 32, generator=g) for n in range(4)}
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -324,6 +325,44 @@ def test_two_images_are_told_apart_and_one_image_is_unchanged():
     assert not hasattr(one, "image_embed") and not any("image_embed" in k for k in one.state_dict())
     with pytest.raises(Exception, match="7 visual tokens for 2 images per example"):
         net(hiddens, mask, visual=torch.zeros(2, 7, 24))
+
+
+def _block_inputs(net, hiddens, mask, visual) -> list[torch.Tensor]:
+    """The visual positions of each side block's input, in block order."""
+    seen: list[torch.Tensor] = []
+    hooks = [
+        net.layers[str(i)].register_forward_pre_hook(lambda m, a: seen.append(a[0][:, :5].clone()))
+        for i in net.kept
+    ]
+    with torch.no_grad():
+        net(hiddens, mask, visual=visual)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_visual_ladder_feeds_the_projected_tokens_into_every_block():
+    net, hiddens, mask, visual = _visual_net(1)  # visual_fusion "ladder", the default
+    assert net.visual_gates.shape == (len(net.kept) - 1,)  # one per block after the first
+    projected = _block_inputs(net, hiddens, mask, visual)[0]  # block 0 reads the tokens as input
+    with torch.no_grad():
+        net.visual_gates.fill_(-100.0)  # g = 0: each block's visual positions are the tokens
+    for later in _block_inputs(net, hiddens, mask, visual)[1:]:
+        torch.testing.assert_close(later, projected)
+    # g = 1: nothing fed in again, which is the authors' network (same seed, same weights)
+    plain, *_ = _visual_net(1, "input")
+    assert plain.visual_gates is None and not any("visual_gates" in k for k in plain.state_dict())
+    with torch.no_grad():
+        net.visual_gates.fill_(100.0)
+        torch.testing.assert_close(
+            net(hiddens, mask, visual=visual), plain(hiddens, mask, visual=visual)
+        )
+        net.visual_gates.zero_()  # the init: half the tokens, half the stream
+    net.train()
+    net(hiddens, mask, visual=visual).sum().backward()
+    assert net.visual_gates.grad is not None and net.visual_gates.grad.abs().min() > 0
+    with pytest.raises(Exception, match="visual fusion 'late'; allowed: 'ladder', 'input'"):
+        _visual_net(1, "late")
 
 
 # --- evaluate and predict with the live encoders --------------------------------------------------
@@ -366,6 +405,12 @@ def test_vl_evaluate_and_predict_equal_train_sides_evaluation(vl_run, vqa, tmp_p
     folder = str(res.folder)
     want = res.metrics["networks"][name]["test"]
     outputs, spec, _ = cached_outputs(cfg, res.folder, name, "test")
+    saved = json.loads((res.folder / f"{name}.config.json").read_text())
+    assert saved["visual"]["fusion"] == "ladder"  # the default, rebuilt as saved, not as asked:
+    other = cfg.model_copy(
+        update={"train_side": cfg.train_side.model_copy(update={"visual_fusion": "input"})}
+    )
+    assert torch.equal(cached_outputs(other, res.folder, name, "test")[0], outputs)
     # evaluate: the cache's image features (the vision encoder does not run) ...
     encoded = []
     real = stages.evaluate.encode_images
