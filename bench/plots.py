@@ -279,7 +279,12 @@ def vqa_question_types(figures: dict[str, Any], path: Path) -> Path:
     types = list(first)
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     width = 0.8 / len(arms)
-    colors = {"with images": "tab:blue", "text alone": "tab:gray"}
+    colors = {
+        "with images": "tab:blue",  # before visual ladders: one arm with images, at the input
+        "with images (ladder)": "tab:blue",
+        "with images (input)": "tab:orange",
+        "text alone": "tab:gray",
+    }
     for k, arm in enumerate(arms):
         by = figures["arms"][arm]["by_type"]
         xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(types))]

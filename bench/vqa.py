@@ -72,6 +72,11 @@ def main() -> None:
     p.add_argument("--vision-pool", default=None, help="patch tokens pooled to KxK (e.g. 4x4)")
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--visual-fusions",
+        default="ladder,input",
+        help="arms with images: ladder (visual ladders, the default), input (the authors')",
+    )
     p.add_argument("--work", type=Path, default=None, help="cache and runs here (default: temp)")
     p.add_argument("--plot", type=Path, default=None, help="accuracy per question type (PNG)")
     args = p.parse_args()
@@ -122,9 +127,16 @@ def main() -> None:
     no_vision = cfg.model_copy(
         update={"backbone": cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})}
     )
-    for arm, c in (("with images", cfg), ("text alone", no_vision)):
+    with_images = {
+        f"with images ({f})": cfg.model_copy(
+            update={"train_side": cfg.train_side.model_copy(update={"visual_fusion": f})}
+        )
+        for f in args.visual_fusions.split(",")
+    }
+    for arm, c in (*with_images.items(), ("text alone", no_vision)):
         t1 = time.perf_counter()
-        out = train_side(c, cache_key=res.key, run_name=arm.replace(" ", "-"), progress=True)
+        run = arm.replace(" ", "-").replace("(", "").replace(")", "")
+        out = train_side(c, cache_key=res.key, run_name=run, progress=True)
         names = list(out.metrics["networks"])
         nets = out.metrics["networks"].values()
         acc = [n["test"]["accuracy"] for n in nets]
@@ -155,6 +167,7 @@ def main() -> None:
         "vision_pool": args.vision_pool,
         "warmup_steps": args.warmup_steps,
         "lr": args.lr,
+        "visual_fusions": args.visual_fusions.split(","),
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],
         "image_tokens": img["n_tokens"],
