@@ -12,12 +12,17 @@ is the body's own, taken out of it, so a network of one task has the single-task
 weights, init draws and parameter names under ``heads.<task>``. Encoder-only backbones only (the
 BERT family, BART's encoder): T5 scores label strings with a shared LM head and the causal
 networks pool another way.
+
+Vision-and-language tasks in the list (``visual=VisualSpec(...)``): the body is a
+:class:`~ladder.vision.VisualSideNetwork`; a batch of a VL task passes its visual tokens
+(``forward(..., visual=...)``) and a batch of a text task none, and runs the same blocks on the
+text alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig
@@ -26,6 +31,7 @@ from ladder.errors import LadderError
 from ladder.families import ENCODER_TYPES
 from ladder.shared import ClassifierHead, init_weights
 from ladder.side import EncoderSideNetwork, SideConfig
+from ladder.vision import VisualSideNetwork
 
 HEAD_MODULES = ("up", "head_drop", "head_dense", "head_out")  # ClassifierHead.build_head's
 
@@ -61,6 +67,16 @@ class TaskHead(ClassifierHead, nn.Module):
         return self.head(pooled)
 
 
+@dataclass(frozen=True)
+class VisualSpec:
+    """The visual part of a multi-task body: the vision encoder's width, images per example,
+    and how the tokens enter the side stream (``VisualSideNetwork``)."""
+
+    d: int
+    n_images: int = 1
+    fusion: str = "ladder"
+
+
 class MultiTaskSideNetwork(nn.Module):
     """A shared encoder-only side body with one :class:`TaskHead` per task.
 
@@ -70,7 +86,11 @@ class MultiTaskSideNetwork(nn.Module):
     """
 
     def __init__(
-        self, backbone_config: PretrainedConfig, side: SideConfig, num_labels: Mapping[str, int]
+        self,
+        backbone_config: PretrainedConfig,
+        side: SideConfig,
+        num_labels: Mapping[str, int],
+        visual: VisualSpec | None = None,
     ) -> None:
         super().__init__()
         mt = getattr(backbone_config, "model_type", None)
@@ -83,7 +103,12 @@ class MultiTaskSideNetwork(nn.Module):
             raise LadderError("a multi-task side network needs at least one task; got none")
         tasks = list(num_labels)
         first = replace(side, num_labels=num_labels[tasks[0]])
-        self.body = EncoderSideNetwork(backbone_config, first)  # body and the first task's head
+        # the body and the first task's head
+        self.body: EncoderSideNetwork = (
+            EncoderSideNetwork(backbone_config, first)
+            if visual is None
+            else VisualSideNetwork(backbone_config, first, visual.d, visual.n_images, visual.fusion)
+        )
         d_side, d, p = self.body.d_side, self.body.d, self.body.head_drop.p
         heads = {tasks[0]: TaskHead(first, d_side, d, p, source=self.body)}
         for task in tasks[1:]:
@@ -116,9 +141,20 @@ class MultiTaskSideNetwork(nn.Module):
         attention_mask: Tensor,
         pool_index: Tensor | None = None,
         task: str | None = None,
+        visual: Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, num_labels of the task): the shared body, then the task's head."""
-        return self.heads[task or self.task](self.body.pooled(hiddens, attention_mask, pool_index))
+        """Logits (B, num_labels of the task): the shared body, then the task's head.
+        ``visual``: a VL task's visual tokens (B, T_v, d_v); None for a text task."""
+        if visual is None:
+            pooled = self.body.pooled(hiddens, attention_mask, pool_index)
+        elif isinstance(self.body, VisualSideNetwork):
+            pooled = self.body.pooled(hiddens, attention_mask, pool_index, visual=visual)
+        else:
+            raise LadderError(
+                "visual tokens given to a multi-task network built without a visual part; "
+                "allowed: visual=None, or a network built with visual=VisualSpec(...)"
+            )
+        return self.heads[task or self.task](pooled)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """The selected task's loss: cross-entropy, or MSE for a regression task."""

@@ -388,6 +388,20 @@ class VisualSideNetwork(EncoderSideNetwork):
         """Logits (B, num_labels). visual: (B, T_v, d_v) visual tokens (every one attended)."""
         if visual is None:
             raise LadderError("VisualSideNetwork needs visual tokens (B, T_v, d_v); got None")
+        return self.head(self.pooled(hiddens, attention_mask, pool_index, visual=visual))
+
+    def pooled(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        pool_index: Tensor | None = None,
+        visual: Tensor | None = None,
+    ) -> Tensor:
+        """The side state (B, d/r) the head reads: the first text token (BART: the last real
+        one) after every block, with the visual tokens (B, T_v, d_v) before the text; without
+        them (a text task of a multi-task run) the same blocks on the text alone."""
+        if visual is None:
+            return super().pooled(hiddens, attention_mask, pool_index)
         if visual.dim() != 3 or visual.shape[-1] != self.d_visual:
             raise LadderError(
                 f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
@@ -432,10 +446,7 @@ class VisualSideNetwork(EncoderSideNetwork):
                 else torch.zeros(B, dtype=torch.long)
             )
         rows = torch.arange(B, device=x.device)
-        pooled = x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
-        h = self.up(pooled)  # (B, d)
-        h = torch.tanh(self.head_dense(self.head_drop(h)))  # (B, d)
-        return self.head_out(self.head_drop(h))  # (B, num_labels)
+        return x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
 
 
 def visual_stats(grid: np.ndarray | Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,14 @@ resolved as a one-task run resolves its cache; all caches must come from the sam
 ladders and side blocks and gives each task its own classification head (its own labels;
 regression allowed). Encoder-only backbones only.
 
+Vision-and-language tasks mix in (``--task easy-vqa,sst2 --vision-encoder random-vit``): the
+body takes the VL tasks' visual tokens (``ladder.vision``) and runs text tasks on the text alone.
+The vision encoder (and its pooling) applies to the VL tasks of the list, whose caches must hold
+its features and the same number of images per example; their training images give the visual
+standardisation together. In a list that mixes text and VL tasks, ``--data-dir`` names the text
+tasks' data (a glue_data folder): the VL tasks' caches are matched on task, backbone, vision
+encoder and limit, as when stage two is given no data.
+
 Task-mixed batches, as VL-Adapter's multi-task training samples a task per step: every batch
 comes from one task's loader, and an epoch is every batch of every task once, in an order drawn
 from the run's seed and the epoch (a random interleaving in which each task keeps its share of the
@@ -35,19 +43,22 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
-from ladder.multitask import MultiTaskSideNetwork
+from ladder.multitask import MultiTaskSideNetwork, VisualSpec
+from ladder.vision import VisualSideNetwork
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
+from stages.images import images_per_example, visual_of
 from stages.runfiles import (
     DiskFull,
     write_atomic,
     write_json_atomic,
 )
-from stages.tasks import TaskSpec, check_trainable, paper_epochs
+from stages.tasks import VL_TASKS, TaskSpec, check_trainable, paper_epochs
 from stages.train_side import (
     TrainResult,
     Trial,
@@ -71,14 +82,24 @@ from stages.train_side import (
     task_spec_of,
     task_spec_record,
     train_step,
+    train_visual_stats,
     trial_state,
+    visual_config,
     warmup_warning,
 )
 
 
 def task_config(cfg: StageConfig, task: str) -> StageConfig:
-    """``cfg`` for one task of its list (what that task's cache is resolved with)."""
-    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"name": task})})
+    """``cfg`` for one task of its list (what that task's cache is resolved with): a text task
+    without the vision encoder; in a list mixing text and VL tasks, a VL task without
+    ``task.data_dir`` (it names the text tasks' data)."""
+    task_update: dict[str, Any] = {"name": task}
+    update: dict[str, Any] = {}
+    if task not in VL_TASKS and cfg.backbone.vision is not None:
+        update["backbone"] = cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})
+    if task in VL_TASKS and any(t not in VL_TASKS for t in cfg.task.names):
+        task_update["data_dir"] = None
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update=task_update), **update})
 
 
 def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, CommittedCache]:
@@ -118,12 +139,23 @@ def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, Committ
 
 
 def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, TaskSpec]:
-    """Each task's spec, checked: text tasks with a classification or regression head."""
+    """Each task's spec, checked: tasks with a classification or regression head; with a
+    vision encoder, at least one VL task, all VL tasks with as many images per example."""
     if cfg.backbone.vision is not None:
-        raise StageError(
-            f"a task list trains text alone, but vision encoder {cfg.backbone.vision!r} was "
-            "asked for; allowed: no --vision-encoder with several tasks"
-        )
+        vl = [t for t in caches if t in VL_TASKS]
+        if not vl:
+            raise StageError(
+                f"vision encoder {cfg.backbone.vision!r} was asked for, but no task of "
+                f"{cfg.task.name} has images; allowed: a list with a vision-and-language task "
+                f"({', '.join(VL_TASKS)}), or no --vision-encoder"
+            )
+        per = {t: images_per_example(caches[t]) for t in vl}
+        if len(set(per.values())) > 1:
+            raise StageError(
+                f"the VL tasks of {cfg.task.name} have different images per example "
+                f"({', '.join(f'{t}: {n}' for t, n in per.items())}); allowed: VL tasks with "
+                "the same number of images per example in one list"
+            )
     specs = {}
     for t, cache in caches.items():
         spec = task_spec_of(cache)
@@ -178,10 +210,23 @@ def build_multitask_trial(
     first = next(iter(caches))
     torch.manual_seed(trial.seed)
     labels = {t: s.num_labels for t, s in specs.items()}
-    net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels)
+    vl = visual_caches(cfg, caches)
+    visual = None
+    if vl:
+        some = next(iter(vl.values()))
+        d = int(visual_of(cfg, some)["d"])  # type: ignore[index]
+        visual = VisualSpec(d, images_per_example(some), cfg.train_side.visual_fusion)
+    net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels, visual)
+    if vl:
+        net.body.set_visual_stats(*train_visual_stats(*vl.values()))  # type: ignore[attr-defined]
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
+
+
+def visual_caches(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, CommittedCache]:
+    """The caches whose image features the run reads (VL tasks, with a vision encoder set)."""
+    return {t: c for t, c in caches.items() if visual_of(task_config(cfg, t), c) is not None}
 
 
 def train_multitask(
@@ -243,6 +288,7 @@ def train_multitask_run(
 
     seed0 = trials[0].seed
     budget = (t.memory_mb << 20) // len(tasks)  # the tasks' loaders share the budget
+    with_images = visual_caches(cfg, caches)
 
     def loader(cache: CommittedCache, split: str) -> CacheLoader:
         train = split == "train"
@@ -254,6 +300,7 @@ def train_multitask_run(
             shuffle=train,
             seed=seed0,
             memory_budget=budget,
+            images=ImageTable(cache) if cache in with_images.values() else None,
         )
 
     loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}
@@ -449,6 +496,7 @@ class MultiTaskRun:
         folder, name = self.folder, ts.trial.name
         save_best_weights(folder, ts)
         first = self.caches[next(iter(self.caches))]
+        body = ts.net.body  # type: ignore[union-attr]
         write_json_atomic(
             folder / f"{name}.config.json",
             {
@@ -464,6 +512,7 @@ class MultiTaskRun:
                 },
                 "backbone": first.manifest["backbone"]["name"],
                 "epoch": ts.best_epoch,
+                **({"visual": visual_config(body)} if isinstance(body, VisualSideNetwork) else {}),
             },
         )
 

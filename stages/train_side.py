@@ -423,12 +423,15 @@ def build_trial(
     return trial_state(cfg, net, trial, total_steps)
 
 
-def train_visual_stats(cache: CommittedCache) -> tuple[torch.Tensor, torch.Tensor]:
+def train_visual_stats(*caches: CommittedCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of the visual tokens of the training split's images (what a VL
-    side network standardises its visual tokens with; ``VisualSideNetwork.set_visual_stats``)."""
-    table = ImageTable(cache)
-    rows = np.unique(table.index["train"])
-    return visual_stats(table.grid[rows])
+    side network standardises its visual tokens with; ``VisualSideNetwork.set_visual_stats``);
+    several caches (a multi-task run's VL tasks): over all their training images."""
+    grids = []
+    for cache in caches:
+        table = ImageTable(cache)
+        grids.append(np.asarray(table.grid[np.unique(table.index["train"])]))
+    return visual_stats(np.concatenate(grids))
 
 
 def trial_state(

@@ -202,3 +202,60 @@ def test_pipeline_yaml_takes_a_task_list(tmp_path):
     f.write_text("task:\n  name: [rte, rte]\n")
     with pytest.raises(PipelineError, match="task.name: .*the task list repeats rte"):
         load_config(f)
+
+
+def test_a_vl_task_and_a_text_task_train_one_body(tmp_path, glue_dir, minilm_tokenizer):
+    """``--task easy-vqa,rte --vision-encoder``: the VL task's batches carry their visual tokens
+    into the shared (visual) body, the text task's none; the VL task's cache is found without
+    the glue folder that names the text task's data."""
+    from ladder.multitask import MultiTaskSideNetwork
+    from tests.test_vl import tiny_clip, write_vqa
+
+    backbone, vision = tiny_bert(minilm_tokenizer), tiny_clip()
+    vqa = write_vqa(tmp_path / "vqa")
+    common = {
+        "backbone.name": backbone.name,
+        "cache.dtype": "float32",
+        "extract.side_init": ["magnitude"],
+        "extract.reduction_factors": [4],
+    }
+    vl = {"task.name": "easy-vqa", "backbone.vision": "tiny-clip"}
+    extract(make_config(tmp_path, vqa, **common, **vl), backbone=backbone, vision=vision,
+            progress=False)  # fmt: skip
+    extract(make_config(tmp_path, glue_dir, **common), backbone=backbone, progress=False)
+    cfg = _cfg(
+        {"tmp": tmp_path, "glue": glue_dir, "backbone": backbone.name},
+        tmp_path,
+        "easy-vqa,rte",
+        **{"backbone.vision": "tiny-clip"},
+    )
+    seen: list[tuple[str, bool]] = []
+    real = MultiTaskSideNetwork.forward
+
+    def spy(self, *a, **k):
+        seen.append((self.task, k.get("visual") is not None))
+        return real(self, *a, **k)
+
+    MultiTaskSideNetwork.forward = spy  # type: ignore[method-assign]
+    try:
+        res = train_multitask_run(cfg, progress=False, echo=False)
+    finally:
+        MultiTaskSideNetwork.forward = real  # type: ignore[method-assign]
+    assert {("easy-vqa", True), ("rte", False)} == set(seen)
+    (net,) = res.metrics["networks"].values()
+    assert set(net["test"]) >= {"easy-vqa", "rte", "score"}
+    (name,) = res.metrics["networks"]
+    saved = json.loads((res.folder / f"{name}.config.json").read_text())
+    assert saved["visual"] == {"d": 32, "n_images": 1, "fusion": "ladder"}
+    weights = load_file(str(res.folder / f"{name}.best.safetensors"))
+    assert "body.visual_proj.weight" in weights and "body.visual_gates" in weights
+    # the visual standardisation: the VL task's training images, not the identity
+    assert not torch.equal(weights["body.visual_std"], torch.ones(32))
+
+
+def test_a_vision_encoder_with_no_vl_task_is_one_line(caches, tmp_path, capsys):
+    code = _cli(caches, tmp_path, caches["tmp"], "--task", "rte,mrpc",
+                "--vision-encoder", "random-vit")  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "no task of rte,mrpc has images" in err[0], err
