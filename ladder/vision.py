@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -449,10 +449,20 @@ class VisualSideNetwork(EncoderSideNetwork):
         return x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
 
 
-def visual_stats(grid: np.ndarray | Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std over every token of ``grid`` [..., d_v] (float32)."""
-    x = torch.as_tensor(np.asarray(grid, dtype=np.float32)).reshape(-1, grid.shape[-1])
-    return x.mean(0), x.std(0, unbiased=False).clamp_min(eps)
+def visual_stats(
+    blocks: np.ndarray | Tensor | Iterable[np.ndarray], eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std over every token of a grid [..., d_v], or of blocks of one
+    (streamed: a block at a time, sums in float64); float32 results, std at least ``eps``."""
+    if isinstance(blocks, np.ndarray | Tensor):
+        blocks = [np.asarray(blocks)]
+    n, total, squares = 0, 0.0, 0.0
+    for block in blocks:
+        x = np.asarray(block, dtype=np.float64).reshape(-1, block.shape[-1])
+        n, total, squares = n + len(x), total + x.sum(0), squares + (x * x).sum(0)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(eps)
 
 
 def build_visual_side_network(

@@ -361,7 +361,7 @@ class Extractor:
             images = None
             if self.vision is not None:  # once per distinct image, after the text streams
                 t1 = time.perf_counter()
-                images = write_images(self.cfg, writer, self.vision, self.data)
+                images = write_images(self.cfg, writer, self.vision, self.data, self.show_progress)
                 self.timings["images_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             side_init = write_side_init(

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from cache_store import layout
 from cache_store.layout import rows_per_chunk, stored_numpy_dtype
@@ -116,51 +118,75 @@ def open_image(data: TaskData, key: str) -> Any:
         ) from None
 
 
+def image_batches(
+    vision: VisionEncoder, data: TaskData, keys: list[str], progress: bool = False
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first image's row, grid float32 [b, n_tokens, d_v], pooled [b, d_v]) for the images
+    ``keys`` through the frozen vision encoder, ``BATCH`` at a time: only a batch is held."""
+    with tqdm(total=len(keys), unit="image", desc="extract: image features", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        for k in range(0, len(keys), BATCH):
+            g, p = vision.features([open_image(data, key) for key in keys[k : k + BATCH]])
+            yield k, g.numpy(), p.numpy()
+            bar.update(min(BATCH, len(keys) - k))
+
+
 def encode_images(
     vision: VisionEncoder, data: TaskData
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Every distinct image of the task's splits through the frozen vision encoder, once, in
-    batches of ``BATCH``: grid features float32 [n_images, n_tokens, d_v], pooled [n_images, d_v]
-    and per split each example's row (``distinct_images``)."""
+    """Every distinct image of the task's splits through the frozen vision encoder, once:
+    grid features float32 [n_images, n_tokens, d_v], pooled [n_images, d_v] and per split each
+    example's row (``distinct_images``); in memory (evaluate's few images)."""
     keys, index = distinct_images(data)
-    grids, pooled = [], []
-    for k in range(0, len(keys), BATCH):
-        g, p = vision.features([open_image(data, key) for key in keys[k : k + BATCH]])
-        grids.append(g.numpy())
-        pooled.append(p.numpy())
-    if not grids:
+    if not keys:
         raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
+    grids, pooled = zip(*((g, p) for _, g, p in image_batches(vision, data, keys)), strict=True)
     return np.concatenate(grids), np.concatenate(pooled), index
 
 
 def write_images(
-    cfg: StageConfig, writer: CacheWriter, vision: VisionEncoder, data: TaskData
+    cfg: StageConfig,
+    writer: CacheWriter,
+    vision: VisionEncoder,
+    data: TaskData,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Encode every distinct image once and write ``images/`` and each ``<split>/image_index``;
-    returns the manifest's ``images`` entry. Done once per attempt (a resumed run skips it)."""
+    returns the manifest's ``images`` entry. Done once per attempt (a resumed run skips it).
+    Streamed: each batch of images is encoded and written at its rows before the next is read,
+    so stage one holds one batch of features, however many images the task has."""
     prog = writer.progress(PROGRESS)
     if prog is not None and prog.get("done"):
         return prog["manifest"]
     t0 = time.perf_counter()
-    grid, pooled, index = encode_images(vision, data)
-    n_images, n_tokens, d = grid.shape
+    keys, index = distinct_images(data)
+    if not keys:
+        raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
+    n_images = len(keys)
     dtype, codec = cfg.cache.dtype, cfg.cache.codec
-    chunk = rows_per_chunk(d, dtype, cfg.cache.chunk_mb)
-    values = {"grid": grid.reshape(n_images * n_tokens, d), "pooled": pooled}
     paths = layout.image_arrays(dtype)
-    for name, x in values.items():
-        codes, scale = layout.encode(x, dtype)
-        kw: dict[str, Any] = dict(
-            chunk_rows=chunk, shard_rows=chunk * cfg.cache.shard_chunks, codec=codec
-        )
-        writer.create_array(
-            paths[name], codes.shape, stored_numpy_dtype(dtype), attrs={"dtype": dtype},
-            data=codes, **kw,
-        )  # fmt: skip
-        if scale is not None:
-            writer.create_array(
-                paths[layout.scale_name(name)], scale.shape, "float32", data=scale, **kw
+    arrays: dict[str, Any] = {}
+    n_tokens = d = 0
+    for start, grid, pooled in image_batches(vision, data, keys, progress):
+        b, n_tokens, d = grid.shape
+        values = {"grid": grid.reshape(b * n_tokens, d), "pooled": pooled}
+        per = {"grid": n_tokens, "pooled": 1}  # rows per image
+        for name, x in values.items():
+            codes, scale = layout.encode(x, dtype)
+            parts = (
+                {name: codes} if scale is None else {name: codes, layout.scale_name(name): scale}
             )
+            for part, v in parts.items():
+                if part not in arrays:  # shapes are known from the first batch
+                    chunk = rows_per_chunk(d, dtype, cfg.cache.chunk_mb)
+                    arrays[part] = writer.create_array(
+                        paths[part], (n_images * per[name], *v.shape[1:]),
+                        stored_numpy_dtype(dtype) if part == name else "float32",
+                        attrs={"dtype": dtype} if part == name else None,
+                        chunk_rows=chunk, shard_rows=chunk * cfg.cache.shard_chunks, codec=codec,
+                    )  # fmt: skip
+                row = start * per[name]
+                arrays[part][row : row + len(v)] = v
     for split, idx in index.items():
         writer.create_array(
             layout.image_index_path(split), idx.shape, idx.dtype, chunk_rows=1 << 20, data=idx

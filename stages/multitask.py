@@ -300,7 +300,7 @@ def train_multitask_run(
             shuffle=train,
             seed=seed0,
             memory_budget=budget,
-            images=ImageTable(cache) if cache in with_images.values() else None,
+            images=ImageTable(cache, budget) if cache in with_images.values() else None,
         )
 
     loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}

@@ -427,11 +427,8 @@ def train_visual_stats(*caches: CommittedCache) -> tuple[torch.Tensor, torch.Ten
     """Per-feature mean and std of the visual tokens of the training split's images (what a VL
     side network standardises its visual tokens with; ``VisualSideNetwork.set_visual_stats``);
     several caches (a multi-task run's VL tasks): over all their training images."""
-    grids = []
-    for cache in caches:
-        table = ImageTable(cache)
-        grids.append(np.asarray(table.grid[np.unique(table.index["train"])]))
-    return visual_stats(np.concatenate(grids))
+    tables = [ImageTable(cache, memory_budget=0) for cache in caches]  # streamed
+    return visual_stats(b for t in tables for b in t.blocks(np.unique(t.index["train"])))
 
 
 def trial_state(
@@ -813,7 +810,11 @@ def cached_outputs(
         batch_size=cfg.train_side.batch_size * 2,
         shuffle=False,
         memory_budget=cfg.train_side.memory_mb << 20,
-        images=ImageTable(cache) if visual_of(cfg, cache) is not None else None,
+        images=(
+            ImageTable(cache, cfg.train_side.memory_mb << 20)
+            if visual_of(cfg, cache) is not None
+            else None
+        ),
     )
     out: torch.Tensor | None = None
     for batch in torch_batches(loader.epoch(0)):
@@ -1106,7 +1107,7 @@ def train_side(
 
     seed0 = trials[0].seed
     budget = t.memory_mb << 20
-    images = ImageTable(cache) if visual_of(cfg, cache) is not None else None
+    images = ImageTable(cache, budget) if visual_of(cfg, cache) is not None else None
     train = CacheLoader(
         cache,
         "train",

@@ -101,10 +101,13 @@ def test_the_splits_hold_out_whole_training_images(vqa, tmp_path):
     assert set(data.images) == set().union(*images.values())
 
 
-def test_image_features_are_stored_once_per_distinct_image(vqa, tmp_path, encoders):
+def test_image_features_are_stored_once_per_distinct_image(vqa, tmp_path, encoders, monkeypatch):
     from PIL import Image
 
+    import stages.images
+
     backbone, vision = encoders
+    monkeypatch.setattr(stages.images, "BATCH", 5)  # written 5 images at a time: 5 batches
     cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "int8"})
     res = extract(cfg, backbone=backbone, vision=vision, progress=False)
     cache = open_cache(cfg.cache_root, res.key)
@@ -127,6 +130,15 @@ def test_image_features_are_stored_once_per_distinct_image(vqa, tmp_path, encode
         scale = cache.array("images/grid_scale")[index[n] * 17 : (index[n] + 1) * 17]
         got = layout.decode_numpy(codes, scale, "int8")
         np.testing.assert_allclose(got, want[0].numpy(), atol=float(scale.max()))
+    # every batch at its rows: the whole table equals the features computed in one piece
+    whole, pooled, _ = stages.images.encode_images(vision, data)
+    scale = cache.array("images/grid_scale")[...]
+    got = layout.decode_numpy(grid[...], scale, "int8").reshape(whole.shape)
+    np.testing.assert_allclose(got, whole, atol=float(scale.max()))
+    stored_pooled = layout.decode_numpy(
+        cache.array("images/pooled")[...], cache.array("images/pooled_scale")[...], "int8"
+    )
+    np.testing.assert_allclose(stored_pooled, pooled, atol=0.05 * float(np.abs(pooled).max()))
     # the layout names every array, the commit inventories them, verify reads them all
     found = {p for p, _ in walk_arrays(cache.group)}
     assert found == layout.expected_arrays(m) | (layout.optional_arrays(m) & found)
