@@ -17,7 +17,17 @@ from ladder.vision import VisualT5SideNetwork, build_visual_side_network
 from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.tasks import load_task_of
-from stages.train_side import cached_outputs, cached_predictions, train_side
+from stages.train_side import (
+    Trial,
+    backbone_config_of,
+    build_trial,
+    cached_outputs,
+    cached_predictions,
+    load_side_init,
+    resolve_cache,
+    task_spec_of,
+    train_side,
+)
 from tests.conftest import tiny_t5
 from tests.test_vl import tiny_clip, vl_config, write_vqa
 
@@ -210,14 +220,21 @@ def test_t5_late_fusion_reaches_text_positions_only():
 
 @pytest.fixture(scope="module")
 def t5_vl(tmp_path_factory, minilm_tokenizer):
-    """A float32 easy-VQA cache of a tiny T5 and a tiny CLIP, and a 2-epoch cached run on it."""
+    """A float32 easy-VQA cache of a tiny T5 and a tiny CLIP (with magnitude side init at r = 4),
+    and a 2-epoch cached run on it from that init."""
     tmp = tmp_path_factory.mktemp("t5vl")
     vqa = write_vqa(tmp / "vqa", n_train=10, n_test=3, per_image=3)
     backbone, vision = tiny_t5(minilm_tokenizer), tiny_clip()
     cfg = vl_config(
         tmp,
         vqa,
-        **{"backbone.name": "tiny-t5", "backbone.vision": "tiny-clip", "cache.dtype": "float32"},
+        **{
+            "backbone.name": "tiny-t5",
+            "backbone.vision": "tiny-clip",
+            "cache.dtype": "float32",
+            "extract.side_init": ["magnitude"],
+            "extract.reduction_factors": [4],
+        },
     )
     cfg = apply_overrides(
         cfg,
@@ -227,7 +244,7 @@ def t5_vl(tmp_path_factory, minilm_tokenizer):
             "train_side.warmup_steps": 2,
             "train_side.reduction_factors": [4],
             "train_side.learning_rates": [0.003],
-            "train_side.init": "random",
+            "train_side.init": "magnitude",
         },
     )
     extract(cfg, backbone=backbone, vision=vision, progress=False)
@@ -249,6 +266,15 @@ def test_t5_vl_train_side_figures_are_the_checkpoints_on_the_cache(t5_vl):
     weights = torch.load(res.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)["net"]
     assert "visual_proj.weight" in weights and "enc.0.sa.q.weight" in weights
     assert "lm_head" not in weights  # frozen, from the cache
+    # the T5 part started from the cache's pruned weights (the visual part from random)
+    cache = resolve_cache(cfg, res.metrics["cache"])
+    init = load_side_init(cache, 4, "magnitude")
+    ts = build_trial(
+        cfg, cache, backbone_config_of(cache), task_spec_of(cache), Trial(**saved["trial"]), 1
+    )
+    assert isinstance(ts.net, VisualT5SideNetwork)
+    own = ts.net.state_dict()
+    assert init and all(torch.equal(own[k], w) for k, w in init.items())
     outputs, spec, candidates = cached_outputs(cfg, res.folder, name, "test")
     assert candidates is not None and outputs.shape == (9, len(candidates))  # 13 answers
     preds = cached_predictions(cfg, res.folder, name, "test")
