@@ -315,3 +315,32 @@ def test_t5_vl_evaluate_equals_train_sides_evaluation(t5_vl, capsys, monkeypatch
     assert run_cli(["predict", "--run", str(res.folder), "--input", str(path), "--json"]) == 0
     got = [json.loads(line)["prediction"] for line in capsys.readouterr().out.splitlines()]
     assert got == [spec.labels[int(candidates[k])] for k in outputs.argmax(-1)]
+
+
+def test_t5_two_images_are_told_apart():
+    """NLVR2's two images per example: the shared image-index embedding works for T5 too."""
+    torch.manual_seed(0)
+    net = build_visual_side_network(
+        _t5_cfg(), SideConfig(reduction_factor=4), DV, 2, "ladder", torch.randn(V, D)
+    ).eval()
+    _, enc, mask, dec, _, visual = _t5_net()  # 5 tokens per image, two images
+    visual = torch.cat([visual, visual.roll(1, 0)], 1)  # (2, 10, DV)
+
+    def swap(x):  # (2, 10, ...) -> the right image's 5 tokens first
+        return torch.cat([x[:, 5:], x[:, :5]], 1)
+
+    swapped = swap(visual)
+    assert net.image_embed.weight.shape == (2, 8)
+    with torch.no_grad():
+        both, _ = net(enc, mask, dec, visual=visual)
+        other, _ = net(enc, mask, dec, visual=swapped)
+        assert not torch.allclose(both, other, rtol=0, atol=1e-9)  # left/right matter
+        # the image-index embedding marks each image's tokens (T5's relative position bias
+        # tells the two blocks apart too, by distance only)
+        tokens = net.visual_tokens(visual, net.enc.drop)
+        assert not torch.allclose(net.visual_tokens(swapped, net.enc.drop), swap(tokens))
+        net.image_embed.weight.zero_()
+        tokens = net.visual_tokens(visual, net.enc.drop)
+        torch.testing.assert_close(net.visual_tokens(swapped, net.enc.drop), swap(tokens))
+    with pytest.raises(LadderError, match="7 visual tokens for 2 images per example"):
+        net(enc, mask, dec, visual=torch.zeros(2, 7, DV))
