@@ -579,7 +579,23 @@ class T5SideNetwork(nn.Module):
         {state: (B, T_dec, d)} on the shifted-right targets; dec_mask: (B, T_dec) or None
         (causal only, as the reference trains); labels: (B, T_dec), -100 on padding.
         """
-        enc = self.enc(enc_hiddens, enc_mask)  # (B, T_enc, d/r)
+        enc, enc_mask = self.encode(enc_hiddens, enc_mask)
+        return self.decode(enc, enc_mask, dec_hiddens, dec_mask, labels)
+
+    def encode(self, enc_hiddens: Mapping[int, Tensor], enc_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The side encoder's output (B, T_enc, d/r) and the mask (B, T_enc) the side decoder's
+        cross-attention reads it with (here ``enc_mask`` itself)."""
+        return self.enc(enc_hiddens, enc_mask), enc_mask
+
+    def decode(
+        self,
+        enc: Tensor,
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward` after the side encoder: enc (B, T_e, d/r), enc_mask (B, T_e)."""
         dec = self.dec(dec_hiddens, dec_mask, enc, enc_mask)  # (B, T_dec, d/r)
         logits = self._logits(dec)
         loss = None if labels is None else self.loss(logits, labels)
@@ -605,8 +621,20 @@ class T5SideNetwork(nn.Module):
         forcing on each candidate; dec_mask: (B, C, T_dec) or None; labels: (B, C, T_dec), -100 on
         padding. Pick a prediction with ``argmax(-1)``.
         """
+        enc, enc_mask = self.encode(enc_hiddens, enc_mask)
+        return self.score_encoded(enc, enc_mask, dec_hiddens, dec_mask, labels)
+
+    def score_encoded(
+        self,
+        enc: Tensor,
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None,
+        labels: Tensor,
+    ) -> Tensor:
+        """:meth:`score_candidates` after the side encoder: enc (B, T_e, d/r), enc_mask (B, T_e)."""
         B, C, T = labels.shape
-        enc = self.enc(enc_hiddens, enc_mask).repeat_interleave(C, dim=0)  # (B*C, T_enc, d/r)
+        enc = enc.repeat_interleave(C, dim=0)  # (B*C, T_enc, d/r)
         flat = {k: h.flatten(0, 1) for k, h in dec_hiddens.items()}  # (B*C, T_dec, d)
         dmask = None if dec_mask is None else dec_mask.flatten(0, 1)
         dec = self.dec(flat, dmask, enc, enc_mask.repeat_interleave(C, dim=0))  # (B*C, T_dec, d/r)

@@ -1,10 +1,11 @@
-"""Vision-and-language LST: the frozen vision encoder, and the side network that reads its tokens.
+"""Vision-and-language LST: the frozen vision encoder, and the side networks that read its tokens.
 
 As in the paper's CLIP-T5 experiments: the vision encoder is frozen; its visual tokens go through
 a trainable projection to the side width and are placed *before* the text in the side network's
 input, with attention over both; the text backbone sees the text alone, so its states (the
 ladders) are added to the text positions only. No gradient reaches the vision encoder or the
-backbone.
+backbone. Encoder-only backbones: ``VisualSideNetwork``; T5: ``VisualT5SideNetwork`` (the visual
+tokens before the text of the side encoder; the side decoder cross-attends to both).
 
 Vision encoders: any Hugging Face CLIP (``CLIPVisionModel``, or the vision tower of a full CLIP
 checkpoint), SigLIP (vision tower) or ViT model by name or local folder, preprocessed by its own
@@ -45,8 +46,8 @@ from ladder.backbones import resolve_backbone
 from ladder.errors import LadderError
 from ladder.families import T5_TYPES
 from ladder.ladders import ladder_linear
-from ladder.shared import backbone_dims, init_weights
-from ladder.side import EncoderSideNetwork, SideConfig
+from ladder.shared import RMSNorm, backbone_dims, init_weights
+from ladder.side import EncoderSideNetwork, SideConfig, T5SideNetwork
 
 VISION_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "vit")
 RANDOM_VIT = "random-vit"
@@ -287,10 +288,117 @@ def _load_vision_encoder(
     return vision_from_model(name, model, processor, path=path, revision=revision)
 
 
-# --------------------------------------------------------------------------- the side network
+# --------------------------------------------------------------------------- the side networks
 
 
-class VisualSideNetwork(EncoderSideNetwork):
+def check_visual_fusion(visual_fusion: str) -> None:
+    """A visual fusion is one of ``VISUAL_FUSIONS``; anything else is one line."""
+    if visual_fusion not in VISUAL_FUSIONS:
+        raise LadderError(
+            f"visual fusion {visual_fusion!r}; allowed: {', '.join(map(repr, VISUAL_FUSIONS))}"
+        )
+
+
+class VisualInput(nn.Module):
+    """The visual part every VL side network shares (encoder-only and T5): the frozen vision
+    encoder's tokens standardised, projected to the side width, told apart by image, normed,
+    and gated in again before every side block after the first (the visual ladder).
+
+    :meth:`build_visual` creates, in this order (the state-dict order and what a seed draws):
+    ``visual_proj`` (d_v -> d/r), ``visual_ln`` (the norm the network passes), the buffers
+    ``visual_mean``/``visual_std`` (0 and 1 until :meth:`set_visual_stats`), ``image_embed``
+    (only with ``n_images`` > 1) and ``visual_gates`` (fusion "ladder" only: one alpha per side
+    block after the first). :meth:`visual_tokens` maps (B, T_v, d_v) tokens to (B, T_v, d/r) and
+    :meth:`visual_ladder` is the gate before side block j.
+    """
+
+    d_visual: int
+    n_images: int
+    visual_fusion: str
+    visual_gates: nn.Parameter | None
+
+    def build_visual(
+        self,
+        d_visual: int,
+        n_images: int,
+        visual_fusion: str,
+        d_side: int,
+        norm: nn.Module,
+        n_blocks: int,
+        gate_alpha: float,
+    ) -> None:
+        """Create the visual parameters and buffers (see the class); ``norm`` acts at width
+        ``d_side`` on the projected tokens; ``n_blocks``: the side blocks the tokens enter."""
+        check_visual_fusion(visual_fusion)
+        if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
+            raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+            raise LadderError(f"n_images={n_images!r}; allowed: images per example (>= 1)")
+        self.d_visual = d_visual
+        self.n_images = n_images
+        self.visual_fusion = visual_fusion
+        self.visual_proj = nn.Linear(d_visual, d_side)
+        self.visual_ln = norm
+        init_weights(self.visual_proj)
+        # per-feature standardisation of the frozen encoder's tokens (``set_visual_stats``):
+        # buffers, not trained, saved with the network; 0 and 1 (identity) until set
+        self.register_buffer("visual_mean", torch.zeros(d_visual))
+        self.register_buffer("visual_std", torch.ones(d_visual))
+        if n_images > 1:  # created last: the one-image network's draws stay as they were
+            self.image_embed = nn.Embedding(n_images, d_side)
+            nn.init.normal_(self.image_embed.weight, mean=0.0, std=0.01)
+        # one alpha per side block after the first (no random draw: seeds give the same weights)
+        self.visual_gates = (
+            nn.Parameter(torch.full((n_blocks - 1,), float(gate_alpha)))
+            if visual_fusion == "ladder"
+            else None
+        )
+
+    def set_visual_stats(self, mean: Tensor, std: Tensor) -> None:
+        """The per-feature mean and std [d_v] the visual tokens are standardised with."""
+        if mean.shape != (self.d_visual,) or std.shape != (self.d_visual,) or (std <= 0).any():
+            raise LadderError(
+                f"visual stats of shapes {tuple(mean.shape)}, {tuple(std.shape)}; allowed: "
+                f"({self.d_visual},) each, std > 0"
+            )
+        self.visual_mean.copy_(mean)
+        self.visual_std.copy_(std)
+
+    def visual_tokens(self, visual: Tensor | None, drop: nn.Module) -> Tensor:
+        """(B, T_v, d_v) visual tokens -> (B, T_v, d/r): standardised, projected, image index
+        added (several images), normed, then ``drop`` (the stream's input dropout)."""
+        name = type(self).__name__
+        if visual is None:
+            raise LadderError(f"{name} needs visual tokens (B, T_v, d_v); got None")
+        if visual.dim() != 3 or visual.shape[-1] != self.d_visual:
+            raise LadderError(
+                f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
+            )
+        if visual.shape[1] % self.n_images:
+            raise LadderError(
+                f"{visual.shape[1]} visual tokens for {self.n_images} images per example; allowed: "
+                f"a multiple of {self.n_images} (the images' tokens one image after the other)"
+            )
+        mean, std = self.visual_mean, self.visual_std
+        visual = (visual.to(mean.dtype) - mean) / std  # (B, T_v, d_v), standardised
+        v = ladder_linear(self.visual_proj, visual)  # (B, T_v, d/r)
+        if self.n_images > 1:  # which image each block of tokens comes from
+            B, Tv, d = v.shape
+            per = v.reshape(B, self.n_images, Tv // self.n_images, d)  # (B, n_images, T_i, d/r)
+            v = (per + self.image_embed.weight[None, :, None, :].to(v.dtype)).reshape(B, Tv, d)
+        return drop(self.visual_ln(v))  # (B, T_v, d/r)
+
+    def visual_ladder(self, xv: Tensor, v: Tensor, j: int, gate_T: float) -> Tensor:
+        """The visual positions (B, T_v, d/r) of the input of the j-th side block (0-based, in
+        stream order): from block 1 on, with fusion "ladder", ``g * xv + (1 - g) * v``,
+        ``g = sigmoid(visual_gates[j - 1] / gate_T)``; else ``xv`` as it is."""
+        if self.visual_gates is None or j == 0:
+            return xv
+        g = torch.sigmoid(self.visual_gates[j - 1] / gate_T)
+        return g * xv + (1 - g) * v.to(xv.dtype)
+
+
+class VisualSideNetwork(VisualInput, EncoderSideNetwork):
     """The encoder-only side network with visual tokens before the text.
 
     ``visual_proj`` (d_v -> d/r) and ``visual_ln`` map the frozen vision encoder's tokens to the
@@ -333,50 +441,18 @@ class VisualSideNetwork(EncoderSideNetwork):
         n_images: int = 1,
         visual_fusion: str = "ladder",
     ) -> None:
-        if visual_fusion not in VISUAL_FUSIONS:
-            raise LadderError(
-                f"visual fusion {visual_fusion!r}; allowed: {', '.join(map(repr, VISUAL_FUSIONS))}"
-            )
+        check_visual_fusion(visual_fusion)
         if side.fusion == "xladder":
             raise LadderError(
                 "side.fusion='xladder' with visual tokens is not built yet; allowed: 'ladder', "
                 "'late', 'none'"
             )
         super().__init__(backbone_config, side)
-        if isinstance(d_visual, bool) or not isinstance(d_visual, int) or d_visual < 1:
-            raise LadderError(f"d_visual={d_visual!r}; allowed: the vision encoder's width (>= 1)")
-        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
-            raise LadderError(f"n_images={n_images!r}; allowed: images per example (>= 1)")
         dims = backbone_dims(backbone_config, side)
-        self.d_visual = d_visual
-        self.n_images = n_images
-        self.visual_fusion = visual_fusion
-        self.visual_proj = nn.Linear(d_visual, self.d_side)
-        self.visual_ln = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
-        init_weights(self.visual_proj)
-        # per-feature standardisation of the frozen encoder's tokens (``set_visual_stats``):
-        # buffers, not trained, saved with the network; 0 and 1 (identity) until set
-        self.register_buffer("visual_mean", torch.zeros(d_visual))
-        self.register_buffer("visual_std", torch.ones(d_visual))
-        if n_images > 1:  # created last: the one-image network's draws stay as they were
-            self.image_embed = nn.Embedding(n_images, self.d_side)
-            nn.init.normal_(self.image_embed.weight, mean=0.0, std=0.01)
-        # one alpha per kept block after the first (no random draw: seeds give the same weights)
-        self.visual_gates = (
-            nn.Parameter(torch.full((len(self.kept) - 1,), float(side.gate_alpha)))
-            if visual_fusion == "ladder"
-            else None
+        norm = nn.LayerNorm(self.d_side, eps=dims.ln_eps)
+        self.build_visual(
+            d_visual, n_images, visual_fusion, self.d_side, norm, len(self.kept), side.gate_alpha
         )
-
-    def set_visual_stats(self, mean: Tensor, std: Tensor) -> None:
-        """The per-feature mean and std [d_v] the visual tokens are standardised with."""
-        if mean.shape != (self.d_visual,) or std.shape != (self.d_visual,) or (std <= 0).any():
-            raise LadderError(
-                f"visual stats of shapes {tuple(mean.shape)}, {tuple(std.shape)}; allowed: "
-                f"({self.d_visual},) each, std > 0"
-            )
-        self.visual_mean.copy_(mean)
-        self.visual_std.copy_(std)
 
     def forward(  # type: ignore[override]
         self,
@@ -402,34 +478,15 @@ class VisualSideNetwork(EncoderSideNetwork):
         them (a text task of a multi-task run) the same blocks on the text alone."""
         if visual is None:
             return super().pooled(hiddens, attention_mask, pool_index)
-        if visual.dim() != 3 or visual.shape[-1] != self.d_visual:
-            raise LadderError(
-                f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
-            )
-        if visual.shape[1] % self.n_images:
-            raise LadderError(
-                f"{visual.shape[1]} visual tokens for {self.n_images} images per example; allowed: "
-                f"a multiple of {self.n_images} (the images' tokens one image after the other)"
-            )
-        text = self.side_input(hiddens)  # (B, T, d/r)
-        mean, std = self.visual_mean, self.visual_std
-        visual = (visual.to(mean.dtype) - mean) / std  # (B, T_v, d_v), standardised
-        v = ladder_linear(self.visual_proj, visual)  # (B, T_v, d/r)
-        if self.n_images > 1:  # which image each block of tokens comes from
-            B, Tv, d = v.shape
-            per = v.reshape(B, self.n_images, Tv // self.n_images, d)  # (B, n_images, T_i, d/r)
-            v = (per + self.image_embed.weight[None, :, None, :].to(v.dtype)).reshape(B, Tv, d)
-        v = self.drop(self.visual_ln(v))  # (B, T_v, d/r)
+        text = self.side_input(hiddens)  # (B, T, d/r); first: the dropout draws as they were
+        v = self.visual_tokens(visual, self.drop)  # (B, T_v, d/r)
         B, Tv = v.shape[:2]
         x = torch.cat([v.to(text.dtype), text], 1)  # (B, T_v + T, d/r)
         ones = torch.ones(B, Tv, dtype=torch.bool, device=x.device)
         full = torch.cat([ones, attention_mask.bool().to(x.device)], 1)  # (B, T_v + T)
         mask = mask_bias(full[:, None, None, :], x.dtype)  # (B, 1, 1, T_v + T)
         for j, i in enumerate(self.kept):
-            xv = x[:, :Tv]  # (B, T_v, d/r)
-            if self.visual_gates is not None and j > 0:  # the visual ladder
-                g = torch.sigmoid(self.visual_gates[j - 1] / self.side.gate_T)
-                xv = g * xv + (1 - g) * v.to(xv.dtype)
+            xv = self.visual_ladder(x[:, :Tv], v, j, self.side.gate_T)  # (B, T_v, d/r)
             xt = x[:, Tv:]  # the backbone saw the text only: its ladders reach text positions
             x = torch.cat(
                 [xv, self.before_block(xt, i, hiddens) if self.fusion == "ladder" else xt], 1
@@ -447,6 +504,103 @@ class VisualSideNetwork(EncoderSideNetwork):
             )
         rows = torch.arange(B, device=x.device)
         return x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
+
+
+class VisualT5SideNetwork(VisualInput, T5SideNetwork):
+    """The T5 side network (side encoder, side decoder, frozen LM head) with visual tokens
+    before the text of the side *encoder* stream, as the paper's CLIP-T5: the T5 backbone sees
+    the text alone, the visual tokens reach the side network only.
+
+    The visual part is :class:`VisualInput`'s, as for :class:`VisualSideNetwork` (standardised
+    tokens, ``visual_proj`` d_v -> d/r, ``image_embed`` for several images, visual ladders
+    with ``visual_fusion`` "ladder", the default, or once at the input with "input"), except
+    the norm: ``visual_ln`` is the family's RMSNorm (scale only, no bias), since T5's side stream
+    has no LayerNorm anywhere; the tokens are standardised per feature before the projection,
+    so a centring norm would add little.
+
+    Side encoder: the stream is ``[visual (T_v) ; text (T)]``; every side encoder block attends
+    over both; the backbone's encoder ladders (and late fusion) reach the text positions only,
+    the visual ladder the visual positions. The relative position bias covers the whole
+    ``T_v + T`` stream as one sequence (visual tokens at positions 0 .. T_v - 1, image after
+    image, the text after them; bidirectional buckets): text-to-text biases are T5's (they
+    depend on distances only), and the visual tokens get theirs from the same learned table
+    rather than none. Side decoder: unchanged, its cross-attention reads the whole side encoder output
+    (visual positions always allowed, text positions as ``enc_mask``).
+
+    Built after the text part, so a seed gives the T5 part the weights ``T5SideNetwork`` has;
+    ``load_side_init`` loads the same canonical keys; the visual keys are none of them.
+    """
+
+    def __init__(
+        self,
+        backbone_config: PretrainedConfig,
+        side: SideConfig,
+        lm_head: Tensor,
+        d_visual: int,
+        n_images: int = 1,
+        visual_fusion: str = "ladder",
+    ) -> None:
+        check_visual_fusion(visual_fusion)
+        super().__init__(backbone_config, side, lm_head)
+        dims = backbone_dims(backbone_config, side)
+        norm = RMSNorm(self.d_side, dims.ln_eps)
+        n_blocks = len(self.enc.kept)
+        self.build_visual(
+            d_visual, n_images, visual_fusion, self.d_side, norm, n_blocks, side.gate_alpha
+        )
+
+    def encode_visual(
+        self, enc_hiddens: Mapping[int, Tensor], enc_mask: Tensor, visual: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The side encoder over ``[visual ; text]`` -> (output (B, T_v + T, d/r), mask
+        (B, T_v + T), True on every visual position). enc_hiddens: {state: (B, T, d)};
+        enc_mask: (B, T); visual: (B, T_v, d_v)."""
+        s = self.enc
+        text = s.side_input(enc_hiddens)  # (B, T, d/r)
+        v = self.visual_tokens(visual, s.drop)  # (B, T_v, d/r)
+        B, Tv = v.shape[:2]
+        x = torch.cat([v.to(text.dtype), text], 1)  # (B, T_v + T, d/r)
+        ones = torch.ones(B, Tv, dtype=torch.bool, device=x.device)
+        full = torch.cat([ones, enc_mask.bool().to(x.device)], 1)  # (B, T_v + T)
+        neg = torch.finfo(x.dtype).min  # finite, as T5SideStack
+        allowed = full[:, None, None, :]  # (B, 1, 1, T_v + T)
+        # (B, nh, T_v + T, T_v + T): one relative position bias over the whole stream + mask
+        bias = s.position_bias(x.shape[1], x.device) + torch.where(allowed, 0.0, neg).to(x.dtype)
+        for j, i in enumerate(s.kept):
+            xv = self.visual_ladder(x[:, :Tv], v, j, self.side.gate_T)  # (B, T_v, d/r)
+            xt = s.before_block(x[:, Tv:], i, enc_hiddens)  # ladders: text positions only
+            x = s.block(i)(torch.cat([xv, xt], 1), bias)  # (B, T_v + T, d/r)
+        x = torch.cat([x[:, :Tv], s.after_blocks(x[:, Tv:], enc_hiddens)], 1)  # late: text only
+        return s.drop(s.final_ln(x)), full
+
+    def forward(  # type: ignore[override]
+        self,
+        enc_hiddens: Mapping[int, Tensor],
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        visual: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Teacher-forced pass -> (logits (B, T_dec, V), loss or None), as
+        ``T5SideNetwork.forward``; visual: (B, T_v, d_v) visual tokens (every one attended)."""
+        enc, mask = self.encode_visual(enc_hiddens, enc_mask, visual)  # (B, T_v + T, d/r)
+        return self.decode(enc, mask, dec_hiddens, dec_mask, labels)
+
+    def score_candidates(  # type: ignore[override]
+        self,
+        enc_hiddens: Mapping[int, Tensor],
+        enc_mask: Tensor,
+        dec_hiddens: Mapping[int, Tensor],
+        dec_mask: Tensor | None,
+        labels: Tensor,
+        visual: Tensor | None = None,
+    ) -> Tensor:
+        """Summed log-probability of each candidate label string -> (B, C), as
+        ``T5SideNetwork.score_candidates``; visual: (B, T_v, d_v), the side encoder runs once
+        per example."""
+        enc, mask = self.encode_visual(enc_hiddens, enc_mask, visual)  # (B, T_v + T, d/r)
+        return self.score_encoded(enc, mask, dec_hiddens, dec_mask, labels)
 
 
 def visual_stats(
@@ -471,12 +625,18 @@ def build_visual_side_network(
     d_visual: int,
     n_images: int = 1,
     visual_fusion: str = "ladder",
-) -> VisualSideNetwork:
-    """The encoder-only side network with visual tokens of ``n_images`` images per example,
-    entering as ``visual_fusion`` says (T5 with visual tokens: not built yet)."""
+    lm_head: Tensor | None = None,
+) -> VisualSideNetwork | VisualT5SideNetwork:
+    """The side network with visual tokens of ``n_images`` images per example, entering as
+    ``visual_fusion`` says: ``VisualSideNetwork`` for an encoder-only backbone,
+    ``VisualT5SideNetwork`` for T5 (which needs ``lm_head``, the frozen [V, d] LM head)."""
     if getattr(backbone_config, "model_type", None) in T5_TYPES:
-        raise LadderError(
-            "visual tokens with a T5 side network are not built yet; use an encoder-only "
-            "backbone (BERT family, BART) for vision-and-language tasks"
+        if lm_head is None:
+            raise LadderError(
+                f"model_type={backbone_config.model_type!r} with visual tokens needs lm_head "
+                "(the frozen [V, d] LM head weight); got None"
+            )
+        return VisualT5SideNetwork(
+            backbone_config, side, lm_head, d_visual, n_images, visual_fusion
         )
     return VisualSideNetwork(backbone_config, side, d_visual, n_images, visual_fusion)

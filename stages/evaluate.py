@@ -193,7 +193,9 @@ class Predictor:
         self.answer = side.label_tokens is not None  # a verbaliser: template fields-answer
         self.vision: VisionEncoder | None = None
         if self.backbone_cfg.vision is not None:  # visual tokens before the text
-            self.net, self.vision = visual_network(self.backbone, self.backbone_cfg, saved, device)
+            self.net, self.vision = visual_network(
+                self.backbone, self.backbone_cfg, saved, device, lm_head
+            )
         else:
             self.net = build_side_network(self.backbone.config, side, lm_head)
         self.net.load_state_dict(state, strict=False)
@@ -413,12 +415,16 @@ VisualTokens = Callable[[np.ndarray], np.ndarray]  # example rows -> [B, n_token
 
 
 def visual_network(
-    backbone: Backbone, backbone_cfg: BackboneConfig, saved: dict[str, Any], device: str
+    backbone: Backbone,
+    backbone_cfg: BackboneConfig,
+    saved: dict[str, Any],
+    device: str,
+    lm_head: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, VisionEncoder]:
     """A VL run's side network (unloaded) as train-side built it, from its ``<net>.config.json``
-    (``visual``: the vision encoder's width, images per example, visual fusion), and the frozen
-    vision encoder
-    the run names (``backbone.vision``)."""
+    (``visual``: the vision encoder's width, images per example, visual fusion; T5 also needs
+    ``lm_head``, the backbone's frozen LM head), and the frozen vision encoder the run names
+    (``backbone.vision``)."""
     vision = load_vision_encoder(
         backbone_cfg.vision or "", device=device, pool=backbone_cfg.vision_pool
     )
@@ -430,7 +436,12 @@ def visual_network(
         )
     side = SideConfig(**saved["side"])
     net = build_visual_side_network(
-        backbone.config, side, visual["d"], visual["n_images"], visual.get("fusion", "input")
+        backbone.config,
+        side,
+        visual["d"],
+        visual["n_images"],
+        visual.get("fusion", "input"),
+        lm_head,
     )  # networks saved before visual ladders existed took their tokens at the input
     return net, vision
 

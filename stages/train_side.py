@@ -53,7 +53,7 @@ from ladder.stacked import (
     stack_networks,
     stackable,
 )
-from ladder.vision import VisualSideNetwork, build_visual_side_network, visual_stats
+from ladder.vision import VisualInput, build_visual_side_network, visual_stats
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -413,7 +413,12 @@ def build_trial(
     if visual is not None:  # visual tokens before the text (ladder.vision)
         side = side_config(cfg, trial.r, spec, cache)
         net = build_visual_side_network(
-            bcfg, side, visual["d"], images_per_example(cache), cfg.train_side.visual_fusion
+            bcfg,
+            side,
+            visual["d"],
+            images_per_example(cache),
+            cfg.train_side.visual_fusion,
+            lm_head,  # T5: the frozen LM head
         )
         net.set_visual_stats(*train_visual_stats(cache))
     else:
@@ -425,7 +430,7 @@ def build_trial(
 
 def train_visual_stats(*caches: CommittedCache) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of the visual tokens of the training split's images (what a VL
-    side network standardises its visual tokens with; ``VisualSideNetwork.set_visual_stats``);
+    side network standardises its visual tokens with; ``VisualInput.set_visual_stats``);
     several caches (a multi-task run's VL tasks): over all their training images."""
     tables = [ImageTable(cache, memory_budget=0) for cache in caches]  # streamed
     return visual_stats(b for t in tables for b in t.blocks(np.unique(t.index["train"])))
@@ -505,6 +510,7 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
             states(batch, "dec"),
             None,
             batch.target_ids["dec"],
+            **visual_inputs(batch),
         )
     else:
         if ts.compiled is not None and batch.visual is None:
@@ -703,7 +709,8 @@ def batch_outputs(
     per = [states(batch, s) for s in streams]
     dec = {n: torch.stack([pad(p[n], 0.0) for p in per], 1) for n in per[0]}  # [B, C, T, d]
     labels = torch.stack([pad(batch.target_ids[s], -100) for s in streams], 1)  # [B, C, T]
-    return net.score_candidates(states(batch, "enc"), batch.masks["enc"], dec, None, labels)
+    enc, enc_mask = states(batch, "enc"), batch.masks["enc"]
+    return net.score_candidates(enc, enc_mask, dec, None, labels, **visual_inputs(batch))
 
 
 def predictions_of(
@@ -1039,14 +1046,16 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
             "task": cache.manifest["task"]["name"],
             "task_spec": task_spec_record(cache),
             "epoch": ts.best_epoch,
-            **({"visual": visual_config(ts.net)} if isinstance(ts.net, VisualSideNetwork) else {}),
+            **({"visual": visual_config(ts.net)} if isinstance(ts.net, VisualInput) else {}),
         },
     )
 
 
-def visual_config(net: VisualSideNetwork) -> dict[str, Any]:
+def visual_config(net: VisualInput) -> dict[str, Any]:
     """What rebuilds a network's visual part (``<net>.config.json``'s ``visual``): the vision
-    encoder's width and the images per example."""
+    encoder's width, the images per example and the visual fusion (the family, T5 or
+    encoder-only, is the backbone's: ``backbone`` and ``side`` rebuild the rest; a T5 network's
+    frozen LM head comes from the cache or the backbone)."""
     return {"d": net.d_visual, "n_images": net.n_images, "fusion": net.visual_fusion}
 
 
