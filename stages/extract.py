@@ -61,6 +61,7 @@ from stages.errors import StageError
 from stages.images import check_vision_task, vision_key_inputs, write_images
 from stages.side_init import write_side_init
 from stages.tasks import (
+    CAPTION_PROMPT,
     TaskData,
     load_task_of,
     t5_candidates,
@@ -159,6 +160,8 @@ def key_inputs(
             "name": data.spec.name,
             "labels": list(data.spec.labels) if data.spec.labels else None,
             "splits": {s: data.fingerprint(s) for s in data.splits},
+            # captioning: the encoder's fixed input (recorded there only: other keys unchanged)
+            **({"prompt": CAPTION_PROMPT} if data.spec.captioning else {}),
         },
         "max_length": cfg.backbone.max_length,
         "template": template_id(
@@ -521,7 +524,9 @@ class Extractor:
                 "metric": spec.metric,
                 "text_fields": list(spec.text_fields),
                 "source": self.data.source,
-                "candidates": t5_candidates(spec) if self.backbone.encoder_decoder else None,
+                "candidates": t5_candidates(spec)
+                if self.backbone.encoder_decoder and not spec.captioning
+                else None,
             },
             **(
                 {
