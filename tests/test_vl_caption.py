@@ -242,9 +242,7 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
     assert one == free[1:2]
 
 
-def test_pipeline_evaluate_returns_cider_of_the_generated_captions(
-    caption_run, predictor, capsys
-):
+def test_pipeline_evaluate_returns_cider_of_the_generated_captions(caption_run, predictor, capsys):
     from pipeline.cli import run_cli
     from stages.evaluate import CAPTION_MAX_NEW_TOKENS, split_tokens
     from stages.vl_metrics import cider
