@@ -242,21 +242,23 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
     assert one == free[1:2]
 
 
-def test_pipeline_evaluate_returns_cider_of_the_generated_captions(caption_run, predictor, capsys):
+def test_pipeline_evaluate_returns_cider_of_the_generated_captions(
+    caption_run, predictor, capsys, tmp_path
+):
+    import shutil
+
     from pipeline.cli import run_cli
-    from stages.evaluate import CAPTION_MAX_NEW_TOKENS, split_tokens
+    from stages.evaluate import CAPTION_MAX_NEW_TOKENS, evaluate_split, split_tokens
     from stages.vl_metrics import cider
 
     cfg, backbone, _, _, res = caption_run
-    assert run_cli(["evaluate", "--run", str(res.folder), "--split", "test", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
-    # the captions generated here one image at a time, scored by cider() directly
+    # the captions generated here one image at a time (EOS or the token bound)
     p = predictor
     data = load_task_of(cfg.task)
     examples = data.splits["test"]
     tokens = split_tokens(p, data, "test")
     tok = backbone.tokenizer
-    captions, references = {}, {}
+    captions = {}
     for n, ex in enumerate(examples):
         ids, mask = _prompt_batch(backbone, 1)
         visual = torch.from_numpy(tokens(np.asarray([n])))
@@ -265,12 +267,25 @@ def test_pipeline_evaluate_returns_cider_of_the_generated_captions(caption_run, 
         )
         assert len(g) <= CAPTION_MAX_NEW_TOKENS
         captions[ex.image] = tok.decode(g, skip_special_tokens=True).strip()
-        references[ex.image] = list(ex.references)
+    # a copy of the data whose first test image also has its generated caption as a reference,
+    # so that the figure is not 0 (a tiny network's captions match no real reference)
+    copy = Path(shutil.copytree(cfg.task.data_dir, tmp_path / "coco"))
+    ds = json.loads((copy / "dataset_coco.json").read_text())
+    first = next(im for im in ds["images"] if im["split"] == "test")
+    first["sentences"].append({"raw": captions[examples[0].image], "tokens": [], "imgid": 0})
+    dump(copy / "dataset_coco.json", ds)
+    args = ["evaluate", "--run", str(res.folder), "--split", "test", "--json"]
+    assert run_cli([*args, "--data-dir", str(copy)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    references = {ex.image: list(ex.references) for ex in examples}
+    references[examples[0].image].append(captions[examples[0].image])
     want = cider(references, captions)
-    assert got["split"] == "test"
+    assert got["split"] == "test" and got["cider"] > 0
     assert got["cider"] == pytest.approx(want["cider"], abs=1e-9)
     assert got["score"] == got["cider"]
+    # on the run's own data: the same captions, scored against the original references
+    assert run_cli(args) == 0
+    want = cider({ex.image: list(ex.references) for ex in examples}, captions)
+    assert json.loads(capsys.readouterr().out)["cider"] == pytest.approx(want["cider"], abs=1e-9)
     with pytest.raises(StageError, match="without reference captions"):
-        from stages.evaluate import evaluate_split
-
         evaluate_split(p, data, "train")
