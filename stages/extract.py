@@ -275,8 +275,8 @@ def check_caption_backbone(cfg: StageConfig, family: str) -> None:
     if family != "t5":
         raise StageError(
             f"captioning needs a T5 backbone (its decoder states under teacher forcing on the "
-            f"caption); {cfg.backbone.name!r} is {family}; allowed: a T5 backbone (e.g. google-t5/t5-base) "
-            "with --vision-encoder"
+            f"caption); {cfg.backbone.name!r} is {family}; allowed: a T5 backbone (e.g. "
+            "google-t5/t5-base) with --vision-encoder"
         )
     if cfg.backbone.vision is None:
         raise StageError(
