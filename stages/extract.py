@@ -248,8 +248,10 @@ def check_generation_task(cfg: StageConfig, data: TaskData, backbone: Backbone |
     on a classification task a decoder-only backbone and label names
     (:func:`stages.tokens.check_verbaliser`); captioning a T5 backbone and a vision encoder."""
     captioning = data.spec.captioning
-    if not data.spec.generation and not captioning and not answer_template(
-        cfg.train_side.head, data.spec
+    if (
+        not data.spec.generation
+        and not captioning
+        and not answer_template(cfg.train_side.head, data.spec)
     ):
         return
     family = backbone.family if backbone is not None else None
