@@ -199,6 +199,23 @@ def test_train_side_records_the_validation_caption_loss(caption_run, predictor):
     assert float(want) == pytest.approx(losses[net["best_epoch"] - 1], rel=1e-5)
 
 
+def test_caption_cache_and_online_follow_the_same_trajectory(caption_run):
+    """Online LST (the live backbone's encoder and decoder states on the batch's ids) trains
+    and validates as the cache does."""
+    from stages.train_side import train_side
+
+    cfg, backbone, _, _, cached = caption_run
+    online = train_side(
+        cfg, run_name="online", online=backbone, online_dropout=False, progress=False, echo=False
+    )
+    (name,) = cached.metrics["networks"]
+    c, o = cached.metrics["networks"][name], online.metrics["networks"][name]
+    for key in ("train_loss", "validation"):
+        want = [h[key] if key == "train_loss" else h[key]["caption_loss"] for h in c["epochs"]]
+        got = [h[key] if key == "train_loss" else h[key]["caption_loss"] for h in o["epochs"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+
+
 def _prompt_batch(backbone, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([backbone.tokenizer(CAPTION_PROMPT)["input_ids"]] * n)
     return ids, torch.ones_like(ids, dtype=torch.bool)
@@ -289,3 +306,9 @@ def test_pipeline_evaluate_returns_cider_of_the_generated_captions(
     assert json.loads(capsys.readouterr().out)["cider"] == pytest.approx(want["cider"], abs=1e-9)
     with pytest.raises(StageError, match="without reference captions"):
         evaluate_split(p, data, "train")
+    # pipeline predict captions image files (the live vision encoder): the same captions
+    path = tmp_path / "images.jsonl"
+    path.write_text("".join(json.dumps({"image": data.images[ex.image]}) + "\n" for ex in examples))
+    assert run_cli(["predict", "--run", str(res.folder), "--input", str(path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prediction"] for r in rows] == [captions[ex.image] for ex in examples]
