@@ -199,15 +199,17 @@ def test_train_side_records_the_validation_caption_loss(caption_run, predictor):
     assert float(want) == pytest.approx(losses[net["best_epoch"] - 1], rel=1e-5)
 
 
-def test_caption_cache_and_online_follow_the_same_trajectory(caption_run):
+def test_caption_cache_and_online_follow_the_same_trajectory(caption_run, capsys):
     """Online LST (the live backbone's encoder and decoder states on the batch's ids) trains
     and validates as the cache does."""
     from stages.train_side import train_side
 
     cfg, backbone, _, _, cached = caption_run
     online = train_side(
-        cfg, run_name="online", online=backbone, online_dropout=False, progress=False, echo=False
+        cfg, run_name="online", online=backbone, online_dropout=False, progress=False, echo=True
     )
+    lines = capsys.readouterr().err.splitlines()  # the epoch lines show the caption loss
+    assert len(lines) == 2 and all("val caption loss" in x and "(best" in x for x in lines)
     (name,) = cached.metrics["networks"]
     c, o = cached.metrics["networks"][name], online.metrics["networks"][name]
     for key in ("train_loss", "validation"):
