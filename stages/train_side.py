@@ -1147,6 +1147,13 @@ def train_side(
     check_trainable(
         spec, cache.manifest["backbone"].get("family"), visual_of(cfg, cache) is not None
     )
+    template = cache.manifest.get("key_inputs", {}).get("template", "")
+    if spec.captioning and not template.startswith("t5-caption-"):
+        raise StageError(
+            f"cache {cache.key} holds captions with template {template or 'unknown'} (extracted "
+            "before captioning trained: the caption was the encoder's input); allowed: a "
+            "t5-caption cache: run `pipeline run extract` again"
+        )
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
     trials = check_trials(cfg, cache)

@@ -161,6 +161,21 @@ def test_captioning_needs_t5_and_images():
         check_trainable(spec, "t5", True, multitask=True)
 
 
+def test_train_side_refuses_a_caption_cache_of_the_old_template(caption_run, monkeypatch):
+    import copy
+
+    import stages.train_side
+    from stages.train_side import resolve_cache, train_side
+
+    cfg, _, _, ext, _ = caption_run
+    cache = copy.copy(resolve_cache(cfg, ext.key))
+    cache.manifest = copy.deepcopy(cache.manifest)
+    cache.manifest["key_inputs"]["template"] = "t5-prefix-v1"  # the caption was the input
+    monkeypatch.setattr(stages.train_side, "resolve_cache", lambda *a, **k: cache)
+    with pytest.raises(StageError, match="template t5-prefix-v1 .* run `pipeline run extract`"):
+        train_side(cfg, run_name="old", progress=False, echo=False)
+
+
 def test_train_side_records_the_validation_caption_loss(caption_run, predictor):
     from stages.tasks import TaskData
     from stages.tokens import tokenize_split
