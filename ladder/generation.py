@@ -11,6 +11,14 @@ after ``max_new_tokens``.
 
 One sequence at a time: with no padding, every position is the one stage one saw in the cache
 (right padding would put a prompt's answer at other positions than a longer prompt's).
+
+Captioning with a T5 backbone (:func:`greedy_generate_t5`): the side network is a
+``VisualT5SideNetwork`` (visual tokens in its encoder, frozen LM head). The side encoder runs once;
+each step recomputes the live backbone (encoder and decoder, no KV cache) over the whole decoder
+prefix, then the side decoder over it, and takes the argmax at the last position: simple, and
+exactly what teacher forcing on the generated prefix computes (O(T^2) per caption, with T at most
+``max_new_tokens``). A batch decodes in lockstep: every row's prefix has the same length, so there
+is no padding; a row that has emitted EOS is done, the rest go on.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from ladder.backbones import Backbone
 from ladder.causal import CausalSideNetwork, SideKVCache
 from ladder.errors import LadderError
+from ladder.vision import VisualT5SideNetwork
 
 
 @torch.inference_mode()
@@ -51,4 +60,59 @@ def greedy_generate(
             break
         out.append(nxt)
         ids = torch.tensor([[nxt]], dtype=torch.long, device=device)
+    return out
+
+
+@torch.inference_mode()
+def greedy_generate_t5(
+    backbone: Backbone,
+    net: VisualT5SideNetwork,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+) -> list[list[int]]:
+    """Greedy captions of a batch (the tokens chosen per row, EOS excluded, at most
+    ``max_new_tokens``). input_ids, attention_mask: the backbone encoder's input [B, T] (long,
+    bool); visual: the visual tokens [B, T_v, d_v]."""
+    if not isinstance(net, VisualT5SideNetwork):
+        raise LadderError(
+            f"greedy_generate_t5 needs a VisualT5SideNetwork; got {type(net).__name__}"
+        )
+    if not backbone.encoder_decoder:
+        raise LadderError(
+            f"greedy_generate_t5 needs a T5 backbone; {backbone.name!r} is {backbone.family}"
+        )
+    if max_new_tokens < 1:
+        raise LadderError(f"max_new_tokens is {max_new_tokens}; allowed: at least 1")
+    net.eval()
+    device = backbone.device
+    enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
+    layers = sorted(set(enc_layers) | set(dec_layers))
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    B = ids.shape[0]
+    start = backbone.config.decoder_start_token_id or 0
+    prefix = torch.full((B, 1), start, dtype=torch.long, device=device)  # [B, t]
+    side_enc = side_mask = None
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        states = backbone.states(ids, mask, decoder_inputs={"dec": prefix}, layers=layers)
+        if side_enc is None:  # the side encoder reads the encoder states alone: once
+            enc = {n: states["enc"][n] for n in enc_layers}
+            side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))
+        dec = {n: states["dec"][n] for n in dec_layers}
+        logits, _ = net.decode(side_enc, side_mask, dec)  # [B, t, V]
+        nxt = logits[:, -1].argmax(-1)  # [B]
+        for b, tok in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if tok == eos_token_id:
+                done[b] = True
+            else:
+                out[b].append(tok)
+        if bool(done.all()):
+            break
+        prefix = torch.cat([prefix, nxt[:, None]], 1)
     return out

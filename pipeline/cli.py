@@ -811,7 +811,7 @@ def predict(
     if input_path is None and p.spec.images:
         raise PipelineError(
             f"task {p.spec.name!r} reads images: give --input FILE (- for stdin) whose JSONL rows "
-            f"hold {', '.join(p.spec.text_fields)} and image (a file path)"
+            f"hold {', '.join([*p.spec.text_fields, 'image'])} (a file path)"
         )
     if input_path is None:
         n = len(p.spec.text_fields)

@@ -15,6 +15,14 @@ content), else runs the frozen vision encoder once per distinct image; ``predict
 ``--input`` rows with ``question`` and ``image`` (a file path) and runs the encoder on them.
 
     pipeline predict  --run runs/<vqa folder> --input questions.jsonl --json
+
+Captioning runs (``coco-caption``, T5 with a vision encoder) generate greedily with the live T5
+backbone (``ladder.generation.greedy_generate_t5``: the backbone decoder's states depend on the
+generated prefix, so they cannot come from the cache), up to EOS or ``CAPTION_MAX_NEW_TOKENS``;
+``evaluate`` scores CIDEr-D (``stages.vl_metrics.cider``) against each image's references
+(validation or test: one example per image); ``predict`` captions ``--input`` rows with ``image``.
+
+    pipeline evaluate --run runs/<coco-caption folder> --split test --json
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from cache_store import layout
 from cache_store.images import ImageTable
 from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
-from ladder.generation import greedy_generate
+from ladder.generation import greedy_generate, greedy_generate_t5
 from ladder.side import SideConfig, build_side_network
 from ladder.vision import VisionEncoder, build_visual_side_network, load_vision_encoder
 from stages.batches import Batch
@@ -200,7 +208,11 @@ class Predictor:
             self.net = build_side_network(self.backbone.config, side, lm_head)
         self.net.load_state_dict(state, strict=False)
         self.net.eval()
-        self.candidates = t5_candidates(self.spec) if self.backbone.encoder_decoder else None
+        self.candidates = (
+            t5_candidates(self.spec)
+            if self.backbone.encoder_decoder and not self.spec.captioning
+            else None
+        )
         layers = {"enc": self.net.needed_layers("enc")}
         if self.candidates is not None:
             layers.update(
@@ -273,6 +285,8 @@ class Predictor:
         ``score``; for generation the generated text (:func:`generation_rows`)."""
         if self.spec.generation:
             return generation_rows(self, examples, progress=progress)
+        if self.spec.captioning:
+            return [{"prediction": c} for c in caption_texts(self, examples, progress=progress)]
         out = self.outputs(examples, batch_size, progress)
         if not examples:
             return []
@@ -342,6 +356,8 @@ def image_example(row: dict[str, Any], n: int, where: str, spec: TaskSpec) -> Ex
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
     if predictor.spec.generation:
         return evaluate_generation_split(predictor, data, split)
+    if predictor.spec.captioning:
+        return evaluate_caption_split(predictor, data, split)[0]
     examples = data.splits[split]
     desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} examples)"
     images = split_tokens(predictor, data, split) if predictor.vision is not None else None
@@ -494,3 +510,69 @@ def cached_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTok
         return None
     table = ImageTable(cache)
     return lambda rows: table.gather(split, rows)
+
+
+# --- captioning ------------------------------------------------------------------------------------
+
+CAPTION_MAX_NEW_TOKENS = 20  # a caption stops at EOS, or after this many tokens
+
+
+def caption_texts(
+    predictor: Predictor,
+    examples: list[Example],
+    images: VisualTokens | None = None,
+    max_new_tokens: int = CAPTION_MAX_NEW_TOKENS,
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> list[str]:
+    """Greedy captions, one per example, decoded without special tokens: the backbone encoder
+    reads the captioning template's input (``CAPTION_PROMPT``), the side network each example's
+    visual tokens from ``images`` (default: the live vision encoder on ``image`` as a file
+    path). Batches decode in lockstep (:func:`ladder.generation.greedy_generate_t5`)."""
+    if predictor.vision is None:
+        raise StageError("captioning needs the run's vision encoder (backbone.vision); none set")
+    if images is None:
+        images = encoded_tokens(predictor.vision, examples)
+    tok = predictor.backbone.tokenizer
+    data = TaskData(predictor.spec, {"test": examples}, "given")
+    enc = tokenize_split(predictor.backbone, data, "test", predictor.backbone_cfg.max_length)["enc"]
+    pad_id = tok.pad_token_id or 0
+    eos = end_token_id(tok)
+    out: list[str] = []
+    with tqdm(
+        total=len(examples), unit="ex", desc=progress, disable=None if progress else True,
+        leave=False,
+    ) as bar:  # fmt: skip
+        for lo in range(0, len(examples), batch_size):
+            rows = np.arange(lo, min(lo + batch_size, len(examples)))
+            ids, mask = pad([enc.ids[i] for i in rows], pad_id)
+            visual = torch.from_numpy(images(rows))
+            got = greedy_generate_t5(
+                predictor.backbone, predictor.net, ids, mask, visual, max_new_tokens, eos
+            )
+            out += [tok.decode(t, skip_special_tokens=True).strip() for t in got]
+            bar.update(len(rows))
+    return out
+
+
+def evaluate_caption_split(
+    predictor: Predictor, data: TaskData, split: str
+) -> tuple[dict[str, float], dict[str, str]]:
+    """CIDEr-D x100 (``cider``, the ``score``; ``stages.vl_metrics.cider``, PTB-tokenised) of the
+    greedy captions of a split's images against their references, and the captions by image id.
+    Validation and test hold one example per image with its references; train does not."""
+    examples = data.splits[split]
+    if any(not ex.references or ex.image is None for ex in examples):
+        raise StageError(
+            f"split {split!r} of task {data.spec.name!r} has examples without reference captions "
+            "(train: one example per caption); allowed: --split validation or test"
+        )
+    from stages.vl_metrics import cider
+
+    desc = f"evaluate: {data.spec.name} ({split}, {len(examples)} images, generating)"
+    images = split_tokens(predictor, data, split)
+    texts = caption_texts(predictor, examples, images, progress=desc)
+    captions = {str(ex.image): t for ex, t in zip(examples, texts, strict=True)}
+    references = {str(ex.image): list(ex.references) for ex in examples}
+    scores = cider(references, captions)
+    return {**scores, "score": scores["cider"]}, captions

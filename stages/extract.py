@@ -61,6 +61,7 @@ from stages.errors import StageError
 from stages.images import check_vision_task, vision_key_inputs, write_images
 from stages.side_init import write_side_init
 from stages.tasks import (
+    CAPTION_PROMPT,
     TaskData,
     load_task_of,
     t5_candidates,
@@ -159,6 +160,8 @@ def key_inputs(
             "name": data.spec.name,
             "labels": list(data.spec.labels) if data.spec.labels else None,
             "splits": {s: data.fingerprint(s) for s in data.splits},
+            # captioning: the encoder's fixed input (recorded there only: other keys unchanged)
+            **({"prompt": CAPTION_PROMPT} if data.spec.captioning else {}),
         },
         "max_length": cfg.backbone.max_length,
         "template": template_id(
@@ -243,12 +246,20 @@ def check_generation_task(cfg: StageConfig, data: TaskData, backbone: Backbone |
     """A generation task needs a decoder-only backbone (checked on its config alone, before any
     weights load) and no Fisher side_init (its loss is a classifier's); ``train_side.head: lm``
     on a classification task a decoder-only backbone and label names
-    (:func:`stages.tokens.check_verbaliser`)."""
-    if not data.spec.generation and not answer_template(cfg.train_side.head, data.spec):
+    (:func:`stages.tokens.check_verbaliser`); captioning a T5 backbone and a vision encoder."""
+    captioning = data.spec.captioning
+    if (
+        not data.spec.generation
+        and not captioning
+        and not answer_template(cfg.train_side.head, data.spec)
+    ):
         return
     family = backbone.family if backbone is not None else None
     if family is None:
         family = family_of(load_config_only(cfg.backbone.name, cfg.backbone.revision))
+    if captioning:
+        check_caption_backbone(cfg, family)
+        return
     if not data.spec.generation:
         check_verbaliser(cfg.train_side.head, data.spec, family, cfg.backbone.name)
         return
@@ -257,6 +268,22 @@ def check_generation_task(cfg: StageConfig, data: TaskData, backbone: Backbone |
         raise StageError(
             "--side-init fisher is not built for generation tasks (its loss is a classifier's); "
             "allowed: magnitude, or none"
+        )
+
+
+def check_caption_backbone(cfg: StageConfig, family: str) -> None:
+    """Captioning (template ``t5-caption``) needs a T5 backbone, whose decoder states the side
+    decoder reads, and a vision encoder (the image is the only input that differs)."""
+    if family != "t5":
+        raise StageError(
+            f"captioning needs a T5 backbone (its decoder states under teacher forcing on the "
+            f"caption); {cfg.backbone.name!r} is {family}; allowed: a T5 backbone (e.g. "
+            "google-t5/t5-base) with --vision-encoder"
+        )
+    if cfg.backbone.vision is None:
+        raise StageError(
+            "captioning needs image features; allowed: --vision-encoder (e.g. "
+            "openai/clip-vit-base-patch32) with a T5 backbone"
         )
 
 
@@ -521,7 +548,9 @@ class Extractor:
                 "metric": spec.metric,
                 "text_fields": list(spec.text_fields),
                 "source": self.data.source,
-                "candidates": t5_candidates(spec) if self.backbone.encoder_decoder else None,
+                "candidates": t5_candidates(spec)
+                if self.backbone.encoder_decoder and not spec.captioning
+                else None,
             },
             **(
                 {

@@ -159,7 +159,7 @@ def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, T
     specs = {}
     for t, cache in caches.items():
         spec = task_spec_of(cache)
-        check_trainable(spec)
+        check_trainable(spec, multitask=True)
         if cache.manifest["task"].get("candidates") is not None:
             raise StageError(
                 f"cache {cache.key} scores label strings (T5); allowed in a task list: caches of "

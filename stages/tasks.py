@@ -58,7 +58,7 @@ class TaskSpec:
     hub_columns: tuple[str, ...] = ()  # column names in the hub's "glue" dataset
     large: bool = False  # large tasks hold out 1000 training examples as validation
     images: bool = False  # vision-and-language: each example names an image (stages.vqa)
-    trainable: bool = True  # False: extract only (captioning needs generation, not built)
+    trainable: bool = True  # False: extract only (stage two refuses it)
 
     @property
     def num_labels(self) -> int:
@@ -70,8 +70,14 @@ class TaskSpec:
         return self.metric == GENERATION_METRIC
 
     @property
+    def captioning(self) -> bool:
+        """Image captioning (``coco-caption``): the answer is a caption the T5 side decoder
+        generates (``Example.answer`` the training target, ``Example.references`` for CIDEr)."""
+        return self.metric == CAPTION_METRIC
+
+    @property
     def is_regression(self) -> bool:
-        return self.labels is None and not self.generation
+        return self.labels is None and not self.generation and not self.captioning
 
 
 def _glue(name: str, **kw: object) -> TaskSpec:
@@ -174,6 +180,10 @@ TASKS: dict[str, TaskSpec] = {
 METRICS = ("accuracy", "mcc", "acc_f1", "pearson_spearman")
 GENERATION_METRIC = "exact_match"  # generation tasks: the whole answer (+ EOS) right, x100
 GENERATION_FIELDS = ("prompt", "answer")  # a generation task's JSONL fields
+CAPTION_METRIC = "cider"  # captioning: CIDEr-D of greedy captions (``pipeline evaluate``)
+# captioning with T5: the backbone encoder's whole input (template ``t5-caption``; the prompt is
+# recorded in the cache key's task record); the caption is the decoder's target
+CAPTION_PROMPT = "caption:"
 # vision-and-language tasks: each example names an image (stages.vqa, stages.vl_data read them);
 # vqa's and gqa's answer sets come from the data (labels=() here: set when the data is read)
 VL_TASKS: dict[str, TaskSpec] = {
@@ -200,11 +210,10 @@ VL_TASKS: dict[str, TaskSpec] = {
     ),
     "coco-caption": TaskSpec(
         name="coco-caption",
-        text_fields=("caption",),
+        text_fields=(),  # no input text: the encoder reads CAPTION_PROMPT, the image the side
         labels=None,
-        metric="cider",
+        metric=CAPTION_METRIC,
         images=True,
-        trainable=False,
     ),
 }
 
@@ -217,6 +226,7 @@ class Example:
     image2: str | None = None  # NLVR2: the second image's key
     targets: tuple[tuple[int, float], ...] = ()  # VQA/GQA: (class id, score) of each answer
     answer: str | None = None  # generation tasks: the text to generate after the prompt
+    references: tuple[str, ...] = ()  # captioning (validation, test): the image's references
 
 
 @dataclass
@@ -241,6 +251,8 @@ def fingerprint_examples(examples: Sequence[Example]) -> str:
             row.append({"answer": ex.answer})
         if ex.targets:  # the VQA score's answers: another score is another cache
             row.append([list(t) for t in ex.targets])
+        if ex.references:  # captioning: the references CIDEr scores against
+            row.append({"references": list(ex.references)})
         h.update(json.dumps(row, ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
@@ -332,12 +344,22 @@ def load_task(
     elif name in VL_TASKS:
         vl = read_vl(name, data_dir)
         spec = replace(get_task(name), labels=vl.labels)
-        splits = {
-            k: [
-                Example((r.text,), r.label, r.images[0], _second(r.images), r.targets) for r in rows
-            ]
-            for k, rows in vl.splits.items()
-        }
+        if spec.captioning:  # no input text; the caption is the target (stages.tokens)
+            splits = {
+                k: [
+                    Example((), 0, r.images[0], answer=r.text, references=r.references)
+                    for r in rows
+                ]
+                for k, rows in vl.splits.items()
+            }
+        else:
+            splits = {
+                k: [
+                    Example((r.text,), r.label, r.images[0], _second(r.images), r.targets)
+                    for r in rows
+                ]
+                for k, rows in vl.splits.items()
+            }
         images, source, original = vl.images, vl.source, None
     elif name == "custom":
         if custom is None:
@@ -370,12 +392,31 @@ def _second(images: tuple[str, ...]) -> str | None:
     return images[1] if len(images) > 1 else None
 
 
-def check_trainable(spec: TaskSpec) -> None:
-    """Stage two refuses a task it cannot train yet (captioning: generation is not built)."""
+def check_trainable(
+    spec: TaskSpec, family: str | None = None, vision: bool = False, multitask: bool = False
+) -> None:
+    """Stage two refuses a task it cannot train: one marked extract-only; captioning on a cache
+    that is not a T5 backbone's (``family``) with image features (``vision``), or in a task
+    list (``multitask``)."""
     if not spec.trainable:
+        raise StageError(f"task {spec.name!r} is extract-only; allowed: another task")
+    if not spec.captioning:
+        return
+    if multitask:
         raise StageError(
-            f"task {spec.name!r} is extract-only for now: training it needs generation (a "
-            "decoder side network with visual tokens), which is not built yet"
+            f"task {spec.name!r} trains alone (its side network generates captions); allowed in "
+            "a task list: classification tasks"
+        )
+    if family != "t5":
+        raise StageError(
+            f"captioning ({spec.name!r}) needs a T5 backbone (its side decoder generates the "
+            f"caption); this cache's backbone is {family or 'unknown'}; allowed: a T5 backbone "
+            "with --vision-encoder"
+        )
+    if not vision:
+        raise StageError(
+            f"captioning ({spec.name!r}) needs image features; allowed: a cache extracted with "
+            "--vision-encoder"
         )
 
 
@@ -705,9 +746,10 @@ def compute_metrics(
     ``score``; without them (the cache holds one class per question) the figure is the accuracy
     of the top answer."""
     preds, labels = np.asarray(preds), np.asarray(labels)
-    if spec.metric == "cider":
+    if spec.captioning:
         raise StageError(
-            "CIDEr scores generated captions (stages.vl_metrics.cider); generation is not built"
+            "CIDEr scores generated captions: `pipeline evaluate` (stages.evaluate) computes it; "
+            "train-side reports the teacher-forced caption loss"
         )
     if spec.generation:  # preds: 1 where the whole answer was right; labels: ones
         em = float(np.mean(preds == labels)) * 100 if len(labels) else 0.0
@@ -783,7 +825,10 @@ def _f1(preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 def t5_source(spec: TaskSpec, ex: Example) -> str:
-    """The authors' seq2seq input: ``"<task> key1: text1 key2: text2"`` (MNLI: no colon after hypothesis)."""
+    """The authors' seq2seq input: ``"<task> key1: text1 key2: text2"`` (MNLI: no colon after hypothesis);
+    captioning: :data:`CAPTION_PROMPT` alone (the image reaches the side network only)."""
+    if spec.captioning:
+        return CAPTION_PROMPT
     parts = [spec.name]
     for key, text in zip(spec.text_fields, ex.texts, strict=True):
         sep = "" if (spec.name == "mnli" and key == "hypothesis") else ":"

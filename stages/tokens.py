@@ -26,6 +26,11 @@ Templates (the cache key records :func:`template_id`):
   the ids) are -100 on the prompt and the token itself on the answer and EOS; the side network
   predicts position t + 1 from t. Too long: the answer (+ EOS) is kept, the prompt loses its
   first tokens.
+* ``t5-caption`` (captioning, T5): ``enc`` is :data:`stages.tasks.CAPTION_PROMPT` (``"caption:"``)
+  for every example, the image reaching the side network only; ``dec`` is teacher forcing on the
+  example's caption (``Example.answer``: train, each caption; validation and test, the image's
+  first reference), truncated to the max length; no candidate streams (captions are generated,
+  ``stages.evaluate``).
 """
 
 from __future__ import annotations
@@ -76,11 +81,14 @@ ANSWER_PROMPT = " Answer:"  # after the fields text, template fields-answer (a v
 
 
 def template_id(backbone: Backbone, spec: TaskSpec | None = None, answer: bool = False) -> str:
-    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1``, ``fields-v1``,
+    """The template's name in the cache key: ``pair-v1``, ``t5-prefix-v1``, ``t5-caption-v1``
+    (captioning), ``fields-v1``,
     (``answer``: a decoder-only verbaliser's) ``fields-answer-v1`` or (generation tasks)
     ``prompt-answer-v1``."""
     if spec is not None and spec.generation:
         kind = "prompt-answer"
+    elif spec is not None and spec.captioning and backbone.encoder_decoder:
+        kind = "t5-caption"
     elif backbone.encoder_decoder:
         kind = "t5-prefix"
     elif getattr(backbone, "causal", False):
@@ -171,6 +179,12 @@ def tokenize_split(
 
     def teacher(targets: list[list[int]], name: str) -> Stream:
         return Stream(name, [[start, *t[:-1]] for t in targets], targets=targets)
+
+    if spec.captioning:  # template t5-caption: the caption under teacher forcing, no candidates
+        captions = [ex.answer or "" for ex in examples]
+        targets = tok(captions, truncation=True, max_length=max_length)["input_ids"]
+        streams["dec"] = teacher(targets, "dec")
+        return streams
 
     targets = tok([t5_target(spec, ex.label) for ex in examples])["input_ids"]
     streams["dec"] = teacher(targets, "dec")

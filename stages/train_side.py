@@ -11,7 +11,11 @@ come from the cache, and so does the frozen T5 LM head. Every epoch evaluates on
 validation split with the task's metric; the best checkpoint per network is kept (safetensors +
 JSON config) and scored on the test split at the end. Generation tasks (a causal backbone's
 frozen LM head, head "lm") train on the answer tokens' cross-entropy and are scored from the
-cache too: answer-token loss and exact match (:func:`evaluate_generation`). A killed run resumes each network from its
+cache too: answer-token loss and exact match (:func:`evaluate_generation`). Captioning
+(``coco-caption``, a T5 backbone with image features) trains on the caption tokens' teacher-forced
+cross-entropy and validates on it (:func:`evaluate_captions`: ``caption_loss``, lower is better,
+so its ``score`` is the negative loss); CIDEr needs generation by the live backbone decoder
+(``pipeline evaluate``). A killed run resumes each network from its
 own last finished epoch, on its own RNG stream, and ends where it would have.
 
 The same training loop runs online LST (``online=``): the states then come from a live
@@ -293,7 +297,7 @@ def resolved_config(cfg: StageConfig, epochs: int, total_steps: int) -> dict[str
 def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | None:
     """Classification: the validation score of always predicting the most frequent label
     (``label``, ``score``); None for regression. A best score equal to it learned nothing."""
-    if spec.is_regression or spec.generation:
+    if spec.is_regression or spec.generation or spec.captioning:
         return None
     memo = _MAJORITY.get(cache.key)
     if memo is None:
@@ -762,6 +766,8 @@ def evaluate(
     (:func:`split_targets`), which make the score the VQA score."""
     if spec.generation:
         return evaluate_generation(ts_list, loader, states, progress)
+    if spec.captioning:
+        return evaluate_captions(ts_list, loader, states, progress)
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
     with tqdm(
@@ -885,6 +891,50 @@ def evaluate_generation(
         ok = torch.cat(right[k]).float() if right[k] else torch.zeros(0)
         em = float(ok.mean()) * 100 if len(ok) else 0.0
         out.append({"exact_match": em, "answer_loss": loss[k] / max(tokens[k], 1.0), "score": em})
+    return out
+
+
+@torch.no_grad()
+def caption_loss(net: torch.nn.Module, batch: Batch, states: StateSource) -> tuple[float, int]:
+    """A captioning batch under teacher forcing on the ``dec`` stream (the caption): the summed
+    token cross-entropy over its caption tokens (EOS included) and their number."""
+    net.eval()
+    labels = batch.target_ids["dec"]  # [B, T_dec], -100 on padding
+    logits, _ = net(
+        states(batch, "enc"), batch.masks["enc"], states(batch, "dec"), None, None,
+        **visual_inputs(batch),
+    )  # fmt: skip
+    nll = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=-100, reduction="sum"
+    )
+    return float(nll), int((labels != -100).sum())
+
+
+def evaluate_captions(
+    ts_list: list[TrialState],
+    loader: CacheLoader,
+    states: StateSource,
+    progress: str | None = None,
+) -> list[dict[str, float]]:
+    """Captioning, from the cache: ``caption_loss``, the mean teacher-forced cross-entropy per
+    caption token (validation and test: on each image's first reference), of every network.
+    Lower is better, so the ``score`` (what picks the best epoch) is its negative. CIDEr needs
+    generated captions, hence the live backbone decoder: ``pipeline evaluate``."""
+    loss = [0.0 for _ in ts_list]
+    tokens = [0 for _ in ts_list]
+    with tqdm(
+        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for batch in torch_batches(loader.epoch(0)):
+            for k, ts in enumerate(ts_list):
+                lo, n = caption_loss(ts.net, batch, states)
+                loss[k] += lo
+                tokens[k] += n
+            bar.update(1)
+    out = []
+    for k in range(len(ts_list)):
+        mean = loss[k] / max(tokens[k], 1)
+        out.append({"caption_loss": mean, "score": -mean})
     return out
 
 
@@ -1093,7 +1143,17 @@ def train_side(
     cache = resolve_cache(cfg, cache_key)
     visual_of(cfg, cache)  # a run with images on a cache without them stops here
     spec = task_spec_of(cache)
-    check_trainable(spec)  # captioning: extract-only until generation is built
+    # captioning: a T5 cache with image features, read with --vision-encoder
+    check_trainable(
+        spec, cache.manifest["backbone"].get("family"), visual_of(cfg, cache) is not None
+    )
+    template = cache.manifest.get("key_inputs", {}).get("template", "")
+    if spec.captioning and not template.startswith("t5-caption-"):
+        raise StageError(
+            f"cache {cache.key} holds captions with template {template or 'unknown'} (extracted "
+            "before captioning trained: the caption was the encoder's input); allowed: a "
+            "t5-caption cache: run `pipeline run extract` again"
+        )
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
     trials = check_trials(cfg, cache)
@@ -1105,11 +1165,13 @@ def train_side(
         print(warning, file=sys.stderr, flush=True)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
     layers = {"enc": runs[0].net.needed_layers("enc")}
-    if candidates is not None:
+    if candidates is not None or spec.captioning:
         layers["dec"] = runs[0].net.needed_layers("dec")
     eval_layers = {"enc": layers["enc"]}
     if candidates is not None:
         eval_layers.update({s: layers["dec"] for s in layout.cand_streams(len(candidates))})
+    if spec.captioning:  # validation: the teacher-forced caption loss on the "dec" stream
+        eval_layers["dec"] = layers["dec"]
     mode = None if online is None else ("online-dropout" if online_dropout else "online-eval")
     private = bool(cfg.cache.storage_options)  # a saved config may hint at credentials
     folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name, private=private)
@@ -1351,6 +1413,12 @@ def epoch_line(
     if ts.stopped is not None:
         return f"{head}  stopped: {ts.stopped}"
     h = ts.history[-1]
+    if spec.captioning:  # the score is the negative caption loss: shown as the loss
+        return (
+            f"{head}  loss {h['train_loss']:.3f}  val caption loss "
+            f"{h['validation']['caption_loss']:.3f}  (best {-ts.best_score:.3f} @{ts.best_epoch})"
+            f"  {seconds:.1f}s"
+        )
     return (
         f"{head}  loss {h['train_loss']:.3f}  val {spec.metric} {h['validation']['score']:.1f}  "
         f"(best {ts.best_score:.1f} @{ts.best_epoch})  {seconds:.1f}s"
@@ -1411,6 +1479,8 @@ def _write_metrics(
         "cache": cache.key,
         "task": spec.name,
         "metric": spec.metric,
+        # captioning: train-side's figures are the caption loss, its "score" the negative loss
+        **({"score": "-caption_loss"} if spec.captioning else {}),
         **({"majority_class": majority} if majority is not None else {}),
         "networks": {ts.trial.name: network_metrics(ts, final, majority) for ts in runs},
     }
@@ -1544,7 +1614,8 @@ def plot_curves(path: Path, metrics: dict[str, Any], spec: TaskSpec) -> Path:
     import matplotlib.pyplot as plt
 
     majority = (metrics.get("majority_class") or {}).get("score")
-    fig = curves_figure(metrics["networks"], spec.name, spec.metric, majority)
+    metric = "-caption_loss" if spec.captioning else spec.metric  # what "score" holds
+    fig = curves_figure(metrics["networks"], spec.name, metric, majority)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

@@ -68,6 +68,7 @@ class Row:
     label: int | float
     images: tuple[str, ...]  # image ids (NLVR2: two)
     targets: tuple[tuple[int, float], ...] = ()  # VQA/GQA: (class id, score) of each answer
+    references: tuple[str, ...] = ()  # captions: every reference caption of the image
 
 
 @dataclass
@@ -244,8 +245,10 @@ def read_nlvr2(data_dir: str | Path | None) -> VLData:
 
 
 def read_coco_captions(data_dir: str | Path | None) -> VLData:
-    """COCO captions, Karpathy split (``dataset_coco.json``): one row per (image, reference
-    caption); ``references`` per split: image id -> its reference captions (for CIDEr)."""
+    """COCO captions, Karpathy split (``dataset_coco.json``). Train (+ restval): one row per
+    (image, reference caption), the caption as ``text``; validation and test: one row per image,
+    its first reference as ``text`` (the teacher-forced validation loss's target) and all of them
+    as ``references`` (CIDEr). ``references`` per split: image id -> its reference captions."""
     folder = _folder(data_dir, "coco-caption")
     path = folder / "dataset_coco.json"
     data = _load_json(path)
@@ -274,7 +277,10 @@ def read_coco_captions(data_dir: str | Path | None) -> VLData:
         if not caps:
             raise StageError(f"{path}: images[{n}] ({im['filename']}) has no sentences[].raw")
         references[split][key] = caps
-        splits[split] += [Row(c, 0.0, (key,)) for c in caps]
+        if split == "train":
+            splits[split] += [Row(c, 0, (key,)) for c in caps]
+        else:
+            splits[split].append(Row(caps[0], 0, (key,), references=tuple(caps)))
     return VLData(None, splits, images, f"coco-caption (Karpathy) at {path.resolve()}", references)
 
 

@@ -155,12 +155,14 @@ def test_coco_caption_reader_karpathy_split(tmp_path):
     from stages.vl_data import read_coco_captions
 
     vl = read_coco_captions(write_coco(tmp_path / "coco"))
-    assert [len(v) for v in vl.splits.values()] == [6, 2, 2]  # train + restval: 3 images x 2
+    # train + restval: 3 images x 2 captions; validation, test: one row per image
+    assert [len(v) for v in vl.splits.values()] == [6, 1, 1]
     assert vl.references["test"] == {
         "COCO_val2014_000000000003": ["A photo of 3 things .", "Some 3 objects"]
     }
+    assert vl.splits["test"][0].references == ("A photo of 3 things .", "Some 3 objects")
     data = load_task("coco-caption", data_dir=tmp_path / "coco")
-    assert not data.spec.trainable and data.spec.metric == "cider"
+    assert data.spec.captioning and data.spec.metric == "cider"
 
 
 @pytest.mark.parametrize(
@@ -262,18 +264,18 @@ def test_nlvr2_extract_stores_two_image_indices(tmp_path, capsys):
     np.testing.assert_array_equal(got[1, :65], table.grid[0])
 
 
-def test_coco_caption_is_extract_only_train_side_refuses_in_one_line(tmp_path, capsys):
+def test_coco_caption_with_an_encoder_only_backbone_is_one_line(tmp_path, capsys):
+    """Captioning needs a T5 backbone (tests/test_vl_caption.py trains one); the default
+    encoder-only backbone stops extraction before anything is loaded."""
     from pipeline.cli import run_cli
 
-    cache = _extract(tmp_path, "coco-caption", write_coco(tmp_path / "coco"))
-    assert cache.manifest["images"]["n_images"] == 5
-    capsys.readouterr()
-    args = ["run", "train-side", "--task", "coco-caption", "--cache-root", str(tmp_path / "cache")]
-    args += ["--cache-key", cache.key, "--run-dir", str(tmp_path / "runs"), "--epochs", "1"]
-    args += ["--vision-encoder", "random-vit", "--init", "random"]
+    folder = write_coco(tmp_path / "coco")
+    args = ["run", "extract", "--task", "coco-caption", "--data-dir", str(folder)]
+    args += ["--cache-root", str(tmp_path / "cache"), "--vision-encoder", "random-vit"]
     assert run_cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "task 'coco-caption' is extract-only for now" in err[0], err
+    assert len(err) == 1 and "captioning needs a T5 backbone" in err[0], err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("commit.json"))
 
 
 # --- the VQA score in train-side ------------------------------------------------------------------
