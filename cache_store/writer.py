@@ -298,9 +298,14 @@ class CacheWriter:
         attrs: dict[str, Any] | None = None,
         data: np.ndarray | None = None,
     ) -> zarr.Array:
-        """Create (or, on resume, reopen) an array; rows chunked, whole trailing dims per chunk."""
+        """Create (or, on resume, reopen) an array; rows chunked, whole trailing dims per chunk.
+        ``data`` is written whole in both cases: a run killed between creating an array and
+        writing it must not commit the fill value."""
         if st.exists(self.store, f"{self.prefix}/{path}/zarr.json"):  # one request on S3
-            return self.group[path]
+            arr = self.group[path]
+            if data is not None:
+                arr[...] = data
+            return arr
         chunks = (max(1, min(chunk_rows, shape[0] or 1)), *shape[1:])
         shards = None
         if shard_rows is not None and shape[0] > chunks[0]:

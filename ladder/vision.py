@@ -417,7 +417,7 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
 
     ``visual_fusion`` "ladder" (the default) feeds the projected visual tokens in again before
     every side block after the first, through a gate per block like the text ladders'
-    (``x_v = g * x_v + (1 - g) * v``, ``g = sigmoid(visual_gates[j] / T)``, alpha starting at
+    (``x_v = g * x_v + (1 - g) * v``, ``g = sigmoid(visual_gates[j - 1] / T)`` before block j >= 1, alpha starting at
     ``side.gate_alpha``): the visual positions of the side stream are laddered from the frozen
     vision encoder as the text positions are from the frozen backbone. "input" is the authors'
     CLIP-T5 recipe: the visual tokens enter once, at the input. Measured on easy-VQA (README):
@@ -617,6 +617,13 @@ def visual_stats(
     mean = total / n
     std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(eps)
+
+
+def saved_visual_fusion(visual: Mapping[str, Any] | None) -> str:
+    """The visual fusion of a saved network's ``visual`` record (``<net>.config.json``):
+    networks saved before visual ladders existed (no ``fusion``) took their tokens at the
+    input."""
+    return str((visual or {}).get("fusion", "input"))
 
 
 def build_visual_side_network(

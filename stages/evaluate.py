@@ -45,7 +45,12 @@ from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
 from ladder.generation import greedy_generate, greedy_generate_t5
 from ladder.side import SideConfig, build_side_network
-from ladder.vision import VisionEncoder, build_visual_side_network, load_vision_encoder
+from ladder.vision import (
+    VisionEncoder,
+    build_visual_side_network,
+    load_vision_encoder,
+    saved_visual_fusion,
+)
 from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
@@ -456,7 +461,7 @@ def visual_network(
         side,
         visual["d"],
         visual["n_images"],
-        visual.get("fusion", "input"),
+        saved_visual_fusion(visual),
         lm_head,
     )  # networks saved before visual ladders existed took their tokens at the input
     return net, vision
@@ -508,7 +513,7 @@ def cached_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTok
         or encoder.get("pool") != predictor.backbone_cfg.vision_pool
     ):
         return None
-    table = ImageTable(cache)
+    table = ImageTable(cache, memory_budget=1 << 30)  # past 1 GB, a batch's images at a time
     return lambda rows: table.gather(split, rows)
 
 

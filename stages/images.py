@@ -6,8 +6,10 @@ splits (in order of first use: train, validation, test) is decoded, preprocessed
 however many questions name it; its grid features (the encoder's last hidden state) and pooled
 feature go to the shared ``images/`` group, and each split gets ``<split>/image_index``, the row of
 each example's image. The text backbone never sees an image, so the text streams are the same with
-or without images. Images are few: they are encoded in one pass and written at once (a killed run
-redoes that pass; nothing is committed before the end), in the cache's dtype and codec.
+or without images. The images are encoded ``BATCH`` at a time and each batch is written at its
+rows, in the cache's dtype and codec, before the next is read (stage one holds one batch of
+features); a killed run redoes the whole pass in its resumed attempt, rewriting every row, and
+nothing is committed before the end.
 
 Stage two: ``visual_of`` says whether a run uses a cache's image features (``backbone.vision``
 set, and the cache made with that encoder); in online LST too the visual tokens come from the
@@ -68,6 +70,8 @@ def distinct_images(data: TaskData) -> tuple[list[str], dict[str, np.ndarray]]:
         index[split] = np.asarray(idx, dtype=np.int32).reshape(shape)
         if not two:
             index[split] = index[split][:, 0]
+    if not rows:
+        raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
     return list(rows), index
 
 
@@ -138,8 +142,6 @@ def encode_images(
     grid features float32 [n_images, n_tokens, d_v], pooled [n_images, d_v] and per split each
     example's row (``distinct_images``); in memory (evaluate's few images)."""
     keys, index = distinct_images(data)
-    if not keys:
-        raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
     grids, pooled = zip(*((g, p) for _, g, p in image_batches(vision, data, keys)), strict=True)
     return np.concatenate(grids), np.concatenate(pooled), index
 
@@ -160,8 +162,6 @@ def write_images(
         return prog["manifest"]
     t0 = time.perf_counter()
     keys, index = distinct_images(data)
-    if not keys:
-        raise StageError(f"task {data.spec.name!r} ({data.source}) names no image")
     n_images = len(keys)
     dtype, codec = cfg.cache.dtype, cfg.cache.codec
     paths = layout.image_arrays(dtype)

@@ -289,6 +289,7 @@ def train_multitask_run(
     seed0 = trials[0].seed
     budget = (t.memory_mb << 20) // len(tasks)  # the tasks' loaders share the budget
     with_images = visual_caches(cfg, caches)
+    tables = {c.key: ImageTable(c, budget) for c in with_images.values()}  # shared by the splits
 
     def loader(cache: CommittedCache, split: str) -> CacheLoader:
         train = split == "train"
@@ -300,7 +301,7 @@ def train_multitask_run(
             shuffle=train,
             seed=seed0,
             memory_budget=budget,
-            images=ImageTable(cache, budget) if cache in with_images.values() else None,
+            images=tables.get(cache.key),
         )
 
     loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}

@@ -57,7 +57,12 @@ from ladder.stacked import (
     stack_networks,
     stackable,
 )
-from ladder.vision import VisualInput, build_visual_side_network, visual_stats
+from ladder.vision import (
+    VisualInput,
+    build_visual_side_network,
+    saved_visual_fusion,
+    visual_stats,
+)
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -436,8 +441,16 @@ def train_visual_stats(*caches: CommittedCache) -> tuple[torch.Tensor, torch.Ten
     """Per-feature mean and std of the visual tokens of the training split's images (what a VL
     side network standardises its visual tokens with; ``VisualInput.set_visual_stats``);
     several caches (a multi-task run's VL tasks): over all their training images."""
-    tables = [ImageTable(cache, memory_budget=0) for cache in caches]  # streamed
-    return visual_stats(b for t in tables for b in t.blocks(np.unique(t.index["train"])))
+    key = tuple(cache.key for cache in caches)
+    if key not in _VISUAL_STATS:  # once per process: every trial of a run asks
+        tables = [ImageTable(cache, memory_budget=0) for cache in caches]  # streamed
+        _VISUAL_STATS[key] = visual_stats(
+            b for t in tables for b in t.blocks(np.unique(t.index["train"]))
+        )
+    return _VISUAL_STATS[key]
+
+
+_VISUAL_STATS: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def trial_state(
@@ -806,7 +819,7 @@ def cached_outputs(
     # the checkpoint's weights (below) into the network it was saved from
     rebuilt: dict[str, Any] = {"init": "random"}
     if "visual" in saved:  # saved before visual ladders existed: tokens at the input
-        rebuilt["visual_fusion"] = saved["visual"].get("fusion", "input")
+        rebuilt["visual_fusion"] = saved_visual_fusion(saved["visual"])
     weights_only = cfg.train_side.model_copy(update=rebuilt)
     cfg = cfg.model_copy(update={"train_side": weights_only})
     ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
@@ -952,7 +965,9 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     for key in ("warmup_ratio", "xladder_depth"):  # runs made before the option still resume
         if t.get(key) is None:
             t.pop(key, None)
-    if cfg.backbone.vision is None:  # it changes VL networks only: text runs still resume
+    # it changes VL networks only: text runs still resume, and so do VL runs made before the
+    # option (their networks took the tokens at the input)
+    if cfg.backbone.vision is None or t.get("visual_fusion") == "input":
         t.pop("visual_fusion", None)
     return {
         "cache": cache_key,

@@ -202,3 +202,22 @@ def test_readers_need_no_torch(bert_int8):
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_an_array_reopened_on_resume_gets_its_data_written(tmp_path):
+    """A run killed between creating a small array and writing it (image_index, frozen arrays)
+    must not commit the fill value: reopening with ``data`` writes it."""
+    import numpy as np
+
+    from cache_store import store as st
+    from cache_store.writer import CacheWriter
+
+    root = str(tmp_path / "cache")
+    writer = CacheWriter.begin(st.open_root(root, write=True), root, "k-0")
+    try:
+        writer.create_array("train/image_index", (5,), "int32", chunk_rows=8)  # killed here
+        idx = np.array([3, 1, 4, 1, 5], dtype=np.int32)
+        again = writer.create_array("train/image_index", (5,), "int32", chunk_rows=8, data=idx)
+        np.testing.assert_array_equal(again[...], idx)
+    finally:
+        writer.release()

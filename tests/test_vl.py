@@ -603,3 +603,30 @@ def test_visual_tokens_are_standardised_with_the_training_images_stats(vl_run):
     saved = load_file(str(Path(res.folder) / f"{name}.best.safetensors"))
     torch.testing.assert_close(saved["visual_mean"], want_mean)
     torch.testing.assert_close(saved["visual_std"], want_std)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_streamed_image_features_equal_the_in_memory_table(vqa, tmp_path, encoders, dtype):
+    """Over the memory budget the table reads each batch's distinct images from the store; the
+    features are the ones the in-memory table gives, repeats and order included, and the
+    standardisation summed over blocks of images is the one over the whole table."""
+    from cache_store.images import ImageTable
+    from ladder.vision import visual_stats
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": dtype, "cache.chunk_mb": 0.001})
+    cache = open_cache(cfg.cache_root, extract(cfg, backbone=backbone, vision=vision,
+                                               progress=False).key)  # fmt: skip
+    whole, streamed = ImageTable(cache), ImageTable(cache, memory_budget=1024)
+    assert not whole.streamed and streamed.streamed and streamed.grid is None
+    rows = np.random.default_rng(0).integers(0, len(whole.index["train"]), 17)
+    rows[3] = rows[9]  # one question twice in a batch
+    got = streamed.gather("train", rows)
+    assert got.dtype == whole.gather("train", rows).dtype
+    np.testing.assert_array_equal(got, whole.gather("train", rows))
+    assert ImageTable(cache, memory_budget=1 << 30).grid is not None  # it fits: in RAM
+    images = np.unique(whole.index["train"])
+    mean, std = visual_stats(streamed.blocks(images, per_block=3))  # 7 blocks
+    want_mean, want_std = visual_stats(whole.grid[images])
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(std, want_std)
