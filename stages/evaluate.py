@@ -67,7 +67,7 @@ from stages.tasks import (
     t5_candidates,
 )
 from stages.tokens import Stream, end_token_id, pad, prompt_ids, tokenize_split
-from stages.train_side import batch_outputs, online_states, predictions_of
+from stages.train_side import batch_outputs, load_into, online_states, predictions_of
 
 
 def _read_json(path: Path) -> Any:
@@ -211,7 +211,7 @@ class Predictor:
             )
         else:
             self.net = build_side_network(self.backbone.config, side, lm_head)
-        self.net.load_state_dict(state, strict=False)
+        load_into(self.net, state, str(weights))
         self.net.eval()
         self.candidates = (
             t5_candidates(self.spec)

@@ -68,6 +68,7 @@ from stages.train_side import (
     check_trials,
     curves_figure,
     evaluate,
+    load_into,
     load_side_init,
     majority_class,
     majority_note,
@@ -311,8 +312,8 @@ def train_multitask_run(
         run.train(runs, start, progress)
         scored = [ts for ts in runs if ts.stopped is None]
         for ts in scored:  # the best checkpoint of each network, scored on every test split
-            best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
-            ts.net.load_state_dict(best, strict=False)
+            best = folder / f"{ts.trial.name}.best.safetensors"
+            load_into(ts.net, load_file(str(best)), str(best))
         tests = {k: loader(c, "test") for k, c in caches.items()}
         final = {
             ts.trial.name: sc for ts, sc in zip(scored, run.scores(scored, tests), strict=True)

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -823,7 +823,8 @@ def cached_outputs(
     weights_only = cfg.train_side.model_copy(update=rebuilt)
     cfg = cfg.model_copy(update={"train_side": weights_only})
     ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
-    ts.net.load_state_dict(load_file(str(Path(folder) / f"{name}.best.safetensors")), strict=False)
+    best = Path(folder) / f"{name}.best.safetensors"
+    load_into(ts.net, load_file(str(best)), str(best))
     layers = {"enc": ts.net.needed_layers("enc")}
     if candidates is not None:
         layers.update(
@@ -1077,7 +1078,7 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
             f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to retrain "
             "that network from the start"
         ) from None
-    ts.net.load_state_dict(ck["net"], strict=False)
+    load_into(ts.net, ck["net"], str(path))
     ts.opt.load_state_dict(ck["opt"])
     ts.sched.load_state_dict(ck["sched"])
     ts.history, ts.best_score, ts.best_epoch = ck["history"], ck["best_score"], ck["best_epoch"]
@@ -1086,6 +1087,19 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
     ts.rng = ck["rng"]
     ts.stopped = ck.get("stopped")
     return epochs if ts.stopped else ck["epoch"] + 1
+
+
+def load_into(net: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A checkpoint's weights into the network rebuilt for it, every key accounted for: a
+    missing or unexpected key (a network rebuilt otherwise than it was saved, e.g. another
+    visual fusion) is one line, not a silent partial load."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StageError(
+            f"{source} does not fit the network rebuilt from its config (missing "
+            f"{', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}); "
+            "allowed: weights written by train-side for the configuration saved beside them"
+        )
 
 
 def save_best_weights(folder: Path, ts: TrialState) -> None:
@@ -1237,8 +1251,8 @@ def train_side(
         # the best checkpoint of each network, scored on the test split
         scored = [ts for ts in runs if ts.stopped is None]
         for ts in scored:
-            best = load_file(str(folder / f"{ts.trial.name}.best.safetensors"))
-            ts.net.load_state_dict(best, strict=False)
+            best = folder / f"{ts.trial.name}.best.safetensors"
+            load_into(ts.net, load_file(str(best)), str(best))
         tests = (
             evaluate(
                 scored, test, states_eval, spec, candidates, None, split_targets(cache, "test")

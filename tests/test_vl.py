@@ -464,6 +464,12 @@ def test_vl_evaluate_and_predict_equal_train_sides_evaluation(vl_run, vqa, tmp_p
     torch.testing.assert_close(
         live - live.mean(0), outputs[:7] - outputs[:7].mean(0), rtol=0, atol=float(spread) / 100
     )
+    # weights that do not fit the network their config rebuilds are one line, not a partial load
+    saved["visual"]["fusion"] = "input"  # a network without visual gates
+    (res.folder / f"{name}.config.json").write_text(json.dumps(saved))
+    with pytest.raises(StageError, match=r"does not fit .*unexpected visual_gates") as e:
+        cached_outputs(cfg, res.folder, name, "test")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(
