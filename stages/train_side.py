@@ -32,7 +32,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -765,6 +765,17 @@ def split_targets(cache: CommittedCache, split: str) -> list[tuple[tuple[int, fl
     )
 
 
+def split_batches(loader: CacheLoader, progress: str | None = None) -> Iterator[Batch]:
+    """One pass over a split's batches, in the loader's order, under a progress bar described
+    ``progress`` (None: no bar): what every evaluation of the networks of a run iterates."""
+    with tqdm(
+        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
+    ) as bar:
+        for batch in torch_batches(loader.epoch(0)):
+            yield batch
+            bar.update(1)
+
+
 def evaluate(
     ts_list: list[TrialState],
     loader: CacheLoader,
@@ -783,15 +794,11 @@ def evaluate(
         return evaluate_captions(ts_list, loader, states, progress)
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
-    with tqdm(
-        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
-    ) as bar:
-        for batch in torch_batches(loader.epoch(0)):
-            index.append(batch.index.numpy())
-            labels.append(batch.labels.numpy())
-            for k, ts in enumerate(ts_list):
-                preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
-            bar.update(1)
+    for batch in split_batches(loader, progress):
+        index.append(batch.index.numpy())
+        labels.append(batch.labels.numpy())
+        for k, ts in enumerate(ts_list):
+            preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
     y = np.concatenate(labels)
     order = np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
     soft = None if targets is None else [targets[i] for i in order]
@@ -890,16 +897,12 @@ def evaluate_generation(
     right: list[list[torch.Tensor]] = [[] for _ in ts_list]
     loss = [0.0 for _ in ts_list]
     tokens = [0.0 for _ in ts_list]
-    with tqdm(
-        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
-    ) as bar:
-        for batch in torch_batches(loader.epoch(0)):
-            for k, ts in enumerate(ts_list):
-                lo, n, ok = answer_scores(ts.net, batch, states)
-                loss[k] += float(lo.sum())
-                tokens[k] += float(n.sum())
-                right[k].append(ok)
-            bar.update(1)
+    for batch in split_batches(loader, progress):
+        for k, ts in enumerate(ts_list):
+            lo, n, ok = answer_scores(ts.net, batch, states)
+            loss[k] += float(lo.sum())
+            tokens[k] += float(n.sum())
+            right[k].append(ok)
     out = []
     for k in range(len(ts_list)):
         ok = torch.cat(right[k]).float() if right[k] else torch.zeros(0)
@@ -936,15 +939,11 @@ def evaluate_captions(
     generated captions, hence the live backbone decoder: ``pipeline evaluate``."""
     loss = [0.0 for _ in ts_list]
     tokens = [0 for _ in ts_list]
-    with tqdm(
-        total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
-    ) as bar:
-        for batch in torch_batches(loader.epoch(0)):
-            for k, ts in enumerate(ts_list):
-                lo, n = caption_loss(ts.net, batch, states)
-                loss[k] += lo
-                tokens[k] += n
-            bar.update(1)
+    for batch in split_batches(loader, progress):
+        for k, ts in enumerate(ts_list):
+            lo, n = caption_loss(ts.net, batch, states)
+            loss[k] += lo
+            tokens[k] += n
     out = []
     for k in range(len(ts_list)):
         mean = loss[k] / max(tokens[k], 1)
