@@ -100,7 +100,8 @@ class _TorchLoader:
 
 
 def train_loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
-    """The shuffled training batches (as torch tensors) of the states the first trial reads."""
+    """The shuffled training batches (as torch tensors) of the states the first trial reads, as
+    train-side reads them on a CPU (widened to float32 on the loader's thread)."""
     from cache_store.loader import CacheLoader
 
     return _TorchLoader(
@@ -110,6 +111,7 @@ def train_loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
             {"enc": trials[0].net.needed_layers()},
             batch_size=batch_size,
             shuffle=True,
+            widen=True,
         )
     )
 

@@ -143,6 +143,7 @@ class CacheLoader:
         memory_budget: int = 4 << 30,
         read_states: bool = True,
         images: ImageTable | None = None,
+        widen: bool = False,
     ) -> None:
         m = cache.manifest
         if split not in m["splits"]:
@@ -164,6 +165,10 @@ class CacheLoader:
         # that reading them would give
         self.read_states = read_states
         self.images = images  # each batch gathers its examples' image features from it
+        # float16/bfloat16 states widened to float32 here, on the loader's thread, once per batch:
+        # a training step on CPU would otherwise widen each state twice (forward and the weight
+        # gradient) for every network that reads it, on the step's own core
+        self.widen = widen
         self.dtype = m["dtype"]
         self.d = m["backbone"]["d_model"]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -322,7 +327,8 @@ class CacheLoader:
                     scale = np.concatenate([blocks[p].rows[stream][n][1][a:z] for p, a, z in spans])
                 states[stream][n] = self._padded(codes, scale, dest, B, T)
         labels = self.labels[index]
-        state_dtype = self.dtype if self.dtype in ("float16", "bfloat16") else "float32"
+        narrow = self.dtype in ("float16", "bfloat16") and not self.widen
+        state_dtype = self.dtype if narrow else "float32"
         visual = None if self.images is None else self.images.gather(self.split, index)
         return NumpyBatch(
             index, labels, states, masks, input_ids, target_ids, token_types, state_dtype, visual
@@ -332,10 +338,14 @@ class CacheLoader:
         self, codes: np.ndarray, scale: np.ndarray | None, dest: np.ndarray, B: int, T: int
     ) -> np.ndarray:
         """Rows at ``dest`` of a zero [B, T, d] array: float16 and bfloat16 (uint16 bits) as
-        stored (the side network widens one state at a time), int8 and float32 decoded to
-        float32."""
+        stored (the side network widens one state at a time) unless ``widen``, int8 and float32
+        decoded to float32."""
+        if self.dtype == "bfloat16" and self.widen:  # a bfloat16 is a float32's high half
+            out = np.zeros((B * T, self.d), dtype=np.uint32)
+            out[dest] = codes.astype(np.uint32) << 16
+            return out.view(np.float32).reshape(B, T, self.d)
         if self.dtype in ("float16", "bfloat16"):
-            out = np.zeros((B * T, self.d), dtype=codes.dtype)
+            out = np.zeros((B * T, self.d), dtype=np.float32 if self.widen else codes.dtype)
             out[dest] = codes
             return out.reshape(B, T, self.d)
         out = np.zeros((B * T, self.d), dtype=np.float32)

@@ -303,6 +303,7 @@ def train_multitask_run(
             seed=seed0,
             memory_budget=budget,
             images=tables.get(cache.key),
+            widen=train,  # multi-task runs train on the CPU
         )
 
     loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}

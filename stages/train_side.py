@@ -1217,6 +1217,7 @@ def train_side(
         memory_budget=budget,
         read_states=online is None,
         images=images,
+        widen=device == "cpu",
     )
     val, test = (
         CacheLoader(

@@ -134,3 +134,35 @@ def test_to_torch_shares_the_numpy_memory_and_views_bfloat16_bits():
         s.float().numpy().reshape(6, 4), decode_numpy(bits, None, "bfloat16").reshape(6, 4)
     )
     assert b.index.data_ptr() == nb.index.ctypes.data and b.token_type_ids is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_widened_batches_are_the_stored_states_as_float32(
+    dtype, tmp_path_factory, glue_dir, minilm_tokenizer
+):
+    """``widen``: the loader's thread turns float16/bfloat16 states into float32, bit for bit what
+    the side network would widen them to, in the same batches."""
+    import torch
+
+    from stages.batches import to_torch
+
+    tmp = tmp_path_factory.mktemp(f"widen-{dtype}")
+    cfg = make_config(tmp, glue_dir, **{"cache.dtype": dtype, "task.limit": 30})
+    key = extract(cfg, backbone=tiny_bert(minilm_tokenizer), progress=False).key
+    narrow_cache = open_cache(cfg.cache_root, key)
+
+    def batches(widen):
+        loader = CacheLoader(
+            narrow_cache, "train", {"enc": [0, 2]}, batch_size=8, shuffle=True, widen=widen
+        )
+        return [to_torch(b) for b in loader.epoch(3)]
+
+    narrow, wide = batches(False), batches(True)
+    assert len(narrow) == len(wide) > 1
+    for a, b in zip(narrow, wide, strict=True):
+        assert torch.equal(a.index, b.index)
+        for n in (0, 2):
+            x, y = a.states["enc"][n], b.states["enc"][n]
+            assert x.dtype == getattr(torch, dtype) and y.dtype == torch.float32
+            assert torch.equal(x.float(), y)
+            assert y.abs().sum() > 0
