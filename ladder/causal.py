@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from ladder.attention import attention, mask_bias
+from ladder.attention import Dropout, attention, mask_bias
 from ladder.errors import LadderError
 from ladder.families import Dims
 from ladder.ladders import Ladders
@@ -171,7 +171,7 @@ class CausalSideBlock(nn.Module):
         self.up = nn.Linear(d, d_ff, bias=dims.mlp_bias)
         self.down = nn.Linear(d_ff, d, bias=dims.mlp_bias)
         self.act = ACT2FN[dims.act]
-        self.drop = nn.Dropout(dims.dropout)
+        self.drop = Dropout(dims.dropout)
         self.gated = dims.gated
 
     def forward(

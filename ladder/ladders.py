@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ladder.attention import Dropout
 from ladder.errors import LadderError
 
 if TYPE_CHECKING:
@@ -119,8 +120,8 @@ class Ladders(nn.Module):
         self.free = side.free(n_layers)
         self.side_blocks = self.kept + self.free
         self.stream = stream
-        self.drop = nn.Dropout(dropout)  # on state 0 (the backbone's embedding dropout)
-        self.ladder_drop = nn.Dropout(side.ladder_dropout)
+        self.drop = Dropout(dropout)  # on state 0 (the backbone's embedding dropout)
+        self.ladder_drop = Dropout(side.ladder_dropout)
         self.first_down = nn.Linear(self.d, self.d_side)
         L = n_layers
         fused = {"ladder": self.kept, "xladder": self.kept, "late": [L - 1]}.get(side.fusion, [])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from ladder.attention import Dropout
 from ladder.errors import LadderError
 from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, FAMILY, T5_TYPES, Dims, dims_of
 
@@ -125,7 +126,7 @@ class ClassifierHead:
     layers: nn.ModuleDict
     final_ln: nn.Module | None
     up: nn.Linear
-    head_drop: nn.Dropout
+    head_drop: Dropout
     head_dense: nn.Linear
     head_out: nn.Linear
 
@@ -149,7 +150,7 @@ class ClassifierHead:
 
     def build_head(self, d_side: int, d: int, dropout: float, num_labels: int) -> None:
         self.up = nn.Linear(d_side, d)
-        self.head_drop = nn.Dropout(dropout)
+        self.head_drop = Dropout(dropout)
         self.head_dense = nn.Linear(d, d)
         self.head_out = nn.Linear(d, num_labels)
 

@@ -43,7 +43,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ladder.attention import attention, mask_bias
+from ladder.attention import Dropout, attention, mask_bias
 from ladder.causal import CausalSideNetwork
 from ladder.errors import LadderError
 from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, T5_TYPES, Dims, divisors
@@ -261,8 +261,8 @@ class EncoderSideBlock(nn.Module):
         self.act = ACT2FN[dims.act]
         self.ffn_out = nn.Linear(d_ff, d)
         self.ln_ffn = nn.LayerNorm(d, eps=dims.ln_eps)  # after the FFN residual
-        self.drop = nn.Dropout(dims.dropout)
-        self.act_drop = nn.Dropout(dims.act_dropout)
+        self.drop = Dropout(dims.dropout)
+        self.act_drop = Dropout(dims.act_dropout)
 
     def attention(self, x: Tensor, mask: Tensor) -> Tensor:
         B, T, C = x.shape  # batch, tokens, side width
@@ -410,7 +410,7 @@ class T5SideFF(nn.Module):
             self.wi = nn.Linear(d, d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d, bias=False)
         self.act = ACT2FN[act]
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, d/r) -> (B, T, d/r), through (B, T, d_ff/r)."""
@@ -432,7 +432,7 @@ class T5SideBlock(nn.Module):
             self.ca_ln = RMSNorm(d, dims.ln_eps)
         self.ff = T5SideFF(d, dims.d_ff // r, dims.act, dims.gated, dims.act_dropout)
         self.ff_ln = RMSNorm(d, dims.ln_eps)
-        self.drop = nn.Dropout(dims.dropout)
+        self.drop = Dropout(dims.dropout)
 
     def forward(
         self, x: Tensor, sa_bias: Tensor, enc: Tensor | None = None, ca_bias: Tensor | None = None

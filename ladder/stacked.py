@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ladder.attention import attention, drop_mask, mask_bias
+from ladder.attention import attention, keep_mask, mask_bias
 from ladder.causal import CausalSideNetwork, rotary_tables, rotate_half
 from ladder.shared import RMSNorm
 from ladder.side import EncoderSideNetwork
@@ -93,19 +93,16 @@ def _widen(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _dropout(x: Tensor, p: float, gens: Sequence[torch.Generator], shared: bool) -> Tensor:
-    """``F.dropout`` per network: network k's mask from ``gens[k]``, drawn as F.dropout draws
-    it (``empty_like(x).bernoulli_(1 - p)``, divided by 1 - p in x's dtype).
+    """``ladder.attention.dropout`` per network: network k's mask from ``gens[k]``, drawn and
+    applied as one network's ``Dropout`` draws and applies it.
 
     ``shared``: x is one tensor for every network (its result is (K, *x.shape)); else x is (K, ...).
     """
     one = x.shape if shared else x.shape[1:]
-    noise = torch.stack(
-        [
-            torch.empty(one, dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=g)
-            for g in gens
-        ]
-    ).div_(1 - p)
-    return (x.unsqueeze(0) if shared else x) * noise
+    masks = [keep_mask(one, p, x.device, g) for g in gens]
+    keep = torch.stack([m for m, _ in masks])
+    rate = masks[0][1]
+    return ((x.unsqueeze(0) if shared else x) * keep).mul_(1.0 / (1.0 - rate))
 
 
 class StackedSide:
@@ -219,10 +216,10 @@ class StackedSide:
             k = k.repeat_interleave(H // n_kv, dim=1)
             v = v.repeat_interleave(H // n_kv, dim=1)
         p = p if gens is not None else 0.0
-        drop = None
+        keep = None
         if gens is not None and round(p * 256) > 0:
-            drop = torch.cat([drop_mask((B, H, T, T), p, x.device, g)[0] for g in gens])
-        y = attention(q, k, v, bias, dropout_p=p, drop=drop)  # (K*B, H, T, hd)
+            keep = torch.cat([keep_mask((B, H, T, T), p, x.device, g)[0] for g in gens])
+        y = attention(q, k, v, bias, dropout_p=p, keep=keep)  # (K*B, H, T, hd)
         return self._lin(f"{pre}.o", y.transpose(1, 2).reshape(K, B, T, H * hd))
 
     def _block(

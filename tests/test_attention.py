@@ -72,6 +72,7 @@ def test_keep_mask_drops_p_rounded_to_1_256(p):
     torch.manual_seed(0)
     keep, rate = keep_mask((64, 1000, 3), p)
     assert rate == round(p * 256) / 256
+    assert keep.dtype == torch.uint8 and set(keep.unique().tolist()) == {0, 1}
     assert abs(1 - keep.float().mean().item() - rate) < 0.005
     assert 0.4 < keep[..., 0].float().mean() / keep[..., 2].float().mean() < 2.5  # every byte drawn
 
@@ -82,3 +83,46 @@ def test_dropout_drops_about_p_and_keeps_the_expectation():
         mean = torch.stack([attention(q, k, v, bias, dropout_p=0.5) for _ in range(400)]).mean(0)
         exact = attention(q, k, v, bias)
     torch.testing.assert_close(mean, exact, rtol=0.15, atol=0.1)
+
+
+@pytest.mark.parametrize("hd", [4, 16])
+def test_narrow_and_wide_heads_give_the_textbook_values_and_gradients(hd):
+    """Heads narrower than ``NARROW`` multiply the maps as transposed products into transposed
+    buffers; wider ones as they are. Both are the textbook attention, inputs given as the
+    (B, T, H, hd) -> (B, H, T, hd) views the side networks pass."""
+    g = torch.Generator().manual_seed(3)
+    B, H, T = 4, 3, 9
+    assert (hd < attention_module.NARROW) == (hd == 4)
+    x = [torch.randn(B, T, H, hd, generator=g) for _ in range(3)]
+    ours_in = [t.clone().requires_grad_(True) for t in x]
+    ref_in = [t.clone().requires_grad_(True) for t in x]
+    bias = torch.randn(B, 1, 1, T, generator=g)
+    torch.manual_seed(11)
+    ours = attention(*(t.transpose(1, 2) for t in ours_in), bias, dropout_p=0.2)
+    ref = _reference(*(t.transpose(1, 2) for t in ref_in), bias, 0.2, hd**-0.5, seed=11)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    gout = torch.randn_like(ours)
+    ours.backward(gout)
+    ref.backward(gout)
+    for a, b in zip(ours_in, ref_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_side_dropout_keeps_p_rounded_and_the_expectation(p):
+    """``Dropout``: a byte keep-mask, kept values scaled by 1 / (1 - rate); identity in eval."""
+    from ladder.attention import Dropout
+
+    drop = Dropout(p)
+    x = torch.full((200, 300), 2.0, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    rate = round(p * 256) / 256
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - rate) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 2.0 / (1 - rate)))
+    y.sum().backward()  # the gradient passes where the value was kept, scaled the same
+    torch.testing.assert_close(x.grad, kept.float() / (1 - rate))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global stream decides the mask
+    assert torch.equal(drop.eval()(x), x)

@@ -262,10 +262,16 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
             visual=visual,
         )
     assert logits.argmax(-1).tolist() == free
-    # the image matters: other images, other captions (the network is trained, not constant)
-    assert len({tuple(g) for g in free}) > 1 or free != greedy_generate_t5(
-        backbone, p.net, ids, mask, visual.roll(1, 0), 6, -1
-    )
+    # the image matters: other images, other scores for the same captions (a tiny network may
+    # still pick the same words for every image, so the logits are compared, not the argmax)
+    with torch.no_grad():
+        other, _ = p.net(
+            {n: states["enc"][n] for n in p.net.needed_layers("enc")},
+            mask,
+            {n: states["dec"][n] for n in p.net.needed_layers("dec")},
+            visual=visual.roll(1, 0),
+        )
+    assert (other - logits).abs().amax(-1).min() > 1e-4
     # EOS: a token it emits at step 3 of row 0, as EOS, ends each row before its first use
     eos = free[0][2]
     stopped = greedy_generate_t5(backbone, p.net, ids, mask, visual, 6, eos_token_id=eos)
