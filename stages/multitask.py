@@ -47,7 +47,8 @@ from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
 from ladder.multitask import MultiTaskSideNetwork, VisualSpec
-from ladder.vision import VisualSideNetwork
+from ladder.side import SideConfig
+from ladder.vision import VisualSideNetwork, saved_visual_fusion
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -58,7 +59,7 @@ from stages.runfiles import (
     write_atomic,
     write_json_atomic,
 )
-from stages.tasks import VL_TASKS, TaskSpec, check_trainable, paper_epochs
+from stages.tasks import VL_TASKS, TaskConfig, TaskSpec, check_trainable, paper_epochs
 from stages.train_side import (
     TrainResult,
     Trial,
@@ -94,13 +95,19 @@ def task_config(cfg: StageConfig, task: str) -> StageConfig:
     """``cfg`` for one task of its list (what that task's cache is resolved with): a text task
     without the vision encoder; in a list mixing text and VL tasks, a VL task without
     ``task.data_dir`` (it names the text tasks' data)."""
-    task_update: dict[str, Any] = {"name": task}
-    update: dict[str, Any] = {}
+    update: dict[str, Any] = {"task": task_of_list(cfg.task, task)}
     if task not in VL_TASKS and cfg.backbone.vision is not None:
         update["backbone"] = cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})
-    if task in VL_TASKS and any(t not in VL_TASKS for t in cfg.task.names):
-        task_update["data_dir"] = None
-    return cfg.model_copy(update={"task": cfg.task.model_copy(update=task_update), **update})
+    return cfg.model_copy(update=update)
+
+
+def task_of_list(tasks: TaskConfig, task: str) -> TaskConfig:
+    """``task:`` for one task of its list: in a list mixing text and VL tasks, a VL task
+    without ``data_dir`` (it names the text tasks' data)."""
+    update: dict[str, Any] = {"name": task}
+    if task in VL_TASKS and any(t not in VL_TASKS for t in tasks.names):
+        update["data_dir"] = None
+    return tasks.model_copy(update=update)
 
 
 def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, CommittedCache]:
@@ -223,6 +230,16 @@ def build_multitask_trial(
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
+
+
+def saved_network(backbone_config: Any, saved: dict[str, Any]) -> MultiTaskSideNetwork:
+    """The multi-task network a ``<net>.config.json`` describes (:meth:`MultiTaskRun.save_best`),
+    unloaded: the body its ``side`` (and ``visual``) rebuild, a head per task of ``tasks`` with
+    that task's labels, in the run's task order (the first head is the body's own)."""
+    labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
+    v = saved.get("visual")
+    visual = None if v is None else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v))
+    return MultiTaskSideNetwork(backbone_config, SideConfig(**saved["side"]), labels, visual)
 
 
 def visual_caches(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, CommittedCache]:
