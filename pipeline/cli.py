@@ -762,7 +762,7 @@ def run_all(
 @cli.command("predict")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
-@click.option("--task", help="which task of a multi-task run (required there)")
+@click.option("--task", "task_name", help="which task of a multi-task run (required there)")
 @click.argument("texts", nargs=-1)
 @click.option(
     "--input",
@@ -788,7 +788,7 @@ def run_all(
 def predict(
     run_folder: str,
     network: str | None,
-    task: str | None,
+    task_name: str | None,
     texts: tuple[str, ...],
     input_path: str | None,
     predict_batch: int,
@@ -807,13 +807,13 @@ def predict(
         raise PipelineError(
             "give either TEXT (TEXT_A TEXT_B for pair tasks) or --input FILE (- for stdin)"
         )
-    if task is None and len(tasks := run_tasks(run_folder)) > 1:
+    if task_name is None and len(tasks := run_tasks(run_folder)) > 1:
         raise PipelineError(
             f"run {run_folder} trained several tasks; predict takes one: --task "
             f"{' or --task '.join(tasks)}"
         )
     t0 = time.perf_counter()
-    p = Predictor(run_folder, network, task=task, allow_unfinished=allow_unfinished)
+    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
     load_s = time.perf_counter() - t0
     if input_path is None and p.spec.images:
         raise PipelineError(
@@ -871,7 +871,7 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
 @cli.command("evaluate")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
-@click.option("--task", help="which task of a multi-task run (default: every task)")
+@click.option("--task", "task_name", help="which task of a multi-task run (default: every task)")
 @click.option(
     "--split",
     default="test",
@@ -890,7 +890,7 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
 def evaluate_cmd(
     run_folder: str,
     network: str | None,
-    task: str | None,
+    task_name: str | None,
     split: str,
     data_dir: str | None,
     limit: int | None,
@@ -901,8 +901,8 @@ def evaluate_cmd(
     run: every task's, or --task's, as its metrics.json records them)."""
     from stages.evaluate import Predictor, evaluate_task, evaluate_tasks
 
-    p = Predictor(run_folder, network, task=task, allow_unfinished=allow_unfinished)
-    if task is None and len(p.tasks) > 1:
+    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
+    if task_name is None and len(p.tasks) > 1:
         every = evaluate_tasks(p, split, data_dir=data_dir, limit=limit)
         _emit({"split": split, **every}, as_json, _print_tasks)
         return
