@@ -255,7 +255,8 @@ class Predictor:
 
     def select(self, task: str) -> Predictor:
         """Predict and evaluate ``task`` (one of :attr:`tasks`) from now on: its head, its
-        labels, its data (``task``: the run's ``task:`` for it alone); returns the predictor."""
+        labels, its visual tokens if it has images, and its data (:attr:`task`: the run's
+        ``task:`` section for this task alone); returns the predictor."""
         self._check_task(task)
         record = self.saved["tasks"][task] if self.multitask else self.saved
         self.spec = spec_of(record["task_spec"])
@@ -399,28 +400,43 @@ def image_example(row: dict[str, Any], n: int, where: str, spec: TaskSpec) -> Ex
 def evaluate_task(
     predictor: Predictor, split: str, *, data_dir: str | None = None, limit: int | None = None
 ) -> dict[str, float]:
-    """The selected task's metrics on ``split`` of its data: the run's, or the glue_data folder
+    """The selected task's metrics on ``split`` of its data: the run's, or the folder
     ``data_dir``; ``limit``: the first N examples (default: the run's limit)."""
     task = predictor.task
-    data = load_task_of(
-        task if data_dir is None else task.model_copy(update={"data_dir": data_dir}), limit=limit
+    return _evaluate_data(
+        predictor,
+        task if data_dir is None else task.model_copy(update={"data_dir": data_dir}),
+        split,
+        limit,
     )
-    if split not in data.splits:
-        raise StageError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
-    return evaluate_split(predictor, data, split)
 
 
 def evaluate_tasks(
     predictor: Predictor, split: str, *, data_dir: str | None = None, limit: int | None = None
 ) -> dict[str, Any]:
     """Every task of a (multi-task) run on ``split``, as its metrics.json records a split: each
-    task's metrics under its name and their unweighted average as ``score``
-    (:func:`evaluate_task` per task; the last task stays selected)."""
+    task's metrics under its name and their unweighted average as ``score``. ``data_dir``
+    replaces the run's data folder, which names the text tasks' data in a list that mixes text
+    and VL tasks (the VL tasks' come from their default place, as in training:
+    ``stages.multitask.task_of_list``). The last task stays selected."""
+    run_task = predictor.run_task
+    if data_dir is not None:
+        run_task = run_task.model_copy(update={"data_dir": data_dir})
     out: dict[str, Any] = {}
     for task in predictor.tasks:
-        out[task] = evaluate_task(predictor.select(task), split, data_dir=data_dir, limit=limit)
+        predictor.select(task)
+        out[task] = _evaluate_data(predictor, task_of_list(run_task, task), split, limit)
     out["score"] = float(np.mean([out[t]["score"] for t in predictor.tasks]))
     return out
+
+
+def _evaluate_data(
+    predictor: Predictor, task: TaskConfig, split: str, limit: int | None
+) -> dict[str, float]:
+    data = load_task_of(task, limit=limit)
+    if split not in data.splits:
+        raise StageError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
+    return evaluate_split(predictor, data, split)
 
 
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:

@@ -205,10 +205,12 @@ def test_pipeline_yaml_takes_a_task_list(tmp_path):
         load_config(f)
 
 
-def test_a_vl_task_and_a_text_task_train_one_body(tmp_path, glue_dir, minilm_tokenizer):
+def test_a_vl_task_and_a_text_task_train_one_body(
+    tmp_path, glue_dir, minilm_tokenizer, monkeypatch, capsys
+):
     """``--task easy-vqa,rte --vision-encoder``: the VL task's batches carry their visual tokens
     into the shared (visual) body, the text task's none; the VL task's cache is found without
-    the glue folder that names the text task's data."""
+    the glue folder that names the text task's data. evaluate scores each task as training did."""
     from ladder.multitask import MultiTaskSideNetwork
     from tests.test_vl import tiny_clip, write_vqa
 
@@ -252,6 +254,23 @@ def test_a_vl_task_and_a_text_task_train_one_body(tmp_path, glue_dir, minilm_tok
     assert "body.visual_proj.weight" in weights and "body.visual_gates" in weights
     # the visual standardisation: the VL task's training images, not the identity
     assert not torch.equal(weights["body.visual_std"], torch.ones(32))
+    # evaluate: the VL task on its data (its cache's image features), the text task on the text
+    import stages.evaluate
+    from pipeline.cli import run_cli
+
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
+    monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: vision)
+    from stages.evaluate import Predictor
+
+    p = Predictor(res.folder, task="easy-vqa")
+    assert p.vision is vision and p.select("rte").vision is None  # the text task: text alone
+    capsys.readouterr()
+    for task, data in (("easy-vqa", vqa), ("rte", glue_dir)):
+        args = ["--run", str(res.folder), "--task", task, "--data-dir", str(data), "--json"]
+        assert run_cli(["evaluate", *args]) == 0, capsys.readouterr().err
+        got = json.loads(capsys.readouterr().out)
+        assert got.pop("split") == "test"
+        _close(got, net["test"][task])
 
 
 def test_a_vision_encoder_with_no_vl_task_is_one_line(caches, tmp_path, capsys):
