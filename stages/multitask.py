@@ -29,6 +29,7 @@ helpers are its own, and a killed run resumes from each network's last finished 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -81,6 +82,7 @@ from stages.train_side import (
     save_best_weights,
     save_checkpoint,
     side_config,
+    split_outputs,
     task_spec_of,
     task_spec_record,
     train_step,
@@ -240,6 +242,21 @@ def saved_network(backbone_config: Any, saved: dict[str, Any]) -> MultiTaskSideN
     v = saved.get("visual")
     visual = None if v is None else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v))
     return MultiTaskSideNetwork(backbone_config, SideConfig(**saved["side"]), labels, visual)
+
+
+def cached_task_outputs(
+    cfg: StageConfig, folder: Path, name: str, task: str, split: str = "test"
+) -> torch.Tensor:
+    """Network ``name``'s raw outputs for ``task`` (its head) per example of a split, in the
+    split's order, from the best checkpoint of run ``folder`` and the task's cache: what the
+    run's evaluation computes (``train_side.cached_outputs`` for one task of a list)."""
+    saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
+    task_cfg = task_config(cfg, task)
+    cache = resolve_cache(task_cfg, saved["tasks"][task]["cache"])
+    net = saved_network(backbone_config_of(cache), saved)
+    best = Path(folder) / f"{name}.best.safetensors"
+    load_into(net, load_file(str(best)), str(best))
+    return split_outputs(task_cfg, net.select(task), cache, split)
 
 
 def visual_caches(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, CommittedCache]:

@@ -292,7 +292,7 @@ def mt_run(caches, tmp_path_factory):
     (name,) = res.metrics["networks"]
     net = res.metrics["networks"][name]
     best = next(h for h in net["epochs"] if h["epoch"] == net["best_epoch"])
-    return {"folder": res.folder, "test": net["test"], "best": best}
+    return {"folder": res.folder, "cfg": cfg, "name": name, "test": net["test"], "best": best}
 
 
 @pytest.fixture
@@ -340,26 +340,36 @@ def test_evaluate_a_multitask_run_reproduces_its_metrics(mt_run, live_bert, caps
     assert [ln.split()[0] for ln in lines] == ["rte", "mrpc", "stsb", "average"]
 
 
-def test_predict_a_task_of_a_multitask_run(mt_run, live_bert, glue_dir, capsys):
-    """Predictions for a task come from its head: their accuracy on the validation split is the
-    one recorded at the best epoch, and they are the argmax of the task's logits."""
+def test_predict_a_task_of_a_multitask_run(mt_run, live_bert, capsys):
+    """Each task's predictions come from its own head: its logits are the ones the run's
+    evaluation computes from the task's cache, the predicted labels their argmax, and their
+    accuracy on the validation split the one recorded at the best epoch."""
     from pipeline.cli import run_cli
     from stages.evaluate import Predictor
+    from stages.multitask import cached_task_outputs
     from stages.tasks import load_task_of
 
     p = Predictor(mt_run["folder"], task="mrpc")
     assert p.tasks == ["rte", "mrpc", "stsb"] and p.spec.name == "mrpc"
-    examples = load_task_of(p.task).splits["validation"]
-    preds = p.predict(examples)
-    labels = np.asarray([ex.label for ex in examples])
-    want = mt_run["best"]["tasks"]["mrpc"]["validation"]["accuracy"]
-    assert 100 * float(np.mean(preds == labels)) == pytest.approx(want, abs=1e-6)
-    assert np.array_equal(preds, p.outputs(examples).argmax(-1).numpy())
+    for task in p.tasks:
+        examples = load_task_of(p.select(task).task).splits["validation"]
+        logits = p.outputs(examples)
+        want = cached_task_outputs(
+            mt_run["cfg"], mt_run["folder"], mt_run["name"], task, "validation"
+        )
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+        preds = p.predict(examples)
+        if task == "stsb":
+            assert np.array_equal(preds, logits.squeeze(-1).numpy())
+            continue
+        assert np.array_equal(preds, logits.argmax(-1).numpy())
+        labels = np.asarray([ex.label for ex in examples])
+        recorded = mt_run["best"]["tasks"][task]["validation"]["accuracy"]
+        assert 100 * float(np.mean(preds == labels)) == pytest.approx(recorded, abs=1e-6)
     capsys.readouterr()
     pair = ["A cat sat on the mat.", "A cat sat."]
-    assert (
-        run_cli(["predict", "--run", str(mt_run["folder"]), "--task", "stsb", "--json", *pair]) == 0
-    )
+    args = ["predict", "--run", str(mt_run["folder"]), "--task", "stsb", "--json", *pair]
+    assert run_cli(args) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["task"] == "stsb" and row["score"] == pytest.approx(
         float(row["prediction"]), abs=1e-3
