@@ -3,6 +3,11 @@
     pipeline predict  --run runs/<folder> "A man is playing a guitar." "A man plays music."
     pipeline predict  --run runs/<folder> --input pairs.jsonl --json
     pipeline evaluate --run runs/<folder> --split test --data-dir ../shared/data/glue
+    pipeline evaluate --run runs/<rte,mrpc folder> --json          # every task, and the average
+    pipeline predict  --run runs/<rte,mrpc folder> --task mrpc "A man plays." "A man plays music."
+
+A multi-task run's network (``stages.multitask``) is rebuilt whole, a head per task, and used one
+task at a time (``Predictor(..., task=...)``, :meth:`Predictor.select`).
 
 These need the backbone (the text is new, so there is no cache for it): it runs live in eval mode
 and feeds the side network exactly the states stage one would have stored. Generation tasks
