@@ -762,6 +762,7 @@ def run_all(
 @cli.command("predict")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
+@click.option("--task", "task_name", help="which task of a multi-task run (required there)")
 @click.argument("texts", nargs=-1)
 @click.option(
     "--input",
@@ -787,6 +788,7 @@ def run_all(
 def predict(
     run_folder: str,
     network: str | None,
+    task_name: str | None,
     texts: tuple[str, ...],
     input_path: str | None,
     predict_batch: int,
@@ -798,15 +800,20 @@ def predict(
     """
     import time
 
-    from stages.evaluate import Predictor, read_inputs
+    from stages.evaluate import Predictor, read_inputs, run_tasks
     from stages.tasks import Example
 
     if (input_path is None) == (not texts):
         raise PipelineError(
             "give either TEXT (TEXT_A TEXT_B for pair tasks) or --input FILE (- for stdin)"
         )
+    if task_name is None and len(tasks := run_tasks(run_folder)) > 1:
+        raise PipelineError(
+            f"run {run_folder} trained several tasks; predict takes one: --task "
+            f"{' or --task '.join(tasks)}"
+        )
     t0 = time.perf_counter()
-    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
+    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
     load_s = time.perf_counter() - t0
     if input_path is None and p.spec.images:
         raise PipelineError(
@@ -864,6 +871,7 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
 @cli.command("evaluate")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
+@click.option("--task", "task_name", help="which task of a multi-task run (default: every task)")
 @click.option(
     "--split",
     default="test",
@@ -882,27 +890,36 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
 def evaluate_cmd(
     run_folder: str,
     network: str | None,
+    task_name: str | None,
     split: str,
     data_dir: str | None,
     limit: int | None,
     allow_unfinished: bool,
     as_json: bool,
 ) -> None:
-    """Backbone + trained side network on a dataset split, with the task's metric."""
-    from stages.evaluate import Predictor, evaluate_split
-    from stages.tasks import load_task_of
+    """Backbone + trained side network on a dataset split, with the task's metric (a multi-task
+    run: every task's, or --task's, as its metrics.json records them)."""
+    from stages.evaluate import Predictor, evaluate_task, evaluate_tasks
 
-    p = Predictor(run_folder, network, allow_unfinished=allow_unfinished)
-    task = p.task if data_dir is None else p.task.model_copy(update={"data_dir": data_dir})
-    data = load_task_of(task, limit=limit)
-    if split not in data.splits:
-        raise PipelineError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
-    metrics = evaluate_split(p, data, split)
-    _emit(
-        {"split": split, **metrics},
-        as_json,
-        lambda o: click.echo(" ".join(f"{k}={v:.2f}" for k, v in o.items() if k != "split")),
-    )
+    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
+    if task_name is None and len(p.tasks) > 1:
+        every = evaluate_tasks(p, split, data_dir=data_dir, limit=limit)
+        _emit({"split": split, **every}, as_json, _print_tasks)
+        return
+    metrics = evaluate_task(p, split, data_dir=data_dir, limit=limit)
+    _emit({"split": split, **metrics}, as_json, lambda o: click.echo(_figures(o)))
+
+
+def _figures(metrics: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "split")
+
+
+def _print_tasks(o: dict[str, Any]) -> None:
+    """A multi-task evaluation: a line per task, then the average."""
+    for task, metrics in o.items():
+        if isinstance(metrics, dict):
+            click.echo(f"{task}  {_figures(metrics)}")
+    click.echo(f"average  score={o['score']:.2f}")
 
 
 @cli.group()

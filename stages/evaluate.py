@@ -3,6 +3,11 @@
     pipeline predict  --run runs/<folder> "A man is playing a guitar." "A man plays music."
     pipeline predict  --run runs/<folder> --input pairs.jsonl --json
     pipeline evaluate --run runs/<folder> --split test --data-dir ../shared/data/glue
+    pipeline evaluate --run runs/<rte,mrpc folder> --json          # every task, and the average
+    pipeline predict  --run runs/<rte,mrpc folder> --task mrpc "A man plays." "A man plays music."
+
+A multi-task run's network (``stages.multitask``) is rebuilt whole, a head per task, and used one
+task at a time (``Predictor(..., task=...)``, :meth:`Predictor.select`).
 
 These need the backbone (the text is new, so there is no cache for it): it runs live in eval mode
 and feeds the side network exactly the states stage one would have stored. Generation tasks
@@ -44,6 +49,7 @@ from cache_store.images import ImageTable
 from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
 from ladder.generation import greedy_generate, greedy_generate_t5
+from ladder.multitask import MultiTaskSideNetwork
 from ladder.side import SideConfig, build_side_network
 from ladder.vision import (
     VisionEncoder,
@@ -55,6 +61,7 @@ from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
 from stages.images import encode_images
+from stages.multitask import saved_network, task_of_list
 from stages.tasks import (
     Example,
     TaskConfig,
@@ -62,6 +69,7 @@ from stages.tasks import (
     TaskSpec,
     compute_metrics,
     jsonl_rows,
+    load_task_of,
     read_table,
     spec_of,
     t5_candidates,
@@ -100,18 +108,27 @@ def unfinished(folder: Path, name: str) -> str | None:
     return None
 
 
+def _run_config(folder: Path) -> dict[str, Any]:
+    if not (folder / "config.json").is_file():
+        raise StageError(f"{folder} is not a train-side run folder (no config.json)")
+    return _read_json(folder / "config.json")
+
+
+def run_tasks(run: str | Path) -> list[str]:
+    """The task(s) a run folder trained: one, or a multi-task run's list in its order."""
+    return TaskConfig.model_validate(_run_config(Path(run))["task"]).names
+
+
 def load_trained(
     run: str | Path, network: str | None = None, *, allow_unfinished: bool = False
 ) -> tuple[TaskConfig, BackboneConfig, dict[str, Any], Path]:
-    """A run folder's task and backbone, and the chosen network's saved config and weights.
+    """A run folder's task(s) and backbone, and the chosen network's saved config and weights.
 
     An unfinished run (killed, still training, or a network stopped early) is refused unless
     ``allow_unfinished``: its best checkpoint is not the run's answer yet.
     """
     folder = Path(run)
-    if not (folder / "config.json").is_file():
-        raise StageError(f"{folder} is not a train-side run folder (no config.json)")
-    saved_cfg = _read_json(folder / "config.json")
+    saved_cfg = _run_config(folder)
     task = TaskConfig.model_validate(saved_cfg["task"])
     backbone = BackboneConfig.model_validate(saved_cfg["backbone"])
     configs = sorted(folder.glob("*.config.json"))
@@ -125,11 +142,6 @@ def load_trained(
         raise StageError(
             f"run {folder} is unfinished: {why}; run train-side again to finish it, or pass "
             "--allow-unfinished to use its best checkpoint so far"
-        )
-    if len(task.names) > 1:
-        raise StageError(
-            f"run {folder} trained several tasks ({task.name}); predict and evaluate on a "
-            "multi-task network are not built yet: its per-task test figures are in metrics.json"
         )
     return (
         task,
@@ -179,7 +191,11 @@ def batches_of(
 
 
 class Predictor:
-    """A live backbone and one trained side network, in eval mode."""
+    """A live backbone and one trained side network, in eval mode.
+
+    A multi-task run's network is rebuilt whole (the shared body, every task's head) and
+    predicts one task at a time: ``task`` (default: the run's first), then :meth:`select`.
+    """
 
     def __init__(
         self,
@@ -187,12 +203,16 @@ class Predictor:
         network: str | None = None,
         device: str = "cpu",
         *,
+        task: str | None = None,
         allow_unfinished: bool = False,
     ) -> None:
-        self.task, self.backbone_cfg, saved, weights = load_trained(
+        self.run_task, self.backbone_cfg, saved, weights = load_trained(
             run, network, allow_unfinished=allow_unfinished
         )
         self.run, self.saved = Path(run), saved
+        self.multitask = "tasks" in saved  # <net>.config.json of stages.multitask
+        self.tasks: list[str] = list(saved["tasks"]) if self.multitask else self.run_task.names
+        self._check_task(task or self.tasks[0])  # before the backbone loads
         state = load_weights(weights)
         self.backbone: Backbone = load_backbone(
             self.backbone_cfg.name,
@@ -200,19 +220,23 @@ class Predictor:
             device=device,
             quantization=self.backbone_cfg.quantization,  # the states it was trained on
         )
-        self.spec = spec_of(saved["task_spec"])
         side = SideConfig(**saved["side"])  # kept_layers: SideConfig takes the saved list
         lm_head = self.backbone.frozen_tensors(lm_head=side.head == "lm").get("lm_head")
         self.answer = side.label_tokens is not None  # a verbaliser: template fields-answer
-        self.vision: VisionEncoder | None = None
-        if self.backbone_cfg.vision is not None:  # visual tokens before the text
-            self.net, self.vision = visual_network(
+        self.encoder: VisionEncoder | None = None  # the run's; ``vision``: the task's, if VL
+        if self.multitask:
+            self.net: torch.nn.Module = saved_network(self.backbone.config, saved)
+            if self.backbone_cfg.vision is not None:
+                self.encoder = run_vision_encoder(self.backbone_cfg, saved, device)
+        elif self.backbone_cfg.vision is not None:  # visual tokens before the text
+            self.net, self.encoder = visual_network(
                 self.backbone, self.backbone_cfg, saved, device, lm_head
             )
         else:
             self.net = build_side_network(self.backbone.config, side, lm_head)
         load_into(self.net, state, str(weights))
         self.net.eval()
+        self.select(task or self.tasks[0])
         self.candidates = (
             t5_candidates(self.spec)
             if self.backbone.encoder_decoder and not self.spec.captioning
@@ -227,6 +251,26 @@ class Predictor:
                 }
             )
         self.states = online_states(self.backbone, False, layers)
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise StageError(
+                f"run {self.run} did not train task {task!r}; allowed: {', '.join(self.tasks)}"
+            )
+
+    def select(self, task: str) -> Predictor:
+        """Predict and evaluate ``task`` (one of :attr:`tasks`) from now on: its head, its
+        labels, its visual tokens if it has images, and its data (:attr:`task`: the run's
+        ``task:`` section for this task alone); returns the predictor."""
+        self._check_task(task)
+        record = self.saved["tasks"][task] if self.multitask else self.saved
+        self.spec = spec_of(record["task_spec"])
+        self.cache_key: str | None = record.get("cache")  # the cache it was trained from
+        self.task = task_of_list(self.run_task, task) if self.multitask else self.run_task
+        self.vision = self.encoder if self.spec.images or not self.multitask else None
+        if isinstance(self.net, MultiTaskSideNetwork):
+            self.net.select(task)
+        return self
 
     def outputs(
         self,
@@ -358,6 +402,48 @@ def image_example(row: dict[str, Any], n: int, where: str, spec: TaskSpec) -> Ex
     return Example(texts, 0, image, str(image2) if image2 is not None else None)
 
 
+def evaluate_task(
+    predictor: Predictor, split: str, *, data_dir: str | None = None, limit: int | None = None
+) -> dict[str, float]:
+    """The selected task's metrics on ``split`` of its data: the run's, or the folder
+    ``data_dir``; ``limit``: the first N examples (default: the run's limit)."""
+    task = predictor.task
+    return _evaluate_data(
+        predictor,
+        task if data_dir is None else task.model_copy(update={"data_dir": data_dir}),
+        split,
+        limit,
+    )
+
+
+def evaluate_tasks(
+    predictor: Predictor, split: str, *, data_dir: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """Every task of a (multi-task) run on ``split``, as its metrics.json records a split: each
+    task's metrics under its name and their unweighted average as ``score``. ``data_dir``
+    replaces the run's data folder, which names the text tasks' data in a list that mixes text
+    and VL tasks (the VL tasks' come from their default place, as in training:
+    ``stages.multitask.task_of_list``). The last task stays selected."""
+    run_task = predictor.run_task
+    if data_dir is not None:
+        run_task = run_task.model_copy(update={"data_dir": data_dir})
+    out: dict[str, Any] = {}
+    for task in predictor.tasks:
+        predictor.select(task)
+        out[task] = _evaluate_data(predictor, task_of_list(run_task, task), split, limit)
+    out["score"] = float(np.mean([out[t]["score"] for t in predictor.tasks]))
+    return out
+
+
+def _evaluate_data(
+    predictor: Predictor, task: TaskConfig, split: str, limit: int | None
+) -> dict[str, float]:
+    data = load_task_of(task, limit=limit)
+    if split not in data.splits:
+        raise StageError(f"unknown split {split!r}; allowed: {', '.join(data.splits)}")
+    return evaluate_split(predictor, data, split)
+
+
 def evaluate_split(predictor: Predictor, data: TaskData, split: str) -> dict[str, float]:
     if predictor.spec.generation:
         return evaluate_generation_split(predictor, data, split)
@@ -446,15 +532,8 @@ def visual_network(
     (``visual``: the vision encoder's width, images per example, visual fusion; T5 also needs
     ``lm_head``, the backbone's frozen LM head), and the frozen vision encoder the run names
     (``backbone.vision``)."""
-    vision = load_vision_encoder(
-        backbone_cfg.vision or "", device=device, pool=backbone_cfg.vision_pool
-    )
+    vision = run_vision_encoder(backbone_cfg, saved, device)
     visual = saved.get("visual") or {"d": vision.d, "n_images": 1}
-    if visual["d"] != vision.d:
-        raise StageError(
-            f"vision encoder {backbone_cfg.vision!r} gives features of width {vision.d}, but the "
-            f"network was trained on width {visual['d']}"
-        )
     side = SideConfig(**saved["side"])
     net = build_visual_side_network(
         backbone.config,
@@ -465,6 +544,23 @@ def visual_network(
         lm_head,
     )  # networks saved before visual ladders existed took their tokens at the input
     return net, vision
+
+
+def run_vision_encoder(
+    backbone_cfg: BackboneConfig, saved: dict[str, Any], device: str
+) -> VisionEncoder:
+    """The frozen vision encoder a VL run names (``backbone.vision``), checked against the width
+    its network was trained on (``<net>.config.json``'s ``visual``)."""
+    vision = load_vision_encoder(
+        backbone_cfg.vision or "", device=device, pool=backbone_cfg.vision_pool
+    )
+    d = (saved.get("visual") or {"d": vision.d})["d"]
+    if d != vision.d:
+        raise StageError(
+            f"vision encoder {backbone_cfg.vision!r} gives features of width {vision.d}, but the "
+            f"network was trained on width {d}"
+        )
+    return vision
 
 
 def encoded_tokens(
@@ -498,7 +594,7 @@ def cached_tokens(predictor: Predictor, data: TaskData, split: str) -> VisualTok
     other data for the split, or holds another encoder's features."""
     folder = Path(predictor.run)
     root = _read_json(folder / "config.json").get("cache", {}).get("root")
-    key = predictor.saved.get("cache")
+    key = predictor.cache_key
     if root is None or key is None:
         return None
     try:

@@ -29,6 +29,7 @@ helpers are its own, and a killed run resumes from each network's last finished 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -47,7 +48,8 @@ from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
 from ladder.multitask import MultiTaskSideNetwork, VisualSpec
-from ladder.vision import VisualSideNetwork
+from ladder.side import SideConfig
+from ladder.vision import VisualSideNetwork, saved_visual_fusion
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -58,7 +60,7 @@ from stages.runfiles import (
     write_atomic,
     write_json_atomic,
 )
-from stages.tasks import VL_TASKS, TaskSpec, check_trainable, paper_epochs
+from stages.tasks import VL_TASKS, TaskConfig, TaskSpec, check_trainable, paper_epochs
 from stages.train_side import (
     TrainResult,
     Trial,
@@ -80,6 +82,7 @@ from stages.train_side import (
     save_best_weights,
     save_checkpoint,
     side_config,
+    split_outputs,
     task_spec_of,
     task_spec_record,
     train_step,
@@ -94,13 +97,19 @@ def task_config(cfg: StageConfig, task: str) -> StageConfig:
     """``cfg`` for one task of its list (what that task's cache is resolved with): a text task
     without the vision encoder; in a list mixing text and VL tasks, a VL task without
     ``task.data_dir`` (it names the text tasks' data)."""
-    task_update: dict[str, Any] = {"name": task}
-    update: dict[str, Any] = {}
+    update: dict[str, Any] = {"task": task_of_list(cfg.task, task)}
     if task not in VL_TASKS and cfg.backbone.vision is not None:
         update["backbone"] = cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})
-    if task in VL_TASKS and any(t not in VL_TASKS for t in cfg.task.names):
-        task_update["data_dir"] = None
-    return cfg.model_copy(update={"task": cfg.task.model_copy(update=task_update), **update})
+    return cfg.model_copy(update=update)
+
+
+def task_of_list(tasks: TaskConfig, task: str) -> TaskConfig:
+    """``task:`` for one task of its list: in a list mixing text and VL tasks, a VL task
+    without ``data_dir`` (it names the text tasks' data)."""
+    update: dict[str, Any] = {"name": task}
+    if task in VL_TASKS and any(t not in VL_TASKS for t in tasks.names):
+        update["data_dir"] = None
+    return tasks.model_copy(update=update)
 
 
 def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, CommittedCache]:
@@ -223,6 +232,31 @@ def build_multitask_trial(
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
+
+
+def saved_network(backbone_config: Any, saved: dict[str, Any]) -> MultiTaskSideNetwork:
+    """The multi-task network a ``<net>.config.json`` describes (:meth:`MultiTaskRun.save_best`),
+    unloaded: the body its ``side`` (and ``visual``) rebuild, a head per task of ``tasks`` with
+    that task's labels, in the run's task order (the first head is the body's own)."""
+    labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
+    v = saved.get("visual")
+    visual = None if v is None else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v))
+    return MultiTaskSideNetwork(backbone_config, SideConfig(**saved["side"]), labels, visual)
+
+
+def cached_task_outputs(
+    cfg: StageConfig, folder: Path, name: str, task: str, split: str = "test"
+) -> torch.Tensor:
+    """Network ``name``'s raw outputs for ``task`` (its head) per example of a split, in the
+    split's order, from the best checkpoint of run ``folder`` and the task's cache: what the
+    run's evaluation computes (``train_side.cached_outputs`` for one task of a list)."""
+    saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
+    task_cfg = task_config(cfg, task)
+    cache = resolve_cache(task_cfg, saved["tasks"][task]["cache"])
+    net = saved_network(backbone_config_of(cache), saved)
+    best = Path(folder) / f"{name}.best.safetensors"
+    load_into(net, load_file(str(best)), str(best))
+    return split_outputs(task_cfg, net.select(task), cache, split)
 
 
 def visual_caches(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, CommittedCache]:

@@ -832,11 +832,21 @@ def cached_outputs(
     ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
     best = Path(folder) / f"{name}.best.safetensors"
     load_into(ts.net, load_file(str(best)), str(best))
-    layers = {"enc": ts.net.needed_layers("enc")}
+    return split_outputs(cfg, ts.net, cache, split, candidates), spec, candidates
+
+
+def split_outputs(
+    cfg: StageConfig,
+    net: torch.nn.Module,
+    cache: CommittedCache,
+    split: str,
+    candidates: list[str] | None = None,
+) -> torch.Tensor:
+    """A loaded network's raw outputs (:func:`batch_outputs`) per example of a cache's split, in
+    the split's order, from the cache's states (and image features where ``cfg`` reads them)."""
+    layers = {"enc": net.needed_layers("enc")}
     if candidates is not None:
-        layers.update(
-            {s: ts.net.needed_layers("dec") for s in layout.cand_streams(len(candidates))}
-        )
+        layers.update({s: net.needed_layers("dec") for s in layout.cand_streams(len(candidates))})
     loader = CacheLoader(
         cache,
         split,
@@ -852,11 +862,11 @@ def cached_outputs(
     )
     out: torch.Tensor | None = None
     for batch in torch_batches(loader.epoch(0)):
-        o = batch_outputs(ts.net, batch, cached_states, candidates)
+        o = batch_outputs(net, batch, cached_states, candidates)
         if out is None:
             out = o.new_zeros((cache.manifest["splits"][split]["n_examples"], *o.shape[1:]))
         out[batch.index] = o
-    return (out if out is not None else torch.zeros(0, 1)), spec, candidates
+    return out if out is not None else torch.zeros(0, 1)
 
 
 @torch.no_grad()

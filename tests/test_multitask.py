@@ -182,8 +182,9 @@ def test_the_cli_trains_a_task_list_and_extract_refuses_one(caches, tmp_path, ca
     assert set(net["tasks"]) == {"rte", "mrpc"} and net["test"]["score"] is not None
     assert net["tasks"]["mrpc"]["metric"] == "acc_f1"
     run = out["run"]
-    assert run_cli(["evaluate", "--run", run]) == 2  # not built for a multi-task network: one line
-    assert "trained several tasks (rte,mrpc)" in capsys.readouterr().err
+    assert run_cli(["predict", "--run", run, "a", "b"]) == 2  # which task: one line, no load
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "predict takes one: --task rte or --task mrpc" in err[0], err
     args = ["run", "extract", "--task", "rte,mrpc", "--data-dir", str(caches["glue"])]
     assert run_cli([*args, "--cache-root", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -204,10 +205,12 @@ def test_pipeline_yaml_takes_a_task_list(tmp_path):
         load_config(f)
 
 
-def test_a_vl_task_and_a_text_task_train_one_body(tmp_path, glue_dir, minilm_tokenizer):
+def test_a_vl_task_and_a_text_task_train_one_body(
+    tmp_path, glue_dir, minilm_tokenizer, monkeypatch, capsys
+):
     """``--task easy-vqa,rte --vision-encoder``: the VL task's batches carry their visual tokens
     into the shared (visual) body, the text task's none; the VL task's cache is found without
-    the glue folder that names the text task's data."""
+    the glue folder that names the text task's data. evaluate scores each task as training did."""
     from ladder.multitask import MultiTaskSideNetwork
     from tests.test_vl import tiny_clip, write_vqa
 
@@ -251,6 +254,23 @@ def test_a_vl_task_and_a_text_task_train_one_body(tmp_path, glue_dir, minilm_tok
     assert "body.visual_proj.weight" in weights and "body.visual_gates" in weights
     # the visual standardisation: the VL task's training images, not the identity
     assert not torch.equal(weights["body.visual_std"], torch.ones(32))
+    # evaluate: the VL task on its data (its cache's image features), the text task on the text
+    import stages.evaluate
+    from pipeline.cli import run_cli
+
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
+    monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: vision)
+    from stages.evaluate import Predictor
+
+    p = Predictor(res.folder, task="easy-vqa")
+    assert p.vision is vision and p.select("rte").vision is None  # the text task: text alone
+    capsys.readouterr()
+    for task, data in (("easy-vqa", vqa), ("rte", glue_dir)):
+        args = ["--run", str(res.folder), "--task", task, "--data-dir", str(data), "--json"]
+        assert run_cli(["evaluate", *args]) == 0, capsys.readouterr().err
+        got = json.loads(capsys.readouterr().out)
+        assert got.pop("split") == "test"
+        _close(got, net["test"][task])
 
 
 def test_a_vision_encoder_with_no_vl_task_is_one_line(caches, tmp_path, capsys):
@@ -259,3 +279,138 @@ def test_a_vision_encoder_with_no_vl_task_is_one_line(caches, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "no task of rte,mrpc has images" in err[0], err
+
+
+# --- evaluate and predict on a multi-task run ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mt_run(caches, tmp_path_factory):
+    """A finished rte,mrpc,stsb run (two heads of 2 labels, one regression head)."""
+    cfg = _cfg(caches, tmp_path_factory.mktemp("mt-run"), "rte,mrpc,stsb")
+    res = train_multitask_run(cfg, progress=False, echo=False)
+    (name,) = res.metrics["networks"]
+    net = res.metrics["networks"][name]
+    best = next(h for h in net["epochs"] if h["epoch"] == net["best_epoch"])
+    return {"folder": res.folder, "cfg": cfg, "name": name, "test": net["test"], "best": best}
+
+
+@pytest.fixture
+def live_bert(monkeypatch, minilm_tokenizer):
+    """evaluate and predict run the tiny BERT the caches were extracted with (same seed)."""
+    import stages.evaluate
+
+    backbone = tiny_bert(minilm_tokenizer)
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
+
+
+def _close(got: dict, want: dict) -> None:
+    """Equal to 1e-6 (relative: the live backbone batches otherwise than extraction did, so a
+    continuous figure such as STS-B's Pearson moves in its 8th digit; accuracies are exact)."""
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, dict):
+            _close(got[k], v)
+        else:
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+
+
+def test_evaluate_a_multitask_run_reproduces_its_metrics(mt_run, live_bert, capsys):
+    """Live backbone + the rebuilt network (body, each task's head) scores every task as training
+    did from the float32 caches: test at the end, validation at the best epoch."""
+    from pipeline.cli import run_cli
+
+    run = str(mt_run["folder"])
+    capsys.readouterr()
+    assert run_cli(["evaluate", "--run", run, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got.pop("split") == "test"
+    _close(got, mt_run["test"])  # rte, mrpc, stsb and their average, as metrics.json has them
+    assert run_cli(["evaluate", "--run", run, "--split", "validation", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got.pop("split") == "validation"
+    want = {t: v["validation"] for t, v in mt_run["best"]["tasks"].items()}
+    _close(got, {**want, "score": mt_run["best"]["validation"]["score"]})
+    assert run_cli(["evaluate", "--run", run, "--task", "stsb", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)  # one task: the single-task shape
+    assert got.pop("split") == "test"
+    _close(got, mt_run["test"]["stsb"])
+    assert run_cli(["evaluate", "--run", run]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["rte", "mrpc", "stsb", "average"]
+
+
+def test_predict_a_task_of_a_multitask_run(mt_run, live_bert, capsys):
+    """Each task's predictions come from its own head: its logits are the ones the run's
+    evaluation computes from the task's cache, the predicted labels their argmax, and their
+    accuracy on the validation split the one recorded at the best epoch."""
+    from pipeline.cli import run_cli
+    from stages.evaluate import Predictor
+    from stages.multitask import cached_task_outputs
+    from stages.tasks import load_task_of
+
+    p = Predictor(mt_run["folder"], task="mrpc")
+    assert p.tasks == ["rte", "mrpc", "stsb"] and p.spec.name == "mrpc"
+    for task in p.tasks:
+        examples = load_task_of(p.select(task).task).splits["validation"]
+        logits = p.outputs(examples)
+        want = cached_task_outputs(
+            mt_run["cfg"], mt_run["folder"], mt_run["name"], task, "validation"
+        )
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+        preds = p.predict(examples)
+        if task == "stsb":
+            assert np.array_equal(preds, logits.squeeze(-1).numpy())
+            continue
+        assert np.array_equal(preds, logits.argmax(-1).numpy())
+        labels = np.asarray([ex.label for ex in examples])
+        recorded = mt_run["best"]["tasks"][task]["validation"]["accuracy"]
+        assert 100 * float(np.mean(preds == labels)) == pytest.approx(recorded, abs=1e-6)
+    capsys.readouterr()
+    pair = ["A cat sat on the mat.", "A cat sat."]
+    args = ["predict", "--run", str(mt_run["folder"]), "--task", "stsb", "--json", *pair]
+    assert run_cli(args) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["task"] == "stsb" and row["score"] == pytest.approx(
+        float(row["prediction"]), abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["predict", "a", "b"],
+            "trained several tasks; predict takes one: --task rte or --task mrpc or --task stsb",
+        ),
+        (
+            ["predict", "--task", "cola", "a", "b"],
+            "did not train task 'cola'; allowed: rte, mrpc, stsb",
+        ),
+        (["evaluate", "--task", "cola"], "did not train task 'cola'; allowed: rte, mrpc, stsb"),
+    ],
+)
+def test_a_missing_or_untrained_task_is_one_line(mt_run, capsys, args, message):
+    from pipeline.cli import run_cli
+
+    code = run_cli([args[0], "--run", str(mt_run["folder"]), *args[1:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(mt_run, live_bert, tmp_path):
+    """Strict loading: a config naming fewer tasks than the weights hold is refused, not loaded
+    partially."""
+    import shutil
+
+    from stages.errors import StageError
+    from stages.evaluate import Predictor
+
+    folder = tmp_path / "run"
+    shutil.copytree(mt_run["folder"], folder)
+    (config,) = folder.glob("*.config.json")
+    saved = json.loads(config.read_text())
+    del saved["tasks"]["stsb"]
+    config.write_text(json.dumps(saved))
+    with pytest.raises(StageError, match=r"does not fit .*unexpected heads\.stsb\."):
+        Predictor(folder, task="rte")
