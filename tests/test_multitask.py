@@ -305,14 +305,16 @@ def live_bert(monkeypatch, minilm_tokenizer):
 
 
 def _close(got: dict, want: dict) -> None:
-    """Equal to 1e-6 (relative: the live backbone batches otherwise than extraction did, so a
-    continuous figure such as STS-B's Pearson moves in its 8th digit; accuracies are exact)."""
+    """Equal to 1e-4 (relative, and absolute in points): the live backbone batches otherwise than
+    extraction did, so the states differ in their last bits, and a continuous figure of a tiny
+    network (STS-B's Pearson) moves in its 5th or 6th digit; accuracies are exact. A wrong head
+    or wrong weights move the figures by whole points."""
     assert set(got) == set(want)
     for k, v in want.items():
         if isinstance(v, dict):
             _close(got[k], v)
         else:
-            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+            assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-4), k
 
 
 def test_evaluate_a_multitask_run_reproduces_its_metrics(mt_run, live_bert, capsys):
