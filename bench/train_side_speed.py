@@ -233,23 +233,27 @@ def epoch_online(
 
 
 def peak_memory(root: Path, key: str, memory_mb: int) -> dict[str, float]:
-    """One train-side epoch in its own process: peak RSS, and RSS once imports and data are in.
+    """One train-side epoch in its own process: peak RSS, and RSS once imports and data are in
+    (``bench.baselines.PeakMemory``: the kernel's high-water mark, reset at the start, so the
+    parent's RSS, which ``ru_maxrss`` inherits across exec, does not count).
 
     ``memory_mb`` is the loader's budget: the default keeps the split in RAM when it fits, a small
     one streams it from the cache through a shuffle buffer of that size.
     """
     code = f"""
-import json, resource, psutil, torch
+import json, torch
+from bench.baselines import PeakMemory
 from pipeline.config import Config, apply_overrides
 from stages.train_side import train_side, resolve_cache
 cfg = apply_overrides(Config(), {{"task.name": "sst2", "cache.root": {str(root)!r},
     "train_side.init": "magnitude", "train_side.epochs": 1, "train_side.memory_mb": {memory_mb},
     "train_side.run_dir": {str(root / "runs")!r}}})
 resolve_cache(cfg, {key!r})
-base = psutil.Process().memory_info().rss
+mem = PeakMemory()
+mem.start()
 train_side(cfg, cache_key={key!r}, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({{"base_rss": base, "peak_rss": peak}}))
+m = mem.stop()
+print(json.dumps({{"base_rss": m["base_rss"], "peak_rss": m["train_peak_rss"], "how": m["how"]}}))
 """
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
@@ -324,7 +328,6 @@ def main() -> None:
         }  # fmt: skip
         nine = [(8, s, lr) for s in (0, 1, 2) for lr in (3e-3, 1e-3, 3e-4)]
         twelve = [(r, s, 3e-3) for r in R4 for s in (0, 1, 2)]
-        # first, while this process is small: a child's ru_maxrss starts from its parent's RSS
         mem = peak_memory(root, key, 4096)
         streamed = peak_memory(root, key, 256)
         step = step_over_forward(root, key, backbone, 5)
