@@ -62,11 +62,12 @@ def by_type(preds: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray) -> d
     return out
 
 
-ARMS = {  # --arms name -> (label, visual fusion or None for text alone, online)
-    "ladder": ("with images (ladder)", "ladder", False),
-    "input": ("with images (input)", "input", False),
-    "text": ("text alone", None, False),
-    "online": ("with images (ladder), online LST", "ladder", True),
+ARMS = {  # --arms name -> (label, visual fusion or None for text alone, online, visual readout)
+    "ladder": ("with images (ladder)", "ladder", False, "text"),
+    "input": ("with images (input)", "input", False, "text"),
+    "text": ("text alone", None, False, "text"),
+    "online": ("with images (ladder), online LST", "ladder", True, "text"),
+    "readout": ("with images (ladder), text+visual readout", "ladder", False, "text+visual"),
 }
 
 
@@ -85,8 +86,9 @@ def main() -> None:
         "--arms",
         default="ladder,input,text",
         help=f"comma-separated, of {', '.join(ARMS)}: with images through visual ladders (the "
-        "default network), with images at the input only (the authors'), text alone, and online "
-        "LST (live backbone, dropout on) with visual ladders",
+        "default network), with images at the input only (the authors'), text alone, online "
+        "LST (live backbone, dropout on) with visual ladders, and visual ladders with the head "
+        "reading the visual positions too (train_side.visual_readout text+visual)",
     )
     p.add_argument("--work", type=Path, default=None, help="cache and runs here (default: temp)")
     p.add_argument("--plot", type=Path, default=None, help="accuracy per question type (PNG)")
@@ -144,10 +146,11 @@ def main() -> None:
         p.error(f"--arms {','.join(unknown)}: allowed {', '.join(ARMS)}")
     backbone = None
     for name in chosen:
-        arm, fusion, online = ARMS[name]
+        arm, fusion, online, readout = ARMS[name]
         c = no_vision
         if fusion is not None:
-            ts = cfg.train_side.model_copy(update={"visual_fusion": fusion})
+            update = {"visual_fusion": fusion, "visual_readout": readout}
+            ts = cfg.train_side.model_copy(update=update)
             c = cfg.model_copy(update={"train_side": ts})
         if online and backbone is None:
             backbone = load_backbone(cfg.backbone.name)

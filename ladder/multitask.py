@@ -70,11 +70,12 @@ class TaskHead(ClassifierHead, nn.Module):
 @dataclass(frozen=True)
 class VisualSpec:
     """The visual part of a multi-task body: the vision encoder's width, images per example,
-    and how the tokens enter the side stream (``VisualSideNetwork``)."""
+    how the tokens enter the side stream and what the heads read (``VisualSideNetwork``)."""
 
     d: int
     n_images: int = 1
     fusion: str = "ladder"
+    readout: str = "text"
 
 
 class MultiTaskSideNetwork(nn.Module):
@@ -107,7 +108,9 @@ class MultiTaskSideNetwork(nn.Module):
         self.body: EncoderSideNetwork = (
             EncoderSideNetwork(backbone_config, first)
             if visual is None
-            else VisualSideNetwork(backbone_config, first, visual.d, visual.n_images, visual.fusion)
+            else VisualSideNetwork(
+                backbone_config, first, visual.d, visual.n_images, visual.fusion, visual.readout
+            )
         )
         d_side, d, p = self.body.d_side, self.body.d, self.body.head_drop.p
         heads = {tasks[0]: TaskHead(first, d_side, d, p, source=self.body)}

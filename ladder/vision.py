@@ -56,6 +56,10 @@ RANDOM_VIT_PREPROCESS = "rgb-bilinear-64x64-scale-1/255-mean-0.5-std-0.5"
 # how the visual tokens enter the side stream: "ladder" (ours, the default): before every side
 # block, as the backbone's states do for the text; "input" (the authors'): once, at the input
 VISUAL_FUSIONS = ("ladder", "input")
+# what the head of an encoder-only VL side network reads: "text" (the default), the first text
+# token's side state; "text+visual", that state plus a pooling over the visual positions' final
+# side states (``VisualSideNetwork``: its readout starts at zero, so the network starts as "text")
+VISUAL_READOUTS = ("text", "text+visual")
 
 
 def parse_pool(pool: str | None) -> int | None:
@@ -299,6 +303,14 @@ def check_visual_fusion(visual_fusion: str) -> None:
         )
 
 
+def check_visual_readout(visual_readout: str) -> None:
+    """A visual readout is one of ``VISUAL_READOUTS``; anything else is one line."""
+    if visual_readout not in VISUAL_READOUTS:
+        raise LadderError(
+            f"visual readout {visual_readout!r}; allowed: {', '.join(map(repr, VISUAL_READOUTS))}"
+        )
+
+
 class VisualInput(nn.Module):
     """The visual part every VL side network shares (encoder-only and T5): the frozen vision
     encoder's tokens standardised, projected to the side width, told apart by image, normed,
@@ -316,6 +328,7 @@ class VisualInput(nn.Module):
     n_images: int
     visual_fusion: str
     visual_gates: nn.Parameter | None
+    visual_readout: str = "text"  # VisualSideNetwork may read the visual positions too
 
     def build_visual(
         self,
@@ -425,6 +438,14 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
     positions within the first 20 optimizer steps (the logits stop depending on the image), and
     it never learns even a colour question; with "ladder" it does.
 
+    ``visual_readout`` "text" (the default): the head reads the first text token's side state.
+    "text+visual": that state plus a readout of the visual positions' final side states, a
+    set pooling as a probe's: ``readout_token`` (d/r -> d/r, then GELU) on every visual token,
+    their mean and max over the visual tokens concatenated (B, 2 d/r), and ``readout_out``
+    (2 d/r -> d/r, weight and bias zero at init) added to the text token's state, so the head's
+    input keeps its width and the network starts as the "text" one (same seed, same logits).
+    Created after everything else: a seed gives every other parameter the same weights.
+
     The visual tokens are standardised per feature before the projection, with the mean and std
     of the training images' tokens (buffers ``visual_mean``, ``visual_std``, set by
     ``set_visual_stats``, saved with the weights). A frozen encoder's tokens share a large
@@ -440,8 +461,10 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
         d_visual: int,
         n_images: int = 1,
         visual_fusion: str = "ladder",
+        visual_readout: str = "text",
     ) -> None:
         check_visual_fusion(visual_fusion)
+        check_visual_readout(visual_readout)
         if side.fusion == "xladder":
             raise LadderError(
                 "side.fusion='xladder' with visual tokens is not built yet; allowed: 'ladder', "
@@ -453,6 +476,13 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
         self.build_visual(
             d_visual, n_images, visual_fusion, self.d_side, norm, len(self.kept), side.gate_alpha
         )
+        self.visual_readout = visual_readout
+        if visual_readout == "text+visual":  # last: the draws before it stay as they were
+            self.readout_token = nn.Linear(self.d_side, self.d_side)
+            init_weights(self.readout_token)
+            self.readout_out = nn.Linear(2 * self.d_side, self.d_side)
+            nn.init.zeros_(self.readout_out.weight)  # starts as the "text" readout
+            nn.init.zeros_(self.readout_out.bias)
 
     def forward(  # type: ignore[override]
         self,
@@ -474,8 +504,9 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
         visual: Tensor | None = None,
     ) -> Tensor:
         """The side state (B, d/r) the head reads: the first text token (BART: the last real
-        one) after every block, with the visual tokens (B, T_v, d_v) before the text; without
-        them (a text task of a multi-task run) the same blocks on the text alone."""
+        one) after every block, with the visual tokens (B, T_v, d_v) before the text (readout
+        "text+visual": plus the readout of the visual positions); without them (a text task of
+        a multi-task run) the same blocks on the text alone."""
         if visual is None:
             return super().pooled(hiddens, attention_mask, pool_index)
         text = self.side_input(hiddens)  # (B, T, d/r); first: the dropout draws as they were
@@ -503,7 +534,11 @@ class VisualSideNetwork(VisualInput, EncoderSideNetwork):
                 else torch.zeros(B, dtype=torch.long)
             )
         rows = torch.arange(B, device=x.device)
-        return x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
+        pooled = x[rows, Tv + pool_index.to(x.device)]  # (B, d/r): the first text token
+        if self.visual_readout == "text+visual":
+            tokens = nn.functional.gelu(self.readout_token(x[:, :Tv]))  # (B, T_v, d/r)
+            pooled = pooled + self.readout_out(torch.cat([tokens.mean(1), tokens.amax(1)], -1))
+        return pooled
 
 
 class VisualT5SideNetwork(VisualInput, T5SideNetwork):
@@ -619,6 +654,12 @@ def visual_stats(
     return torch.from_numpy(mean).float(), torch.from_numpy(std).float().clamp_min(eps)
 
 
+def saved_visual_readout(visual: Mapping[str, Any] | None) -> str:
+    """The visual readout of a saved network's ``visual`` record (``<net>.config.json``):
+    networks saved before the option existed (no ``readout``) read the text token alone."""
+    return str((visual or {}).get("readout", "text"))
+
+
 def saved_visual_fusion(visual: Mapping[str, Any] | None) -> str:
     """The visual fusion of a saved network's ``visual`` record (``<net>.config.json``):
     networks saved before visual ladders existed (no ``fusion``) took their tokens at the
@@ -633,11 +674,20 @@ def build_visual_side_network(
     n_images: int = 1,
     visual_fusion: str = "ladder",
     lm_head: Tensor | None = None,
+    *,
+    visual_readout: str = "text",
 ) -> VisualSideNetwork | VisualT5SideNetwork:
     """The side network with visual tokens of ``n_images`` images per example, entering as
-    ``visual_fusion`` says: ``VisualSideNetwork`` for an encoder-only backbone,
-    ``VisualT5SideNetwork`` for T5 (which needs ``lm_head``, the frozen [V, d] LM head)."""
+    ``visual_fusion`` says, read as ``visual_readout`` says: ``VisualSideNetwork`` for an
+    encoder-only backbone, ``VisualT5SideNetwork`` for T5 (which needs ``lm_head``, the frozen
+    [V, d] LM head; readout "text" only)."""
+    check_visual_readout(visual_readout)
     if getattr(backbone_config, "model_type", None) in T5_TYPES:
+        if visual_readout != "text":
+            raise LadderError(
+                f"visual readout {visual_readout!r} with a T5 backbone is not built (its side "
+                "decoder cross-attends to every visual position already); allowed: 'text'"
+            )
         if lm_head is None:
             raise LadderError(
                 f"model_type={backbone_config.model_type!r} with visual tokens needs lm_head "
@@ -646,4 +696,6 @@ def build_visual_side_network(
         return VisualT5SideNetwork(
             backbone_config, side, lm_head, d_visual, n_images, visual_fusion
         )
-    return VisualSideNetwork(backbone_config, side, d_visual, n_images, visual_fusion)
+    return VisualSideNetwork(
+        backbone_config, side, d_visual, n_images, visual_fusion, visual_readout
+    )

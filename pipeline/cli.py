@@ -473,6 +473,13 @@ TRAIN_OPTIONS = [
         type=click.Choice(_choices("train_side.visual_fusion")),
     ),
     config_option(
+        "--visual-readout",
+        "train_side.visual_readout",
+        "VL tasks, encoder-only backbones: the head reads the first text token (text), or also "
+        "a pooling over the visual positions (text+visual)",
+        type=click.Choice(_choices("train_side.visual_readout")),
+    ),
+    config_option(
         "--xladder-depth",
         "train_side.xladder_depth",
         "fusion xladder: the top N backbone blocks ladder into the first N of 2N side blocks",

@@ -113,6 +113,9 @@ class TrainSideConfig(Section):
     # VL tasks: how the visual tokens enter the side stream (ladder.vision): "ladder", before
     # every side block through a gate, as the backbone's states do; "input", once (the authors')
     visual_fusion: Literal["ladder", "input"] = "ladder"
+    # VL tasks, encoder-only backbones: what the head reads: "text", the first text token's side
+    # state; "text+visual", plus a pooling over the visual positions (zero at init)
+    visual_readout: Literal["text", "text+visual"] = "text"
     threads: int | None = Field(default=None, ge=1)  # CPU threads; None: all cores but one
     # RAM for one split's states: kept whole if they fit, else streamed through a shuffle buffer
     memory_mb: int = Field(default=4096, ge=16)

@@ -56,6 +56,7 @@ from ladder.vision import (
     build_visual_side_network,
     load_vision_encoder,
     saved_visual_fusion,
+    saved_visual_readout,
 )
 from stages.batches import Batch
 from stages.config import BackboneConfig
@@ -529,7 +530,7 @@ def visual_network(
     lm_head: torch.Tensor | None = None,
 ) -> tuple[torch.nn.Module, VisionEncoder]:
     """A VL run's side network (unloaded) as train-side built it, from its ``<net>.config.json``
-    (``visual``: the vision encoder's width, images per example, visual fusion; T5 also needs
+    (``visual``: the vision encoder's width, images per example, visual fusion and readout; T5 also needs
     ``lm_head``, the backbone's frozen LM head), and the frozen vision encoder the run names
     (``backbone.vision``)."""
     vision = run_vision_encoder(backbone_cfg, saved, device)
@@ -542,6 +543,7 @@ def visual_network(
         visual["n_images"],
         saved_visual_fusion(visual),
         lm_head,
+        visual_readout=saved_visual_readout(visual),
     )  # networks saved before visual ladders existed took their tokens at the input
     return net, vision
 

@@ -49,7 +49,7 @@ from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
 from ladder.multitask import MultiTaskSideNetwork, VisualSpec
 from ladder.side import SideConfig
-from ladder.vision import VisualSideNetwork, saved_visual_fusion
+from ladder.vision import VisualSideNetwork, saved_visual_fusion, saved_visual_readout
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -225,7 +225,8 @@ def build_multitask_trial(
     if vl:
         some = next(iter(vl.values()))
         d = int(visual_of(cfg, some)["d"])  # type: ignore[index]
-        visual = VisualSpec(d, images_per_example(some), cfg.train_side.visual_fusion)
+        ts = cfg.train_side
+        visual = VisualSpec(d, images_per_example(some), ts.visual_fusion, ts.visual_readout)
     net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels, visual)
     if vl:
         net.body.set_visual_stats(*train_visual_stats(*vl.values()))  # type: ignore[attr-defined]
@@ -240,7 +241,11 @@ def saved_network(backbone_config: Any, saved: dict[str, Any]) -> MultiTaskSideN
     that task's labels, in the run's task order (the first head is the body's own)."""
     labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
     v = saved.get("visual")
-    visual = None if v is None else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v))
+    visual = (
+        None
+        if v is None
+        else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
+    )
     return MultiTaskSideNetwork(backbone_config, SideConfig(**saved["side"]), labels, visual)
 
 

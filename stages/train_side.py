@@ -61,6 +61,7 @@ from ladder.vision import (
     VisualInput,
     build_visual_side_network,
     saved_visual_fusion,
+    saved_visual_readout,
     visual_stats,
 )
 from stages import tracking
@@ -428,6 +429,7 @@ def build_trial(
             images_per_example(cache),
             cfg.train_side.visual_fusion,
             lm_head,  # T5: the frozen LM head
+            visual_readout=cfg.train_side.visual_readout,
         )
         net.set_visual_stats(*train_visual_stats(cache))
     else:
@@ -827,6 +829,7 @@ def cached_outputs(
     rebuilt: dict[str, Any] = {"init": "random"}
     if "visual" in saved:  # saved before visual ladders existed: tokens at the input
         rebuilt["visual_fusion"] = saved_visual_fusion(saved["visual"])
+        rebuilt["visual_readout"] = saved_visual_readout(saved["visual"])
     weights_only = cfg.train_side.model_copy(update=rebuilt)
     cfg = cfg.model_copy(update={"train_side": weights_only})
     ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(**saved["trial"]), 1)
@@ -979,6 +982,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     # option (their networks took the tokens at the input)
     if cfg.backbone.vision is None or t.get("visual_fusion") == "input":
         t.pop("visual_fusion", None)
+    if t.get("visual_readout") == "text":  # runs made before the option read the text token
+        t.pop("visual_readout", None)
     return {
         "cache": cache_key,
         "train_side": t,
@@ -1141,10 +1146,15 @@ def save_best(folder: Path, ts: TrialState, side: SideConfig, cache: CommittedCa
 
 def visual_config(net: VisualInput) -> dict[str, Any]:
     """What rebuilds a network's visual part (``<net>.config.json``'s ``visual``): the vision
-    encoder's width, the images per example and the visual fusion (the family, T5 or
+    encoder's width, the images per example, the visual fusion and readout (the family, T5 or
     encoder-only, is the backbone's: ``backbone`` and ``side`` rebuild the rest; a T5 network's
     frozen LM head comes from the cache or the backbone)."""
-    return {"d": net.d_visual, "n_images": net.n_images, "fusion": net.visual_fusion}
+    return {
+        "d": net.d_visual,
+        "n_images": net.n_images,
+        "fusion": net.visual_fusion,
+        "readout": net.visual_readout,
+    }
 
 
 # --- the run -------------------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ def test_a_vl_task_and_a_text_task_train_one_body(
     assert set(net["test"]) >= {"easy-vqa", "rte", "score"}
     (name,) = res.metrics["networks"]
     saved = json.loads((res.folder / f"{name}.config.json").read_text())
-    assert saved["visual"] == {"d": 32, "n_images": 1, "fusion": "ladder"}
+    assert saved["visual"] == {"d": 32, "n_images": 1, "fusion": "ladder", "readout": "text"}
     weights = load_file(str(res.folder / f"{name}.best.safetensors"))
     assert "body.visual_proj.weight" in weights and "body.visual_gates" in weights
     # the visual standardisation: the VL task's training images, not the identity
@@ -416,3 +416,23 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_one_line(mt_run, live_bert
     config.write_text(json.dumps(saved))
     with pytest.raises(StageError, match=r"does not fit .*unexpected heads\.stsb\."):
         Predictor(folder, task="rte")
+
+
+def test_a_saved_multi_task_body_is_rebuilt_with_its_visual_readout():
+    from transformers import BertConfig
+
+    from stages.multitask import saved_network
+
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64,
+    )  # fmt: skip
+    saved = {
+        "side": {"reduction_factor": 4},
+        "tasks": {"easy-vqa": {"num_labels": 13}, "sst2": {"num_labels": 2}},
+        "visual": {"d": 24, "n_images": 1, "fusion": "ladder", "readout": "text+visual"},
+    }
+    net = saved_network(cfg, saved)
+    assert net.body.visual_readout == "text+visual" and hasattr(net.body, "readout_out")
+    del saved["visual"]["readout"]  # saved before the option: the text token alone
+    assert saved_network(cfg, saved).body.visual_readout == "text"

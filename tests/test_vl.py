@@ -299,7 +299,7 @@ def test_a_vl_run_on_a_text_only_cache_is_one_line_exit_2(vqa, tmp_path, capsys,
 # --- several images per example (NLVR2): the image-index embedding ---------------------------------
 
 
-def _visual_net(n_images: int, visual_fusion: str = "ladder"):
+def _visual_net(n_images: int, visual_fusion: str = "ladder", visual_readout: str = "text"):
     from transformers import BertConfig
 
     from ladder.side import SideConfig
@@ -311,7 +311,9 @@ def _visual_net(n_images: int, visual_fusion: str = "ladder"):
     )  # fmt: skip
     torch.manual_seed(0)
     side = SideConfig(reduction_factor=4, num_labels=5)
-    net = build_visual_side_network(cfg, side, 24, n_images, visual_fusion)
+    net = build_visual_side_network(
+        cfg, side, 24, n_images, visual_fusion, visual_readout=visual_readout
+    )
     g = torch.Generator().manual_seed(1)
     hiddens = {n: torch.randn(2, 6, 32, generator=g) for n in range(4)}
     mask = torch.ones(2, 6, dtype=torch.bool)
@@ -377,13 +379,91 @@ def test_the_visual_ladder_feeds_the_projected_tokens_into_every_block():
         _visual_net(1, "late")
 
 
+# --- the text+visual readout: the head reads the visual positions too ----------------------------
+
+
+def test_the_zero_initialised_readout_starts_as_the_text_readout():
+    net, hiddens, mask, visual = _visual_net(1, visual_readout="text+visual")
+    text = _visual_net(1)[0]
+    extra = {k for k in net.state_dict() if k not in text.state_dict()}
+    assert extra == {f"readout_{m}.{p}" for m in ("token", "out") for p in ("weight", "bias")}
+    for k, v in text.state_dict().items():  # same seed: every other weight is the same
+        assert torch.equal(net.state_dict()[k], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net(hiddens, mask, visual=visual), text(hiddens, mask, visual=visual), rtol=0, atol=0
+        )
+
+
+def test_the_readout_gets_gradients():
+    net, hiddens, mask, visual = _visual_net(1, visual_readout="text+visual")
+    net.train()
+    net(hiddens, mask, visual=visual).logsumexp(-1).sum().backward()
+    assert net.readout_out.weight.grad.abs().sum() > 0  # the zero linear learns first ...
+    net.zero_grad()
+    with torch.no_grad():
+        net.readout_out.weight.normal_(0, 0.1)  # ... then the token-wise linear behind it
+    net(hiddens, mask, visual=visual).logsumexp(-1).sum().backward()
+    assert net.readout_token.weight.grad.abs().sum() > 0
+    assert net.readout_out.weight.grad.abs().sum() > 0
+
+
+def test_a_visual_tokens_features_change_the_logits_through_the_readout():
+    net, hiddens, mask, visual = _visual_net(1, visual_readout="text+visual")
+    text = _visual_net(1)[0]
+    with torch.no_grad():
+        net.readout_out.weight.normal_(0, 0.1)
+        moved = visual.clone()
+        moved[:, 3] += 2.0 * torch.randn(24, generator=torch.Generator().manual_seed(2))
+
+        def readout(v: torch.Tensor) -> torch.Tensor:  # (B, d/r): what the readout adds
+            return net.pooled(hiddens, mask, visual=v) - text.pooled(hiddens, mask, visual=v)
+
+        before, after = readout(visual), readout(moved)
+        assert before.abs().max() > 0 and (after - before).abs().max() > 1e-3
+        assert not torch.allclose(
+            net(hiddens, mask, visual=moved), net(hiddens, mask, visual=visual)
+        )
+    with pytest.raises(
+        Exception, match="visual readout 'visual'; allowed: 'text', 'text\\+visual'"
+    ):
+        _visual_net(1, visual_readout="visual")
+
+
+def test_evaluate_rebuilds_the_saved_readout(vqa, tmp_path, encoders, monkeypatch, capsys):
+    from ladder.vision import saved_visual_readout
+    from pipeline.cli import run_cli
+    from stages.train_side import cached_outputs
+
+    cfg, res = train_vl_run(vqa, tmp_path, encoders, monkeypatch, visual_readout="text+visual")
+    (name,) = res.metrics["networks"]
+    saved = json.loads((res.folder / f"{name}.config.json").read_text())
+    assert saved["visual"]["readout"] == "text+visual"
+    outputs, _, _ = cached_outputs(cfg, res.folder, name, "test")
+    # rebuilt as saved, not as asked
+    ts = cfg.train_side.model_copy(update={"visual_readout": "text"})
+    assert torch.equal(
+        cached_outputs(cfg.model_copy(update={"train_side": ts}), res.folder, name, "test")[0],
+        outputs,
+    )
+    want = res.metrics["networks"][name]["test"]["accuracy"]
+    assert run_cli(["evaluate", "--run", str(res.folder), "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == want
+    # a config saved before the option (no "readout") rebuilds a "text" network: these weights
+    # do not fit it
+    assert saved_visual_readout({"d": 32, "n_images": 1}) == "text"
+    del saved["visual"]["readout"]
+    (res.folder / f"{name}.config.json").write_text(json.dumps(saved))
+    with pytest.raises(StageError, match=r"does not fit .*unexpected readout_"):
+        cached_outputs(cfg, res.folder, name, "test")
+
+
 # --- evaluate and predict with the live encoders --------------------------------------------------
 
 
-@pytest.fixture
-def vl_run(vqa, tmp_path, encoders, monkeypatch):
-    """A trained VL run (tiny BERT, tiny CLIP, float32 cache); evaluate/predict load the same
-    tiny encoders (they have no hub name)."""
+def train_vl_run(vqa, tmp_path, encoders, monkeypatch, **train_side_overrides):
+    """Train a VL run (tiny BERT, tiny CLIP, float32 cache, 2 epochs); evaluate/predict load
+    the same tiny encoders (they have no hub name)."""
     import stages.evaluate
 
     backbone, vision = encoders
@@ -397,6 +477,7 @@ def vl_run(vqa, tmp_path, encoders, monkeypatch):
             "train_side.reduction_factors": [4],
             "train_side.init": "random",
             "train_side.learning_rates": [0.01],
+            **{f"train_side.{k}": v for k, v in train_side_overrides.items()},
         },
     )
     extract(cfg, backbone=backbone, vision=vision, progress=False)
@@ -404,6 +485,12 @@ def vl_run(vqa, tmp_path, encoders, monkeypatch):
     monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
     monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: vision)
     return cfg, res
+
+
+@pytest.fixture
+def vl_run(vqa, tmp_path, encoders, monkeypatch):
+    """A trained VL run (see :func:`train_vl_run`)."""
+    return train_vl_run(vqa, tmp_path, encoders, monkeypatch)
 
 
 def test_vl_evaluate_and_predict_equal_train_sides_evaluation(vl_run, vqa, tmp_path, capsys):

@@ -344,3 +344,11 @@ def test_t5_two_images_are_told_apart():
         torch.testing.assert_close(net.visual_tokens(swapped, net.enc.drop), swap(tokens))
     with pytest.raises(LadderError, match="7 visual tokens for 2 images per example"):
         net(enc, mask, dec, visual=torch.zeros(2, 7, DV))
+
+
+def test_a_t5_backbone_refuses_the_visual_readout():
+    with pytest.raises(LadderError, match="^visual readout 'text\\+visual' with a T5 backbone"):
+        build_visual_side_network(
+            _t5_cfg(), SideConfig(reduction_factor=4), DV, 1, "ladder", torch.randn(V, D),
+            visual_readout="text+visual",
+        )  # fmt: skip
