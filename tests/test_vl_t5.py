@@ -262,7 +262,7 @@ def test_t5_vl_train_side_figures_are_the_checkpoints_on_the_cache(t5_vl):
     m = res.metrics["networks"][name]
     assert len(m["epochs"]) == 2
     saved = json.loads((res.folder / f"{name}.config.json").read_text())
-    assert saved["visual"] == {"d": 32, "n_images": 1, "fusion": "ladder"}
+    assert saved["visual"] == {"d": 32, "n_images": 1, "fusion": "ladder", "readout": "text"}
     weights = torch.load(res.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)["net"]
     assert "visual_proj.weight" in weights and "enc.0.sa.q.weight" in weights
     assert "lm_head" not in weights  # frozen, from the cache
