@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 CHUNK_BYTES = 1 << 20  # float32 (.., Tq, Tk) maps computed at once: batch rows per chunk
 NARROW = 16  # head widths below this multiply a map by a (.., T, hd) operand as (x^T m^T)^T
+SHORT_ROWS = 16  # softmax rows shorter than this (a 512-bit vector of floats): whole-tensor passes
 
 
 def _chunks(B: int, per_row: int) -> list[slice]:
@@ -39,27 +40,28 @@ def _chunks(B: int, per_row: int) -> list[slice]:
     return [slice(i, min(B, i + n)) for i in range(0, B, n)]
 
 
-def _narrow(x: Tensor) -> bool:
-    """Whether a map times ``x`` (.., T, hd) runs as the transposed product x^T m^T: for narrow
-    heads (the side network's d/r) MKL's batched GEMM runs it 3-6x faster on CPU (measured, hd
-    4 and 8; no gain from 16 on)."""
-    return x.shape[-1] < NARROW and not x.is_cuda
+def _narrow(hd: int, device: torch.device) -> bool:
+    """Whether a map times a (.., T, hd) operand runs as the transposed product x^T m^T: for
+    narrow heads (the side network's d/r) MKL's batched GEMM runs it 3-6x faster on CPU
+    (measured, hd 4 and 8; no gain from 16 on)."""
+    return hd < NARROW and device.type != "cuda"
 
 
-def _result(like: Tensor) -> tuple[Tensor, Tensor]:
-    """A buffer for m @ x results shaped like ``like`` (.., T, hd), and the view of it that
-    :func:`_map_times_into` writes: transposed (.., hd, T) storage for narrow heads."""
-    if not _narrow(like):
-        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+def _result(shape: torch.Size | tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+    """A buffer for m @ x results of ``shape`` (.., T, hd), with ``like``'s dtype and device,
+    and the view of it that :func:`_map_times_into` writes: transposed (.., hd, T) storage for
+    narrow heads."""
+    if not _narrow(shape[-1], like.device):
+        buf = like.new_empty(shape)
         return buf, buf
-    buf = like.new_empty(*like.shape[:-2], like.shape[-1], like.shape[-2])
+    buf = like.new_empty(*shape[:-2], shape[-1], shape[-2])
     return buf.transpose(-1, -2), buf
 
 
 def _map_times_into(m: Tensor, x: Tensor, store: Tensor) -> None:
     """``store`` = m (.., T, S) @ x (.., S, hd), written in place (``store`` is a slice of a
     :func:`_result` buffer: no copy of the product)."""
-    if _narrow(x):
+    if _narrow(x.shape[-1], x.device):
         torch.matmul(x.transpose(-1, -2), m.transpose(-1, -2), out=store)
     else:
         torch.matmul(m, x, out=store)
@@ -69,7 +71,7 @@ def _softmax_(s: Tensor) -> Tensor:
     """softmax over the last dim, in place where it can be. PyTorch's CPU kernel runs rows
     shorter than a vector (16 floats) element by element, 5-9x slower than the same
     arithmetic as whole-tensor passes (measured at T = 5 and 9: most of SST-2's batches)."""
-    if s.shape[-1] >= 16 or s.is_cuda or torch.compiler.is_compiling():
+    if s.shape[-1] >= SHORT_ROWS or s.is_cuda or torch.compiler.is_compiling():
         return s.softmax(dim=-1)
     s = s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
     return s.div_(s.sum(dim=-1, keepdim=True))
@@ -106,7 +108,7 @@ class _DropoutAttention(torch.autograd.Function):
         if keep is None:
             keep, p = keep_mask(shape, p, q.device)
         kept = keep.view(torch.uint8)  # a caller's bool mask, viewed as its bytes
-        out, store = _result(q.new_empty(*q.shape[:-1], v.shape[-1]))
+        out, store = _result((*q.shape[:-1], v.shape[-1]), q)
         batched = bias.dim() == 4 and bias.shape[0] == B and B > 1
         qs, vs = q * scale, v * (1.0 / (1.0 - p))
         for sl in _chunks(B, math.prod(shape[1:])):
@@ -125,7 +127,7 @@ class _DropoutAttention(torch.autograd.Function):
         grad_c = grad * (1.0 / (1.0 - p))
         qs_all, ks_all = q * scale, k * scale
         rows = (grad * out).sum(-1, keepdim=True)  # sum_j dP_ij P_ij, every row at once
-        (grad_q, gq), (grad_k, gk), (grad_v, gv) = _result(q), _result(k), _result(v)
+        (grad_q, gq), (grad_k, gk), (grad_v, gv) = (_result(t.shape, t) for t in (q, k, v))
         need_bias = ctx.needs_input_grad[3]
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for sl in _chunks(q.shape[0], math.prod(keep.shape[1:])):
@@ -150,10 +152,25 @@ def _random_bytes(n: int, device: torch.device | None, generator: torch.Generato
     in-place ``random_`` on a dtype view does not)."""
     if torch.compiler.is_compiling():
         lo, hi, size = -(2**31), 2**31 - 1, (-(-n // 4),)
-        words = torch.randint(lo, hi, size, dtype=torch.int32, device=device)
+        if generator is None:  # the overload torch.compile traces with dynamic sizes
+            words = torch.randint(lo, hi, size, dtype=torch.int32, device=device)
+        else:
+            words = torch.randint(
+                lo, hi, size, dtype=torch.int32, device=device, generator=generator
+            )
         return words.view(torch.uint8)[:n]
     words = torch.empty(-(-n // 8), dtype=torch.int64, device=device)
     return words.random_(-(2**63), 2**63 - 1, generator=generator).view(torch.uint8)[:n]
+
+
+def _threshold(p: float) -> int:
+    """Bytes below this are dropped: p rounded to 1/256 (at most 255/256)."""
+    return min(255, round(p * 256))
+
+
+def drop_rate(p: float) -> float:
+    """The rate a ``keep_mask`` of probability ``p`` drops at: p rounded to 1/256."""
+    return _threshold(p) / 256
 
 
 def keep_mask(
@@ -172,7 +189,7 @@ def keep_mask(
     vectorise on CPU. p = 0.1 drops 26/256 = 0.1016. ``generator``: the stream to draw from
     (default: the global one).
     """
-    thr = min(255, round(p * 256))
+    thr = _threshold(p)
     if thr == 0:
         return torch.ones(shape, dtype=torch.uint8, device=device), 0.0
     draw = _random_bytes(math.prod(shape), device, generator).view(shape)
@@ -184,7 +201,7 @@ def dropout(x: Tensor, p: float, generator: torch.Generator | None = None) -> Te
     scaled by 1 / (1 - rate). Backward keeps the 1-byte mask, not a float one."""
     if p >= 1:
         return x * 0.0
-    if round(p * 256) == 0:
+    if drop_rate(p) == 0:
         return x
     keep, rate = keep_mask(x.shape, p, x.device, generator)
     return (x * keep).mul_(1.0 / (1.0 - rate))
@@ -219,14 +236,14 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if bias.dtype == torch.bool:
         bias = mask_bias(bias, q.dtype)
-    if round(dropout_p * 256) == 0:
+    if drop_rate(dropout_p) == 0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     if q.is_cuda and keep is None:  # fused dropout; p is not rounded there
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
         )
     if keep is not None:
-        dropout_p = min(255, round(dropout_p * 256)) / 256
+        dropout_p = drop_rate(dropout_p)
     return _DropoutAttention.apply(q, k, v, bias, dropout_p, scale, keep)
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ladder.attention import attention, keep_mask, mask_bias
+from ladder.attention import attention, drop_rate, dropout, keep_mask, mask_bias
 from ladder.causal import CausalSideNetwork, rotary_tables, rotate_half
 from ladder.shared import RMSNorm
 from ladder.side import EncoderSideNetwork
@@ -93,16 +93,12 @@ def _widen(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _dropout(x: Tensor, p: float, gens: Sequence[torch.Generator], shared: bool) -> Tensor:
-    """``ladder.attention.dropout`` per network: network k's mask from ``gens[k]``, drawn and
-    applied as one network's ``Dropout`` draws and applies it.
+    """``ladder.attention.dropout`` per network, network k's mask from ``gens[k]``: the bits and
+    values each network's ``Dropout`` gives alone.
 
     ``shared``: x is one tensor for every network (its result is (K, *x.shape)); else x is (K, ...).
     """
-    one = x.shape if shared else x.shape[1:]
-    masks = [keep_mask(one, p, x.device, g) for g in gens]
-    keep = torch.stack([m for m, _ in masks])
-    rate = masks[0][1]
-    return ((x.unsqueeze(0) if shared else x) * keep).mul_(1.0 / (1.0 - rate))
+    return torch.stack([dropout(x if shared else x[k], p, g) for k, g in enumerate(gens)])
 
 
 class StackedSide:
@@ -217,7 +213,7 @@ class StackedSide:
             v = v.repeat_interleave(H // n_kv, dim=1)
         p = p if gens is not None else 0.0
         keep = None
-        if gens is not None and round(p * 256) > 0:
+        if gens is not None and drop_rate(p) > 0:
             keep = torch.cat([keep_mask((B, H, T, T), p, x.device, g)[0] for g in gens])
         y = attention(q, k, v, bias, dropout_p=p, keep=keep)  # (K*B, H, T, hd)
         return self._lin(f"{pre}.o", y.transpose(1, 2).reshape(K, B, T, H * hd))
