@@ -203,13 +203,7 @@ def test_train_side_records_the_validation_caption_loss(caption_run, predictor):
 
     visual = torch.from_numpy(split_tokens(p, data, "validation")(np.arange(len(examples))))
     states = backbone.states(enc_ids, enc_mask, decoder_inputs={"dec": dec_ids})
-    with torch.no_grad():
-        logits, _ = p.net(
-            {n: states["enc"][n] for n in p.net.needed_layers("enc")},
-            enc_mask,
-            {n: states["dec"][n] for n in p.net.needed_layers("dec")},
-            visual=visual,
-        )
+    logits = _caption_logits(p.net, states, enc_mask, visual)
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
     assert float(want) == pytest.approx(losses[net["best_epoch"] - 1], rel=1e-5)
 
@@ -233,6 +227,18 @@ def test_caption_cache_and_online_follow_the_same_trajectory(caption_run, capsys
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
 
 
+@torch.no_grad()
+def _caption_logits(net, states, mask, visual) -> torch.Tensor:
+    """The side network's caption logits under teacher forcing on the backbone's ``states``."""
+    logits, _ = net(
+        {n: states["enc"][n] for n in net.needed_layers("enc")},
+        mask,
+        {n: states["dec"][n] for n in net.needed_layers("dec")},
+        visual=visual,
+    )
+    return logits
+
+
 def _prompt_batch(backbone, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.tensor([backbone.tokenizer(CAPTION_PROMPT)["input_ids"]] * n)
     return ids, torch.ones_like(ids, dtype=torch.bool)
@@ -254,23 +260,11 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
     start = backbone.config.decoder_start_token_id
     dec_in = torch.tensor([[start, *g[:-1]] for g in free])
     states = backbone.states(ids, mask, decoder_inputs={"dec": dec_in})
-    with torch.no_grad():
-        logits, _ = p.net(
-            {n: states["enc"][n] for n in p.net.needed_layers("enc")},
-            mask,
-            {n: states["dec"][n] for n in p.net.needed_layers("dec")},
-            visual=visual,
-        )
+    logits = _caption_logits(p.net, states, mask, visual)
     assert logits.argmax(-1).tolist() == free
     # the image matters: other images, other scores for the same captions (a tiny network may
     # still pick the same words for every image, so the logits are compared, not the argmax)
-    with torch.no_grad():
-        other, _ = p.net(
-            {n: states["enc"][n] for n in p.net.needed_layers("enc")},
-            mask,
-            {n: states["dec"][n] for n in p.net.needed_layers("dec")},
-            visual=visual.roll(1, 0),
-        )
+    other = _caption_logits(p.net, states, mask, visual.roll(1, 0))
     assert (other - logits).abs().amax(-1).min() > 1e-4
     # EOS: a token it emits at step 3 of row 0, as EOS, ends each row before its first use
     eos = free[0][2]
