@@ -244,7 +244,23 @@ def attention(
         )
     if keep is not None:
         dropout_p = drop_rate(dropout_p)
+    if torch.compiler.is_compiling():
+        return _traced_attention(q, k, v, bias, dropout_p, scale, keep)
     return _DropoutAttention.apply(q, k, v, bias, dropout_p, scale, keep)
+
+
+def _traced_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, p: float, scale: float, keep: Tensor | None
+) -> Tensor:
+    """The same attention in plain operations, for torch.compile: the compiler derives and
+    fuses the backward, and a graph without a custom autograd function can be kept in AOT
+    autograd's on-disk cache (one with ``_DropoutAttention`` is compiled anew every run). The
+    keep-mask is drawn as eager draws it, so the dropped scores are the same."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(bias)
+    if keep is None:
+        keep, p = keep_mask(scores.shape, p, q.device)
+    probs = torch.softmax(scores, -1).mul(keep.view(torch.uint8)).mul(1.0 / (1.0 - p))
+    return torch.matmul(probs, v)
 
 
 def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:

@@ -90,7 +90,12 @@ class _NarrowInputLinear(torch.autograd.Function):
 def ladder_linear(linear: nn.Linear, h: Tensor) -> Tensor:
     """``linear(h)`` in the linear's dtype; a constant narrower ``h`` is saved as it is."""
     w = linear.weight
-    if h.dtype == w.dtype or h.requires_grad or not torch.is_grad_enabled():
+    if (
+        h.dtype == w.dtype
+        or h.requires_grad
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()  # the compiler plans the saved tensors itself
+    ):
         return linear(h.to(w.dtype))
     return _NarrowInputLinear.apply(h, w, linear.bias)
 

@@ -126,3 +126,25 @@ def test_side_dropout_keeps_p_rounded_and_the_expectation(p):
     torch.manual_seed(0)
     assert torch.equal(drop(x), y)  # the global stream decides the mask
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_the_compiled_attention_is_the_eager_one_for_the_same_keep_mask():
+    """Under torch.compile the attention is traced as plain operations (``_traced_attention``,
+    which AOT autograd can keep on disk, unlike a custom autograd function): for a given
+    keep-mask its values and gradients are the eager ``_DropoutAttention``'s."""
+    q, k, v, bias = _inputs(4, True)
+    keep, _ = keep_mask((3, 4, 7, 7), 0.3)
+    eager_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+    traced_in = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+    eager = attention(*eager_in, dropout_p=0.3, keep=keep)
+
+    def call(q, k, v, bias):
+        return attention(q, k, v, bias, dropout_p=0.3, keep=keep)
+
+    traced = torch.compile(call, backend="aot_eager", fullgraph=True)(*traced_in)
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(eager)
+    eager.backward(g)
+    traced.backward(g)
+    for a, b in zip(traced_in, eager_in, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
