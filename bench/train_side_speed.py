@@ -13,7 +13,11 @@ All in one run, on the same SST-2 batches (batch 100) with the default MiniLM ba
      seeds: four stacked groups) vs one network's epoch (goal: <= 5x);
   5. four reduction factors (4, 8, 16, 32) in one pass vs the four networks' own compute added
      up (goal: <= 1.1) and vs four separate runs;
-  6. peak memory of a train-side process (one epoch, its own process) vs the backbone's size.
+  6. peak memory of a train-side process (one epoch, its own process) vs the backbone's size;
+  7. ``train_side.compile: on``: the first epoch, compilation included, vs a later one, on a
+     second run of the same shapes (inductor's on-disk cache). ``--compile-only`` runs this
+     alone, on all of SST-2 (an epoch long enough to hold a compile of seconds):
+     ``python -m bench.train_side_speed --compile-only --json ...``.
 Repetitions alternate between the arms; medians are reported. The padding fraction of the
 batches (padded token slots / all slots) is reported too.
 """
@@ -302,10 +306,46 @@ print(json.dumps(r.metrics["networks"]["r8-s0-lr0.003"]["epochs"]))
     }
 
 
+def compile_only(data: Path, limit: int | None, out: Path | None) -> None:
+    """``--compile-only``: the compiled runs alone (``compile_runs``), on ``limit`` training
+    examples (None: all of SST-2's 67,349), where an epoch is long enough for a compile of a few
+    seconds to be measured against it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cache"
+        key = make_cache(root, data, limit)
+        comp = compile_runs(root, key, Path(tmp))
+    rows = [
+        [
+            "compiled: first epoch / later, 2nd run",
+            f"{comp['first_over_later_warm']:.2f}",
+            "<= 1.3",
+        ],
+        ["compiled: first epoch / later, cold", f"{comp['first_over_later_cold']:.2f}", ""],
+        ["compiled epoch / eager epoch", f"{comp['compiled_over_eager_epoch']:.2f}", ""],
+    ]
+    print(table(["ratio", "value", "goal"], rows))
+    print("seconds:", json.dumps({k: comp[k] for k in ("cold", "warm", "eager")}))
+    write_json(out, "train_side_speed", {"task": "sst2", "train_examples": limit or "all",
+                                         "compile": comp})  # fmt: skip
+
+
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="only the compiled runs (first epoch with compilation / a later one), on all of "
+        "SST-2's training split (--quick: 2,000 examples) unless --limit says otherwise",
+    )
+    p.add_argument("--limit", type=int, default=None, help="training examples (--compile-only)")
+    args = p.parse_args()
     data = glue_dir(args.data_dir)
     limit = 2000 if args.quick else None
+    if args.compile_only:
+        compile_only(data, args.limit or limit, args.json)
+        return
+    if args.limit is not None:
+        p.error("--limit goes with --compile-only")
     reps = 1 if args.quick else 3
     import torch
 

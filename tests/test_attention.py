@@ -34,6 +34,17 @@ def _reference(q, k, v, bias, p, scale, seed):
     return (probs * keep / (1 - p)) @ v
 
 
+def _assert_same(ours, ref, ours_in, ref_in):
+    """Same values, and the same gradients for the inputs that take one, for one output grad."""
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    ref.backward(g)
+    for a, b in zip(ours_in, ref_in, strict=True):
+        if b.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("bias_grad", [False, True, "shared"])
 @pytest.mark.parametrize("scale", [None, 1.0])
 @pytest.mark.parametrize("chunked", [False, True])
@@ -50,13 +61,7 @@ def test_dropout_attention_matches_the_textbook_values_and_gradients(
     ours = attention(*ours_in, dropout_p=p, scale=scale)
     s = ours_in[0].shape[-1] ** -0.5 if scale is None else scale
     ref = _reference(*ref_in, p, s, seed=7)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(ours)
-    ours.backward(g)
-    ref.backward(g)
-    for a, b in zip(ours_in, ref_in, strict=True):
-        if b.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    _assert_same(ours, ref, ours_in, ref_in)
 
 
 def test_without_dropout_it_is_sdpa_and_a_boolean_mask_is_accepted():
@@ -100,12 +105,7 @@ def test_narrow_and_wide_heads_give_the_textbook_values_and_gradients(hd):
     torch.manual_seed(11)
     ours = attention(*(t.transpose(1, 2) for t in ours_in), bias, dropout_p=0.2)
     ref = _reference(*(t.transpose(1, 2) for t in ref_in), bias, 0.2, hd**-0.5, seed=11)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    gout = torch.randn_like(ours)
-    ours.backward(gout)
-    ref.backward(gout)
-    for a, b in zip(ours_in, ref_in, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    _assert_same(ours, ref, ours_in, ref_in)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -142,9 +142,4 @@ def test_the_compiled_attention_is_the_eager_one_for_the_same_keep_mask():
         return attention(q, k, v, bias, dropout_p=0.3, keep=keep)
 
     traced = torch.compile(call, backend="aot_eager", fullgraph=True)(*traced_in)
-    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(eager)
-    eager.backward(g)
-    traced.backward(g)
-    for a, b in zip(traced_in, eager_in, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    _assert_same(traced, eager, traced_in, eager_in)
