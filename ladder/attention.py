@@ -254,8 +254,9 @@ def _traced_attention(
 ) -> Tensor:
     """The same attention in plain operations, for torch.compile: the compiler derives and
     fuses the backward, and a graph without a custom autograd function can be kept in AOT
-    autograd's on-disk cache (one with ``_DropoutAttention`` is compiled anew every run). The
-    keep-mask is drawn as eager draws it, so the dropped scores are the same."""
+    autograd's on-disk cache (one with ``_DropoutAttention`` is compiled anew every run). For
+    a given keep-mask it is the eager attention; one it draws is ``keep_mask``'s, of the same
+    shape and rate (its bytes come from 32-bit draws under compile: ``_random_bytes``)."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul(scale).add(bias)
     if keep is None:
         keep, p = keep_mask(scores.shape, p, q.device)
