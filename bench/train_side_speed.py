@@ -306,15 +306,9 @@ print(json.dumps(r.metrics["networks"]["r8-s0-lr0.003"]["epochs"]))
     }
 
 
-def compile_only(data: Path, limit: int | None, out: Path | None) -> None:
-    """``--compile-only``: the compiled runs alone (``compile_runs``), on ``limit`` training
-    examples (None: all of SST-2's 67,349), where an epoch is long enough for a compile of a few
-    seconds to be measured against it."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "cache"
-        key = make_cache(root, data, limit)
-        comp = compile_runs(root, key, Path(tmp))
-    rows = [
+def compile_rows(comp: dict[str, Any]) -> list[list[str]]:
+    """The table rows of ``compile_runs``' ratios."""
+    return [
         [
             "compiled: first epoch / later, 2nd run",
             f"{comp['first_over_later_warm']:.2f}",
@@ -323,7 +317,17 @@ def compile_only(data: Path, limit: int | None, out: Path | None) -> None:
         ["compiled: first epoch / later, cold", f"{comp['first_over_later_cold']:.2f}", ""],
         ["compiled epoch / eager epoch", f"{comp['compiled_over_eager_epoch']:.2f}", ""],
     ]
-    print(table(["ratio", "value", "goal"], rows))
+
+
+def compile_only(data: Path, limit: int | None, out: Path | None) -> None:
+    """``--compile-only``: the compiled runs alone (``compile_runs``), on ``limit`` training
+    examples (None: all of SST-2's 67,349), where an epoch is long enough for a compile of a few
+    seconds to be measured against it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cache"
+        key = make_cache(root, data, limit)
+        comp = compile_runs(root, key, Path(tmp))
+    print(table(["ratio", "value", "goal"], compile_rows(comp)))
     print("seconds:", json.dumps({k: comp[k] for k in ("cold", "warm", "eager")}))
     write_json(out, "train_side_speed", {"task": "sst2", "train_examples": limit or "all",
                                          "compile": comp})  # fmt: skip
@@ -418,17 +422,7 @@ def main() -> None:
                 ["online LST epoch / cache epoch", f"{figures['online_over_cache']:.1f}x", ">= 10"],
                 ["9 networks (3 seeds x 3 lr) / one", f"{figures['nine_over_one']:.2f}x", "<= 3"],
                 ["12 networks (4 r x 3 seeds) / one", f"{figures['twelve_over_one']:.2f}x", "<= 5"],
-                [
-                    "compiled: first epoch / later, 2nd run",
-                    f"{comp['first_over_later_warm']:.2f}",
-                    "<= 1.3",
-                ],
-                [
-                    "compiled: first epoch / later, cold",
-                    f"{comp['first_over_later_cold']:.2f}",
-                    "",
-                ],
-                ["compiled epoch / eager epoch", f"{comp['compiled_over_eager_epoch']:.2f}", ""],
+                *compile_rows(comp),
                 [
                     "cache epoch / in-memory compute",
                     f"{figures['cache_over_compute']:.2f}",

@@ -295,20 +295,20 @@ def _load_vision_encoder(
 # --------------------------------------------------------------------------- the side networks
 
 
+def _check_one_of(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    """``value`` is one of ``allowed``; anything else is one line naming ``what`` it is."""
+    if value not in allowed:
+        raise LadderError(f"{what} {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
 def check_visual_fusion(visual_fusion: str) -> None:
     """A visual fusion is one of ``VISUAL_FUSIONS``; anything else is one line."""
-    if visual_fusion not in VISUAL_FUSIONS:
-        raise LadderError(
-            f"visual fusion {visual_fusion!r}; allowed: {', '.join(map(repr, VISUAL_FUSIONS))}"
-        )
+    _check_one_of("visual fusion", visual_fusion, VISUAL_FUSIONS)
 
 
 def check_visual_readout(visual_readout: str) -> None:
     """A visual readout is one of ``VISUAL_READOUTS``; anything else is one line."""
-    if visual_readout not in VISUAL_READOUTS:
-        raise LadderError(
-            f"visual readout {visual_readout!r}; allowed: {', '.join(map(repr, VISUAL_READOUTS))}"
-        )
+    _check_one_of("visual readout", visual_readout, VISUAL_READOUTS)
 
 
 class VisualInput(nn.Module):
