@@ -83,6 +83,12 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
+        "--class-weight",
+        default="none",
+        choices=["none", "balanced"],
+        help="train_side.class_weight: balanced weighs each answer's loss by its rarity",
+    )
+    p.add_argument(
         "--arms",
         default="ladder,input,text",
         help=f"comma-separated, of {', '.join(ARMS)}: with images through visual ladders (the "
@@ -120,6 +126,7 @@ def main() -> None:
         "train_side.init": "magnitude",
         "train_side.warmup_steps": args.warmup_steps,
         "train_side.learning_rates": [args.lr],
+        "train_side.class_weight": args.class_weight,
         "train_side.run_dir": str(work / "runs"),
     }
     cfg = apply_overrides(Config(), over)
@@ -205,6 +212,7 @@ def main() -> None:
         "vision_pool": args.vision_pool,
         "warmup_steps": args.warmup_steps,
         "lr": args.lr,
+        "class_weight": args.class_weight,
         "arms_asked": chosen,
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],

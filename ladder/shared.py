@@ -129,6 +129,7 @@ class ClassifierHead:
     head_drop: Dropout
     head_dense: nn.Linear
     head_out: nn.Linear
+    class_weight: Tensor | None
 
     def needed_layers(self, stack: str = "enc") -> list[int]:
         """State numbers the forward reads (0 = embeddings, i + 1 = output of block i)."""
@@ -153,6 +154,18 @@ class ClassifierHead:
         self.head_drop = Dropout(dropout)
         self.head_dense = nn.Linear(d, d)
         self.head_out = nn.Linear(d, num_labels)
+        # per-class weights of the cross-entropy (``set_class_weight``); not saved with the weights
+        self.register_buffer("class_weight", None, persistent=False)  # type: ignore[attr-defined]
+
+    def set_class_weight(self, weight: Tensor | None) -> None:
+        """Weigh each class's cross-entropy (num_labels,) from now on; None: every class alike."""
+        n = self.side.num_labels
+        if weight is not None and (n == 1 or weight.shape != (n,) or not (weight >= 0).all()):
+            raise LadderError(
+                f"class weights of shape {tuple(weight.shape)}; allowed: ({n},), >= 0, for a "
+                "classification head (num_labels > 1)"
+            )
+        self.class_weight = None if weight is None else weight.float()
 
     def head(self, pooled: Tensor) -> Tensor:
         """(B, d/r) pooled side states -> (B, num_labels) logits."""
@@ -164,4 +177,4 @@ class ClassifierHead:
         """Cross-entropy, or MSE when num_labels == 1 (regression)."""
         if self.side.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return F.cross_entropy(logits.float(), labels.long())
+        return F.cross_entropy(logits.float(), labels.long(), weight=self.class_weight)

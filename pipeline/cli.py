@@ -480,6 +480,13 @@ TRAIN_OPTIONS = [
         type=click.Choice(_choices("train_side.visual_readout")),
     ),
     config_option(
+        "--class-weight",
+        "train_side.class_weight",
+        "classification: weigh each class's loss by n / (n_classes * n_class) over the training "
+        "split (balanced), or every example alike (none)",
+        type=click.Choice(_choices("train_side.class_weight")),
+    ),
+    config_option(
         "--xladder-depth",
         "train_side.xladder_depth",
         "fusion xladder: the top N backbone blocks ladder into the first N of 2N side blocks",

@@ -110,6 +110,10 @@ class TrainSideConfig(Section):
     # cache's template, fields-answer: extraction reads this key too)
     head: Literal["cls", "lm"] = "cls"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
+    # classification: "balanced" weighs each class's cross-entropy by n / (n_classes * n_class)
+    # over the training split (scikit-learn's class_weight="balanced"), so rare answers (easy-VQA's
+    # shapes among its yes/no) are not drowned out; "none", every example alike (the authors')
+    class_weight: Literal["none", "balanced"] = "none"
     # VL tasks: how the visual tokens enter the side stream (ladder.vision): "ladder", before
     # every side block through a gate, as the backbone's states do; "input", once (the authors')
     visual_fusion: Literal["ladder", "input"] = "ladder"

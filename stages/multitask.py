@@ -68,6 +68,7 @@ from stages.train_side import (
     backbone_config_of,
     cached_states,
     check_trials,
+    class_weight_of,
     curves_figure,
     evaluate,
     load_into,
@@ -228,6 +229,9 @@ def build_multitask_trial(
         ts = cfg.train_side
         visual = VisualSpec(d, images_per_example(some), ts.visual_fusion, ts.visual_readout)
     net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels, visual)
+    for t, cache in caches.items():  # each task's own classes
+        if (weight := class_weight_of(cfg, cache, specs[t])) is not None:
+            net.heads[t].set_class_weight(weight)
     if vl:
         net.body.set_visual_stats(*train_visual_stats(*vl.values()))  # type: ignore[attr-defined]
     if cfg.train_side.init != "random":

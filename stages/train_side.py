@@ -321,6 +321,34 @@ def majority_class(cache: CommittedCache, spec: TaskSpec) -> dict[str, Any] | No
 _MAJORITY: dict[str, dict[str, Any]] = {}
 
 
+def class_weight_of(cfg: StageConfig, cache: CommittedCache, spec: TaskSpec) -> torch.Tensor | None:
+    """``train_side.class_weight``: "balanced", ``n / (n_classes * n_c)`` for each class c of the
+    training split's n labels, n_classes those present (scikit-learn's
+    ``compute_class_weight("balanced")``; a class with no training example weighs 1, it is never
+    a target); "none": None. A classification head's only: else one line, before any work."""
+    how = cfg.train_side.class_weight
+    if how == "none":
+        return None
+    what = None
+    if spec.is_regression:
+        what = "a regression task"
+    elif spec.generation or spec.captioning or cfg.train_side.head == "lm":
+        what = "an answer generated token by token"
+    elif cache.manifest["task"].get("candidates") is not None:
+        what = "label strings scored by T5"
+    if what is not None:
+        raise StageError(
+            f"class_weight {how!r} on {spec.name} ({what}); allowed: 'none', or a classification "
+            "head (encoder-only or decoder-only backbone, head cls)"
+        )
+    labels = np.asarray(cache.array(layout.labels_path("train"))[:]).astype(np.int64)
+    counts = np.bincount(labels, minlength=spec.num_labels)
+    present = counts > 0
+    weight = np.ones(spec.num_labels)
+    weight[present] = len(labels) / (present.sum() * counts[present])
+    return torch.from_numpy(weight).float()
+
+
 def majority_note(
     best_score: float, best_epoch: int, majority: dict[str, Any] | None
 ) -> str | None:
@@ -984,6 +1012,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
         t.pop("visual_fusion", None)
     if t.get("visual_readout") == "text":  # runs made before the option read the text token
         t.pop("visual_readout", None)
+    if t.get("class_weight") == "none":  # runs made before the option weighed classes alike
+        t.pop("class_weight", None)
     return {
         "cache": cache_key,
         "train_side": t,
@@ -1211,7 +1241,10 @@ def train_side(
     total_steps = epochs * -(-n_train // t.batch_size)
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
+    class_weight = class_weight_of(cfg, cache, spec)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
+    for ts in runs if class_weight is not None else []:
+        ts.net.set_class_weight(class_weight)
     layers = {"enc": runs[0].net.needed_layers("enc")}
     if candidates is not None or spec.captioning:
         layers["dec"] = runs[0].net.needed_layers("dec")
