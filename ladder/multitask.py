@@ -61,6 +61,7 @@ class TaskHead(ClassifierHead, nn.Module):
             module = getattr(source, name)
             delattr(source, name)
             setattr(self, name, module)
+        self.init_class_weight()
 
     def forward(self, pooled: Tensor) -> Tensor:
         """(B, d/r) pooled side states -> (B, num_labels) logits."""

@@ -154,7 +154,11 @@ class ClassifierHead:
         self.head_drop = Dropout(dropout)
         self.head_dense = nn.Linear(d, d)
         self.head_out = nn.Linear(d, num_labels)
-        # per-class weights of the cross-entropy (``set_class_weight``); not saved with the weights
+        self.init_class_weight()
+
+    def init_class_weight(self) -> None:
+        """Every class alike, until ``set_class_weight`` (a buffer: it follows the head's device,
+        and is not saved with the weights)."""
         self.register_buffer("class_weight", None, persistent=False)  # type: ignore[attr-defined]
 
     def set_class_weight(self, weight: Tensor | None) -> None:

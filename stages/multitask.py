@@ -311,6 +311,8 @@ def train_multitask_run(
     first = caches[tasks[0]]
     bcfg = backbone_config_of(first)
     trials = check_trials(task_config(cfg, tasks[0]), first)
+    for task, cache in caches.items():  # each head's class weights, checked before any work
+        class_weight_of(cfg, cache, specs[task])
     t = cfg.train_side
     epochs = epochs_of_tasks(cfg, tasks)
     steps_per_epoch = sum(

@@ -1235,13 +1235,13 @@ def train_side(
     bcfg = backbone_config_of(cache)
     candidates = cache.manifest["task"].get("candidates")
     trials = check_trials(cfg, cache)
+    class_weight = class_weight_of(cfg, cache, spec)
     epochs = epochs_of(cfg, spec.name)
     t = cfg.train_side
     n_train = cache.manifest["splits"]["train"]["n_examples"]
     total_steps = epochs * -(-n_train // t.batch_size)
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    class_weight = class_weight_of(cfg, cache, spec)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
     for ts in runs if class_weight is not None else []:
         ts.net.set_class_weight(class_weight)

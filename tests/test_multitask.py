@@ -88,10 +88,13 @@ def test_two_tasks_train_one_body_and_a_head_each(caches, tmp_path):
     assert (res.folder / "training-curves.png").exists()
 
 
-def test_one_task_is_the_single_task_run(caches, tmp_path):
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_one_task_is_the_single_task_run(caches, tmp_path, class_weight):
     """The same seed, batches, init (the first head is the body's own) and RNG stream, dropout
-    on: the multi-task code with one task trains the single-task network step for step."""
-    cfg = _cfg(caches, tmp_path, "rte", **{"train_side.epochs": 3})
+    on: the multi-task code with one task trains the single-task network step for step (with
+    balanced class weights: the task's head weighs its classes as the single-task network)."""
+    extra = {"train_side.epochs": 3, "train_side.class_weight": class_weight}
+    cfg = _cfg(caches, tmp_path, "rte", **extra)
     single = train_side(cfg, run_name="single", progress=False, echo=False)
     multi = train_multitask_run(cfg, run_name="multi", progress=False, echo=False)
     a = single.metrics["networks"]["r4-s0-lr0.003"]
@@ -168,6 +171,16 @@ def _cli(caches, tmp_path, root, *args):
 def test_bad_task_lists_are_one_line_and_exit_2(caches, tmp_path, capsys, tasks, root, message):
     assert _cli(caches, tmp_path, caches[root], "--task", tasks) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("tasks", ["stsb", "rte,stsb"])
+def test_class_weights_on_a_regression_task_are_one_line(caches, tmp_path, capsys, tasks):
+    args = ["--task", tasks, "--class-weight", "balanced"]
+    assert _cli(caches, tmp_path, caches["tmp"], *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    message = "class_weight 'balanced' on stsb (a regression task); allowed: 'none'"
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "runs").exists()
 

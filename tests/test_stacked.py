@@ -4,13 +4,17 @@ weights to float rounding, and the same bits whatever the size of the group."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from cache_store import layout
 from ladder.stacked import group_sizes
 from pipeline.config import apply_overrides
 from stages.extract import extract
-from stages.train_side import train_side
+from stages.train_side import class_weight_of, resolve_cache, task_spec_of, train_side
 from tests.conftest import make_config, strip_timing, tiny_bert
 
 
@@ -47,11 +51,14 @@ def _last(folder, name):
     return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
 
 
-def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_path):
+@pytest.mark.parametrize("class_weight", ["none", "balanced"])
+def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_path, class_weight):
     """4 networks (2 r x 2 seeds: two stacked groups of 2) vs one by one, dropout on
-    (the backbone's 0.1 and ladder dropout 0.2): same losses and weights to 1e-5."""
-    alone = _run(tiny, tmp_path, "alone", **{"train_side.batched": "off"})
-    stacked = _run(tiny, tmp_path, "stacked", **{"train_side.batched": "on"})
+    (the backbone's 0.1 and ladder dropout 0.2): same losses and weights to 1e-5; with
+    balanced class weights too."""
+    cw = {"train_side.class_weight": class_weight}
+    alone = _run(tiny, tmp_path, "alone", **{"train_side.batched": "off"}, **cw)
+    stacked = _run(tiny, tmp_path, "stacked", **{"train_side.batched": "on"}, **cw)
     assert len(alone.metrics["networks"]) == 4
     for name, a in alone.metrics["networks"].items():
         s = stacked.metrics["networks"][name]
@@ -103,3 +110,31 @@ def test_batched_and_compile_do_not_define_the_run(tiny, tmp_path):
         **{"train_side.batched": "on", "train_side.compile": "off", "train_side.seeds": [0]},
     )  # fmt: skip
     assert a.folder == b.folder and strip_timing(a.metrics) == strip_timing(b.metrics)
+
+
+def test_balanced_class_weights_give_each_class_the_same_total_and_change_the_losses(
+    tiny, tmp_path
+):
+    """``class_weight: balanced``: a class's weight times its training examples is n / classes
+    for every class; the run's losses are not the unweighted run's; none weighs nothing."""
+    cfg = apply_overrides(tiny, {"train_side.class_weight": "balanced"})
+    cache = resolve_cache(cfg, None)
+    weight = class_weight_of(cfg, cache, task_spec_of(cache))
+    labels = np.asarray(cache.array(layout.labels_path("train"))[:])
+    counts = np.bincount(labels)
+    assert counts.min() != counts.max()  # an uneven split, or the weights would all be 1
+    totals = weight.numpy() * counts
+    np.testing.assert_allclose(totals, len(labels) / len(counts), rtol=1e-6)
+    assert class_weight_of(tiny, cache, task_spec_of(cache)) is None
+    one = {"train_side.batched": "off", "train_side.reduction_factors": [4]}
+    one["train_side.seeds"] = [0]
+    plain = _run(tiny, tmp_path, "plain", **one)
+    weighed = _run(tiny, tmp_path, "weighed", **one, **{"train_side.class_weight": "balanced"})
+    name = "r4-s0-lr0.003"
+    la = [h["train_loss"] for h in plain.metrics["networks"][name]["epochs"]]
+    lb = [h["train_loss"] for h in weighed.metrics["networks"][name]["epochs"]]
+    assert la != lb
+    assert (
+        json.loads((weighed.folder / "config.json").read_text())["train_side"]["class_weight"]
+        == "balanced"
+    )
