@@ -352,3 +352,15 @@ def test_a_t5_backbone_refuses_the_visual_readout():
             _t5_cfg(), SideConfig(reduction_factor=4), DV, 1, "ladder", torch.randn(V, D),
             visual_readout="text+visual",
         )  # fmt: skip
+
+
+def test_t5_label_scoring_refuses_class_weights(t5_vl, tmp_path):
+    from stages.errors import StageError
+
+    cfg = apply_overrides(
+        t5_vl[0],
+        {"train_side.class_weight": "balanced", "train_side.run_dir": str(tmp_path / "runs")},
+    )
+    with pytest.raises(StageError, match="label strings scored by T5\\); allowed: 'none'"):
+        train_side(cfg, run_name="weighed", progress=False, echo=False)
+    assert not (tmp_path / "runs").exists()
