@@ -4,6 +4,7 @@ text alone (the answer prior), from one cache.
     python -m bench.vqa --limit 4000 --epochs 10 --vision-pool 4x4 --warmup-steps 20 \
         --plot docs/vqa-question-types.png --json bench/results/vqa_pooled.json
     python -m bench.vqa --limit 4000 --json bench/results/vqa_quick.json   # all 65 tokens
+    python -m bench.vqa --merge a.json b.json --plot p.png --json ab.json  # arms run apart
 
 Extracts one cache (packaged MiniLM text backbone, the packaged ``random-vit`` vision encoder,
 float16/lz4, magnitude side_init at r = 4), then trains r = 4 side networks, seeds 0, 1, 2 in one
@@ -98,7 +99,23 @@ def main() -> None:
     )
     p.add_argument("--work", type=Path, default=None, help="cache and runs here (default: temp)")
     p.add_argument("--plot", type=Path, default=None, help="accuracy per question type (PNG)")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="runs of this bench on one cache (e.g. --arms ladder and --arms text, one per core): "
+        "print, --plot and --json their arms side by side, training nothing",
+    )
     args = p.parse_args()
+    if args.merge:
+        try:
+            figures = merge(args.merge)
+        except ValueError as e:
+            p.error(str(e))
+        report(figures, args.plot, args.json)
+        return
     if args.quick:
         args.limit, args.epochs = 1000, 2
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -225,11 +242,52 @@ def main() -> None:
         "images_encode_s": m["timings"].get("images_s"),
         "arms": arms,
     }
+    report(figures, args.plot, args.json)
+
+
+# what a run's JSON holds about the machine and the command, not about the figures
+RUN_KEYS = ("benchmark", "command", "created_at", "machine", "versions")
+# what runs merged by --merge must share: the same cache, networks and training
+SAME = ("cache", "limit", "epochs", "r", "seeds", "vision_encoder", "vision_pool",
+        "warmup_steps", "lr", "class_weight")  # fmt: skip
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """The figures of several runs of this bench (their arms run as separate processes, e.g. one
+    per core) as one run's: the arms side by side; the runs must share ``SAME``."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    figures = {k: v for k, v in runs[0].items() if k not in RUN_KEYS}
+    figures["arms"], figures["arms_asked"], figures["time_to_result_10_epochs_s"] = {}, [], {}
+    for path, run in zip(paths, runs, strict=True):
+        for k in SAME:
+            if run.get(k) != runs[0].get(k):
+                raise ValueError(
+                    f"--merge: {path} has {k}={run.get(k)!r}, {paths[0]} has "
+                    f"{runs[0].get(k)!r}; allowed: runs of one cache and one training setup"
+                )
+        if both := set(run["arms"]) & set(figures["arms"]):
+            raise ValueError(
+                f"--merge: {path} repeats arm {sorted(both)[0]!r}; allowed: each arm once"
+            )
+        figures["arms"].update(run["arms"])
+        figures["arms_asked"] += run["arms_asked"]
+        figures["time_to_result_10_epochs_s"].update(run["time_to_result_10_epochs_s"])
+    figures["merged_from"] = [
+        {"json": str(p), "command": r["command"]} for p, r in zip(paths, runs, strict=True)
+    ]
+    return figures
+
+
+def report(figures: dict[str, Any], plot: Path | None, json_path: Path | None) -> None:
+    """Print the arms' table, the image bytes and the per-type table; draw ``plot``; write
+    ``json_path``."""
+    arms, to_result = figures["arms"], figures["time_to_result_10_epochs_s"]
+    n_questions = sum(figures["splits"].values())
     print()
     print(
         table(
             [
-                f"side network (r = {args.r}, {len(seeds)} seeds)",
+                f"side network (r = {figures['r']}, {len(figures['seeds'])} seeds)",
                 "test acc",
                 "s/epoch",
                 "10 epochs (+ stage one) s",
@@ -250,10 +308,10 @@ def main() -> None:
         )  # fmt: skip
     )
     print(
-        f"\nimage features: {img['n_images']} images x {img['n_tokens']} tokens x {img['d']}: "
-        f"{image_bytes / 2**20:.1f} MB stored once per image, "
+        f"\nimage features: {figures['n_images']} images x {figures['image_tokens']} tokens x "
+        f"{figures['image_d']}: {figures['image_bytes'] / 2**20:.1f} MB stored once per image, "
         f"{figures['image_bytes_if_per_question'] / 2**20:.1f} MB if per question "
-        f"({n_questions} questions); text states {text_bytes / 2**20:.1f} MB"
+        f"({n_questions} questions); text states {figures['text_state_bytes'] / 2**20:.1f} MB"
     )
     print()
     print(
@@ -270,12 +328,12 @@ def main() -> None:
             ],
         )  # fmt: skip
     )
-    if args.plot is not None:
+    if plot is not None:
         from bench.plots import vqa_question_types
 
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
-        print(f"plot: {vqa_question_types(figures, args.plot)}")
-    write_json(args.json, "vqa", figures)
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        print(f"plot: {vqa_question_types(figures, plot)}")
+    write_json(json_path, "vqa", figures)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""``bench.vqa --merge``: arms of one cache and training setup, run as separate processes, side
+by side as one run's figures; runs of another setup, or an arm twice, are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.vqa import SAME, merge, report
+
+
+def _run(tmp_path, arm, mean, **over):
+    by_type = {"all": {"seeds": [mean], "mean": mean, "n": 10, "majority": 40.0}}
+    figures = {
+        "benchmark": "vqa",
+        "command": f"python -m bench.vqa --arms {arm}",
+        **{k: 1 for k in SAME},
+        "seeds": [0],
+        "splits": {"train": 30, "test": 10},
+        "n_images": 4,
+        "image_tokens": 17,
+        "image_d": 192,
+        "image_bytes": 1000,
+        "image_bytes_if_per_question": 10000,
+        "text_state_bytes": 5000,
+        "arms_asked": [arm],
+        "time_to_result_10_epochs_s": {arm: 100.0 * mean},
+        "arms": {
+            arm: {
+                "mean": mean,
+                "std": 0.0,
+                "epoch_s": 1.0,
+                "peak_above_base": 2**20,
+                "trainable_parameters": 7,
+                "by_type": by_type,
+            }
+        },
+        **over,
+    }
+    path = tmp_path / f"{arm}.json"
+    path.write_text(json.dumps(figures))
+    return path
+
+
+def test_merged_runs_hold_every_arm_with_its_own_figures(tmp_path, capsys):
+    a, b = _run(tmp_path, "with images", 90.0), _run(tmp_path, "text alone", 60.0)
+    figures = merge([a, b])
+    assert list(figures["arms"]) == ["with images", "text alone"]
+    assert figures["arms"]["text alone"]["mean"] == 60.0
+    assert figures["time_to_result_10_epochs_s"] == {"with images": 9000.0, "text alone": 6000.0}
+    assert [m["command"] for m in figures["merged_from"]] == [
+        "python -m bench.vqa --arms with images",
+        "python -m bench.vqa --arms text alone",
+    ]
+    out = tmp_path / "merged.json"
+    report(figures, tmp_path / "merged.png", out)
+    assert "90.0" in capsys.readouterr().out and (tmp_path / "merged.png").stat().st_size > 5000
+    assert set(json.loads(out.read_text())["arms"]) == {"with images", "text alone"}
+
+
+def test_runs_of_another_setup_or_a_repeated_arm_are_refused(tmp_path):
+    a = _run(tmp_path, "with images", 90.0)
+    other = _run(tmp_path, "text alone", 60.0, class_weight="balanced")
+    with pytest.raises(ValueError, match="has class_weight='balanced'.*allowed: runs of one"):
+        merge([a, other])
+    with pytest.raises(ValueError, match="repeats arm 'with images'; allowed: each arm once"):
+        merge([a, a])
