@@ -246,6 +246,7 @@ class CausalSideNetwork(ClassifierHead, Ladders):
             if self.verbaliser:
                 lm = label_rows(lm, side.label_tokens)  # (num_labels, d)
             self.register_buffer("lm_head", lm.to(self.up.weight.dtype), persistent=False)
+            self.init_class_weight()  # the verbaliser's loss is ClassifierHead's
         else:
             self.build_head(self.d_side, self.d, dims.cls_dropout, side.num_labels)
         inv_freq = None  # no rotary (GPT-2)

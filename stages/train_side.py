@@ -332,8 +332,10 @@ def class_weight_of(cfg: StageConfig, cache: CommittedCache, spec: TaskSpec) -> 
     what = None
     if spec.is_regression:
         what = "a regression task"
-    elif spec.generation or spec.captioning or cfg.train_side.head == "lm":
+    elif spec.generation or spec.captioning:
         what = "an answer generated token by token"
+    elif cfg.train_side.head == "lm":
+        what = "label words scored by the LM head, --head lm"
     elif cache.manifest["task"].get("candidates") is not None:
         what = "label strings scored by T5"
     if what is not None:

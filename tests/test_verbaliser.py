@@ -164,6 +164,12 @@ def test_cli_train_side_with_head_lm_and_predict_agree(tmp_path, glue_dir, llama
     )
     assert code == 0, err
     folder = next(p for p in runs.iterdir() if p.is_dir())
+    # class weights are for a classification head: one line, nothing written
+    weighed = ["run", "train-side", *base, *train[:8], "--run-dir", tmp_path / "weighed"]
+    code, _, err = cli([*weighed, "--class-weight", "balanced"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "label words scored by the LM head, --head lm); allowed: 'none'" in err[0]
+    assert not (tmp_path / "weighed").exists()
     key = json.loads((folder / "r2-s0-lr0.01.config.json").read_text())["cache"]
     stored = open_cache(str(root), key).array("frozen/lm_head")[...]
     torch.testing.assert_close(torch.from_numpy(stored), llama_lm_folder_head(llama_lm_folder))
