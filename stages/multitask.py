@@ -229,9 +229,6 @@ def build_multitask_trial(
         ts = cfg.train_side
         visual = VisualSpec(d, images_per_example(some), ts.visual_fusion, ts.visual_readout)
     net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels, visual)
-    for t, cache in caches.items():  # each task's own classes
-        if (weight := class_weight_of(cfg, cache, specs[t])) is not None:
-            net.heads[t].set_class_weight(weight)
     if vl:
         net.body.set_visual_stats(*train_visual_stats(*vl.values()))  # type: ignore[attr-defined]
     if cfg.train_side.init != "random":
@@ -311,8 +308,8 @@ def train_multitask_run(
     first = caches[tasks[0]]
     bcfg = backbone_config_of(first)
     trials = check_trials(task_config(cfg, tasks[0]), first)
-    for task, cache in caches.items():  # each head's class weights, checked before any work
-        class_weight_of(cfg, cache, specs[task])
+    # each head's class weights (its own task's classes), checked before any work
+    class_weights = {task: class_weight_of(cfg, c, specs[task]) for task, c in caches.items()}
     t = cfg.train_side
     epochs = epochs_of_tasks(cfg, tasks)
     steps_per_epoch = sum(
@@ -322,6 +319,10 @@ def train_multitask_run(
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
     runs = [build_multitask_trial(cfg, caches, bcfg, specs, tr, total_steps) for tr in trials]
+    for ts in runs:
+        for task, weight in class_weights.items():
+            if weight is not None:
+                ts.net.heads[task].set_class_weight(weight)
     layers = {"enc": runs[0].net.needed_layers("enc")}
     keys = [c.key for c in caches.values()]
     signature = {

@@ -1245,8 +1245,9 @@ def train_side(
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
     runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
-    for ts in runs if class_weight is not None else []:
-        ts.net.set_class_weight(class_weight)
+    if class_weight is not None:  # T5 networks have no classification head to weigh
+        for ts in runs:
+            ts.net.set_class_weight(class_weight)
     layers = {"enc": runs[0].net.needed_layers("enc")}
     if candidates is not None or spec.captioning:
         layers["dec"] = runs[0].net.needed_layers("dec")
