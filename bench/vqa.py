@@ -224,6 +224,7 @@ def main() -> None:
         "limit": args.limit,
         "epochs": args.epochs,
         "r": args.r,
+        "batch_size": args.batch_size,
         "seeds": seeds,
         "vision_encoder": args.vision_encoder,
         "vision_pool": args.vision_pool,
@@ -248,7 +249,7 @@ def main() -> None:
 # what a run's JSON holds about the machine and the command, not about the figures
 RUN_KEYS = ("benchmark", "command", "created_at", "machine", "versions")
 # what runs merged by --merge must share: the same cache, networks and training
-SAME = ("cache", "limit", "epochs", "r", "seeds", "vision_encoder", "vision_pool",
+SAME = ("cache", "limit", "epochs", "r", "batch_size", "seeds", "vision_encoder", "vision_pool",
         "warmup_steps", "lr", "class_weight")  # fmt: skip
 
 

@@ -59,10 +59,11 @@ def test_merged_runs_hold_every_arm_with_its_own_figures(tmp_path, capsys):
     assert set(json.loads(out.read_text())["arms"]) == {"with images", "text alone"}
 
 
-def test_runs_of_another_setup_or_a_repeated_arm_are_refused(tmp_path):
+@pytest.mark.parametrize("key", ["class_weight", "batch_size", "epochs"])
+def test_runs_of_another_setup_or_a_repeated_arm_are_refused(tmp_path, key):
     a = _run(tmp_path, "with images", 90.0)
-    other = _run(tmp_path, "text alone", 60.0, class_weight="balanced")
-    with pytest.raises(ValueError, match="has class_weight='balanced'.*allowed: runs of one"):
+    other = _run(tmp_path, "text alone", 60.0, **{key: 7})
+    with pytest.raises(ValueError, match=f"has {key}=7.*allowed: runs of one"):
         merge([a, other])
     with pytest.raises(ValueError, match="repeats arm 'with images'; allowed: each arm once"):
         merge([a, a])
