@@ -84,6 +84,12 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help="train_side.dropout: one rate for every side-network dropout (default: MiniLM's)",
+    )
+    p.add_argument(
         "--class-weight",
         default="none",
         choices=["none", "balanced"],
@@ -144,6 +150,7 @@ def main() -> None:
         "train_side.warmup_steps": args.warmup_steps,
         "train_side.learning_rates": [args.lr],
         "train_side.class_weight": args.class_weight,
+        "train_side.dropout": args.dropout,
         "train_side.run_dir": str(work / "runs"),
     }
     cfg = apply_overrides(Config(), over)
@@ -231,6 +238,7 @@ def main() -> None:
         "warmup_steps": args.warmup_steps,
         "lr": args.lr,
         "class_weight": args.class_weight,
+        "dropout": args.dropout,
         "arms_asked": chosen,
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],
@@ -250,7 +258,7 @@ def main() -> None:
 RUN_KEYS = ("benchmark", "command", "created_at", "machine", "versions")
 # what runs merged by --merge must share: the same cache, networks and training
 SAME = ("cache", "limit", "epochs", "r", "batch_size", "seeds", "vision_encoder", "vision_pool",
-        "warmup_steps", "lr", "class_weight")  # fmt: skip
+        "warmup_steps", "lr", "class_weight", "dropout")  # fmt: skip
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:

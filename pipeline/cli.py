@@ -505,6 +505,13 @@ TRAIN_OPTIONS = [
         "dropout on the cached states, in [0, 1)",
         type=float,
     ),
+    config_option(
+        "--dropout",
+        "train_side.dropout",
+        "one rate for every side-network dropout, in [0, 1)",
+        none="the backbone's own rates",
+        type=float,
+    ),
     config_option("--run-dir", "train_side.run_dir", "parent folder of run folders"),
     config_option(
         "--batched",

@@ -110,6 +110,9 @@ class TrainSideConfig(Section):
     # cache's template, fields-answer: extraction reads this key too)
     head: Literal["cls", "lm"] = "cls"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
+    # one rate for every dropout of the side network (residual, attention probabilities, FFN,
+    # head); None: the backbone's own rates (the authors'). 0 where the side network underfits
+    dropout: float | None = Field(default=None, ge=0, lt=1)
     # classification: "balanced" weighs each class's cross-entropy by n / (n_classes * n_class)
     # over the training split (scikit-learn's class_weight="balanced"), so rare answers (easy-VQA's
     # shapes among its yes/no) are not drowned out; "none", every example alike (the authors')

@@ -402,6 +402,7 @@ def side_config(
         fusion=t.fusion,
         xladder_depth=t.xladder_depth,
         ladder_dropout=t.ladder_dropout,
+        dropout=t.dropout,
         num_labels=spec.num_labels,
         head="lm" if spec.generation or label_tokens is not None else "cls",
         label_tokens=label_tokens,
@@ -1005,7 +1006,8 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     # how the networks are computed changes their figures by float rounding at most
     t.pop("batched", None)
     t.pop("compile", None)
-    for key in ("warmup_ratio", "xladder_depth"):  # runs made before the option still resume
+    # runs made before the option still resume
+    for key in ("warmup_ratio", "xladder_depth", "dropout"):
         if t.get(key) is None:
             t.pop(key, None)
     # it changes VL networks only: text runs still resume, and so do VL runs made before the

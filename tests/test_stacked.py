@@ -11,10 +11,20 @@ import pytest
 import torch
 
 from cache_store import layout
+from ladder.attention import Dropout
 from ladder.stacked import group_sizes
 from pipeline.config import apply_overrides
 from stages.extract import extract
-from stages.train_side import class_weight_of, resolve_cache, task_spec_of, train_side
+from stages.train_side import (
+    Trial,
+    backbone_config_of,
+    build_trial,
+    class_weight_of,
+    resolve_cache,
+    run_signature,
+    task_spec_of,
+    train_side,
+)
 from tests.conftest import make_config, strip_timing, tiny_bert
 
 
@@ -138,3 +148,31 @@ def test_balanced_class_weights_give_each_class_the_same_total_and_change_the_lo
         json.loads((weighed.folder / "config.json").read_text())["train_side"]["class_weight"]
         == "balanced"
     )
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0, 0.3])
+def test_train_side_dropout_is_every_side_dropout_and_is_saved(tiny, tmp_path, dropout):
+    """train_side.dropout: one rate for the side network's residual, attention-probability and
+    head dropouts (the ladders' own rate, ladder_dropout, stays 0.2; BERT's FFN has none); None:
+    the tiny backbone's 0.1. The saved network holds it, and a run without it keeps the
+    signature of runs made before the option."""
+    over = {"train_side.dropout": dropout, "train_side.epochs": 1, "train_side.seeds": [0]}
+    out = _run(tiny, tmp_path, "drop", **{**over, "train_side.reduction_factors": [2]})
+    saved = json.loads((out.folder / "r2-s0-lr0.003.config.json").read_text())
+    assert saved["side"]["dropout"] == dropout
+    cfg = apply_overrides(tiny, over)
+    cache = resolve_cache(cfg, None)
+    spec = task_spec_of(cache)
+    ts = build_trial(cfg, cache, backbone_config_of(cache), spec, Trial(2, 0, 3e-3), 1)
+    rates = {
+        name: m.p
+        for name, m in ts.net.named_modules()
+        if isinstance(m, Dropout) and not name.endswith(("ladder_drop", "act_drop"))
+    }
+    rates |= {
+        f"{n}.attn": m.attn_dropout for n, m in ts.net.named_modules() if hasattr(m, "attn_dropout")
+    }
+    want = 0.1 if dropout is None else dropout
+    assert len(rates) > 3 and set(rates.values()) == {want}, rates
+    assert {m.p for n, m in ts.net.named_modules() if n.endswith("ladder_drop")} == {0.2}
+    assert ("dropout" in run_signature(cfg, cache.key, None)["train_side"]) == (dropout is not None)
