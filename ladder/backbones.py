@@ -317,25 +317,10 @@ class Backbone:
         if self.family == "t5":
             if not decoder_inputs:
                 raise ValueError("T5 states need decoder_inputs (teacher forcing)")
-            m = self.model
-            enc_states, enc_out = self._run_stack(
-                m.encoder.block,
-                want,
-                lambda: m.encoder(input_ids=input_ids, attention_mask=attention_mask),
-                m.shared(input_ids) if want(0) else None,
-            )
+            enc_states, enc_hidden = self._t5_encoder(input_ids, attention_mask, want)
             out = {"enc": enc_states}
             for stream, dec_ids in decoder_inputs.items():
-                out[stream], _ = self._run_stack(
-                    m.decoder.block,
-                    want,
-                    lambda d=dec_ids: m.decoder(
-                        input_ids=d,
-                        encoder_hidden_states=enc_out.last_hidden_state,
-                        encoder_attention_mask=attention_mask,
-                    ),
-                    m.shared(dec_ids) if want(0) else None,
-                )
+                out[stream], _ = self._t5_decoder(dec_ids, enc_hidden, attention_mask, want)
             return out
         if self.causal:
             m = self.model
@@ -372,6 +357,83 @@ class Backbone:
         if want(0):
             states[0] = out.hidden_states[0]
         return {"enc": states}
+
+    def t5_encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """T5, for incremental decoding: the encoder states ``layers`` of a batch and the
+        encoder's output [B, T, d] that every decoder step attends to (run once)."""
+        self._need_t5("t5_encode")
+        with torch.inference_mode():
+            states, hidden = self._t5_encoder(input_ids, attention_mask, lambda n: n in layers)
+        return {n: states[n] for n in layers}, hidden
+
+    def t5_decode_states(
+        self,
+        decoder_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past: Any,
+        layers: list[int],
+    ) -> tuple[dict[int, torch.Tensor], Any]:
+        """T5, incremental: the decoder states ``layers`` of new decoder tokens [B, T_new] after
+        the ones ``past`` (the decoder's own KV cache, None at the start) holds, and the extended
+        cache; ``encoder_hidden``, ``attention_mask``: :meth:`t5_encode`'s output and the
+        encoder's mask. The same states as :meth:`states` on the whole decoder input."""
+        self._need_t5("t5_decode_states")
+        if past is None:
+            from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+            past = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        with torch.inference_mode():
+            states, past = self._t5_decoder(
+                decoder_ids, encoder_hidden, attention_mask, lambda n: n in layers, past
+            )
+        return {n: states[n] for n in layers}, past
+
+    def _need_t5(self, what: str) -> None:
+        if self.family != "t5":
+            raise LadderError(f"{what} needs a T5 backbone; {self.name!r} is {self.family}")
+
+    def _t5_encoder(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, want: Any
+    ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        """The T5 encoder's wanted states and its output (the decoder's cross-attention input)."""
+        m = self.model
+        states, out = self._run_stack(
+            m.encoder.block,
+            want,
+            lambda: m.encoder(input_ids=input_ids, attention_mask=attention_mask),
+            m.shared(input_ids) if want(0) else None,
+        )
+        return states, out.last_hidden_state
+
+    def _t5_decoder(
+        self,
+        decoder_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        want: Any,
+        past: Any = None,
+    ) -> tuple[list[torch.Tensor | None], Any]:
+        """The T5 decoder's wanted states on ``decoder_ids``; with ``past`` (its KV cache), at
+        the positions after the cached ones, and the extended cache (else None)."""
+        m = self.model
+        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` is deprecated)
+        name = "cache" if _takes(m.decoder, "cache") else "past_key_values"
+        kv = {} if past is None else {name: past, "use_cache": True}
+        states, out = self._run_stack(
+            m.decoder.block,
+            want,
+            lambda: m.decoder(
+                input_ids=decoder_ids,
+                encoder_hidden_states=encoder_hidden,
+                encoder_attention_mask=attention_mask,
+                **kv,
+            ),
+            m.shared(decoder_ids) if want(0) else None,
+        )
+        return states, None if past is None else getattr(out, name)
 
     def _causal_blocks(self) -> nn.ModuleList:
         """A causal LM's blocks: LlamaModel / MistralModel / Qwen2Model ``layers``, GPT2Model ``h``."""

@@ -13,12 +13,14 @@ One sequence at a time: with no padding, every position is the one stage one saw
 (right padding would put a prompt's answer at other positions than a longer prompt's).
 
 Captioning with a T5 backbone (:func:`greedy_generate_t5`): the side network is a
-``VisualT5SideNetwork`` (visual tokens in its encoder, frozen LM head). The side encoder runs once;
-each step recomputes the live backbone (encoder and decoder, no KV cache) over the whole decoder
-prefix, then the side decoder over it, and takes the argmax at the last position: simple, and
-exactly what teacher forcing on the generated prefix computes (O(T^2) per caption, with T at most
-``max_new_tokens``). A batch decodes in lockstep: every row's prefix has the same length, so there
-is no padding; a row that has emitted EOS is done, the rest go on.
+``VisualT5SideNetwork`` (visual tokens in its encoder, frozen LM head). The backbone's encoder and
+the side encoder run once. Each step feeds the token just chosen to the backbone's decoder with
+its own KV cache (``Backbone.t5_decode_states``), appends the states at that position to the
+prefix's (a causal decoder's earlier states do not change), runs the side decoder over the
+prefix's states, and takes the argmax at the last position: what teacher forcing on the
+generated prefix computes. Only the side decoder, 1/r of the backbone's width, is re-run over the
+prefix. A batch decodes in lockstep: every row's prefix has the same length, so there is no
+padding; a row that has emitted EOS is done, the rest go on.
 """
 
 from __future__ import annotations
@@ -89,20 +91,20 @@ def greedy_generate_t5(
     net.eval()
     device = backbone.device
     enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
-    layers = sorted(set(enc_layers) | set(dec_layers))
     ids, mask = input_ids.to(device), attention_mask.to(device)
     B = ids.shape[0]
     start = backbone.config.decoder_start_token_id or 0
-    prefix = torch.full((B, 1), start, dtype=torch.long, device=device)  # [B, t]
-    side_enc = side_mask = None
+    step = torch.full((B, 1), start, dtype=torch.long, device=device)  # [B, 1]: the new token
+    enc, enc_hidden = backbone.t5_encode(ids, mask, enc_layers)  # once
+    side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))  # once
+    past, prefix = None, {n: [] for n in dec_layers}  # the decoder's states, step by step
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     for _ in range(max_new_tokens):
-        states = backbone.states(ids, mask, decoder_inputs={"dec": prefix}, layers=layers)
-        if side_enc is None:  # the side encoder reads the encoder states alone: once
-            enc = {n: states["enc"][n] for n in enc_layers}
-            side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))
-        dec = {n: states["dec"][n] for n in dec_layers}
+        new, past = backbone.t5_decode_states(step, enc_hidden, mask, past, dec_layers)
+        for n in dec_layers:
+            prefix[n].append(new[n])
+        dec = {n: torch.cat(prefix[n], 1) for n in dec_layers}  # [B, t, d] each
         logits, _ = net.decode(side_enc, side_mask, dec)  # [B, t, V]
         nxt = logits[:, -1].argmax(-1)  # [B]
         for b, tok in enumerate(nxt.tolist()):
@@ -114,5 +116,5 @@ def greedy_generate_t5(
                 out[b].append(tok)
         if bool(done.all()):
             break
-        prefix = torch.cat([prefix, nxt[:, None]], 1)
+        step = nxt[:, None]
     return out

@@ -1,7 +1,7 @@
 """Captioning (``coco-caption``) with a T5 backbone and visual tokens: stage one stores one
 training example per caption and one example per image (with its references) for validation and
 test; train-side trains on the teacher-forced caption loss and validates on it; greedy generation
-runs the live backbone decoder over the generated prefix; ``pipeline evaluate`` scores CIDEr.
+runs the live backbone's encoder once and its decoder with its KV cache; ``pipeline evaluate`` scores CIDEr.
 
 A tiny random T5 (the MiniLM tokenizer: EOS is [SEP]) and a tiny random CLIP, on a small
 Karpathy-format ``dataset_coco.json`` written here."""
@@ -17,6 +17,7 @@ import torch
 
 from cache_store import layout
 from cache_store.reader import open_cache
+from ladder.errors import LadderError
 from ladder.generation import greedy_generate_t5
 from ladder.vision import VisualT5SideNetwork
 from pipeline.config import apply_overrides
@@ -24,7 +25,7 @@ from stages.errors import StageError
 from stages.extract import extract
 from stages.tasks import CAPTION_PROMPT, check_trainable, get_task, load_task_of
 from stages.tokens import end_token_id, pad
-from tests.conftest import tiny_t5
+from tests.conftest import tiny_bert, tiny_t5
 from tests.test_vl import tiny_clip, vl_config
 from tests.test_vl_data import dump, png
 
@@ -274,6 +275,32 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
     # one row alone decodes as in the batch (lockstep: no padding)
     one = greedy_generate_t5(backbone, p.net, ids[1:2], mask[1:2], visual[1:2], 6, -1)
     assert one == free[1:2]
+
+
+def test_incremental_t5_decoder_states_are_the_teacher_forced_ones(minilm_tokenizer):
+    """``t5_decode_states``, one decoder token at a time on the decoder's KV cache after
+    ``t5_encode``, gives every layer's states that teacher forcing on the whole decoder input
+    gives (left-padded encoder rows included); a non-T5 backbone is one line."""
+    backbone = tiny_t5(minilm_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (3, 7), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False
+    dec_in = torch.randint(1000, 2000, (3, 5), generator=g)
+    layers = list(range(backbone.n_dec_layers + 1))
+    full = backbone.states(ids, mask, decoder_inputs={"dec": dec_in}, layers=layers)
+    enc, hidden = backbone.t5_encode(ids, mask, layers)
+    for n in layers:
+        torch.testing.assert_close(enc[n], full["enc"][n], rtol=0, atol=0)
+    past, steps = None, []
+    for t in range(dec_in.shape[1]):
+        new, past = backbone.t5_decode_states(dec_in[:, t : t + 1], hidden, mask, past, layers)
+        steps.append(new)
+    for n in layers:
+        got = torch.cat([s[n] for s in steps], 1)
+        torch.testing.assert_close(got, full["dec"][n], rtol=0, atol=1e-5, msg=f"layer {n}")
+    with pytest.raises(LadderError, match=r"t5_encode needs a T5 backbone; .* is bert$"):
+        tiny_bert(minilm_tokenizer).t5_encode(ids, mask, [0])
 
 
 def test_pipeline_evaluate_returns_cider_of_the_generated_captions(
