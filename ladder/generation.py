@@ -17,9 +17,9 @@ Captioning with a T5 backbone (:func:`greedy_generate_t5`): the side network is 
 the side encoder run once. Each step feeds the token just chosen to the backbone's decoder with
 its own KV cache (``Backbone.t5_decode_states``), appends the states at that position to the
 prefix's (a causal decoder's earlier states do not change), runs the side decoder over the
-prefix's states, and takes the argmax at the last position: what teacher forcing on the
-generated prefix computes. Only the side decoder, 1/r of the backbone's width, is re-run over the
-prefix. A batch decodes in lockstep: every row's prefix has the same length, so there is no
+prefix's states, and takes the argmax of the LM head at the last position alone: what teacher
+forcing on the generated prefix computes. Only the side decoder, 1/r of the backbone's width, is
+re-run over the prefix. A batch decodes in lockstep: every row's prefix has the same length, so there is no
 padding; a row that has emitted EOS is done, the rest go on.
 """
 
@@ -105,7 +105,7 @@ def greedy_generate_t5(
         for n in dec_layers:
             prefix[n].append(new[n])
         dec = {n: torch.cat(prefix[n], 1) for n in dec_layers}  # [B, t, d] each
-        logits, _ = net.decode(side_enc, side_mask, dec)  # [B, t, V]
+        logits, _ = net.decode(side_enc, side_mask, dec, last_only=True)  # [B, 1, V]
         nxt = logits[:, -1].argmax(-1)  # [B]
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:

@@ -594,10 +594,13 @@ class T5SideNetwork(nn.Module):
         dec_hiddens: Mapping[int, Tensor],
         dec_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """:meth:`forward` after the side encoder: enc (B, T_e, d/r), enc_mask (B, T_e)."""
+        """:meth:`forward` after the side encoder: enc (B, T_e, d/r), enc_mask (B, T_e).
+        ``last_only``: the logits of the last decoder position alone (B, 1, V), what greedy
+        decoding reads (the LM head on every position of the prefix would be most of a step)."""
         dec = self.dec(dec_hiddens, dec_mask, enc, enc_mask)  # (B, T_dec, d/r)
-        logits = self._logits(dec)
+        logits = self._logits(dec[:, -1:] if last_only else dec)
         loss = None if labels is None else self.loss(logits, labels)
         return logits, loss
 
