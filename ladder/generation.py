@@ -19,8 +19,8 @@ its own KV cache (``Backbone.t5_decode_states``), appends the states at that pos
 prefix's (a causal decoder's earlier states do not change), runs the side decoder over the
 prefix's states, and takes the argmax of the LM head at the last position alone: what teacher
 forcing on the generated prefix computes. Only the side decoder, 1/r of the backbone's width, is
-re-run over the prefix. A batch decodes in lockstep: every row's prefix has the same length, so there is no
-padding; a row that has emitted EOS is done, the rest go on.
+re-run over the prefix. A batch decodes in lockstep: every row's prefix has the same length, so
+there is no padding; a row that has emitted EOS is done, the rest go on.
 """
 
 from __future__ import annotations

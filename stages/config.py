@@ -111,7 +111,7 @@ class TrainSideConfig(Section):
     head: Literal["cls", "lm"] = "cls"
     ladder_dropout: float = Field(default=0.0, ge=0, lt=1)
     # one rate for every dropout of the side network (residual, attention probabilities, FFN,
-    # head); None: the backbone's own rates (the authors'). 0 where the side network underfits
+    # head); None: the backbone's own rates (the authors')
     dropout: float | None = Field(default=None, ge=0, lt=1)
     # classification: "balanced" weighs each class's cross-entropy by n / (n_classes * n_class)
     # over the training split (scikit-learn's class_weight="balanced"), so rare answers (easy-VQA's
