@@ -21,10 +21,17 @@ prefix's states, and takes the argmax of the LM head at the last position alone:
 forcing on the generated prefix computes. Only the side decoder, 1/r of the backbone's width, is
 re-run over the prefix. A batch decodes in lockstep: every row's prefix has the same length, so
 there is no padding; a row that has emitted EOS is done, the rest go on.
+
+Beam search (:func:`beam_generate_t5`, as VL-T5 evaluates captions): the same steps on
+``num_beams`` rows per example, the backbone's KV cache and the prefix's states reordered to the
+beams kept each step, and hypotheses ranked by their summed log-probability over the tokens
+chosen (EOS included) divided by their number to the power ``length_penalty`` (transformers'
+convention, its ``early_stopping=False`` stop). One beam is greedy decoding.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -78,16 +85,7 @@ def greedy_generate_t5(
     """Greedy captions of a batch (the tokens chosen per row, EOS excluded, at most
     ``max_new_tokens``). input_ids, attention_mask: the backbone encoder's input [B, T] (long,
     bool); visual: the visual tokens [B, T_v, d_v]."""
-    if not isinstance(net, VisualT5SideNetwork):
-        raise LadderError(
-            f"greedy_generate_t5 needs a VisualT5SideNetwork; got {type(net).__name__}"
-        )
-    if not backbone.encoder_decoder:
-        raise LadderError(
-            f"greedy_generate_t5 needs a T5 backbone; {backbone.name!r} is {backbone.family}"
-        )
-    if max_new_tokens < 1:
-        raise LadderError(f"max_new_tokens is {max_new_tokens}; allowed: at least 1")
+    _check_t5(backbone, net, max_new_tokens)
     net.eval()
     device = backbone.device
     enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
@@ -117,4 +115,105 @@ def greedy_generate_t5(
         if bool(done.all()):
             break
         step = nxt[:, None]
+    return out
+
+
+def _check_t5(backbone: Backbone, net: VisualT5SideNetwork, max_new_tokens: int) -> None:
+    if not isinstance(net, VisualT5SideNetwork):
+        raise LadderError(f"T5 captioning needs a VisualT5SideNetwork; got {type(net).__name__}")
+    if not backbone.encoder_decoder:
+        raise LadderError(
+            f"T5 captioning needs a T5 backbone; {backbone.name!r} is {backbone.family}"
+        )
+    if max_new_tokens < 1:
+        raise LadderError(f"max_new_tokens is {max_new_tokens}; allowed: at least 1")
+
+
+@torch.inference_mode()
+def beam_generate_t5(
+    backbone: Backbone,
+    net: VisualT5SideNetwork,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    num_beams: int,
+    length_penalty: float = 1.0,
+) -> list[tuple[list[int], float]]:
+    """Beam-searched captions of a batch: per row the best hypothesis (the tokens chosen, EOS
+    excluded) and its score (summed log-probability, EOS included, over length **
+    ``length_penalty``). Inputs as :func:`greedy_generate_t5`'s."""
+    _check_t5(backbone, net, max_new_tokens)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise LadderError(f"num_beams is {num_beams!r}; allowed: an int >= 1")
+    net.eval()
+    K, device = num_beams, backbone.device
+    enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    B = ids.shape[0]
+    enc, enc_hidden = backbone.t5_encode(ids, mask, enc_layers)
+    side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))
+    # every example's K beams are K rows in a row: [B * K, ...]
+    enc_hidden, mask_k, side_enc, side_mask = (
+        x.repeat_interleave(K, 0) for x in (enc_hidden, mask, side_enc, side_mask)
+    )
+    start = backbone.config.decoder_start_token_id or 0
+    step = torch.full((B * K, 1), start, dtype=torch.long, device=device)
+    chosen = torch.zeros((B * K, 0), dtype=torch.long, device=device)  # each beam's tokens
+    scores = torch.full((B, K), -math.inf, device=device)
+    scores[:, 0] = 0.0  # the K beams start as one: the first step expands beam 0 alone
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    past, prefix = None, {}  # the decoder's states of each beam's prefix: [B*K, t, d] each
+    for t in range(max_new_tokens):
+        new, past = backbone.t5_decode_states(step, enc_hidden, mask_k, past, dec_layers)
+        prefix = {n: torch.cat([prefix[n], new[n]], 1) if prefix else new[n] for n in dec_layers}
+        logits, _ = net.decode(side_enc, side_mask, prefix, last_only=True)  # [B*K, 1, V]
+        logp = torch.log_softmax(logits[:, -1].float(), -1)  # [B*K, V]
+        V = logp.shape[-1]
+        top, flat = (scores.reshape(-1, 1) + logp).reshape(B, K * V).topk(2 * K, dim=1)
+        keep_beam = torch.zeros((B, K), dtype=torch.long, device=device)
+        keep_tok = torch.zeros((B, K), dtype=torch.long, device=device)
+        kept = torch.full((B, K), -math.inf, device=device)
+        for b in range(B):
+            if done[b]:
+                continue
+            j = 0
+            for s, f in zip(top[b].tolist(), flat[b].tolist(), strict=True):
+                beam, tok = divmod(f, V)
+                if tok == eos_token_id:  # a finished hypothesis: t + 1 tokens, EOS included
+                    finished[b].append(
+                        (s / (t + 1) ** length_penalty, chosen[b * K + beam].tolist())
+                    )
+                    continue
+                keep_beam[b, j], keep_tok[b, j], kept[b, j] = beam, tok, s
+                j += 1
+                if j == K:
+                    break
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+            # transformers' stop: K hypotheses, and the best running beam cannot beat the worst
+            best_running = kept[b, 0].item() / (t + 1) ** length_penalty
+            done[b] = len(finished[b]) == K and best_running <= finished[b][-1][0]
+        if all(done):
+            break
+        rows = (torch.arange(B, device=device)[:, None] * K + keep_beam).reshape(-1)
+        past.reorder_cache(rows)
+        prefix = {n: x[rows] for n, x in prefix.items()}
+        chosen = torch.cat([chosen[rows], keep_tok.reshape(-1, 1)], 1)
+        scores, step = kept, keep_tok.reshape(-1, 1)
+    out = []
+    for b in range(B):
+        if not done[b]:  # out of tokens: the running beams are hypotheses too
+            n = chosen.shape[1]
+            for k in range(K):
+                if scores[b, k] > -math.inf:
+                    finished[b].append(
+                        (
+                            scores[b, k].item() / max(n, 1) ** length_penalty,
+                            chosen[b * K + k].tolist(),
+                        )
+                    )
+        score, tokens = max(finished[b], key=lambda h: h[0])
+        out.append((tokens, score))
     return out

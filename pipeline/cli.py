@@ -780,6 +780,15 @@ def run_all(
         _stage_two(cfg, cluster, sweep, cache_key, run_name, online, as_json)
 
 
+NUM_BEAMS_OPTION = click.option(
+    "--num-beams",
+    type=int,
+    default=1,
+    show_default=True,
+    help="captioning: beam search with N beams (1: greedy)",
+)
+
+
 @cli.command("predict")
 @click.option("--run", "run_folder", required=True, help="a train-side run folder")
 @click.option("--network", help="which network of the run (default: the first)")
@@ -803,6 +812,7 @@ def run_all(
     is_flag=True,
     help="use the best checkpoint of a run that has not finished (no test figures yet)",
 )
+@NUM_BEAMS_OPTION
 @click.option(
     "--json", "as_json", is_flag=True, help="one JSON line per input, every class's probability"
 )
@@ -814,6 +824,7 @@ def predict(
     input_path: str | None,
     predict_batch: int,
     allow_unfinished: bool,
+    num_beams: int,
     as_json: bool,
 ) -> None:
     """Backbone + trained side network on new text: TEXT (or TEXT_A TEXT_B for pair tasks), or
@@ -834,7 +845,9 @@ def predict(
             f"{' or --task '.join(tasks)}"
         )
     t0 = time.perf_counter()
-    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
+    p = Predictor(
+        run_folder, network, task=task_name, allow_unfinished=allow_unfinished, num_beams=num_beams
+    )
     load_s = time.perf_counter() - t0
     if input_path is None and p.spec.images:
         raise PipelineError(
@@ -907,6 +920,7 @@ def _print_predictions(examples: list, rows: list[dict]) -> None:
     is_flag=True,
     help="use the best checkpoint of a run that has not finished (no test figures yet)",
 )
+@NUM_BEAMS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def evaluate_cmd(
     run_folder: str,
@@ -916,13 +930,16 @@ def evaluate_cmd(
     data_dir: str | None,
     limit: int | None,
     allow_unfinished: bool,
+    num_beams: int,
     as_json: bool,
 ) -> None:
     """Backbone + trained side network on a dataset split, with the task's metric (a multi-task
     run: every task's, or --task's, as its metrics.json records them)."""
     from stages.evaluate import Predictor, evaluate_task, evaluate_tasks
 
-    p = Predictor(run_folder, network, task=task_name, allow_unfinished=allow_unfinished)
+    p = Predictor(
+        run_folder, network, task=task_name, allow_unfinished=allow_unfinished, num_beams=num_beams
+    )
     if task_name is None and len(p.tasks) > 1:
         every = evaluate_tasks(p, split, data_dir=data_dir, limit=limit)
         _emit({"split": split, **every}, as_json, _print_tasks)

@@ -48,7 +48,7 @@ from cache_store import layout
 from cache_store.images import ImageTable
 from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
-from ladder.generation import greedy_generate, greedy_generate_t5
+from ladder.generation import beam_generate_t5, greedy_generate, greedy_generate_t5
 from ladder.multitask import MultiTaskSideNetwork
 from ladder.side import SideConfig, build_side_network
 from ladder.vision import (
@@ -206,7 +206,11 @@ class Predictor:
         *,
         task: str | None = None,
         allow_unfinished: bool = False,
+        num_beams: int = 1,
     ) -> None:
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise StageError(f"--num-beams {num_beams!r}; allowed: an int >= 1")
+        self.num_beams = num_beams  # captioning: beam search with this many beams (1: greedy)
         self.run_task, self.backbone_cfg, saved, weights = load_trained(
             run, network, allow_unfinished=allow_unfinished
         )
@@ -238,6 +242,11 @@ class Predictor:
         load_into(self.net, state, str(weights))
         self.net.eval()
         self.select(task or self.tasks[0])
+        if num_beams > 1 and not self.spec.captioning:
+            raise StageError(
+                f"--num-beams {num_beams}: beam search decodes captions; task {self.spec.name!r} "
+                "is not captioning; allowed: 1"
+            )
         self.candidates = (
             t5_candidates(self.spec)
             if self.backbone.encoder_decoder and not self.spec.captioning
@@ -628,10 +637,11 @@ def caption_texts(
     batch_size: int = 32,
     progress: str | None = None,
 ) -> list[str]:
-    """Greedy captions, one per example, decoded without special tokens: the backbone encoder
-    reads the captioning template's input (``CAPTION_PROMPT``), the side network each example's
-    visual tokens from ``images`` (default: the live vision encoder on ``image`` as a file
-    path). Batches decode in lockstep (:func:`ladder.generation.greedy_generate_t5`)."""
+    """Captions, one per example, decoded without special tokens: the backbone encoder reads
+    the captioning template's input (``CAPTION_PROMPT``), the side network each example's visual
+    tokens from ``images`` (default: the live vision encoder on ``image`` as a file path).
+    Batches decode in lockstep, greedily (:func:`ladder.generation.greedy_generate_t5`) or with
+    ``predictor.num_beams`` beams (:func:`ladder.generation.beam_generate_t5`)."""
     if predictor.vision is None:
         raise StageError("captioning needs the run's vision encoder (backbone.vision); none set")
     if images is None:
@@ -650,9 +660,11 @@ def caption_texts(
             rows = np.arange(lo, min(lo + batch_size, len(examples)))
             ids, mask = pad([enc.ids[i] for i in rows], pad_id)
             visual = torch.from_numpy(images(rows))
-            got = greedy_generate_t5(
-                predictor.backbone, predictor.net, ids, mask, visual, max_new_tokens, eos
-            )
+            args = (predictor.backbone, predictor.net, ids, mask, visual, max_new_tokens, eos)
+            if predictor.num_beams == 1:
+                got = greedy_generate_t5(*args)
+            else:
+                got = [t for t, _ in beam_generate_t5(*args, num_beams=predictor.num_beams)]
             out += [tok.decode(t, skip_special_tokens=True).strip() for t in got]
             bar.update(len(rows))
     return out

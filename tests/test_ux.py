@@ -85,6 +85,10 @@ def test_predict_prints_the_label_and_its_probability(run, capsys):
     want = torch.softmax(logits, -1).tolist()
     assert [row["probabilities"][n] for n in p.spec.labels] == pytest.approx(want, abs=1e-6)
     assert p.spec.labels[int(p.predict([Example(tuple(texts), 0)])[0])] == label
+    # beams decode captions only: one line naming the task, exit 2
+    assert run_cli(["predict", "--run", str(run["folder"]), "--num-beams", "3", *texts]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "beam search decodes captions; task 'rte'" in err
 
 
 @pytest.fixture

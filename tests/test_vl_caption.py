@@ -18,7 +18,7 @@ import torch
 from cache_store import layout
 from cache_store.reader import open_cache
 from ladder.errors import LadderError
-from ladder.generation import greedy_generate_t5
+from ladder.generation import beam_generate_t5, greedy_generate_t5
 from ladder.vision import VisualT5SideNetwork
 from pipeline.config import apply_overrides
 from stages.errors import StageError
@@ -275,6 +275,86 @@ def test_greedy_generation_is_the_argmax_of_teacher_forcing_on_its_own_output(
     # one row alone decodes as in the batch (lockstep: no padding)
     one = greedy_generate_t5(backbone, p.net, ids[1:2], mask[1:2], visual[1:2], 6, -1)
     assert one == free[1:2]
+
+
+def _teacher_forced_score(backbone, net, ids, mask, visual, tokens, eos, max_new) -> float:
+    """One row's summed log-probability of ``tokens`` (and EOS, when it ended before
+    ``max_new``) under teacher forcing, over its length: what beam search ranks."""
+    full = tokens + [eos] if len(tokens) < max_new else tokens
+    dec_in = torch.tensor([[backbone.config.decoder_start_token_id, *full[:-1]]])
+    states = backbone.states(ids, mask, decoder_inputs={"dec": dec_in})
+    logp = torch.log_softmax(_caption_logits(net, states, mask, visual).float(), -1)[0]
+    return float(logp[torch.arange(len(full)), torch.tensor(full)].sum()) / len(full)
+
+
+def test_beam_search_ranks_teacher_forced_scores_and_one_beam_is_greedy(caption_run, predictor):
+    """Beam search on the KV cache: every returned caption's score is its teacher-forced
+    log-probability over its length (the cache and the prefix's states followed the beams),
+    one beam is greedy decoding, more beams never score below it here, with and without EOS."""
+    from stages.evaluate import split_tokens
+
+    cfg, backbone, _, _, _ = caption_run
+    p = predictor
+    visual = torch.from_numpy(split_tokens(p, load_task_of(cfg.task), "test")(np.arange(3)))
+    ids, mask = _prompt_batch(backbone, 3)
+    free = greedy_generate_t5(backbone, p.net, ids, mask, visual, 6, eos_token_id=-1)
+    for eos in (-1, free[0][2]):
+        greedy = greedy_generate_t5(backbone, p.net, ids, mask, visual, 6, eos)
+        one = beam_generate_t5(backbone, p.net, ids, mask, visual, 6, eos, num_beams=1)
+        assert [t for t, _ in one] == greedy
+        beams = beam_generate_t5(backbone, p.net, ids, mask, visual, 6, eos, num_beams=4)
+        for got in (one, beams):
+            for b, (tokens, score) in enumerate(got):
+                row = slice(b, b + 1)
+                want = _teacher_forced_score(
+                    backbone, p.net, ids[row], mask[row], visual[row], tokens, eos, 6
+                )
+                assert score == pytest.approx(want, abs=1e-5)
+        assert all(s4 >= s1 - 1e-6 for (_, s4), (_, s1) in zip(beams, one, strict=True))
+    with pytest.raises(LadderError, match="num_beams is 0; allowed: an int >= 1"):
+        beam_generate_t5(backbone, p.net, ids, mask, visual, 6, -1, num_beams=0)
+
+
+def test_evaluate_and_predict_decode_captions_with_beams(caption_run, predictor, capsys):
+    """``--num-beams N``: ``pipeline evaluate`` scores (and ``caption_texts`` returns) the
+    captions ``beam_generate_t5`` chooses; a count below 1 is one line, exit 2."""
+    from pipeline.cli import run_cli
+    from stages.evaluate import CAPTION_MAX_NEW_TOKENS, Predictor, caption_texts, split_tokens
+    from stages.vl_metrics import cider
+
+    cfg, backbone, _, _, res = caption_run
+    data = load_task_of(cfg.task)
+    examples = data.splits["test"]
+    tokens = split_tokens(predictor, data, "test")
+    tok, eos, n = backbone.tokenizer, end_token_id(backbone.tokenizer), CAPTION_MAX_NEW_TOKENS
+    ids, mask = _prompt_batch(backbone, len(examples))
+    visual = torch.from_numpy(tokens(np.arange(len(examples))))
+
+    def beam_texts(net) -> list[str]:
+        beams = beam_generate_t5(backbone, net, ids, mask, visual, n, eos, num_beams=3)
+        return [tok.decode(t, skip_special_tokens=True).strip() for t, _ in beams]
+
+    # the tiny trained network is so sure of its words that beams find its greedy captions:
+    # seeded noise on its weights makes the two differ, so the beams are seen to be used
+    p = Predictor(res.folder, num_beams=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in p.net.parameters():
+            if w.numel() > 1:
+                w.add_(torch.randn(w.shape, generator=g) * float(w.std()) * 3)
+    want = beam_texts(p.net)
+    greedy = greedy_generate_t5(backbone, p.net, ids, mask, visual, n, eos)
+    assert want != [tok.decode(t, skip_special_tokens=True).strip() for t in greedy]
+    assert caption_texts(p, examples, tokens) == want
+    args = ["evaluate", "--run", str(res.folder), "--split", "test", "--json"]
+    assert run_cli([*args, "--num-beams", "3"]) == 0  # the trained network's beams
+    got = json.loads(capsys.readouterr().out)
+    refs = {ex.image: list(ex.references) for ex in examples}
+    captions = dict(zip([ex.image for ex in examples], beam_texts(predictor.net), strict=True))
+    assert got["cider"] == pytest.approx(cider(refs, captions)["cider"], abs=1e-9)
+    assert run_cli([*args, "--num-beams", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--num-beams 0; allowed: an int >= 1" in err
 
 
 def test_incremental_t5_decoder_states_are_the_teacher_forced_ones(minilm_tokenizer):
