@@ -20,11 +20,13 @@ the figures the same up to float rounding (batched matmuls round like the unbatc
 a network gives the same bits in a group of 1 as in a group of 9.
 
 Stacked are the encoder-only family (BERT, RoBERTa, ELECTRA, BART/mBART encoder;
-:class:`StackedEncoderSide`) and the decoder-only family with the classification head (Llama,
+:class:`StackedEncoderSide`), with visual tokens too (``VisualSideNetwork``:
+:class:`StackedVisualSide`), and the decoder-only family with the classification head (Llama,
 SmolLM2, Mistral, Qwen2 and GPT-2, head "cls": :class:`StackedCausalSide`), with fusion
 "ladder", "late" or "none". Not stacked, and trained one by one: fusion "xladder" (the stacked
-forward lacks its free blocks), the causal LM head ("lm"), T5, and networks with visual tokens;
-``stackable`` says whether a network is, :func:`stack_networks` stacks a group.
+forward lacks its free blocks), the causal LM head ("lm"), T5 (with visual tokens or without)
+and the multi-task network; ``stackable`` says whether a network is, :func:`stack_networks`
+stacks a group.
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ from ladder.attention import attention, drop_rate, dropout, keep_mask, mask_bias
 from ladder.causal import CausalSideNetwork, rotary_tables, rotate_half
 from ladder.shared import RMSNorm
 from ladder.side import EncoderSideNetwork
+from ladder.vision import VisualSideNetwork
 
 
 def stackable(net: torch.nn.Module) -> bool:
-    """Whether ``net`` can be trained stacked: the encoder-only side network (no visual
-    tokens), or the causal one with the classification head (``side.head == "cls"``); fusion
-    "xladder", whose free blocks the stacked forward lacks, trains one by one."""
+    """Whether ``net`` can be trained stacked: the encoder-only side network (with visual
+    tokens or without), or the causal one with the classification head (``side.head ==
+    "cls"``); fusion "xladder", whose free blocks the stacked forward lacks, trains one by one."""
     if type(net) is CausalSideNetwork:
         return net.side.head == "cls" and net.side.fusion != "xladder"
-    return type(net) is EncoderSideNetwork and net.side.fusion != "xladder"
+    encoder = type(net) is EncoderSideNetwork or type(net) is VisualSideNetwork
+    return encoder and net.side.fusion != "xladder"
 
 
 def shape_key(net: torch.nn.Module) -> tuple:
@@ -61,6 +65,8 @@ def shape_key(net: torch.nn.Module) -> tuple:
         side.kept_layers,
         side.fusion,
         side.num_labels,
+        getattr(net, "visual_fusion", None),
+        getattr(net, "visual_readout", None),
         tuple((n, tuple(p.shape)) for n, p in net.named_parameters()),
     )
 
@@ -320,6 +326,85 @@ class StackedEncoderSide(StackedSide):
         return self._head(pooled, gens)
 
 
+class StackedVisualSide(StackedEncoderSide):
+    """K encoder-only side networks with visual tokens (``VisualSideNetwork``) of one shape,
+    stacked: the visual tokens standardised (the networks' shared buffers), projected, normed and
+    dropped per network, before the text positions of the stream; the visual ladder gates
+    (fusion "ladder") before every block after the first, the text ladders on the text positions
+    only; the head on the first text token (and, readout "text+visual", the visual positions'
+    pooling). Dropout masks are drawn in the network's own order: state 0, the visual tokens,
+    then block by block."""
+
+    def __init__(self, nets: Sequence[torch.nn.Module]) -> None:
+        super().__init__(nets)
+        net0 = self.net0
+        for n in nets[1:]:  # the standardisation is the training images', the same for all
+            if not (
+                torch.equal(n.visual_mean, net0.visual_mean)
+                and torch.equal(n.visual_std, net0.visual_std)
+            ):
+                raise ValueError("networks with different visual stats do not stack")
+
+    def forward(
+        self,
+        hiddens: Mapping[int, Tensor],
+        attention_mask: Tensor,
+        gens: Sequence[torch.Generator] | None = None,
+        visual: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (K, B, num_labels) of every network; visual: (B, T_v, d_v), or None for a
+        batch of text alone (the blocks on the text, as the networks run it)."""
+        if visual is None:
+            return super().forward(hiddens, attention_mask, gens)
+        from ladder.ladders import _state
+
+        net, K = self.net0, self.K
+        B = attention_mask.shape[0]
+        h0 = _state(hiddens, 0, net.d, net.stream)
+        text = self._ladder("first_down", h0, self.state_p[0], gens)  # (K, B, T, d/r)
+        z = (visual.to(net.visual_mean.dtype) - net.visual_mean) / net.visual_std
+        v = self._lin("visual_proj", z.unsqueeze(0).expand(K, *z.shape))  # (K, B, T_v, d/r)
+        Tv, d = v.shape[2], v.shape[3]
+        if net.n_images > 1:
+            per = v.reshape(K, B, net.n_images, Tv // net.n_images, d)
+            v = (per + self.params["image_embed.weight"][:, None, :, None, :]).reshape(K, B, Tv, d)
+        v = self._drop(self._norm("visual_ln", v, net.visual_ln), self.state_p[0], gens)
+        x = torch.cat([v.to(text.dtype), text], 2)  # (K, B, T_v + T, d/r)
+        ones = torch.ones(B, Tv, dtype=torch.bool, device=attention_mask.device)
+        full = torch.cat([ones, attention_mask.bool()], 1)  # (B, T_v + T)
+        bias = mask_bias(full[:, None, None, :].to(x.device), x.dtype).repeat(K, 1, 1, 1)
+        gate_T = net.side.gate_T
+
+        def fuse(xt: Tensor, i: int) -> Tensor:
+            g = torch.sigmoid(self.params["gates"][:, i] / gate_T).view(K, 1, 1, 1)
+            h = _state(hiddens, i + 1, net.d, net.stream)
+            return g * xt + (1 - g) * self._ladder(f"down.{i}", h, self.ladder_p[0], gens)
+
+        for j, i in enumerate(net.kept):
+            xv = x[:, :, :Tv]
+            if net.visual_gates is not None and j > 0:
+                g = torch.sigmoid(self.params["visual_gates"][:, j - 1] / gate_T)
+                xv = g.view(K, 1, 1, 1) * xv + (1 - g.view(K, 1, 1, 1)) * v.to(xv.dtype)
+            xt = x[:, :, Tv:]
+            x = torch.cat([xv, fuse(xt, i) if net.fusion == "ladder" else xt], 2)
+            x = self._block(i, x, bias, gens)
+        if net.fusion == "late":
+            x = torch.cat([x[:, :, :Tv], fuse(x[:, :, Tv:], net.n_layers - 1)], 2)
+        if net.final_ln is not None:
+            x = self._norm("final_ln", x, net.final_ln)
+        if net.pool_last:
+            at = (attention_mask.long().sum(1) - 1).to(x.device)
+        else:
+            at = torch.zeros(B, dtype=torch.long, device=x.device)
+        pooled = x[:, torch.arange(B, device=x.device), Tv + at]  # (K, B, d/r)
+        if net.visual_readout == "text+visual":
+            tokens = F.gelu(self._lin("readout_token", x[:, :, :Tv]))  # (K, B, T_v, d/r)
+            pooled = pooled + self._lin(
+                "readout_out", torch.cat([tokens.mean(2), tokens.amax(2)], -1)
+            )
+        return self._head(pooled, gens)
+
+
 class StackedCausalSide(StackedSide):
     """K causal side networks (``CausalSideNetwork``, head "cls": Llama family or GPT-2) of one
     shape, stacked: pre-norm blocks (RMSNorm or LayerNorm), causal attention with rotary
@@ -369,9 +454,12 @@ class StackedCausalSide(StackedSide):
 
 
 def stack_networks(nets: Sequence[torch.nn.Module]) -> StackedSide:
-    """The stacked model of ``nets`` (stackable, one shape): encoder-only or causal."""
+    """The stacked model of ``nets`` (stackable, one shape): encoder-only (with visual tokens
+    or without) or causal."""
     if nets and type(nets[0]) is CausalSideNetwork:
         return StackedCausalSide(nets)
+    if nets and type(nets[0]) is VisualSideNetwork:
+        return StackedVisualSide(nets)
     return StackedEncoderSide(nets)
 
 

@@ -132,8 +132,8 @@ class TrainSideConfig(Section):
     report_to: list[Literal["tensorboard", "mlflow", "none"]] = []
     # networks of one shape (same r, kept layers, fusion) trained as one stacked model
     # (ladder.stacked); auto: where more than one network of the grid shares a shape. Groups
-    # are split to fit memory_mb. Encoder-only and causal backbones (head "cls"; not xladder);
-    # the others train one by one.
+    # are split to fit memory_mb. Encoder-only (with visual tokens too) and causal backbones
+    # (head "cls"; not xladder); the others train one by one.
     batched: Literal["auto", "on", "off"] = "auto"
     # torch.compile of the stacked step (inductor); auto: off on CPU, where it was measured not
     # to pay (README, "Measured here"), on for CUDA

@@ -639,7 +639,7 @@ class StackedGroup:
         torch.set_rng_state(self.gens[0].get_state())
         hiddens = states(batch, "enc")
         self.gens[0].set_state(torch.get_rng_state())
-        logits = self.stack.forward(hiddens, batch.masks["enc"], self.gens)
+        logits = self.stack.forward(hiddens, batch.masks["enc"], self.gens, **visual_inputs(batch))
         losses = self.stack.losses(logits, batch.labels)
         self.opt.zero_grad()
         losses.sum().backward()
@@ -1296,7 +1296,9 @@ def train_side(
         states_train = online_states(online, online_dropout, layers)
         states_eval = online_states(online, False, eval_layers)
 
-    groups = stack_groups(cfg, runs, cfg.backbone.max_length)
+    # a stacked group's activations: the text positions and the visual tokens before them
+    tokens = cfg.backbone.max_length + (images.n_tokens if images is not None else 0)
+    groups = stack_groups(cfg, runs, tokens)
     if compile_on(cfg, device):
         compile_networks(runs, groups)
     start, tracker, say = open_run(cfg, folder, runs, epochs, total_steps, progress, echo)

@@ -723,3 +723,84 @@ def test_streamed_image_features_equal_the_in_memory_table(vqa, tmp_path, encode
     want_mean, want_std = visual_stats(whole.grid[images])
     torch.testing.assert_close(mean, want_mean)
     torch.testing.assert_close(std, want_std)
+
+
+@pytest.mark.parametrize(("readout", "n_seeds"), [("text", 3), ("text+visual", 2)])
+def test_stacked_vl_networks_match_training_each_alone(
+    vqa, tmp_path, encoders, monkeypatch, readout, n_seeds
+):
+    """Seeds of a VL side network (visual ladders; the backbone's dropout 0.1, ladder dropout
+    0.2, balanced class weights) trained as one stacked model (``train_side.batched``) follow
+    the trajectories they follow one by one: the same losses and final weights to 1e-5, the same
+    test figures; with the readout of the visual positions too."""
+    from ladder.stacked import StackedVisualSide
+
+    backbone, vision = encoders
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
+    cfg = apply_overrides(
+        cfg,
+        {
+            "train_side.epochs": 2,
+            "train_side.batch_size": 8,
+            "train_side.warmup_steps": 2,
+            "train_side.reduction_factors": [4],
+            "train_side.seeds": list(range(n_seeds)),
+            "train_side.init": "random",
+            "train_side.ladder_dropout": 0.2,
+            "train_side.class_weight": "balanced",
+            "train_side.visual_readout": readout,
+        },
+    )
+    extract(cfg, backbone=backbone, vision=vision, progress=False)
+    stacked_steps = []
+    forward = StackedVisualSide.forward
+
+    def counted(self, *args, **kwargs):
+        stacked_steps.append(self.K)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(StackedVisualSide, "forward", counted)
+    alone = train_side(
+        apply_overrides(cfg, {"train_side.batched": "off"}), run_name="alone", progress=False
+    )
+    assert stacked_steps == []
+    stacked = train_side(
+        apply_overrides(cfg, {"train_side.batched": "on"}), run_name="stacked", progress=False
+    )
+    assert stacked_steps and set(stacked_steps) == {n_seeds}  # every step, all seeds at once
+    assert len(alone.metrics["networks"]) == n_seeds
+    for name, a in alone.metrics["networks"].items():
+        s = stacked.metrics["networks"][name]
+        la = torch.tensor([h["train_loss"] for h in a["epochs"]])
+        ls = torch.tensor([h["train_loss"] for h in s["epochs"]])
+        torch.testing.assert_close(ls, la, rtol=1e-5, atol=0)
+        assert s["test"] == a["test"] and s["best_epoch"] == a["best_epoch"]
+        ca = torch.load(alone.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
+        cs = torch.load(stacked.folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
+        assert "visual_gates" in ca["net"]
+        for k in ca["net"]:
+            torch.testing.assert_close(cs["net"][k], ca["net"][k], rtol=0, atol=1e-5, msg=k)
+        assert torch.equal(cs["rng"], ca["rng"])  # the same draws, from the network's own stream
+
+
+@pytest.mark.parametrize(
+    ("n_images", "fusion", "readout"),
+    [(2, "ladder", "text"), (1, "input", "text+visual"), (2, "ladder", "text+visual")],
+)
+def test_stacked_vl_logits_are_each_networks_own(n_images, fusion, readout):
+    """Networks of other weights stacked: each slice of the logits is that network's own (two
+    images per example with the image-index embedding, fusion "input", the visual readout)."""
+    from ladder.stacked import stack_networks
+
+    nets, (hiddens, mask, visual) = [], (None, None, None)
+    for k in range(3):
+        net, hiddens, mask, visual = _visual_net(n_images, fusion, readout)
+        with torch.no_grad():
+            for w in net.parameters():  # other weights per network (all of them non-zero)
+                w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(k)) * 0.1)
+        nets.append(net)
+    with torch.no_grad():
+        got = stack_networks(nets).forward(hiddens, mask, None, visual=visual)  # (K, B, labels)
+        for k, net in enumerate(nets):
+            torch.testing.assert_close(got[k], net(hiddens, mask, visual=visual), rtol=0, atol=1e-5)
+    assert not torch.allclose(got[0], got[1])
