@@ -90,6 +90,12 @@ def main() -> None:
         help="train_side.dropout: one rate for every side-network dropout (default: MiniLM's)",
     )
     p.add_argument(
+        "--batched",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="train_side.batched: the seeds as one stacked model (auto, on) or one by one",
+    )
+    p.add_argument(
         "--class-weight",
         default="none",
         choices=["none", "balanced"],
@@ -151,6 +157,7 @@ def main() -> None:
         "train_side.learning_rates": [args.lr],
         "train_side.class_weight": args.class_weight,
         "train_side.dropout": args.dropout,
+        "train_side.batched": args.batched,
         "train_side.run_dir": str(work / "runs"),
     }
     cfg = apply_overrides(Config(), over)
@@ -239,6 +246,7 @@ def main() -> None:
         "lr": args.lr,
         "class_weight": args.class_weight,
         "dropout": args.dropout,
+        "batched": args.batched,
         "arms_asked": chosen,
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],
