@@ -135,6 +135,32 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2, lm_head: bool = False)
 TIMING = ("epoch_s", "compute_s")  # what differs between two runs of the same training
 
 
+def assert_same_trajectories(alone, stacked) -> None:
+    """Two train-side runs of the same networks (one by one, and stacked) end the same: losses
+    (1e-5), test figures and best epoch; last weights (1e-5), random streams (bit for bit) and
+    AdamW state of every network."""
+    import torch
+
+    for name, a in alone.metrics["networks"].items():
+        s = stacked.metrics["networks"][name]
+        la = torch.tensor([h["train_loss"] for h in a["epochs"]])
+        ls = torch.tensor([h["train_loss"] for h in s["epochs"]])
+        torch.testing.assert_close(ls, la, rtol=1e-5, atol=0)
+        assert s["test"] == a["test"] and s["best_epoch"] == a["best_epoch"]
+        last = f"checkpoints/{name}.last.pt"
+        ca = torch.load(alone.folder / last, weights_only=False)
+        cs = torch.load(stacked.folder / last, weights_only=False)
+        for k in ca["net"]:
+            torch.testing.assert_close(cs["net"][k], ca["net"][k], rtol=0, atol=1e-5, msg=k)
+        assert torch.equal(cs["rng"], ca["rng"])  # the same draws, from the network's own stream
+        assert ca["opt"]["state"][0]["step"] == cs["opt"]["state"][0]["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            for i, st in ca["opt"]["state"].items():
+                torch.testing.assert_close(
+                    cs["opt"]["state"][i][key], st[key], rtol=1e-4, atol=1e-7
+                )
+
+
 def strip_timing(obj):
     """``metrics.json`` (or a part of it) without its wall-clock figures, to compare two runs."""
     if isinstance(obj, dict):

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from cache_store import layout
 from ladder.attention import Dropout
@@ -25,7 +24,7 @@ from stages.train_side import (
     task_spec_of,
     train_side,
 )
-from tests.conftest import make_config, strip_timing, tiny_bert
+from tests.conftest import assert_same_trajectories, make_config, strip_timing, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +56,6 @@ def _run(cfg, tmp_path, name, **over):
     return train_side(cfg, run_name=name, progress=False, echo=False)
 
 
-def _last(folder, name):
-    return torch.load(folder / "checkpoints" / f"{name}.last.pt", weights_only=False)
-
-
 @pytest.mark.parametrize("class_weight", ["none", "balanced"])
 def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_path, class_weight):
     """4 networks (2 r x 2 seeds: two stacked groups of 2) vs one by one, dropout on
@@ -70,22 +65,7 @@ def test_stacked_networks_match_training_each_alone_dropout_included(tiny, tmp_p
     alone = _run(tiny, tmp_path, "alone", **{"train_side.batched": "off"}, **cw)
     stacked = _run(tiny, tmp_path, "stacked", **{"train_side.batched": "on"}, **cw)
     assert len(alone.metrics["networks"]) == 4
-    for name, a in alone.metrics["networks"].items():
-        s = stacked.metrics["networks"][name]
-        la = torch.tensor([h["train_loss"] for h in a["epochs"]])
-        ls = torch.tensor([h["train_loss"] for h in s["epochs"]])
-        torch.testing.assert_close(ls, la, rtol=1e-5, atol=0)
-        assert s["test"] == a["test"] and s["best_epoch"] == a["best_epoch"]
-        ca, cs = _last(alone.folder, name), _last(stacked.folder, name)
-        for k in ca["net"]:
-            torch.testing.assert_close(cs["net"][k], ca["net"][k], rtol=0, atol=1e-5, msg=k)
-        assert torch.equal(cs["rng"], ca["rng"])  # the same draws, from the network's own stream
-        assert ca["opt"]["state"][0]["step"] == cs["opt"]["state"][0]["step"]
-        for key in ("exp_avg", "exp_avg_sq"):
-            for i, st in ca["opt"]["state"].items():
-                torch.testing.assert_close(
-                    cs["opt"]["state"][i][key], st[key], rtol=1e-4, atol=1e-7
-                )
+    assert_same_trajectories(alone, stacked)
 
 
 @pytest.mark.parametrize("ladder_dropout", [0.0, 0.2])
