@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from ladder.side import SideConfig
 
 
-def _state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor:
+def stream_state(hiddens: Mapping[int, Tensor], k: int, d: int, stream: str) -> Tensor:
     """State ``k`` of a stream, checked; left in its dtype (caches hand over float16/bfloat16)."""
     h = hiddens.get(k)
     if h is None:
@@ -154,13 +154,13 @@ class Ladders(nn.Module):
     def side_input(self, hiddens: Mapping[int, Tensor]) -> Tensor:
         """The side stream's input (B, T, d/r) from state 0 (xladder: L - delta), (B, T, d)."""
         k = self.input_state()
-        h = _state(hiddens, k, self.d, self.stream)
+        h = stream_state(hiddens, k, self.d, self.stream)
         return ladder_linear(self.first_down, (self.ladder_drop if k else self.drop)(h))
 
     def fuse(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:
         """Gate ``down_i(state i + 1)`` into x: (B, T, d/r) -> (B, T, d/r)."""
         g = torch.sigmoid(self.gates[i] / self.side.gate_T)  # scalar
-        h = _state(hiddens, i + 1, self.d, self.stream)  # (B, T, d)
+        h = stream_state(hiddens, i + 1, self.d, self.stream)  # (B, T, d)
         return g * x + (1 - g) * ladder_linear(self.down[str(i)], self.ladder_drop(h))
 
     def before_block(self, x: Tensor, i: int, hiddens: Mapping[int, Tensor]) -> Tensor:

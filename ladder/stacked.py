@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ladder.attention import attention, drop_rate, dropout, keep_mask, mask_bias
 from ladder.causal import CausalSideNetwork, rotary_tables, rotate_half
+from ladder.ladders import stream_state
 from ladder.shared import RMSNorm
 from ladder.side import EncoderSideNetwork
 from ladder.vision import VisualSideNetwork
@@ -229,6 +230,28 @@ class StackedSide:
     ) -> Tensor:
         raise NotImplementedError
 
+    def _side_input(
+        self, hiddens: Mapping[int, Tensor], gens: Sequence[torch.Generator] | None
+    ) -> Tensor:
+        """State 0 through every network's ``first_down`` (its dropout first): (K, B, T, d/r)."""
+        net = self.net0
+        h0 = stream_state(hiddens, 0, net.d, net.stream)
+        return self._ladder("first_down", h0, self.state_p[0], gens)
+
+    def _fuse(
+        self,
+        x: Tensor,
+        i: int,
+        hiddens: Mapping[int, Tensor],
+        gens: Sequence[torch.Generator] | None,
+    ) -> Tensor:
+        """Each network's gate on ``down_i(state i + 1)`` into x (K, B, T, d/r), as the
+        networks' ``Ladders.fuse``."""
+        net, K = self.net0, self.K
+        g = torch.sigmoid(self.params["gates"][:, i] / net.side.gate_T).view(K, 1, 1, 1)
+        h = stream_state(hiddens, i + 1, net.d, net.stream)
+        return g * x + (1 - g) * self._ladder(f"down.{i}", h, self.ladder_p[0], gens)
+
     def _stream(
         self,
         hiddens: Mapping[int, Tensor],
@@ -237,24 +260,14 @@ class StackedSide:
     ) -> Tensor:
         """The side stream (K, B, T, d/r) after the final norm: state 0 through ``first_down``,
         the kept blocks with their ladders (fusion "ladder"), or state L once ("late")."""
-        net, K = self.net0, self.K
-        from ladder.ladders import _state
-
-        h0 = _state(hiddens, 0, net.d, net.stream)
-        x = self._ladder("first_down", h0, self.state_p[0], gens)  # (K, B, T, d/r)
-        gate_T = net.side.gate_T
-
-        def fuse(x: Tensor, i: int) -> Tensor:
-            g = torch.sigmoid(self.params["gates"][:, i] / gate_T).view(K, 1, 1, 1)
-            h = _state(hiddens, i + 1, net.d, net.stream)
-            return g * x + (1 - g) * self._ladder(f"down.{i}", h, self.ladder_p[0], gens)
-
+        net = self.net0
+        x = self._side_input(hiddens, gens)  # (K, B, T, d/r)
         for i in net.kept:
             if net.fusion == "ladder":
-                x = fuse(x, i)
+                x = self._fuse(x, i, hiddens, gens)
             x = self._block(i, x, bias, gens)
         if net.fusion == "late":
-            x = fuse(x, net.n_layers - 1)
+            x = self._fuse(x, net.n_layers - 1, hiddens, gens)
         if net.final_ln is not None:
             x = self._norm("final_ln", x, net.final_ln)
         return x
@@ -356,12 +369,9 @@ class StackedVisualSide(StackedEncoderSide):
         batch of text alone (the blocks on the text, as the networks run it)."""
         if visual is None:
             return super().forward(hiddens, attention_mask, gens)
-        from ladder.ladders import _state
-
         net, K = self.net0, self.K
         B = attention_mask.shape[0]
-        h0 = _state(hiddens, 0, net.d, net.stream)
-        text = self._ladder("first_down", h0, self.state_p[0], gens)  # (K, B, T, d/r)
+        text = self._side_input(hiddens, gens)  # (K, B, T, d/r); first: the draws' order
         z = (visual.to(net.visual_mean.dtype) - net.visual_mean) / net.visual_std
         v = self._lin("visual_proj", z.unsqueeze(0).expand(K, *z.shape))  # (K, B, T_v, d/r)
         Tv, d = v.shape[2], v.shape[3]
@@ -373,23 +383,19 @@ class StackedVisualSide(StackedEncoderSide):
         ones = torch.ones(B, Tv, dtype=torch.bool, device=attention_mask.device)
         full = torch.cat([ones, attention_mask.bool()], 1)  # (B, T_v + T)
         bias = mask_bias(full[:, None, None, :].to(x.device), x.dtype).repeat(K, 1, 1, 1)
-        gate_T = net.side.gate_T
-
-        def fuse(xt: Tensor, i: int) -> Tensor:
-            g = torch.sigmoid(self.params["gates"][:, i] / gate_T).view(K, 1, 1, 1)
-            h = _state(hiddens, i + 1, net.d, net.stream)
-            return g * xt + (1 - g) * self._ladder(f"down.{i}", h, self.ladder_p[0], gens)
-
         for j, i in enumerate(net.kept):
             xv = x[:, :, :Tv]
             if net.visual_gates is not None and j > 0:
-                g = torch.sigmoid(self.params["visual_gates"][:, j - 1] / gate_T)
+                g = torch.sigmoid(self.params["visual_gates"][:, j - 1] / net.side.gate_T)
                 xv = g.view(K, 1, 1, 1) * xv + (1 - g.view(K, 1, 1, 1)) * v.to(xv.dtype)
             xt = x[:, :, Tv:]
-            x = torch.cat([xv, fuse(xt, i) if net.fusion == "ladder" else xt], 2)
+            x = torch.cat(
+                [xv, self._fuse(xt, i, hiddens, gens) if net.fusion == "ladder" else xt], 2
+            )
             x = self._block(i, x, bias, gens)
         if net.fusion == "late":
-            x = torch.cat([x[:, :, :Tv], fuse(x[:, :, Tv:], net.n_layers - 1)], 2)
+            late = self._fuse(x[:, :, Tv:], net.n_layers - 1, hiddens, gens)
+            x = torch.cat([x[:, :, :Tv], late], 2)
         if net.final_ln is not None:
             x = self._norm("final_ln", x, net.final_ln)
         if net.pool_last:
