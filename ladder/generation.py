@@ -86,15 +86,11 @@ def greedy_generate_t5(
     ``max_new_tokens``). input_ids, attention_mask: the backbone encoder's input [B, T] (long,
     bool); visual: the visual tokens [B, T_v, d_v]."""
     _check_t5(backbone, net, max_new_tokens)
-    net.eval()
-    device = backbone.device
-    enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    B = ids.shape[0]
-    start = backbone.config.decoder_start_token_id or 0
-    step = torch.full((B, 1), start, dtype=torch.long, device=device)  # [B, 1]: the new token
-    enc, enc_hidden = backbone.t5_encode(ids, mask, enc_layers)  # once
-    side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))  # once
+    mask, enc_hidden, side_enc, side_mask = _encode_t5(
+        backbone, net, input_ids, attention_mask, visual
+    )
+    dec_layers, B = net.needed_layers("dec"), mask.shape[0]
+    step = _start_tokens(backbone, B)  # [B, 1]: the new token
     past, prefix = None, {n: [] for n in dec_layers}  # the decoder's states, step by step
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
@@ -116,6 +112,29 @@ def greedy_generate_t5(
             break
         step = nxt[:, None]
     return out
+
+
+def _encode_t5(
+    backbone: Backbone,
+    net: VisualT5SideNetwork,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every decoding step reads, computed once (``net`` set to eval): the encoder mask on
+    the backbone's device, the backbone encoder's output, the side encoder's output and mask."""
+    net.eval()
+    device = backbone.device
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    enc, enc_hidden = backbone.t5_encode(ids, mask, net.needed_layers("enc"))
+    side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))
+    return mask, enc_hidden, side_enc, side_mask
+
+
+def _start_tokens(backbone: Backbone, rows: int) -> torch.Tensor:
+    """The decoder's first input: its start token in each of ``rows`` rows, [rows, 1]."""
+    start = backbone.config.decoder_start_token_id or 0
+    return torch.full((rows, 1), start, dtype=torch.long, device=backbone.device)
 
 
 def _check_t5(backbone: Backbone, net: VisualT5SideNetwork, max_new_tokens: int) -> None:
@@ -147,19 +166,12 @@ def beam_generate_t5(
     _check_t5(backbone, net, max_new_tokens)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise LadderError(f"num_beams is {num_beams!r}; allowed: an int >= 1")
-    net.eval()
     K, device = num_beams, backbone.device
-    enc_layers, dec_layers = net.needed_layers("enc"), net.needed_layers("dec")
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    B = ids.shape[0]
-    enc, enc_hidden = backbone.t5_encode(ids, mask, enc_layers)
-    side_enc, side_mask = net.encode_visual(enc, mask, visual.to(device))
+    encoded = _encode_t5(backbone, net, input_ids, attention_mask, visual)
+    dec_layers, B = net.needed_layers("dec"), encoded[0].shape[0]
     # every example's K beams are K rows in a row: [B * K, ...]
-    enc_hidden, mask_k, side_enc, side_mask = (
-        x.repeat_interleave(K, 0) for x in (enc_hidden, mask, side_enc, side_mask)
-    )
-    start = backbone.config.decoder_start_token_id or 0
-    step = torch.full((B * K, 1), start, dtype=torch.long, device=device)
+    mask_k, enc_hidden, side_enc, side_mask = (x.repeat_interleave(K, 0) for x in encoded)
+    step = _start_tokens(backbone, B * K)
     chosen = torch.zeros((B * K, 0), dtype=torch.long, device=device)  # each beam's tokens
     scores = torch.full((B, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # the K beams start as one: the first step expands beam 0 alone
@@ -204,16 +216,11 @@ def beam_generate_t5(
         scores, step = kept, keep_tok.reshape(-1, 1)
     out = []
     for b in range(B):
-        if not done[b]:  # out of tokens: the running beams are hypotheses too
-            n = chosen.shape[1]
+        if not done[b]:  # out of tokens: the running beams (max_new_tokens each) count too
             for k in range(K):
                 if scores[b, k] > -math.inf:
-                    finished[b].append(
-                        (
-                            scores[b, k].item() / max(n, 1) ** length_penalty,
-                            chosen[b * K + k].tolist(),
-                        )
-                    )
+                    score = scores[b, k].item() / max_new_tokens**length_penalty
+                    finished[b].append((score, chosen[b * K + k].tolist()))
         score, tokens = max(finished[b], key=lambda h: h[0])
         out.append((tokens, score))
     return out
