@@ -82,6 +82,15 @@ def vl_config(tmp_path: Path, vqa: Path, **overrides):
     return make_config(tmp_path, vqa, **{**base, **overrides})
 
 
+def vl_training_config(tmp_path: Path, vqa: Path, **train_side):
+    """:func:`vl_config` with tiny-clip images on a float32 cache, and a short stage two (2
+    epochs, batch 8, r = 4, random init) with ``train_side`` keys on top."""
+    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
+    short = {"epochs": 2, "batch_size": 8, "warmup_steps": 2, "reduction_factors": [4]}
+    over = {**short, "init": "random", **train_side}
+    return apply_overrides(cfg, {f"train_side.{k}": v for k, v in over.items()})
+
+
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory) -> Path:
     return write_vqa(tmp_path_factory.mktemp("vqa"))
@@ -200,17 +209,7 @@ def test_no_gradient_reaches_the_vision_encoder_or_the_backbone(vqa, tmp_path, e
 def test_cache_and_online_vl_lst_follow_the_same_trajectory(vqa, tmp_path, encoders):
     """float32 cache vs the live text backbone (dropout off), visual tokens from the cache in both."""
     backbone, vision = encoders
-    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
-    cfg = apply_overrides(
-        cfg,
-        {
-            "train_side.epochs": 2,
-            "train_side.batch_size": 8,
-            "train_side.warmup_steps": 2,
-            "train_side.reduction_factors": [4],
-            "train_side.init": "random",
-        },
-    )
+    cfg = vl_training_config(tmp_path, vqa)
     extract(cfg, backbone=backbone, vision=vision, progress=False)
     cached = train_side(cfg, run_name="cached", progress=False)
     online = train_side(
@@ -736,20 +735,13 @@ def test_stacked_vl_networks_match_training_each_alone(
     from ladder.stacked import StackedVisualSide
 
     backbone, vision = encoders
-    cfg = vl_config(tmp_path, vqa, **{"cache.dtype": "float32", "backbone.vision": "tiny-clip"})
-    cfg = apply_overrides(
-        cfg,
-        {
-            "train_side.epochs": 2,
-            "train_side.batch_size": 8,
-            "train_side.warmup_steps": 2,
-            "train_side.reduction_factors": [4],
-            "train_side.seeds": list(range(n_seeds)),
-            "train_side.init": "random",
-            "train_side.ladder_dropout": 0.2,
-            "train_side.class_weight": "balanced",
-            "train_side.visual_readout": readout,
-        },
+    cfg = vl_training_config(
+        tmp_path,
+        vqa,
+        seeds=list(range(n_seeds)),
+        ladder_dropout=0.2,
+        class_weight="balanced",
+        visual_readout=readout,
     )
     extract(cfg, backbone=backbone, vision=vision, progress=False)
     stacked_steps = []
