@@ -10,8 +10,9 @@ The body is an :class:`~ladder.side.EncoderSideNetwork` up to its pooled side st
 dense, tanh, out) with that task's number of labels, 1 = regression (MSE). The first task's head
 is the body's own, taken out of it, so a network of one task has the single-task network's
 weights, init draws and parameter names under ``heads.<task>``. Encoder-only backbones only (the
-BERT family, BART's encoder): T5 scores label strings with a shared LM head and the causal
-networks pool another way.
+BERT family, BART's encoder). A T5 task list needs no heads: every task is text to text through
+the frozen LM head, so its tasks share the whole T5 side network (``stages.multitask``); the
+causal networks pool another way.
 
 Vision-and-language tasks in the list (``visual=VisualSpec(...)``): the body is a
 :class:`~ladder.vision.VisualSideNetwork`; a batch of a VL task passes its visual tokens

@@ -589,7 +589,10 @@ class VisualT5SideNetwork(VisualInput, T5SideNetwork):
     ) -> tuple[Tensor, Tensor]:
         """The side encoder over ``[visual ; text]`` -> (output (B, T_v + T, d/r), mask
         (B, T_v + T), True on every visual position). enc_hiddens: {state: (B, T, d)};
-        enc_mask: (B, T); visual: (B, T_v, d_v)."""
+        enc_mask: (B, T); visual: (B, T_v, d_v). Without visual tokens (a text task of a
+        multi-task run) the same side encoder on the text alone: ``T5SideNetwork.encode``."""
+        if visual is None:
+            return self.encode(enc_hiddens, enc_mask)
         s = self.enc
         text = s.side_input(enc_hiddens)  # (B, T, d/r)
         v = self.visual_tokens(visual, s.drop)  # (B, T_v, d/r)
@@ -618,7 +621,8 @@ class VisualT5SideNetwork(VisualInput, T5SideNetwork):
         visual: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Teacher-forced pass -> (logits (B, T_dec, V), loss or None), as
-        ``T5SideNetwork.forward``; visual: (B, T_v, d_v) visual tokens (every one attended)."""
+        ``T5SideNetwork.forward``; visual: (B, T_v, d_v) visual tokens (every one attended), or
+        None for a text task of a multi-task run (:meth:`encode_visual`: the text alone)."""
         enc, mask = self.encode_visual(enc_hiddens, enc_mask, visual)  # (B, T_v + T, d/r)
         return self.decode(enc, mask, dec_hiddens, dec_mask, labels)
 

@@ -44,12 +44,10 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from cache_store import layout
 from cache_store.images import ImageTable
 from cache_store.reader import open_cache
 from ladder.backbones import Backbone, load_backbone
 from ladder.generation import beam_generate_t5, greedy_generate, greedy_generate_t5
-from ladder.multitask import MultiTaskSideNetwork
 from ladder.side import SideConfig, build_side_network
 from ladder.vision import (
     VisionEncoder,
@@ -62,7 +60,7 @@ from stages.batches import Batch
 from stages.config import BackboneConfig
 from stages.errors import StageError
 from stages.images import encode_images
-from stages.multitask import saved_network, task_of_list
+from stages.multitask import saved_network, select_task, task_of_list
 from stages.tasks import (
     Example,
     TaskConfig,
@@ -76,7 +74,13 @@ from stages.tasks import (
     t5_candidates,
 )
 from stages.tokens import Stream, end_token_id, pad, prompt_ids, tokenize_split
-from stages.train_side import batch_outputs, load_into, online_states, predictions_of
+from stages.train_side import (
+    batch_outputs,
+    load_into,
+    online_states,
+    predictions_of,
+    stream_layers,
+)
 
 
 def _read_json(path: Path) -> Any:
@@ -230,7 +234,7 @@ class Predictor:
         self.answer = side.label_tokens is not None  # a verbaliser: template fields-answer
         self.encoder: VisionEncoder | None = None  # the run's; ``vision``: the task's, if VL
         if self.multitask:
-            self.net: torch.nn.Module = saved_network(self.backbone.config, saved)
+            self.net: torch.nn.Module = saved_network(self.backbone.config, saved, lm_head)
             if self.backbone_cfg.vision is not None:
                 self.encoder = run_vision_encoder(self.backbone_cfg, saved, device)
         elif self.backbone_cfg.vision is not None:  # visual tokens before the text
@@ -247,20 +251,6 @@ class Predictor:
                 f"--num-beams {num_beams}: beam search decodes captions; task {self.spec.name!r} "
                 "is not captioning; allowed: 1"
             )
-        self.candidates = (
-            t5_candidates(self.spec)
-            if self.backbone.encoder_decoder and not self.spec.captioning
-            else None
-        )
-        layers = {"enc": self.net.needed_layers("enc")}
-        if self.candidates is not None:
-            layers.update(
-                {
-                    s: self.net.needed_layers("dec")
-                    for s in layout.cand_streams(len(self.candidates))
-                }
-            )
-        self.states = online_states(self.backbone, False, layers)
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -278,8 +268,16 @@ class Predictor:
         self.cache_key: str | None = record.get("cache")  # the cache it was trained from
         self.task = task_of_list(self.run_task, task) if self.multitask else self.run_task
         self.vision = self.encoder if self.spec.images or not self.multitask else None
-        if isinstance(self.net, MultiTaskSideNetwork):
-            self.net.select(task)
+        select_task(self.net, task)
+        # T5 scores the task's candidate label strings, each on its own decoder stream
+        self.candidates = (
+            t5_candidates(self.spec)
+            if self.backbone.encoder_decoder and not self.spec.captioning
+            else None
+        )
+        _, layers = stream_layers(self.net, self.spec, self.candidates)
+        layers.pop("dec", None)  # captions are generated, not teacher-forced
+        self.states = online_states(self.backbone, False, layers)
         return self
 
     def outputs(

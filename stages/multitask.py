@@ -6,15 +6,19 @@ Each task has its own committed cache (``pipeline run extract --task rte``, then
 resolved as a one-task run resolves its cache; all caches must come from the same backbone
 (weights, tokenizer, revision) and max length. The network (``ladder.multitask``) shares the
 ladders and side blocks and gives each task its own classification head (its own labels;
-regression allowed). Encoder-only backbones only.
+regression allowed). With a T5 backbone every task is text to text, so the tasks share the whole
+T5 side network, its frozen LM head included: classification tasks train on their verbalised
+label and are scored on their candidate label strings, captioning (``coco-caption``) on its
+captions, as in VL-Adapter's multi-task CLIP-T5 (``--task vqa,gqa,nlvr2,coco-caption``).
 
 Vision-and-language tasks mix in (``--task easy-vqa,sst2 --vision-encoder random-vit``): the
 body takes the VL tasks' visual tokens (``ladder.vision``) and runs text tasks on the text alone.
 The vision encoder (and its pooling) applies to the VL tasks of the list, whose caches must hold
 its features and the same number of images per example; their training images give the visual
 standardisation together. In a list that mixes text and VL tasks, ``--data-dir`` names the text
-tasks' data (a glue_data folder): the VL tasks' caches are matched on task, backbone, vision
-encoder and limit, as when stage two is given no data.
+tasks' data (a glue_data folder), and in a list of several VL tasks it names none (each has its
+own folder): the VL tasks' caches are then matched on task, backbone, vision encoder and limit,
+as when stage two is given no data.
 
 Task-mixed batches, as VL-Adapter's multi-task training samples a task per step: every batch
 comes from one task's loader, and an epoch is every batch of every task once, in an order drawn
@@ -22,7 +26,9 @@ from the run's seed and the epoch (a random interleaving in which each task keep
 steps, its number of batches). A run of one task is the single-task run, step for step.
 
 Each epoch reports every task's metric on its validation split and their unweighted average; the
-best checkpoint is the best average, and every task is scored on its test split at the end. The
+best checkpoint is the best average, and every task is scored on its test split at the end
+(captioning's score is minus its teacher-forced caption loss, as in a one-task run: CIDEr needs
+the live backbone, ``pipeline evaluate``). The
 run folder, checkpoints, resume, progress bar, tracker and ``--json`` follow ``train_side``: the
 helpers are its own, and a killed run resumes from each network's last finished epoch.
 """
@@ -47,9 +53,15 @@ from tqdm import tqdm
 from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache
+from ladder.families import T5_TYPES
 from ladder.multitask import MultiTaskSideNetwork, VisualSpec
-from ladder.side import SideConfig
-from ladder.vision import VisualSideNetwork, saved_visual_fusion, saved_visual_readout
+from ladder.side import SideConfig, build_side_network
+from ladder.vision import (
+    VisualInput,
+    build_visual_side_network,
+    saved_visual_fusion,
+    saved_visual_readout,
+)
 from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
@@ -66,11 +78,13 @@ from stages.train_side import (
     Trial,
     TrialState,
     backbone_config_of,
+    build_trial,
     cached_states,
     check_trials,
     class_weight_of,
     curves_figure,
     evaluate,
+    frozen_lm_head,
     load_into,
     load_side_init,
     majority_class,
@@ -82,8 +96,11 @@ from stages.train_side import (
     run_signature,
     save_best_weights,
     save_checkpoint,
+    score_name,
     side_config,
     split_outputs,
+    split_targets,
+    stream_layers,
     task_spec_of,
     task_spec_record,
     train_step,
@@ -105,10 +122,12 @@ def task_config(cfg: StageConfig, task: str) -> StageConfig:
 
 
 def task_of_list(tasks: TaskConfig, task: str) -> TaskConfig:
-    """``task:`` for one task of its list: in a list mixing text and VL tasks, a VL task
-    without ``data_dir`` (it names the text tasks' data)."""
+    """``task:`` for one task of its list: in a list mixing text and VL tasks (``data_dir``
+    names the text tasks' data) or holding several VL tasks (each has its own folder), a VL task
+    without ``data_dir``."""
     update: dict[str, Any] = {"name": task}
-    if task in VL_TASKS and any(t not in VL_TASKS for t in tasks.names):
+    vl = [t for t in tasks.names if t in VL_TASKS]
+    if task in VL_TASKS and len(tasks.names) > 1 and (len(vl) > 1 or len(vl) < len(tasks.names)):
         update["data_dir"] = None
     return tasks.model_copy(update=update)
 
@@ -130,10 +149,13 @@ def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, Committ
 
     def identity(c: CommittedCache) -> dict[str, Any]:
         inputs = c.manifest.get("key_inputs", {})
+        template = str(inputs.get("template"))
         return {
             "backbone": inputs.get("backbone", c.manifest["backbone"]["name"]),
             "max length": inputs.get("max_length"),
-            "template": inputs.get("template"),
+            # T5's captioning template feeds the encoder a prompt and the decoder the caption,
+            # the classification prefix template the fields and the label: both text to text
+            "template": template.replace("t5-caption-", "t5-prefix-"),
         }
 
     want = identity(caches[first])
@@ -170,14 +192,27 @@ def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, T
     specs = {}
     for t, cache in caches.items():
         spec = task_spec_of(cache)
-        check_trainable(spec, multitask=True)
-        if cache.manifest["task"].get("candidates") is not None:
-            raise StageError(
-                f"cache {cache.key} scores label strings (T5); allowed in a task list: caches of "
-                "an encoder-only backbone (BERT family, BART's encoder, minilm-l6)"
-            )
+        family = cache.manifest["backbone"].get("family")
+        check_trainable(spec, family, visual_of(task_config(cfg, t), cache) is not None)
         specs[t] = spec
     return specs
+
+
+def is_t5(backbone_config: Any) -> bool:
+    """Whether a task list's network is the T5 side network the tasks share whole (text to
+    text), not a shared body with a head per task."""
+    return getattr(backbone_config, "model_type", None) in T5_TYPES
+
+
+def select_task(net: torch.nn.Module, task: str) -> torch.nn.Module:
+    """The network as ``task`` uses it: a multi-task body with that task's head; a T5 side
+    network, which every task shares whole, as it is."""
+    return net.select(task) if isinstance(net, MultiTaskSideNetwork) else net
+
+
+def candidates_of(cache: CommittedCache) -> list[str] | None:
+    """The label strings a T5 cache scores (its task's candidates), else None."""
+    return cache.manifest["task"].get("candidates")
 
 
 def epochs_of_tasks(cfg: StageConfig, tasks: list[str]) -> int:
@@ -217,11 +252,17 @@ def build_multitask_trial(
     total_steps: int,
 ) -> TrialState:
     """A seeded multi-task side network, initialised as asked (side_init from the first task's
-    cache: magnitude is every task's, Fisher the first task's), its AdamW and schedule."""
+    cache: magnitude is every task's, Fisher the first task's), its AdamW and schedule. T5: the
+    one-task network (``train_side.build_trial``) of the first task, reading the VL tasks'
+    visual tokens."""
     first = next(iter(caches))
+    vl = visual_caches(cfg, caches)
+    if is_t5(bcfg):
+        return build_trial(
+            cfg, caches[first], bcfg, specs[first], trial, total_steps, list(vl.values())
+        )
     torch.manual_seed(trial.seed)
     labels = {t: s.num_labels for t, s in specs.items()}
-    vl = visual_caches(cfg, caches)
     visual = None
     if vl:
         some = next(iter(vl.values()))
@@ -236,18 +277,29 @@ def build_multitask_trial(
     return trial_state(cfg, net, trial, total_steps)
 
 
-def saved_network(backbone_config: Any, saved: dict[str, Any]) -> MultiTaskSideNetwork:
+def saved_network(
+    backbone_config: Any, saved: dict[str, Any], lm_head: torch.Tensor | None = None
+) -> torch.nn.Module:
     """The multi-task network a ``<net>.config.json`` describes (:meth:`MultiTaskRun.save_best`),
     unloaded: the body its ``side`` (and ``visual``) rebuild, a head per task of ``tasks`` with
-    that task's labels, in the run's task order (the first head is the body's own)."""
-    labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
+    that task's labels, in the run's task order (the first head is the body's own). T5: the
+    side network the tasks share, with ``lm_head`` (the frozen [V, d] LM head)."""
+    side = SideConfig(**saved["side"])
     v = saved.get("visual")
+    if is_t5(backbone_config):
+        if v is None:
+            return build_side_network(backbone_config, side, lm_head)
+        fusion = saved_visual_fusion(v)
+        return build_visual_side_network(
+            backbone_config, side, v["d"], v["n_images"], fusion, lm_head
+        )
+    labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
     visual = (
         None
         if v is None
         else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
     )
-    return MultiTaskSideNetwork(backbone_config, SideConfig(**saved["side"]), labels, visual)
+    return MultiTaskSideNetwork(backbone_config, side, labels, visual)
 
 
 def cached_task_outputs(
@@ -259,10 +311,10 @@ def cached_task_outputs(
     saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
     task_cfg = task_config(cfg, task)
     cache = resolve_cache(task_cfg, saved["tasks"][task]["cache"])
-    net = saved_network(backbone_config_of(cache), saved)
+    net = saved_network(backbone_config_of(cache), saved, frozen_lm_head(cache))
     best = Path(folder) / f"{name}.best.safetensors"
     load_into(net, load_file(str(best)), str(best))
-    return split_outputs(task_cfg, net.select(task), cache, split)
+    return split_outputs(task_cfg, select_task(net, task), cache, split, candidates_of(cache))
 
 
 def visual_caches(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, CommittedCache]:
@@ -321,9 +373,10 @@ def train_multitask_run(
     runs = [build_multitask_trial(cfg, caches, bcfg, specs, tr, total_steps) for tr in trials]
     for ts in runs:
         for task, weight in class_weights.items():
-            if weight is not None:
+            if weight is not None:  # T5 label scoring refuses class weights (class_weight_of)
                 ts.net.heads[task].set_class_weight(weight)
-    layers = {"enc": runs[0].net.needed_layers("enc")}
+    # the streams each task's loaders read: (training, evaluation)
+    layers = {t: stream_layers(runs[0].net, specs[t], candidates_of(c)) for t, c in caches.items()}
     keys = [c.key for c in caches.values()]
     signature = {
         **run_signature(cfg, "+".join(keys), None),
@@ -338,12 +391,12 @@ def train_multitask_run(
     with_images = visual_caches(cfg, caches)
     tables = {c.key: ImageTable(c, budget) for c in with_images.values()}  # shared by the splits
 
-    def loader(cache: CommittedCache, split: str) -> CacheLoader:
-        train = split == "train"
+    def loader(task: str, split: str) -> CacheLoader:
+        train, cache = split == "train", caches[task]
         return CacheLoader(
             cache,
             split,
-            layers,
+            layers[task][0 if train else 1],
             batch_size=t.batch_size if train else t.batch_size * 2,
             shuffle=train,
             seed=seed0,
@@ -352,7 +405,7 @@ def train_multitask_run(
             widen=train,  # multi-task runs train on the CPU
         )
 
-    loaders = {s: {k: loader(c, s) for k, c in caches.items()} for s in ("train", "validation")}
+    loaders = {s: {t: loader(t, s) for t in caches} for s in ("train", "validation")}
     start, tracker, say = open_run(cfg, folder, runs, epochs, total_steps, progress, echo)
     run = MultiTaskRun(cfg, folder, caches, specs, loaders, epochs, tracker, say)
     try:
@@ -361,9 +414,10 @@ def train_multitask_run(
         for ts in scored:  # the best checkpoint of each network, scored on every test split
             best = folder / f"{ts.trial.name}.best.safetensors"
             load_into(ts.net, load_file(str(best)), str(best))
-        tests = {k: loader(c, "test") for k, c in caches.items()}
+        tests = {t: loader(t, "test") for t in caches}
         final = {
-            ts.trial.name: sc for ts, sc in zip(scored, run.scores(scored, tests), strict=True)
+            ts.trial.name: sc
+            for ts, sc in zip(scored, run.scores(scored, tests, "test"), strict=True)
         }
     except DiskFull as e:
         raise StageError(
@@ -410,17 +464,26 @@ class MultiTaskRun:
         self.seed = cfg.train_side.seeds[0]  # the loaders' and the task order's: the run's seed
 
     def scores(
-        self, runs: list[TrialState], loaders: dict[str, CacheLoader]
+        self, runs: list[TrialState], loaders: dict[str, CacheLoader], split: str
     ) -> list[dict[str, Any]]:
-        """Per network: every task's metrics on one split each, and their average as ``score``;
-        one pass over each task's loader for all the networks."""
+        """Per network: every task's metrics on ``split`` (its loader), and their average as
+        ``score``; one pass over each task's loader for all the networks. Tasks scored by the
+        VQA score use the split's scored answers, as a one-task run."""
         if not runs:
             return []
         out: list[dict[str, Any]] = [{} for _ in runs]
         for task, ld in loaders.items():
             for ts in runs:
-                ts.net.select(task)  # type: ignore[operator]
-            got = evaluate(runs, ld, cached_states, self.specs[task], None)
+                select_task(ts.net, task)
+            cache = self.caches[task]
+            got = evaluate(
+                runs,
+                ld,
+                cached_states,
+                self.specs[task],
+                candidates_of(cache),
+                targets=split_targets(cache, split),
+            )
             for o, sc in zip(out, got, strict=True):
                 o[task] = sc
         for o in out:
@@ -452,7 +515,7 @@ class MultiTaskRun:
                         if ts.stopped is not None:
                             continue
                         lr = ts.opt.param_groups[0]["lr"]  # the rate this step uses
-                        ts.net.select(task)  # type: ignore[operator]
+                        select_task(ts.net, task)
                         c0 = time.perf_counter()
                         loss = train_step(ts, batch, cached_states, max_norm)
                         ts.compute_s += time.perf_counter() - c0
@@ -474,7 +537,7 @@ class MultiTaskRun:
                     bar.update(1)
             epoch_s = time.perf_counter() - t0
             going = [ts for ts in active if ts.stopped is None]
-            scores = self.scores(going, self.val_loaders)
+            scores = self.scores(going, self.val_loaders, "validation")
             val = {ts.trial.name: sc for ts, sc in zip(going, scores, strict=True)}
             for ts in active:
                 name = ts.trial.name
@@ -532,7 +595,7 @@ class MultiTaskRun:
             return f"{head}  stopped: {ts.stopped}"
         h = ts.history[-1]
         per = "  ".join(
-            f"{t} {self.specs[t].metric} {v['validation']['score']:.1f}"
+            f"{t} {score_name(self.specs[t])} {v['validation']['score']:.1f}"
             for t, v in h["tasks"].items()
         )
         return (
@@ -545,7 +608,7 @@ class MultiTaskRun:
         folder, name = self.folder, ts.trial.name
         save_best_weights(folder, ts)
         first = self.caches[next(iter(self.caches))]
-        body = ts.net.body  # type: ignore[union-attr]
+        body = getattr(ts.net, "body", ts.net)  # T5: the shared network is the body
         write_json_atomic(
             folder / f"{name}.config.json",
             {
@@ -561,7 +624,7 @@ class MultiTaskRun:
                 },
                 "backbone": first.manifest["backbone"]["name"],
                 "epoch": ts.best_epoch,
-                **({"visual": visual_config(body)} if isinstance(body, VisualSideNetwork) else {}),
+                **({"visual": visual_config(body)} if isinstance(body, VisualInput) else {}),
             },
         )
 
@@ -574,7 +637,7 @@ class MultiTaskRun:
             "tasks": {
                 t: {
                     "cache": c.key,
-                    "metric": self.specs[t].metric,
+                    "metric": score_name(self.specs[t]),
                     **(
                         {"majority_class": m}
                         if (m := majority_class(c, self.specs[t])) is not None

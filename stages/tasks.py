@@ -392,21 +392,13 @@ def _second(images: tuple[str, ...]) -> str | None:
     return images[1] if len(images) > 1 else None
 
 
-def check_trainable(
-    spec: TaskSpec, family: str | None = None, vision: bool = False, multitask: bool = False
-) -> None:
+def check_trainable(spec: TaskSpec, family: str | None = None, vision: bool = False) -> None:
     """Stage two refuses a task it cannot train: one marked extract-only; captioning on a cache
-    that is not a T5 backbone's (``family``) with image features (``vision``), or in a task
-    list (``multitask``)."""
+    that is not a T5 backbone's (``family``) with image features (``vision``)."""
     if not spec.trainable:
         raise StageError(f"task {spec.name!r} is extract-only; allowed: another task")
     if not spec.captioning:
         return
-    if multitask:
-        raise StageError(
-            f"task {spec.name!r} trains alone (its side network generates captions); allowed in "
-            "a task list: classification tasks"
-        )
     if family != "t5":
         raise StageError(
             f"captioning ({spec.name!r}) needs a T5 backbone (its side decoder generates the "

@@ -437,6 +437,13 @@ def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def frozen_lm_head(cache: CommittedCache) -> torch.Tensor | None:
+    """The backbone's frozen LM head [V, d] the cache stores (T5, verbalisers), else None."""
+    if "lm_head" not in cache.manifest.get("frozen", []):
+        return None
+    return torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
+
+
 def build_trial(
     cfg: StageConfig,
     cache: CommittedCache,
@@ -444,30 +451,54 @@ def build_trial(
     spec: TaskSpec,
     trial: Trial,
     total_steps: int,
+    images: Sequence[CommittedCache] | None = None,
 ) -> TrialState:
-    """A side network (seeded, initialised as asked), its AdamW and linear warm-up schedule."""
+    """A side network (seeded, initialised as asked), its AdamW and linear warm-up schedule.
+
+    ``images``: the caches whose image features the network reads, and standardises its visual
+    tokens with (default: ``cache``, if the run reads its images; a T5 task list: its VL tasks').
+    """
     torch.manual_seed(trial.seed)
-    lm_head = None
-    if "lm_head" in cache.manifest.get("frozen", []):
-        lm_head = torch.from_numpy(np.asarray(cache.array(layout.frozen_path("lm_head"))[...]))
-    visual = visual_of(cfg, cache)
-    if visual is not None:  # visual tokens before the text (ladder.vision)
+    lm_head = frozen_lm_head(cache)
+    if images is None:
+        images = [cache] if visual_of(cfg, cache) is not None else []
+    if images:  # visual tokens before the text (ladder.vision)
+        visual = visual_of(cfg, images[0])
+        assert visual is not None
         side = side_config(cfg, trial.r, spec, cache)
         net = build_visual_side_network(
             bcfg,
             side,
             visual["d"],
-            images_per_example(cache),
+            images_per_example(images[0]),
             cfg.train_side.visual_fusion,
             lm_head,  # T5: the frozen LM head
             visual_readout=cfg.train_side.visual_readout,
         )
-        net.set_visual_stats(*train_visual_stats(cache))
+        net.set_visual_stats(*train_visual_stats(*images))
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
+
+
+def stream_layers(
+    net: torch.nn.Module, spec: TaskSpec, candidates: Sequence[str] | None
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The backbone states a network reads from a task's cache, per stream: (training,
+    evaluation). ``enc`` always; T5 trains on the ``dec`` stream (the verbalised target or the
+    caption) and scores each candidate label string on its own stream; captioning validates on
+    the teacher-forced caption loss (``dec``)."""
+    train = {"enc": net.needed_layers("enc")}
+    if candidates is not None or spec.captioning:
+        train["dec"] = net.needed_layers("dec")
+    evaluation = {"enc": train["enc"]}
+    if candidates is not None:
+        evaluation.update({s: train["dec"] for s in layout.cand_streams(len(candidates))})
+    if spec.captioning:
+        evaluation["dec"] = train["dec"]
+    return train, evaluation
 
 
 def train_visual_stats(*caches: CommittedCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1250,14 +1281,7 @@ def train_side(
     if class_weight is not None:  # T5 networks have no classification head to weigh
         for ts in runs:
             ts.net.set_class_weight(class_weight)
-    layers = {"enc": runs[0].net.needed_layers("enc")}
-    if candidates is not None or spec.captioning:
-        layers["dec"] = runs[0].net.needed_layers("dec")
-    eval_layers = {"enc": layers["enc"]}
-    if candidates is not None:
-        eval_layers.update({s: layers["dec"] for s in layout.cand_streams(len(candidates))})
-    if spec.captioning:  # validation: the teacher-forced caption loss on the "dec" stream
-        eval_layers["dec"] = layers["dec"]
+    layers, eval_layers = stream_layers(runs[0].net, spec, candidates)
     mode = None if online is None else ("online-dropout" if online_dropout else "online-eval")
     private = bool(cfg.cache.storage_options)  # a saved config may hint at credentials
     folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name, private=private)
@@ -1494,6 +1518,13 @@ def _units(active: list[TrialState], groups: dict[str, int]) -> list[Any]:
     return [StackedGroup(u) if isinstance(u, list) else u for u in units]
 
 
+def score_name(spec: TaskSpec) -> str:
+    """What a network's ``score`` holds for a task, from the cache: its metric, except
+    captioning's, whose score is minus the teacher-forced caption loss (CIDEr needs generated
+    captions, hence the live backbone: ``pipeline evaluate``)."""
+    return "-caption_loss" if spec.captioning else spec.metric
+
+
 def epoch_line(
     ts: TrialState, epoch: int, epochs: int, spec: TaskSpec, seconds: float, losses: list[float]
 ) -> str:
@@ -1568,8 +1599,7 @@ def _write_metrics(
         "cache": cache.key,
         "task": spec.name,
         "metric": spec.metric,
-        # captioning: train-side's figures are the caption loss, its "score" the negative loss
-        **({"score": "-caption_loss"} if spec.captioning else {}),
+        **({"score": score_name(spec)} if spec.captioning else {}),
         **({"majority_class": majority} if majority is not None else {}),
         "networks": {ts.trial.name: network_metrics(ts, final, majority) for ts in runs},
     }
@@ -1703,8 +1733,7 @@ def plot_curves(path: Path, metrics: dict[str, Any], spec: TaskSpec) -> Path:
     import matplotlib.pyplot as plt
 
     majority = (metrics.get("majority_class") or {}).get("score")
-    metric = "-caption_loss" if spec.captioning else spec.metric  # what "score" holds
-    fig = curves_figure(metrics["networks"], spec.name, metric, majority)
+    fig = curves_figure(metrics["networks"], spec.name, score_name(spec), majority)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
     return path

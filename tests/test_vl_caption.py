@@ -158,8 +158,6 @@ def test_captioning_needs_t5_and_images():
         check_trainable(spec, "bert", True)
     with pytest.raises(StageError, match="needs image features"):
         check_trainable(spec, "t5", False)
-    with pytest.raises(StageError, match="trains alone"):
-        check_trainable(spec, "t5", True, multitask=True)
 
 
 def test_train_side_refuses_a_caption_cache_of_the_old_template(caption_run, monkeypatch):

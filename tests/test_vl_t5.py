@@ -12,7 +12,7 @@ import torch
 from transformers import T5Config
 
 from ladder.errors import LadderError
-from ladder.side import SideConfig
+from ladder.side import SideConfig, T5SideNetwork
 from ladder.vision import VisualT5SideNetwork, build_visual_side_network
 from pipeline.config import apply_overrides
 from stages.extract import extract
@@ -111,8 +111,12 @@ def test_t5_visual_network_depends_on_the_image_and_no_gradient_reaches_the_enco
     # candidate 0 is the target: its score is the teacher-forced log-likelihood of the target
     logp = same.float().log_softmax(-1).gather(-1, target[..., None]).squeeze(-1)
     torch.testing.assert_close(scores[:, 0], logp.sum(-1))
-    with pytest.raises(LadderError, match=r"VisualT5SideNetwork needs visual tokens"):
-        net(enc, mask, dec, None, target)
+    # without visual tokens (a text task of a multi-task run): the side network on the text alone
+    with torch.no_grad():
+        text_alone, _ = net(enc, mask, dec, None, target)
+        plain, _ = T5SideNetwork.forward(net, enc, mask, dec, None, target)
+    torch.testing.assert_close(text_alone, plain, rtol=0, atol=0)
+    assert not torch.allclose(text_alone, same)
     with pytest.raises(LadderError, match=r"with visual tokens needs lm_head"):
         build_visual_side_network(backbone.config, SideConfig(reduction_factor=4), 32)
 
