@@ -24,6 +24,7 @@ from stages.train_side import predictions_of, train_side
 from tests.conftest import make_config, tiny_t5
 from tests.test_vl import tiny_clip, write_vqa
 from tests.test_vl_caption import write_captions
+from tests.test_vl_data import write_vqa as write_vqa_v2
 
 TRAIN = {
     "train_side.epochs": 2,
@@ -37,12 +38,13 @@ TRAIN = {
 
 @pytest.fixture(scope="module")
 def t5_caches(tmp_path_factory, glue_dir, minilm_tokenizer):
-    """float32 caches of one tiny T5 (magnitude side_init at r = 4): easy-VQA and COCO captions
-    with a tiny CLIP's image features, and RTE (text)."""
+    """float32 caches of one tiny T5 (magnitude side_init at r = 4): easy-VQA, VQA v2 (VL-T5's
+    format) and COCO captions with a tiny CLIP's image features, and RTE (text)."""
     tmp = tmp_path_factory.mktemp("mt-t5")
     backbone, vision = tiny_t5(minilm_tokenizer), tiny_clip()
     data = {
         "easy-vqa": write_vqa(tmp / "vqa", n_train=10, n_test=3, per_image=3),
+        "vqa": write_vqa_v2(tmp / "vqa-v2"),  # scored answers: the VQA score
         "coco-caption": write_captions(tmp / "coco"),
         "rte": glue_dir,
     }
@@ -74,11 +76,11 @@ def _cfg(c, tmp_path, tasks: str, **extra):
     return apply_overrides(cfg, {**TRAIN, "train_side.run_dir": str(tmp_path / "runs"), **extra})
 
 
-@pytest.mark.parametrize("task", ["easy-vqa", "coco-caption"])
+@pytest.mark.parametrize("task", ["easy-vqa", "vqa", "coco-caption"])
 def test_one_t5_task_is_the_single_task_run(t5_caches, tmp_path, task):
     """A list of one T5 task trains the one-task network step for step (same seed, batches,
-    init, RNG stream, dropout on) and scores it the same: VQA on its candidate answers,
-    captioning on its teacher-forced caption loss."""
+    init, RNG stream, dropout on) and scores it the same: VQA on its candidate answers (VQA v2
+    with the VQA score of its scored answers), captioning on its teacher-forced caption loss."""
     cfg = _cfg(t5_caches, tmp_path, task)
     single = train_side(cfg, run_name="single", progress=False, echo=False)
     multi = train_multitask_run(cfg, run_name="multi", progress=False, echo=False)
