@@ -168,3 +168,22 @@ def strip_timing(obj):
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj
+
+
+def assert_one_task_run_is_the_single(single, multi, task: str) -> None:
+    """A task list of one task (``multi``) trained the one-task run (``single``) step for step:
+    the same losses (1e-6), validation figures every epoch, best epoch and test figures."""
+    import torch
+
+    for name, a in single.metrics["networks"].items():
+        b = multi.metrics["networks"][name]
+        torch.testing.assert_close(
+            torch.tensor([h["train_loss"] for h in b["epochs"]], dtype=torch.float64),
+            torch.tensor([h["train_loss"] for h in a["epochs"]], dtype=torch.float64),
+            rtol=0,
+            atol=1e-6,
+        )
+        assert [h["tasks"][task]["validation"] for h in b["epochs"]] == [
+            h["validation"] for h in a["epochs"]
+        ]
+        assert b["test"][task] == a["test"] and b["best_epoch"] == a["best_epoch"]

@@ -13,7 +13,7 @@ from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.multitask import task_order, train_multitask_run
 from stages.train_side import train_side
-from tests.conftest import make_config, strip_timing, tiny_bert
+from tests.conftest import assert_one_task_run_is_the_single, make_config, strip_timing, tiny_bert
 
 TRAIN = {
     "train_side.epochs": 2,
@@ -97,18 +97,7 @@ def test_one_task_is_the_single_task_run(caches, tmp_path, class_weight):
     cfg = _cfg(caches, tmp_path, "rte", **extra)
     single = train_side(cfg, run_name="single", progress=False, echo=False)
     multi = train_multitask_run(cfg, run_name="multi", progress=False, echo=False)
-    a = single.metrics["networks"]["r4-s0-lr0.003"]
-    b = multi.metrics["networks"]["r4-s0-lr0.003"]
-    torch.testing.assert_close(
-        torch.tensor([h["train_loss"] for h in b["epochs"]], dtype=torch.float64),
-        torch.tensor([h["train_loss"] for h in a["epochs"]], dtype=torch.float64),
-        rtol=0,
-        atol=1e-6,
-    )
-    assert [h["tasks"]["rte"]["validation"] for h in b["epochs"]] == [
-        h["validation"] for h in a["epochs"]
-    ]
-    assert b["test"]["rte"] == a["test"] and b["best_epoch"] == a["best_epoch"]
+    assert_one_task_run_is_the_single(single, multi, "rte")
 
 
 def test_task_order_mixes_tasks_in_proportion_and_depends_on_seed_and_epoch():

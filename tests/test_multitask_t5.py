@@ -11,7 +11,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from cache_store.reader import open_cache
@@ -21,7 +20,7 @@ from stages.extract import extract
 from stages.multitask import cached_task_outputs, candidates_of, train_multitask_run
 from stages.tasks import compute_metrics, load_task_of
 from stages.train_side import predictions_of, train_side
-from tests.conftest import make_config, tiny_t5
+from tests.conftest import assert_one_task_run_is_the_single, make_config, tiny_t5
 from tests.test_vl import tiny_clip, write_vqa
 from tests.test_vl_caption import write_captions
 from tests.test_vl_data import write_vqa as write_vqa_v2
@@ -84,18 +83,7 @@ def test_one_t5_task_is_the_single_task_run(t5_caches, tmp_path, task):
     cfg = _cfg(t5_caches, tmp_path, task)
     single = train_side(cfg, run_name="single", progress=False, echo=False)
     multi = train_multitask_run(cfg, run_name="multi", progress=False, echo=False)
-    a = single.metrics["networks"]["r4-s0-lr0.003"]
-    b = multi.metrics["networks"]["r4-s0-lr0.003"]
-    torch.testing.assert_close(
-        torch.tensor([h["train_loss"] for h in b["epochs"]], dtype=torch.float64),
-        torch.tensor([h["train_loss"] for h in a["epochs"]], dtype=torch.float64),
-        rtol=0,
-        atol=1e-6,
-    )
-    assert [h["tasks"][task]["validation"] for h in b["epochs"]] == [
-        h["validation"] for h in a["epochs"]
-    ]
-    assert b["test"][task] == a["test"] and b["best_epoch"] == a["best_epoch"]
+    assert_one_task_run_is_the_single(single, multi, task)
 
 
 def test_vl_tasks_and_a_text_task_share_one_t5_network(t5_caches, tmp_path, monkeypatch, capsys):
