@@ -269,3 +269,32 @@ def mask_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         ~mask.bool(), torch.finfo(dtype).min
     )
+
+
+class SideKVCache:
+    """A side network's keys and values of the tokens seen so far (incremental decoding):
+    ``blocks`` per kept block its attention's cached tensors, and ``length``, the tokens seen.
+
+    The causal side network keeps ``{"k", "v"}`` (B, nkv, T, hd/r) after rotary per block; the
+    T5 side decoder ``{"sa": {"k", "v"}, "ca": {"k", "v"}}``: its self-attention's, which grow
+    by the new tokens each step, and its cross-attention's over the side encoder's output,
+    computed at the first step.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.length = 0
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep the rows ``rows`` (B_new,) of every cached tensor, in that order (beam search:
+        the beams kept)."""
+
+        def pick(d: dict[str, Any]) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    pick(v)
+                else:
+                    d[k] = v.index_select(0, rows.to(v.device))
+
+        for block in self.blocks.values():
+            pick(block)

@@ -35,8 +35,8 @@ non-persistent buffer: never trained, never saved; stage one stores it in the ca
 ``frozen/lm_head``, for tied embeddings ``embed_tokens``' weight), as ``LlamaForCausalLM``: the
 logits at position t predict token t + 1, and the loss is the cross-entropy on the positions
 whose label is not -100 (the answer tokens). :meth:`CausalSideNetwork.decode` runs new tokens
-only, against a :class:`SideKVCache` of every kept block's keys and values (rotary at the
-positions after the cached ones), for greedy generation (``ladder.generation``).
+only, against a :class:`~ladder.attention.SideKVCache` of every kept block's keys and values
+(rotary at the positions after the cached ones), for greedy generation (``ladder.generation``).
 
 Head "lm" with ``SideConfig(label_tokens=...)`` (a verbaliser, classification): the side stream
 is read at the last real token, as the "cls" head reads it, then goes through ``up`` and the
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from ladder.attention import Dropout, attention, mask_bias
+from ladder.attention import Dropout, SideKVCache, attention, mask_bias
 from ladder.errors import LadderError
 from ladder.families import Dims
 from ladder.ladders import Ladders
@@ -191,15 +191,6 @@ class CausalSideBlock(nn.Module):
         if self.gated:
             return self.down(self.act(self.gate(h)) * self.up(h))
         return self.down(self.act(self.up(h)))
-
-
-class SideKVCache:
-    """The side network's keys and values of the tokens seen so far (incremental decoding):
-    per kept block ``{"k", "v"}`` (B, nkv, T, hd/r) after rotary, and ``length`` = T."""
-
-    def __init__(self) -> None:
-        self.blocks: dict[int, dict[str, Tensor]] = {}
-        self.length = 0
 
 
 class CausalSideNetwork(ClassifierHead, Ladders):

@@ -15,15 +15,16 @@ One sequence at a time: with no padding, every position is the one stage one saw
 Captioning with a T5 backbone (:func:`greedy_generate_t5`): the side network is a
 ``VisualT5SideNetwork`` (visual tokens in its encoder, frozen LM head). The backbone's encoder and
 the side encoder run once. Each step feeds the token just chosen to the backbone's decoder with
-its own KV cache (``Backbone.t5_decode_states``), appends the states at that position to the
-prefix's (a causal decoder's earlier states do not change), runs the side decoder over the
-prefix's states, and takes the argmax of the LM head at the last position alone: what teacher
-forcing on the generated prefix computes. Only the side decoder, 1/r of the backbone's width, is
-re-run over the prefix. A batch decodes in lockstep: every row's prefix has the same length, so
-there is no padding; a row that has emitted EOS is done, the rest go on.
+its own KV cache (``Backbone.t5_decode_states``), and the states at that position to the side
+decoder with its own (``T5SideNetwork.decode(..., cache=)``: per kept block the self-attention's
+keys and values of the prefix, and the cross-attention's over the side encoder's output,
+computed at the first step), and takes the argmax of the LM head at that position: what teacher
+forcing on the generated prefix computes, since a causal decoder's earlier positions do not
+change. A batch decodes in lockstep: every row's prefix has the same length, so there is no
+padding; a row that has emitted EOS is done, the rest go on.
 
 Beam search (:func:`beam_generate_t5`, as VL-T5 evaluates captions): the same steps on
-``num_beams`` rows per example, the backbone's KV cache and the prefix's states reordered to the
+``num_beams`` rows per example, the backbone's and the side decoder's KV caches reordered to the
 beams kept each step, and hypotheses ranked by their summed log-probability over the tokens
 chosen (EOS included) divided by their number to the power ``length_penalty`` (transformers'
 convention, its ``early_stopping=False`` stop). One beam is greedy decoding.
@@ -36,8 +37,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ladder.attention import SideKVCache
 from ladder.backbones import Backbone
-from ladder.causal import CausalSideNetwork, SideKVCache
+from ladder.causal import CausalSideNetwork
 from ladder.errors import LadderError
 from ladder.vision import VisualT5SideNetwork
 
@@ -91,15 +93,12 @@ def greedy_generate_t5(
     )
     dec_layers, B = net.needed_layers("dec"), mask.shape[0]
     step = _start_tokens(backbone, B)  # [B, 1]: the new token
-    past, prefix = None, {n: [] for n in dec_layers}  # the decoder's states, step by step
+    past, cache = None, SideKVCache()  # the backbone decoder's and the side decoder's
     out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     for _ in range(max_new_tokens):
         new, past = backbone.t5_decode_states(step, enc_hidden, mask, past, dec_layers)
-        for n in dec_layers:
-            prefix[n].append(new[n])
-        dec = {n: torch.cat(prefix[n], 1) for n in dec_layers}  # [B, t, d] each
-        logits, _ = net.decode(side_enc, side_mask, dec, last_only=True)  # [B, 1, V]
+        logits, _ = net.decode(side_enc, side_mask, new, cache=cache)  # [B, 1, V]
         nxt = logits[:, -1].argmax(-1)  # [B]
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:
@@ -177,11 +176,10 @@ def beam_generate_t5(
     scores[:, 0] = 0.0  # the K beams start as one: the first step expands beam 0 alone
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
-    past, prefix = None, {}  # the decoder's states of each beam's prefix: [B*K, t, d] each
+    past, cache = None, SideKVCache()  # the backbone decoder's and the side decoder's
     for t in range(max_new_tokens):
         new, past = backbone.t5_decode_states(step, enc_hidden, mask_k, past, dec_layers)
-        prefix = {n: torch.cat([prefix[n], new[n]], 1) if prefix else new[n] for n in dec_layers}
-        logits, _ = net.decode(side_enc, side_mask, prefix, last_only=True)  # [B*K, 1, V]
+        logits, _ = net.decode(side_enc, side_mask, new, cache=cache)  # [B*K, 1, V]
         logp = torch.log_softmax(logits[:, -1].float(), -1)  # [B*K, V]
         V = logp.shape[-1]
         top, flat = (scores.reshape(-1, 1) + logp).reshape(B, K * V).topk(2 * K, dim=1)
@@ -211,7 +209,7 @@ def beam_generate_t5(
             break
         rows = (torch.arange(B, device=device)[:, None] * K + keep_beam).reshape(-1)
         past.reorder_cache(rows)
-        prefix = {n: x[rows] for n, x in prefix.items()}
+        cache.reorder(rows)
         chosen = torch.cat([chosen[rows], keep_tok.reshape(-1, 1)], 1)
         scores, step = kept, keep_tok.reshape(-1, 1)
     out = []

@@ -34,6 +34,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ladder.attention import Dropout, attention, mask_bias
+from ladder.attention import Dropout, SideKVCache, attention, mask_bias
 from ladder.causal import CausalSideNetwork
 from ladder.errors import LadderError
 from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, T5_TYPES, Dims, divisors
@@ -385,13 +386,32 @@ class T5SideAttention(nn.Module):
         self.v = nn.Linear(d, inner, bias=False)
         self.o = nn.Linear(inner, d, bias=False)
 
-    def forward(self, x: Tensor, kv: Tensor, bias: Tensor) -> Tensor:
-        """x: (B, Tq, d/r); kv: (B, Tk, d/r); bias: additive, broadcastable to (B, nh, Tq, Tk)."""
+    def forward(
+        self,
+        x: Tensor,
+        kv: Tensor,
+        bias: Tensor,
+        cache: dict[str, Tensor] | None = None,
+        grow: bool = True,
+    ) -> Tensor:
+        """x: (B, Tq, d/r); kv: (B, Tk, d/r); bias: additive, broadcastable to (B, nh, Tq, Tk).
+
+        ``cache`` (incremental decoding): this attention's ``"k"``/``"v"`` (B, nh, T, hs). With
+        ``grow`` (self-attention) kv's keys and values are appended to them, in place; without
+        (cross-attention over a fixed memory) they are computed from kv once and then reused.
+        """
         B, Tq, _ = x.shape
-        Tk = kv.shape[1]
         q = self.q(x).view(B, Tq, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tq, hs)
-        k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
-        v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
+        if cache is not None and not grow and "k" in cache:
+            k, v = cache["k"], cache["v"]  # the fixed memory's, from the first step
+        else:
+            Tk = kv.shape[1]
+            k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
+            v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
+            if cache is not None:
+                if grow and "k" in cache:
+                    k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+                cache["k"], cache["v"] = k, v
         p = self.dropout if self.training else 0.0
         y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)  # (B, nh, Tq, hs)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
@@ -435,13 +455,22 @@ class T5SideBlock(nn.Module):
         self.drop = Dropout(dims.dropout)
 
     def forward(
-        self, x: Tensor, sa_bias: Tensor, enc: Tensor | None = None, ca_bias: Tensor | None = None
+        self,
+        x: Tensor,
+        sa_bias: Tensor,
+        enc: Tensor | None = None,
+        ca_bias: Tensor | None = None,
+        cache: dict[str, Any] | None = None,
     ) -> Tensor:
-        """x: (B, T, d/r); sa_bias: (B, nh, T, T) position bias + mask; enc: (B, Te, d/r)."""
+        """x: (B, T, d/r); sa_bias: (B, nh, T, T_past + T) position bias + mask; enc: (B, Te,
+        d/r). ``cache``: this block's ``{"sa": ..., "ca": ...}`` (incremental decoding)."""
+        sa = ca = None
+        if cache is not None:
+            sa, ca = cache.setdefault("sa", {}), cache.setdefault("ca", {})
         h = self.sa_ln(x)
-        x = x + self.drop(self.sa(h, h, sa_bias))  # (B, T, d/r)
+        x = x + self.drop(self.sa(h, h, sa_bias, sa))  # (B, T, d/r)
         if enc is not None:
-            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias))  # (B, T, d/r)
+            x = x + self.drop(self.ca(self.ca_ln(x), enc, ca_bias, ca, grow=False))  # (B, T, d/r)
         return x + self.drop(self.ff(self.ff_ln(x)))
 
 
@@ -468,11 +497,13 @@ class T5SideStack(Ladders):
     def block(self, i: int) -> T5SideBlock:
         return getattr(self, str(i))
 
-    def position_bias(self, T: int, device: torch.device) -> Tensor:
-        """Relative position bias (1, nh, T, T); bidirectional buckets in the encoder only."""
-        pos = torch.arange(T, dtype=torch.long, device=device)
+    def position_bias(self, T: int, device: torch.device, past: int = 0) -> Tensor:
+        """Relative position bias (1, nh, T, past + T) of queries at positions past .. past + T - 1
+        over memory 0 .. past + T - 1; bidirectional buckets in the encoder only."""
+        query = torch.arange(past, past + T, dtype=torch.long, device=device)
+        memory = torch.arange(past + T, dtype=torch.long, device=device)
         buckets = T5Attention._relative_position_bucket(
-            pos[None, :] - pos[:, None],  # memory - query, (T, T)
+            memory[None, :] - query[:, None],  # memory - query, (T, past + T)
             bidirectional=not self.decoder,
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
@@ -485,22 +516,36 @@ class T5SideStack(Ladders):
         mask: Tensor | None,
         enc: Tensor | None = None,
         enc_mask: Tensor | None = None,
+        cache: SideKVCache | None = None,
     ) -> Tensor:
         """(B, T, d/r) from hiddens {state: (B, T, d)} and mask (B, T) or None.
 
-        Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc).
+        Decoder: ``enc`` (B, T_enc, d/r) is the side encoder output, ``enc_mask`` (B, T_enc);
+        ``cache`` (incremental decoding, decoder only, no padding: ``mask`` None): the earlier
+        positions' keys and values per kept block, the new positions' added to it. Every
+        operation outside attention is per position, so the new positions' outputs are the ones
+        a pass over the whole prefix computes there.
         """
         x = self.side_input(hiddens)  # (B, T, d/r)
         B, T, _ = x.shape
-        allowed = torch.ones(B, 1, 1, T, dtype=torch.bool, device=x.device)
+        past = 0
+        if cache is not None:
+            if not self.decoder or mask is not None:
+                raise LadderError(
+                    "a side KV cache is for the decoder without padding; allowed: the decoder "
+                    "stack with mask None"
+                )
+            past = cache.length
+        allowed = torch.ones(B, 1, 1, past + T, dtype=torch.bool, device=x.device)
         if mask is not None:
             allowed = mask.bool().to(x.device)[:, None, None, :]  # (B, 1, 1, T)
-        if self.decoder:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            allowed = allowed & causal  # (B, 1, T, T)
+        if self.decoder:  # query past + t sees memory 0 .. past + t
+            causal = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            allowed = allowed & causal  # (B, 1, T, past + T)
         neg = torch.finfo(x.dtype).min  # finite, so a fully masked row stays finite
-        # (B, nh, T, T): relative position bias + mask
-        sa_bias = self.position_bias(T, x.device) + torch.where(allowed, 0.0, neg).to(x.dtype)
+        # (B, nh, T, past + T): relative position bias + mask
+        bias = self.position_bias(T, x.device, past)
+        sa_bias = bias + torch.where(allowed, 0.0, neg).to(x.dtype)
         ca_bias = None
         if enc is not None:
             e = (
@@ -512,7 +557,10 @@ class T5SideStack(Ladders):
             ca_bias = torch.where(e, 0.0, neg).to(x.dtype)  # (B, 1, 1, T_enc)
         for i in self.kept:
             x = self.before_block(x, i, hiddens)
-            x = self.block(i)(x, sa_bias, enc, ca_bias)  # (B, T, d/r)
+            kv = None if cache is None else cache.blocks.setdefault(i, {})
+            x = self.block(i)(x, sa_bias, enc, ca_bias, kv)  # (B, T, d/r)
+        if cache is not None:
+            cache.length = past + T
         x = self.after_blocks(x, hiddens)  # (B, T, d/r)
         return self.drop(self.final_ln(x))  # (B, T, d/r)
 
@@ -595,11 +643,14 @@ class T5SideNetwork(nn.Module):
         dec_mask: Tensor | None = None,
         labels: Tensor | None = None,
         last_only: bool = False,
+        cache: SideKVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """:meth:`forward` after the side encoder: enc (B, T_e, d/r), enc_mask (B, T_e).
         ``last_only``: the logits of the last decoder position alone (B, 1, V), what greedy
-        decoding reads (the LM head on every position of the prefix would be most of a step)."""
-        dec = self.dec(dec_hiddens, dec_mask, enc, enc_mask)  # (B, T_dec, d/r)
+        decoding reads (the LM head on every position of the prefix would be most of a step).
+        ``cache`` (incremental decoding): ``dec_hiddens`` are the new positions' states alone,
+        the earlier positions' keys and values come from the cache (:meth:`T5SideStack.forward`)."""
+        dec = self.dec(dec_hiddens, dec_mask, enc, enc_mask, cache)  # (B, T_dec, d/r)
         logits = self._logits(dec[:, -1:] if last_only else dec)
         loss = None if labels is None else self.loss(logits, labels)
         return logits, loss

@@ -306,8 +306,8 @@ def test_gpt2_incremental_decoding_equals_full_recompute(minilm_tokenizer):
     time, give the logits of a full pass (state 0 takes wpe at the positions after the past)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from ladder.attention import SideKVCache
     from ladder.backbones import from_model
-    from ladder.causal import SideKVCache
     from ladder.side import SideConfig, build_side_network
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ladder.causal import SideKVCache
+from ladder.attention import SideKVCache
 from ladder.generation import greedy_generate
 from ladder.side import SideConfig, build_side_network
 from stages.extract import extract

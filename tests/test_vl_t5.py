@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import T5Config
 
+from ladder.attention import SideKVCache
 from ladder.errors import LadderError
 from ladder.side import SideConfig, T5SideNetwork
 from ladder.vision import VisualT5SideNetwork, build_visual_side_network
@@ -141,6 +142,38 @@ def _first_block_input(net, enc, mask, dec, visual):
     for h in hooks:
         h.remove()
     return seen
+
+
+@pytest.mark.parametrize("fusion", ["ladder", "late"])
+def test_the_t5_side_decoder_on_its_kv_cache_is_teacher_forcing(fusion):
+    """The side decoder fed one or two new positions at a time against its KV cache gives the
+    logits that teacher forcing on the whole prefix gives at those positions; after its rows are
+    reordered (beam search), those of the reordered prefix; a cache with padding is one line."""
+    net, enc, mask, dec, _, visual = _t5_net(fusion=fusion)
+    g = torch.Generator().manual_seed(2)
+    dec = {n: torch.randn(2, 5, D, generator=g) for n in dec}  # 5 decoder positions
+
+    def part(states: dict, a: int, b: int) -> dict:
+        return {n: x[:, a:b] for n, x in states.items()}
+
+    with torch.no_grad():
+        side_enc, side_mask = net.encode_visual(enc, mask, visual)
+        full, _ = net.decode(side_enc, side_mask, dec)  # (2, 5, V)
+        cache, got = SideKVCache(), []
+        for a, b in ((0, 2), (2, 3), (3, 4)):
+            logits, _ = net.decode(side_enc, side_mask, part(dec, a, b), cache=cache)
+            got.append(logits)
+        torch.testing.assert_close(torch.cat(got, 1), full[:, :4], rtol=0, atol=1e-5)
+        assert cache.length == 4
+        rows = torch.tensor([1, 0])
+        cache.reorder(rows)
+        swapped = {n: x[rows] for n, x in dec.items()}
+        last, _ = net.decode(side_enc[rows], side_mask[rows], part(swapped, 4, 5), cache=cache)
+        whole, _ = net.decode(side_enc[rows], side_mask[rows], swapped)
+        torch.testing.assert_close(last[:, 0], whole[:, 4], rtol=0, atol=1e-5)
+        pad = torch.ones(2, 1, dtype=torch.bool)
+        with pytest.raises(LadderError, match="a side KV cache is for the decoder without padding"):
+            net.decode(side_enc, side_mask, part(dec, 0, 1), pad, cache=SideKVCache())
 
 
 def test_t5_visual_positions_are_not_laddered_and_the_decoder_reads_them():
