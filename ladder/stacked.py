@@ -54,7 +54,8 @@ def stackable(net: torch.nn.Module) -> bool:
     if type(net) is CausalSideNetwork:
         return net.side.head == "cls" and net.side.fusion != "xladder"
     encoder = type(net) is EncoderSideNetwork or type(net) is VisualSideNetwork
-    return encoder and net.side.fusion != "xladder"
+    varying = getattr(net, "tokens_per_image", None) is not None  # images per batch: one by one
+    return encoder and net.side.fusion != "xladder" and not varying
 
 
 def shape_key(net: torch.nn.Module) -> tuple:

@@ -326,6 +326,7 @@ class VisualInput(nn.Module):
 
     d_visual: int
     n_images: int
+    tokens_per_image: int | None = None  # set_tokens_per_image: batches of 1 .. n_images images
     visual_fusion: str
     visual_gates: nn.Parameter | None
     visual_readout: str = "text"  # VisualSideNetwork may read the visual positions too
@@ -377,6 +378,32 @@ class VisualInput(nn.Module):
         self.visual_mean.copy_(mean)
         self.visual_std.copy_(std)
 
+    def set_tokens_per_image(self, n_tokens: int | None) -> None:
+        """Let batches hold 1 .. ``n_images`` images per example, told apart by their token
+        count, ``n_tokens`` per image (a task list mixing one-image tasks and NLVR2: the
+        one-image tasks' tokens take image index 0, as VL-T5's image ids); None: every batch
+        holds ``n_images`` images (the default)."""
+        if n_tokens is not None and (isinstance(n_tokens, bool) or n_tokens < 1):
+            raise LadderError(f"tokens per image {n_tokens!r}; allowed: an int >= 1, or None")
+        self.tokens_per_image = n_tokens
+
+    def images_in(self, n_tokens: int) -> int:
+        """How many images ``n_tokens`` visual tokens of an example hold (one after the other)."""
+        if self.tokens_per_image is None:
+            if n_tokens % self.n_images:
+                raise LadderError(
+                    f"{n_tokens} visual tokens for {self.n_images} images per example; allowed: "
+                    f"a multiple of {self.n_images} (the images' tokens one image after the other)"
+                )
+            return self.n_images
+        n, rest = divmod(n_tokens, self.tokens_per_image)
+        if rest or not 1 <= n <= self.n_images:
+            raise LadderError(
+                f"{n_tokens} visual tokens per example; allowed: 1 to {self.n_images} images of "
+                f"{self.tokens_per_image} tokens each"
+            )
+        return n
+
     def visual_tokens(self, visual: Tensor | None, drop: nn.Module) -> Tensor:
         """(B, T_v, d_v) visual tokens -> (B, T_v, d/r): standardised, projected, image index
         added (several images), normed, then ``drop`` (the stream's input dropout)."""
@@ -387,18 +414,15 @@ class VisualInput(nn.Module):
             raise LadderError(
                 f"visual tokens of shape {tuple(visual.shape)}; allowed: (B, T_v, {self.d_visual})"
             )
-        if visual.shape[1] % self.n_images:
-            raise LadderError(
-                f"{visual.shape[1]} visual tokens for {self.n_images} images per example; allowed: "
-                f"a multiple of {self.n_images} (the images' tokens one image after the other)"
-            )
+        n = self.images_in(visual.shape[1])
         mean, std = self.visual_mean, self.visual_std
         visual = (visual.to(mean.dtype) - mean) / std  # (B, T_v, d_v), standardised
         v = ladder_linear(self.visual_proj, visual)  # (B, T_v, d/r)
         if self.n_images > 1:  # which image each block of tokens comes from
             B, Tv, d = v.shape
-            per = v.reshape(B, self.n_images, Tv // self.n_images, d)  # (B, n_images, T_i, d/r)
-            v = (per + self.image_embed.weight[None, :, None, :].to(v.dtype)).reshape(B, Tv, d)
+            per = v.reshape(B, n, Tv // n, d)  # (B, n, T_i, d/r)
+            index = self.image_embed.weight[:n]  # (n, d/r): image 0, 1, ...
+            v = (per + index[None, :, None, :].to(v.dtype)).reshape(B, Tv, d)
         return drop(self.visual_ln(v))  # (B, T_v, d/r)
 
     def visual_ladder(self, xv: Tensor, v: Tensor, j: int, gate_T: float) -> Tensor:

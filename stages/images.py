@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -248,3 +248,13 @@ def images_per_example(cache: CommittedCache) -> int:
     (NLVR2), else 1."""
     shape = cache.array(layout.image_index_path(next(iter(cache.manifest["splits"])))).shape
     return 1 if len(shape) == 1 else int(shape[1])
+
+
+def image_layout(caches: Sequence[CommittedCache]) -> tuple[int, int | None]:
+    """The images per example a network reading these caches' image features is built for (the
+    most any of them has), and, where they differ (a task list mixing one-image tasks and
+    NLVR2), the tokens per image that tell a batch's images apart (else None)."""
+    counts = {images_per_example(c) for c in caches}
+    if len(counts) == 1:
+        return counts.pop(), None
+    return max(counts), int(caches[0].manifest["images"]["n_tokens"])

@@ -14,8 +14,10 @@ captions, as in VL-Adapter's multi-task CLIP-T5 (``--task vqa,gqa,nlvr2,coco-cap
 Vision-and-language tasks mix in (``--task easy-vqa,sst2 --vision-encoder random-vit``): the
 body takes the VL tasks' visual tokens (``ladder.vision``) and runs text tasks on the text alone.
 The vision encoder (and its pooling) applies to the VL tasks of the list, whose caches must hold
-its features and the same number of images per example; their training images give the visual
-standardisation together. In a list that mixes text and VL tasks, ``--data-dir`` names the text
+its features; their training images give the visual standardisation together. A list may mix
+one-image tasks with NLVR2's two images per example: the network is built for two, tells a
+batch's images apart by its token count, and a one-image task's tokens take image index 0 (as
+VL-T5's image ids). In a list that mixes text and VL tasks, ``--data-dir`` names the text
 tasks' data (a glue_data folder), and in a list of several VL tasks it names none (each has its
 own folder): the VL tasks' caches are then matched on task, backbone, vision encoder and limit,
 as when stage two is given no data.
@@ -66,7 +68,7 @@ from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.images import images_per_example, visual_of
+from stages.images import image_layout, visual_of
 from stages.runfiles import (
     DiskFull,
     write_atomic,
@@ -173,7 +175,7 @@ def resolve_caches(cfg: StageConfig, cache_key: str | None) -> dict[str, Committ
 
 def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, TaskSpec]:
     """Each task's spec, checked: tasks with a classification or regression head; with a
-    vision encoder, at least one VL task, all VL tasks with as many images per example."""
+    vision encoder, at least one VL task."""
     if cfg.backbone.vision is not None:
         vl = [t for t in caches if t in VL_TASKS]
         if not vl:
@@ -181,13 +183,6 @@ def specs_of(cfg: StageConfig, caches: dict[str, CommittedCache]) -> dict[str, T
                 f"vision encoder {cfg.backbone.vision!r} was asked for, but no task of "
                 f"{cfg.task.name} has images; allowed: a list with a vision-and-language task "
                 f"({', '.join(VL_TASKS)}), or no --vision-encoder"
-            )
-        per = {t: images_per_example(caches[t]) for t in vl}
-        if len(set(per.values())) > 1:
-            raise StageError(
-                f"the VL tasks of {cfg.task.name} have different images per example "
-                f"({', '.join(f'{t}: {n}' for t, n in per.items())}); allowed: VL tasks with "
-                "the same number of images per example in one list"
             )
     specs = {}
     for t, cache in caches.items():
@@ -268,10 +263,12 @@ def build_multitask_trial(
         some = next(iter(vl.values()))
         d = int(visual_of(cfg, some)["d"])  # type: ignore[index]
         ts = cfg.train_side
-        visual = VisualSpec(d, images_per_example(some), ts.visual_fusion, ts.visual_readout)
+        n_images, tokens_per_image = image_layout(list(vl.values()))
+        visual = VisualSpec(d, n_images, ts.visual_fusion, ts.visual_readout)
     net = MultiTaskSideNetwork(bcfg, side_config(cfg, trial.r, specs[first]), labels, visual)
     if vl:
         net.body.set_visual_stats(*train_visual_stats(*vl.values()))  # type: ignore[attr-defined]
+        net.body.set_tokens_per_image(tokens_per_image)  # type: ignore[attr-defined]
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
     return trial_state(cfg, net, trial, total_steps)
@@ -286,20 +283,23 @@ def saved_network(
     side network the tasks share, with ``lm_head`` (the frozen [V, d] LM head)."""
     side = SideConfig(**saved["side"])
     v = saved.get("visual")
-    if is_t5(backbone_config):
-        if v is None:
+    if v is None:
+        if is_t5(backbone_config):
             return build_side_network(backbone_config, side, lm_head)
+        labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
+        return MultiTaskSideNetwork(backbone_config, side, labels)
+    net: torch.nn.Module
+    if is_t5(backbone_config):
         fusion = saved_visual_fusion(v)
-        return build_visual_side_network(
+        net = build_visual_side_network(
             backbone_config, side, v["d"], v["n_images"], fusion, lm_head
         )
-    labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
-    visual = (
-        None
-        if v is None
-        else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
-    )
-    return MultiTaskSideNetwork(backbone_config, side, labels, visual)
+    else:
+        labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
+        spec = VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
+        net = MultiTaskSideNetwork(backbone_config, side, labels, spec)
+    getattr(net, "body", net).set_tokens_per_image(v.get("tokens_per_image"))
+    return net
 
 
 def cached_task_outputs(

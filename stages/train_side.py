@@ -68,7 +68,7 @@ from stages import tracking
 from stages.batches import Batch, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
-from stages.images import images_per_example, vision_mismatch, visual_of
+from stages.images import image_layout, vision_mismatch, visual_of
 from stages.runfiles import (
     DiskFull,
     make_private_dir,
@@ -466,16 +466,18 @@ def build_trial(
         visual = visual_of(cfg, images[0])
         assert visual is not None
         side = side_config(cfg, trial.r, spec, cache)
+        n_images, tokens_per_image = image_layout(images)
         net = build_visual_side_network(
             bcfg,
             side,
             visual["d"],
-            images_per_example(images[0]),
+            n_images,
             cfg.train_side.visual_fusion,
             lm_head,  # T5: the frozen LM head
             visual_readout=cfg.train_side.visual_readout,
         )
         net.set_visual_stats(*train_visual_stats(*images))
+        net.set_tokens_per_image(tokens_per_image)
     else:
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
     if cfg.train_side.init != "random":
@@ -1219,6 +1221,8 @@ def visual_config(net: VisualInput) -> dict[str, Any]:
         "n_images": net.n_images,
         "fusion": net.visual_fusion,
         "readout": net.visual_readout,
+        # a task list mixing one- and two-image tasks: batches tell their images by token count
+        **({"tokens_per_image": net.tokens_per_image} if net.tokens_per_image else {}),
     }
 
 

@@ -275,6 +275,58 @@ def test_a_vl_task_and_a_text_task_train_one_body(
         _close(got, net["test"][task])
 
 
+def test_a_one_image_task_and_nlvr2_train_one_body(tmp_path, minilm_tokenizer, monkeypatch, capsys):
+    """``--task easy-vqa,nlvr2``: one body built for two images per example reads easy-VQA's
+    batches (one image, image index 0) and NLVR2's (two); the saved network rebuilds with its
+    token count per image, and evaluate scores each task as training did."""
+    from ladder.vision import VisualSideNetwork
+    from tests.test_vl import tiny_clip, write_vqa
+    from tests.test_vl_data import write_nlvr2
+
+    backbone, vision = tiny_bert(minilm_tokenizer), tiny_clip()
+    data = {"easy-vqa": write_vqa(tmp_path / "vqa"), "nlvr2": write_nlvr2(tmp_path / "nlvr2")}
+    common = {
+        "backbone.name": backbone.name,
+        "backbone.vision": "tiny-clip",
+        "cache.dtype": "float32",
+        "task.limit": None,
+    }
+    for task, folder in data.items():
+        cfg = make_config(tmp_path, folder, **{**common, "task.name": task})
+        extract(cfg, backbone=backbone, vision=vision, progress=False)
+    cfg = make_config(tmp_path, data["nlvr2"], **{**common, "task.name": "easy-vqa,nlvr2"})
+    cfg = apply_overrides(cfg, {**TRAIN, "train_side.init": "random",
+                                "train_side.run_dir": str(tmp_path / "runs")})  # fmt: skip
+    seen: set[int] = set()
+    real = VisualSideNetwork.visual_tokens
+
+    def spy(self, visual, drop):
+        seen.add(visual.shape[1])
+        return real(self, visual, drop)
+
+    monkeypatch.setattr(VisualSideNetwork, "visual_tokens", spy)
+    res = train_multitask_run(cfg, progress=False, echo=False)
+    monkeypatch.undo()
+    tokens = min(seen)
+    assert seen == {tokens, 2 * tokens}
+    (name,) = res.metrics["networks"]
+    net = res.metrics["networks"][name]
+    saved = json.loads((res.folder / f"{name}.config.json").read_text())
+    assert saved["visual"]["n_images"] == 2 and saved["visual"]["tokens_per_image"] == tokens
+    import stages.evaluate
+    from pipeline.cli import run_cli
+
+    monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: backbone)
+    monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: vision)
+    capsys.readouterr()
+    for task, folder in data.items():
+        args = ["--run", str(res.folder), "--task", task, "--data-dir", str(folder), "--json"]
+        assert run_cli(["evaluate", *args]) == 0, capsys.readouterr().err
+        got = json.loads(capsys.readouterr().out)
+        assert got.pop("split") == "test"
+        _close(got, net["test"][task])
+
+
 def test_a_vision_encoder_with_no_vl_task_is_one_line(caches, tmp_path, capsys):
     code = _cli(caches, tmp_path, caches["tmp"], "--task", "rte,mrpc",
                 "--vision-encoder", "random-vit")  # fmt: skip

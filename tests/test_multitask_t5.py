@@ -23,6 +23,7 @@ from stages.train_side import predictions_of, train_side
 from tests.conftest import assert_one_task_run_is_the_single, make_config, tiny_t5
 from tests.test_vl import tiny_clip, write_vqa
 from tests.test_vl_caption import write_captions
+from tests.test_vl_data import write_nlvr2
 from tests.test_vl_data import write_vqa as write_vqa_v2
 
 TRAIN = {
@@ -38,12 +39,13 @@ TRAIN = {
 @pytest.fixture(scope="module")
 def t5_caches(tmp_path_factory, glue_dir, minilm_tokenizer):
     """float32 caches of one tiny T5 (magnitude side_init at r = 4): easy-VQA, VQA v2 (VL-T5's
-    format) and COCO captions with a tiny CLIP's image features, and RTE (text)."""
+    format), NLVR2 and COCO captions with a tiny CLIP's image features, and RTE (text)."""
     tmp = tmp_path_factory.mktemp("mt-t5")
     backbone, vision = tiny_t5(minilm_tokenizer), tiny_clip()
     data = {
         "easy-vqa": write_vqa(tmp / "vqa", n_train=10, n_test=3, per_image=3),
         "vqa": write_vqa_v2(tmp / "vqa-v2"),  # scored answers: the VQA score
+        "nlvr2": write_nlvr2(tmp / "nlvr2"),  # two images per example
         "coco-caption": write_captions(tmp / "coco"),
         "rte": glue_dir,
     }
@@ -87,28 +89,31 @@ def test_one_t5_task_is_the_single_task_run(t5_caches, tmp_path, task):
 
 
 def test_vl_tasks_and_a_text_task_share_one_t5_network(t5_caches, tmp_path, monkeypatch, capsys):
-    """``--task easy-vqa,coco-caption,rte`` on T5: one side network, no heads; the VL tasks'
-    batches carry their visual tokens, the text task's none; each task reports its own metric
-    every epoch; the saved network rebuilds to the run's figures from the caches, and
-    ``pipeline evaluate`` with the live backbone scores RTE and easy-VQA as training did."""
-    cfg = _cfg(t5_caches, tmp_path, "easy-vqa,coco-caption,rte")
-    seen: set[bool] = set()
+    """``--task easy-vqa,nlvr2,coco-caption,rte`` on T5: one side network, no heads; the VL
+    tasks' batches carry their visual tokens (NLVR2's two images, the others' one), the text
+    task's none; each task reports its own metric every epoch; the saved network rebuilds to
+    the run's figures from the caches, and ``pipeline evaluate`` with the live backbone scores
+    each task as training did (captioning: CIDEr of generated captions)."""
+    tasks = ("easy-vqa", "nlvr2", "coco-caption", "rte")
+    cfg = _cfg(t5_caches, tmp_path, ",".join(tasks))
+    seen: set[int | None] = set()
     real = VisualT5SideNetwork.encode_visual
 
     def spy(self, enc, mask, visual):
-        seen.add(visual is not None)
+        seen.add(None if visual is None else visual.shape[1])
         return real(self, enc, mask, visual)
 
     monkeypatch.setattr(VisualT5SideNetwork, "encode_visual", spy)
     res = train_multitask_run(cfg, progress=False, echo=False)
     monkeypatch.undo()
-    assert seen == {True, False}  # with images and without
+    tokens = min(x for x in seen if x)  # the tiny CLIP's tokens per image
+    assert seen == {None, tokens, 2 * tokens}  # text alone, one image, two images
     (name,) = res.metrics["networks"]
     net = res.metrics["networks"][name]
     for h in net["epochs"]:
         per = {t: v["validation"] for t, v in h["tasks"].items()}
-        assert set(per) == {"easy-vqa", "coco-caption", "rte"}
-        assert "accuracy" in per["easy-vqa"] and "accuracy" in per["rte"]
+        assert set(per) == set(tasks)
+        assert all("accuracy" in per[t] for t in ("easy-vqa", "nlvr2", "rte"))
         assert per["coco-caption"]["score"] == -per["coco-caption"]["caption_loss"] < 0
         average = np.mean([v["score"] for v in per.values()])
         assert h["validation"]["score"] == pytest.approx(average)
@@ -117,9 +122,12 @@ def test_vl_tasks_and_a_text_task_share_one_t5_network(t5_caches, tmp_path, monk
     assert "visual_proj.weight" in weights and "enc.0.sa.q.weight" in weights
     assert "lm_head" not in weights  # frozen, from the cache
     saved = json.loads((res.folder / f"{name}.config.json").read_text())
-    assert saved["visual"]["d"] == 32 and set(saved["tasks"]) == {"easy-vqa", "coco-caption", "rte"}
+    assert set(saved["tasks"]) == set(tasks)
+    assert saved["visual"] == {
+        "d": 32, "n_images": 2, "fusion": "ladder", "readout": "text", "tokens_per_image": tokens
+    }  # fmt: skip
     # the best checkpoint rebuilt from its config scores each classification task as the run did
-    for task in ("easy-vqa", "rte"):
+    for task in ("easy-vqa", "nlvr2", "rte"):
         outputs = cached_task_outputs(cfg, res.folder, name, task, "test")
         task_cfg = cfg.task.model_copy(
             update={"name": task, "data_dir": str(t5_caches["data"][task])}
@@ -140,7 +148,7 @@ def test_vl_tasks_and_a_text_task_share_one_t5_network(t5_caches, tmp_path, monk
     monkeypatch.setattr(stages.evaluate, "load_backbone", lambda *a, **k: t5_caches["backbone"])
     monkeypatch.setattr(stages.evaluate, "load_vision_encoder", lambda *a, **k: t5_caches["vision"])
     capsys.readouterr()
-    for task in ("rte", "easy-vqa"):
+    for task in ("rte", "easy-vqa", "nlvr2"):
         data = t5_caches["data"][task]
         args = ["--run", str(res.folder), "--task", task, "--data-dir", str(data), "--json"]
         assert run_cli(["evaluate", *args]) == 0, capsys.readouterr().err

@@ -340,6 +340,29 @@ def test_two_images_are_told_apart_and_one_image_is_unchanged():
         net(hiddens, mask, visual=torch.zeros(2, 7, 24))
 
 
+def test_a_two_image_network_reads_one_image_batches_by_their_token_count():
+    """With ``set_tokens_per_image`` a two-image network takes batches of one image (a one-image
+    task in a list with NLVR2): those tokens get image index 0, as the first of two images'
+    tokens do; a count that is no whole number of images, or more than two, is one line."""
+    net, hiddens, mask, visual = _visual_net(2)
+    with pytest.raises(Exception, match="5 visual tokens for 2 images per example"):
+        net(hiddens, mask, visual=visual[:, :5])  # the default: every batch holds 2 images
+    net.set_tokens_per_image(5)
+    with torch.no_grad():
+        first = net.visual_tokens(visual[:, :5], net.drop)  # (2, 5, 8)
+        both = net.visual_tokens(visual, net.drop)  # (2, 10, 8)
+        second_only = net.visual_tokens(visual[:, 5:], net.drop)
+    torch.testing.assert_close(first, both[:, :5], rtol=0, atol=0)  # image 0's index
+    assert not torch.allclose(second_only, both[:, 5:])  # image 1's index differs from image 0's
+    with torch.no_grad():
+        one = net(hiddens, mask, visual=visual[:, :5])
+        two = net(hiddens, mask, visual=visual)
+    assert one.shape == two.shape == (2, 5) and not torch.allclose(one, two)
+    for bad in (7, 15):
+        with pytest.raises(Exception, match=f"{bad} visual tokens per example; allowed: 1 to 2 "):
+            net(hiddens, mask, visual=torch.zeros(2, bad, 24))
+
+
 def _block_inputs(net, hiddens, mask, visual) -> list[torch.Tensor]:
     """The visual positions of each side block's input, in block order."""
     seen: list[torch.Tensor] = []
