@@ -124,12 +124,10 @@ def task_config(cfg: StageConfig, task: str) -> StageConfig:
 
 
 def task_of_list(tasks: TaskConfig, task: str) -> TaskConfig:
-    """``task:`` for one task of its list: in a list mixing text and VL tasks (``data_dir``
-    names the text tasks' data) or holding several VL tasks (each has its own folder), a VL task
-    without ``data_dir``."""
+    """``task:`` for one task of its list: in a list of several tasks, a VL task without
+    ``data_dir`` (it names the text tasks' data; each VL task has its own folder)."""
     update: dict[str, Any] = {"name": task}
-    vl = [t for t in tasks.names if t in VL_TASKS]
-    if task in VL_TASKS and len(tasks.names) > 1 and (len(vl) > 1 or len(vl) < len(tasks.names)):
+    if task in VL_TASKS and len(tasks.names) > 1:
         update["data_dir"] = None
     return tasks.model_copy(update=update)
 
@@ -283,22 +281,25 @@ def saved_network(
     side network the tasks share, with ``lm_head`` (the frozen [V, d] LM head)."""
     side = SideConfig(**saved["side"])
     v = saved.get("visual")
-    if v is None:
-        if is_t5(backbone_config):
-            return build_side_network(backbone_config, side, lm_head)
-        labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
-        return MultiTaskSideNetwork(backbone_config, side, labels)
     net: torch.nn.Module
     if is_t5(backbone_config):
-        fusion = saved_visual_fusion(v)
-        net = build_visual_side_network(
-            backbone_config, side, v["d"], v["n_images"], fusion, lm_head
+        net = (
+            build_side_network(backbone_config, side, lm_head)
+            if v is None
+            else build_visual_side_network(
+                backbone_config, side, v["d"], v["n_images"], saved_visual_fusion(v), lm_head
+            )
         )
     else:
         labels = {t: int(r["num_labels"]) for t, r in saved["tasks"].items()}
-        spec = VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
-        net = MultiTaskSideNetwork(backbone_config, side, labels, spec)
-    getattr(net, "body", net).set_tokens_per_image(v.get("tokens_per_image"))
+        visual = (
+            None
+            if v is None
+            else VisualSpec(v["d"], v["n_images"], saved_visual_fusion(v), saved_visual_readout(v))
+        )
+        net = MultiTaskSideNetwork(backbone_config, side, labels, visual)
+    if v is not None:  # a list mixing one- and two-image tasks: the tokens per image
+        getattr(net, "body", net).set_tokens_per_image(v.get("tokens_per_image"))
     return net
 
 
