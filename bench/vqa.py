@@ -37,7 +37,9 @@ import numpy as np
 
 from bench.baselines import PeakMemory
 from bench.common import parser, table, write_json
-from stages.vqa import QUESTION_TYPES, question_type
+from stages.vqa import EASY_VQA_ANSWERS, QUESTION_TYPES, question_type
+
+SHAPES = ("circle", "rectangle", "triangle")
 
 
 def stored_bytes(folder: Path) -> int:
@@ -61,6 +63,57 @@ def by_type(preds: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray) -> d
             "majority": majority,
         }
     return out
+
+
+def yes_no_subjects(questions: list[str]) -> np.ndarray:
+    """Per question: for a yes/no question, ``naming a shape`` when it names circle, rectangle
+    or triangle ("is there a red triangle?"), else ``naming a colour``; "" for the others."""
+    return np.asarray(
+        [
+            ("naming a shape" if any(s in q for s in SHAPES) else "naming a colour")
+            if question_type(q) == "yes/no"
+            else ""
+            for q in questions
+        ]
+    )
+
+
+def image_shapes(questions: list[str], labels: np.ndarray, images: list[str]) -> np.ndarray:
+    """Per question, the shape in its image (an easy-VQA image holds one shape), known from the
+    image's "what shape" questions' answers; "" for an image without one."""
+    shape_of = {
+        image: EASY_VQA_ANSWERS[label]
+        for q, label, image in zip(questions, labels.tolist(), images, strict=True)
+        if question_type(q) == "shape"
+    }
+    return np.asarray([shape_of.get(image, "") for image in images])
+
+
+def yes_no_diagnostics(
+    preds: list[np.ndarray], labels: np.ndarray, questions: list[str], images: list[str]
+) -> dict[str, Any]:
+    """The yes/no questions by what they name (``by_subject``: a shape or a colour; accuracy
+    x100 per network and their mean), and those naming a shape by the shape asked and the shape
+    in the image (``shape_match``: asked -> image's shape -> mean accuracy x100 and n)."""
+    subjects = yes_no_subjects(questions)
+    by_subject = {}
+    for subject in ("naming a shape", "naming a colour"):
+        pick = subjects == subject
+        seeds = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+        by_subject[subject] = {"seeds": seeds, "mean": statistics.mean(seeds), "n": int(pick.sum())}
+    shapes = image_shapes(questions, labels, images)
+    match: dict[str, dict[str, Any]] = {}
+    for asked in SHAPES:
+        named = (subjects == "naming a shape") & np.asarray([asked in q for q in questions])
+        for seen in SHAPES:
+            pick = named & (shapes == seen)
+            if pick.any():
+                accs = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+                match.setdefault(asked, {})[seen] = {
+                    "mean": statistics.mean(accs),
+                    "n": int(pick.sum()),
+                }
+    return {"by_subject": by_subject, "shape_match": match}
 
 
 ARMS = {  # --arms name -> (label, visual fusion or None for text alone, online, visual readout)
@@ -175,6 +228,7 @@ def main() -> None:
     test = load_task_of(cfg.task).splits["test"]  # the cache's test split, in its order
     labels = np.asarray([ex.label for ex in test])
     kinds = np.asarray([question_type(ex.texts[0]) for ex in test])
+    questions, images = [ex.texts[0] for ex in test], [str(ex.image) for ex in test]
     arms: dict[str, Any] = {}
     no_vision = cfg.model_copy(
         update={"backbone": cfg.backbone.model_copy(update={"vision": None, "vision_pool": None})}
@@ -200,6 +254,7 @@ def main() -> None:
         peak = memory.stop()
         names = list(out.metrics["networks"])
         nets = out.metrics["networks"].values()
+        preds = [cached_predictions(c, out.folder, name, "test", res.key) for name in names]
         acc = [n["test"]["accuracy"] for n in nets]
         epoch_s = [h["epoch_s"] for n in nets for h in n["epochs"]]
         arms[arm] = {
@@ -214,11 +269,8 @@ def main() -> None:
             # its training's peak
             "peak_above_base": peak["peak_above_base"],
             "online": online,
-            "by_type": by_type(
-                [cached_predictions(c, out.folder, name, "test", res.key) for name in names],
-                labels,
-                kinds,
-            ),
+            "by_type": by_type(preds, labels, kinds),
+            "yes_no": yes_no_diagnostics(preds, labels, questions, images),
         }
         if not online:  # an online run's test figures come from the live backbone's states
             for got, want in zip(arms[arm]["by_type"]["all"]["seeds"], acc, strict=True):
@@ -345,6 +397,25 @@ def report(figures: dict[str, Any], plot: Path | None, json_path: Path | None) -
             ],
         )  # fmt: skip
     )
+    diagnosed = {a: v["yes_no"] for a, v in arms.items() if "yes_no" in v}
+    for a, d in diagnosed.items():
+        subjects = ", ".join(f"{k} {v['mean']:.1f}" for k, v in d["by_subject"].items())
+        print(f"\n{a}: yes/no questions {subjects}; naming a shape, by the shape asked:")
+        print(
+            table(
+                ["asked \\ in the image", *SHAPES],
+                [
+                    [
+                        asked,
+                        *(
+                            f"{row[s]['mean']:.1f} (n={row[s]['n']})" if s in row else "-"
+                            for s in SHAPES
+                        ),
+                    ]
+                    for asked, row in d["shape_match"].items()
+                ],
+            )  # fmt: skip
+        )
     if plot is not None:
         from bench.plots import vqa_question_types
 

@@ -67,3 +67,35 @@ def test_runs_of_another_setup_or_a_repeated_arm_are_refused(tmp_path, key):
         merge([a, other])
     with pytest.raises(ValueError, match="repeats arm 'with images'; allowed: each arm once"):
         merge([a, a])
+
+
+def test_yes_no_diagnostics_split_by_subject_and_by_the_shape_asked():
+    """The yes/no questions naming a shape are scored by the shape asked against the image's
+    shape (known from the image's "what shape" question); those naming a colour apart."""
+    import numpy as np
+
+    from bench.vqa import yes_no_diagnostics
+    from stages.vqa import EASY_VQA_ANSWERS
+
+    a = {name: i for i, name in enumerate(EASY_VQA_ANSWERS)}
+    rows = [  # question, answer, image
+        ("what shape is in the image?", "circle", "0"),
+        ("is there a circle?", "yes", "0"),
+        ("is there a triangle?", "no", "0"),
+        ("what shape is present?", "triangle", "1"),
+        ("is there a circle?", "no", "1"),
+        ("is there a red shape?", "yes", "1"),
+        ("is there a circle?", "no", "2"),  # image 2's shape is unknown: left out of the match
+    ]
+    questions, images = [q for q, _, _ in rows], [i for _, _, i in rows]
+    labels = np.asarray([a[x] for _, x, _ in rows])
+    always_no = np.where(labels >= 0, a["no"], 0)  # the text prior of "is there a circle?"
+    got = yes_no_diagnostics([labels, always_no], labels, questions, images)
+    assert got["by_subject"]["naming a shape"]["n"] == 4
+    assert got["by_subject"]["naming a shape"]["seeds"] == [100.0, 75.0]
+    assert got["by_subject"]["naming a colour"] == {"seeds": [100.0, 0.0], "mean": 50.0, "n": 1}
+    match = got["shape_match"]
+    assert match["circle"]["circle"] == {"mean": 50.0, "n": 1}  # one network right, one wrong
+    assert match["circle"]["triangle"] == {"mean": 100.0, "n": 1}
+    assert match["triangle"] == {"circle": {"mean": 100.0, "n": 1}}
+    assert "rectangle" not in match
