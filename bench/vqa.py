@@ -317,16 +317,19 @@ def main() -> None:
 # what a run's JSON holds about the machine and the command, not about the figures
 RUN_KEYS = ("benchmark", "command", "created_at", "machine", "versions")
 # what runs merged by --merge must share: the same cache, networks and training
-SAME = ("cache", "limit", "epochs", "r", "batch_size", "seeds", "vision_encoder", "vision_pool",
+SAME = ("cache", "limit", "epochs", "r", "batch_size", "vision_encoder", "vision_pool",
         "warmup_steps", "lr", "class_weight", "dropout")  # fmt: skip
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
-    """The figures of several runs of this bench (their arms run as separate processes, e.g. one
-    per core) as one run's: the arms side by side; the runs must share ``SAME``."""
+    """The figures of several runs of this bench (run as separate processes, e.g. one per core)
+    as one run's: the runs must share ``SAME``; their arms side by side, and an arm run for
+    other seeds in another run (e.g. one seed per core) as one arm of all its seeds
+    (:func:`join_seeds`). Every arm must end with the same seeds."""
     runs = [json.loads(p.read_text()) for p in paths]
     figures = {k: v for k, v in runs[0].items() if k not in RUN_KEYS}
     figures["arms"], figures["arms_asked"], figures["time_to_result_10_epochs_s"] = {}, [], {}
+    seeds: dict[str, list[int]] = {}
     for path, run in zip(paths, runs, strict=True):
         for k in SAME:
             if run.get(k) != runs[0].get(k):
@@ -334,17 +337,82 @@ def merge(paths: list[Path]) -> dict[str, Any]:
                     f"--merge: {path} has {k}={run.get(k)!r}, {paths[0]} has "
                     f"{runs[0].get(k)!r}; allowed: runs of one cache and one training setup"
                 )
-        if both := set(run["arms"]) & set(figures["arms"]):
-            raise ValueError(
-                f"--merge: {path} repeats arm {sorted(both)[0]!r}; allowed: each arm once"
-            )
-        figures["arms"].update(run["arms"])
-        figures["arms_asked"] += run["arms_asked"]
-        figures["time_to_result_10_epochs_s"].update(run["time_to_result_10_epochs_s"])
+        for arm, v in run["arms"].items():
+            to_result = run["time_to_result_10_epochs_s"][arm]
+            if arm not in figures["arms"]:
+                figures["arms"][arm], seeds[arm] = v, list(run["seeds"])
+                figures["time_to_result_10_epochs_s"][arm] = to_result
+                figures["arms_asked"].append(arm)
+                continue
+            if both := set(seeds[arm]) & set(run["seeds"]):
+                raise ValueError(
+                    f"--merge: {path} repeats arm {arm!r} for seed {sorted(both)[0]}; allowed: "
+                    "each arm once per seed"
+                )
+            figures["arms"][arm] = join_seeds(figures["arms"][arm], seeds[arm], v, run["seeds"])
+            seeds[arm] += run["seeds"]
+            # the seeds trained one after another: the added epochs' time
+            figures["time_to_result_10_epochs_s"][arm] += 10 * v["epoch_s"]
+    kinds = {tuple(sorted(s)) for s in seeds.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"--merge: the arms end with different seeds ({', '.join(f'{a}: {sorted(s)}' for a, s in seeds.items())}); "
+            "allowed: every arm for the same seeds"
+        )
+    figures["seeds"] = sorted(kinds.pop())
     figures["merged_from"] = [
         {"json": str(p), "command": r["command"]} for p, r in zip(paths, runs, strict=True)
     ]
     return figures
+
+
+def join_seeds(
+    a: dict[str, Any], seeds_a: list[int], b: dict[str, Any], seeds_b: list[int]
+) -> dict[str, Any]:
+    """One arm's figures for seeds ``seeds_a`` and, from another run, ``seeds_b``, as one arm's
+    for all of them in seed order: per-seed lists joined, means and spreads recomputed, seconds
+    per epoch and wall time added (the seeds' networks trained one after another), peak memory
+    the larger; ``shape_match`` means weighted by their seeds."""
+    order = sorted(range(len(seeds_a) + len(seeds_b)), key=lambda i: [*seeds_a, *seeds_b][i])
+    ka, kb = len(seeds_a), len(seeds_b)
+
+    def joined(x: list[Any], y: list[Any]) -> list[Any]:
+        both = [*x, *y]
+        return [both[i] for i in order]
+
+    def per_seed(x: dict[str, Any], y: dict[str, Any]) -> dict[str, Any]:
+        out = {**x, "seeds": joined(x["seeds"], y["seeds"])}
+        out["mean"] = statistics.mean(out["seeds"])
+        return out
+
+    acc = joined(a["test_accuracy"], b["test_accuracy"])
+    out = {
+        **a,
+        "test_accuracy": acc,
+        "mean": statistics.mean(acc),
+        "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+        "best_validation": joined(a["best_validation"], b["best_validation"]),
+        "epoch_s": a["epoch_s"] + b["epoch_s"],
+        "wall_s": a.get("wall_s", 0.0) + b.get("wall_s", 0.0),
+        "peak_above_base": max(a["peak_above_base"], b["peak_above_base"]),
+        "by_type": {t: per_seed(v, b["by_type"][t]) for t, v in a["by_type"].items()},
+    }
+    if "yes_no" in a and "yes_no" in b:
+        ya, yb = a["yes_no"], b["yes_no"]
+        match = {
+            asked: {
+                seen: {
+                    **v,
+                    "mean": (v["mean"] * ka + yb["shape_match"][asked][seen]["mean"] * kb)
+                    / (ka + kb),
+                }
+                for seen, v in row.items()
+            }
+            for asked, row in ya["shape_match"].items()
+        }
+        by_subject = {k: per_seed(v, yb["by_subject"][k]) for k, v in ya["by_subject"].items()}
+        out["yes_no"] = {"by_subject": by_subject, "shape_match": match}
+    return out
 
 
 def report(figures: dict[str, Any], plot: Path | None, json_path: Path | None) -> None:
