@@ -82,6 +82,7 @@ from stages.train_side import (
     backbone_config_of,
     build_trial,
     cached_states,
+    candidates_of,
     check_trials,
     class_weight_of,
     curves_figure,
@@ -201,11 +202,6 @@ def select_task(net: torch.nn.Module, task: str) -> torch.nn.Module:
     """The network as ``task`` uses it: a multi-task body with that task's head; a T5 side
     network, which every task shares whole, as it is."""
     return net.select(task) if isinstance(net, MultiTaskSideNetwork) else net
-
-
-def candidates_of(cache: CommittedCache) -> list[str] | None:
-    """The label strings a T5 cache scores (its task's candidates), else None."""
-    return cache.manifest["task"].get("candidates")
 
 
 def epochs_of_tasks(cfg: StageConfig, tasks: list[str]) -> int:

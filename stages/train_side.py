@@ -123,6 +123,11 @@ def task_spec_of(cache: CommittedCache) -> TaskSpec:
     return spec_of(cache.manifest["task"])
 
 
+def candidates_of(cache: CommittedCache) -> list[str] | None:
+    """The label strings a T5 cache scores (its task's candidates), else None."""
+    return cache.manifest["task"].get("candidates")
+
+
 def _data_of(cfg: StageConfig) -> Any:
     """The task data the config names (a glue_data folder or custom files), else None.
 
@@ -336,7 +341,7 @@ def class_weight_of(cfg: StageConfig, cache: CommittedCache, spec: TaskSpec) -> 
         what = "an answer generated token by token"
     elif cfg.train_side.head == "lm":
         what = "label words scored by the LM head, --head lm"
-    elif cache.manifest["task"].get("candidates") is not None:
+    elif candidates_of(cache) is not None:
         what = "label strings scored by T5"
     if what is not None:
         raise StageError(
@@ -888,7 +893,7 @@ def cached_outputs(
     T5 candidate scores), with the cache's task spec and T5 candidates."""
     saved = json.loads((Path(folder) / f"{name}.config.json").read_text())
     cache = resolve_cache(cfg, cache_key or saved["cache"])
-    spec, candidates = task_spec_of(cache), cache.manifest["task"].get("candidates")
+    spec, candidates = task_spec_of(cache), candidates_of(cache)
     # the checkpoint's weights (below) into the network it was saved from
     rebuilt: dict[str, Any] = {"init": "random"}
     if "visual" in saved:  # saved before visual ladders existed: tokens at the input
@@ -1272,7 +1277,7 @@ def train_side(
             "t5-caption cache: run `pipeline run extract` again"
         )
     bcfg = backbone_config_of(cache)
-    candidates = cache.manifest["task"].get("candidates")
+    candidates = candidates_of(cache)
     trials = check_trials(cfg, cache)
     class_weight = class_weight_of(cfg, cache, spec)
     epochs = epochs_of(cfg, spec.name)

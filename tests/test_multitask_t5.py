@@ -17,9 +17,9 @@ from cache_store.reader import open_cache
 from ladder.vision import VisualT5SideNetwork
 from pipeline.config import apply_overrides
 from stages.extract import extract
-from stages.multitask import cached_task_outputs, candidates_of, train_multitask_run
+from stages.multitask import cached_task_outputs, train_multitask_run
 from stages.tasks import compute_metrics, load_task_of
-from stages.train_side import predictions_of, train_side
+from stages.train_side import candidates_of, predictions_of, train_side
 from tests.conftest import assert_one_task_run_is_the_single, make_config, tiny_t5
 from tests.test_vl import tiny_clip, write_vqa
 from tests.test_vl_caption import write_captions
