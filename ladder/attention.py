@@ -298,3 +298,15 @@ class SideKVCache:
 
         for block in self.blocks.values():
             pick(block)
+
+
+def extend_cached(entry: dict[str, Tensor] | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The new positions' keys and values ``k``, ``v`` (B, heads, T_new, hd) after an
+    attention's cached ones (``entry``'s ``"k"``/``"v"``, along the positions), stored back in
+    ``entry`` and returned; ``entry`` None (no incremental decoding): ``k``, ``v`` as given."""
+    if entry is None:
+        return k, v
+    if "k" in entry:
+        k, v = torch.cat((entry["k"], k), 2), torch.cat((entry["v"], v), 2)
+    entry["k"], entry["v"] = k, v
+    return k, v

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from ladder.attention import Dropout, SideKVCache, attention, mask_bias
+from ladder.attention import Dropout, SideKVCache, attention, extend_cached, mask_bias
 from ladder.errors import LadderError
 from ladder.families import Dims
 from ladder.ladders import Ladders
@@ -141,10 +141,7 @@ class CausalSideAttention(nn.Module):
         if cos is not None and sin is not None:
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-        if kv is not None:
-            if "k" in kv:
-                k, v = torch.cat((kv["k"], k), 2), torch.cat((kv["v"], v), 2)
-            kv["k"], kv["v"] = k, v
+        k, v = extend_cached(kv, k, v)  # (B, nkv, T_past + T, hd/r)
         if self.group > 1:  # query head h reads key-value head h // group
             k = k.repeat_interleave(self.group, dim=1)  # (B, nh, T, hd/r)
             v = v.repeat_interleave(self.group, dim=1)

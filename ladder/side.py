@@ -44,7 +44,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ladder.attention import Dropout, SideKVCache, attention, mask_bias
+from ladder.attention import Dropout, SideKVCache, attention, extend_cached, mask_bias
 from ladder.causal import CausalSideNetwork
 from ladder.errors import LadderError
 from ladder.families import CAUSAL_TYPES, ENCODER_TYPES, T5_TYPES, Dims, divisors
@@ -408,10 +408,8 @@ class T5SideAttention(nn.Module):
             Tk = kv.shape[1]
             k = self.k(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)  # (B, nh, Tk, hs)
             v = self.v(kv).view(B, Tk, self.n_head, self.d_kv).transpose(1, 2)
-            if cache is not None:
-                if grow and "k" in cache:
-                    k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
-                cache["k"], cache["v"] = k, v
+            # self-attention: after the prefix's; cross-attention: stored at the first step
+            k, v = extend_cached(cache, k, v)
         p = self.dropout if self.training else 0.0
         y = attention(q, k, v, bias.to(q.dtype), dropout_p=p, scale=1.0)  # (B, nh, Tq, hs)
         return self.o(y.transpose(1, 2).reshape(B, Tq, self.n_head * self.d_kv))
