@@ -9,10 +9,11 @@ is timed side by side with the loops it replaced, built here from the product's 
 whole prefix's states every step (what greedy_generate_t5 did before the side decoder had a
 cache); ``recompute``, every step ``Backbone.states`` over the whole decoder prefix (encoder and
 decoder again) and the side network's ``decode`` over it with the LM head on every position.
-All three must choose the same tokens. No pretrained T5 works offline, so the backbone is t5-small's shape (d 512, 6 + 6
-blocks, 8 heads, d_ff 2048) with random weights and the MiniLM tokenizer, the side network r = 8
-with 17 visual tokens of width 192 (easy-VQA's 4x4-pooled random-vit); one thread, batch 8, the
-captioning prompt, no EOS (every caption runs to the token budget).
+All three must choose the same tokens. No pretrained T5 works offline, so the backbone is
+t5-small's shape (d 512, 6 + 6 blocks, 8 heads, d_ff 2048) with random weights and the MiniLM
+tokenizer, the side network r = 8 with 17 visual tokens of width 192 (easy-VQA's 4x4-pooled
+random-vit); one thread, batch 8, the captioning prompt, no EOS (every caption runs to the token
+budget).
 """
 
 from __future__ import annotations

@@ -46,6 +46,11 @@ def stored_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def accuracies(preds: list[np.ndarray], labels: np.ndarray, pick: np.ndarray) -> list[float]:
+    """Each network's accuracy x100 on the questions ``pick`` selects."""
+    return [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+
+
 def by_type(preds: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray) -> dict[str, Any]:
     """Test accuracy x100 per question type and over all questions: per network (``seeds``),
     their mean, the type's size and its majority answer's accuracy."""
@@ -54,7 +59,7 @@ def by_type(preds: list[np.ndarray], labels: np.ndarray, kinds: np.ndarray) -> d
         pick = np.ones(len(labels), bool) if t == "all" else kinds == t
         if not pick.any():
             continue
-        seeds = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+        seeds = accuracies(preds, labels, pick)
         majority = float(np.bincount(labels[pick]).max() / pick.sum()) * 100
         out[t] = {
             "seeds": seeds,
@@ -99,7 +104,7 @@ def yes_no_diagnostics(
     by_subject = {}
     for subject in ("naming a shape", "naming a colour"):
         pick = subjects == subject
-        seeds = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
+        seeds = accuracies(preds, labels, pick)
         by_subject[subject] = {"seeds": seeds, "mean": statistics.mean(seeds), "n": int(pick.sum())}
     shapes = image_shapes(questions, labels, images)
     match: dict[str, dict[str, Any]] = {}
@@ -108,9 +113,8 @@ def yes_no_diagnostics(
         for seen in SHAPES:
             pick = named & (shapes == seen)
             if pick.any():
-                accs = [float(np.mean(p[pick] == labels[pick])) * 100 for p in preds]
                 match.setdefault(asked, {})[seen] = {
-                    "mean": statistics.mean(accs),
+                    "mean": statistics.mean(accuracies(preds, labels, pick)),
                     "n": int(pick.sum()),
                 }
     return {"by_subject": by_subject, "shape_match": match}
@@ -356,8 +360,9 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     kinds = {tuple(sorted(s)) for s in seeds.values()}
     if len(kinds) > 1:
         raise ValueError(
-            f"--merge: the arms end with different seeds ({', '.join(f'{a}: {sorted(s)}' for a, s in seeds.items())}); "
-            "allowed: every arm for the same seeds"
+            "--merge: the arms end with different seeds ("
+            + ", ".join(f"{a}: {sorted(s)}" for a, s in seeds.items())
+            + "); allowed: every arm for the same seeds"
         )
     figures["seeds"] = sorted(kinds.pop())
     figures["merged_from"] = [
