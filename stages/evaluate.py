@@ -275,8 +275,7 @@ class Predictor:
             if self.backbone.encoder_decoder and not self.spec.captioning
             else None
         )
-        _, layers = stream_layers(self.net, self.spec, self.candidates)
-        layers.pop("dec", None)  # captions are generated, not teacher-forced
+        _, layers = stream_layers(self.net, self.candidates)  # captions: generated, not scored
         self.states = online_states(self.backbone, False, layers)
         return self
 

@@ -373,7 +373,10 @@ def train_multitask_run(
             if weight is not None:  # T5 label scoring refuses class weights (class_weight_of)
                 ts.net.heads[task].set_class_weight(weight)
     # the streams each task's loaders read: (training, evaluation)
-    layers = {t: stream_layers(runs[0].net, specs[t], candidates_of(c)) for t, c in caches.items()}
+    layers = {
+        t: stream_layers(runs[0].net, candidates_of(c), specs[t].captioning)
+        for t, c in caches.items()
+    }
     keys = [c.key for c in caches.values()]
     signature = {
         **run_signature(cfg, "+".join(keys), None),

@@ -491,19 +491,19 @@ def build_trial(
 
 
 def stream_layers(
-    net: torch.nn.Module, spec: TaskSpec, candidates: Sequence[str] | None
+    net: torch.nn.Module, candidates: Sequence[str] | None, captioning: bool = False
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """The backbone states a network reads from a task's cache, per stream: (training,
     evaluation). ``enc`` always; T5 trains on the ``dec`` stream (the verbalised target or the
-    caption) and scores each candidate label string on its own stream; captioning validates on
-    the teacher-forced caption loss (``dec``)."""
+    caption) and scores each of its ``candidates`` (label strings) on its own stream;
+    ``captioning`` validates on the teacher-forced caption loss (``dec``)."""
     train = {"enc": net.needed_layers("enc")}
-    if candidates is not None or spec.captioning:
+    if candidates is not None or captioning:
         train["dec"] = net.needed_layers("dec")
     evaluation = {"enc": train["enc"]}
     if candidates is not None:
         evaluation.update({s: train["dec"] for s in layout.cand_streams(len(candidates))})
-    if spec.captioning:
+    if captioning:
         evaluation["dec"] = train["dec"]
     return train, evaluation
 
@@ -916,9 +916,7 @@ def split_outputs(
 ) -> torch.Tensor:
     """A loaded network's raw outputs (:func:`batch_outputs`) per example of a cache's split, in
     the split's order, from the cache's states (and image features where ``cfg`` reads them)."""
-    layers = {"enc": net.needed_layers("enc")}
-    if candidates is not None:
-        layers.update({s: net.needed_layers("dec") for s in layout.cand_streams(len(candidates))})
+    _, layers = stream_layers(net, candidates)
     loader = CacheLoader(
         cache,
         split,
@@ -1290,7 +1288,7 @@ def train_side(
     if class_weight is not None:  # T5 networks have no classification head to weigh
         for ts in runs:
             ts.net.set_class_weight(class_weight)
-    layers, eval_layers = stream_layers(runs[0].net, spec, candidates)
+    layers, eval_layers = stream_layers(runs[0].net, candidates, spec.captioning)
     mode = None if online is None else ("online-dropout" if online_dropout else "online-eval")
     private = bool(cfg.cache.storage_options)  # a saved config may hint at credentials
     folder = run_folder(cfg, run_signature(cfg, cache.key, mode), run_name, private=private)
