@@ -162,14 +162,17 @@ class ClassifierHead:
         self.register_buffer("class_weight", None, persistent=False)  # type: ignore[attr-defined]
 
     def set_class_weight(self, weight: Tensor | None) -> None:
-        """Weigh each class's cross-entropy (num_labels,) from now on; None: every class alike."""
+        """Weigh each class's cross-entropy (num_labels,) from now on, on the head's device; None:
+        every class alike."""
         n = self.side.num_labels
         if weight is not None and (n == 1 or weight.shape != (n,) or not (weight >= 0).all()):
             raise LadderError(
                 f"class weights of shape {tuple(weight.shape)}; allowed: ({n},), >= 0, for a "
                 "classification head (num_labels > 1)"
             )
-        self.class_weight = None if weight is None else weight.float()
+        self.class_weight = (
+            None if weight is None else weight.float().to(self.head_out.weight.device)
+        )
 
     def head(self, pooled: Tensor) -> Tensor:
         """(B, d/r) pooled side states -> (B, num_labels) logits."""

@@ -526,6 +526,18 @@ TRAIN_OPTIONS = [
         type=click.Choice(_choices("train_side.compile")),
     ),
     config_option(
+        "--side-device",
+        "train_side.device",
+        "where the side networks train, free text: auto (cuda when present) | cpu | cuda | "
+        "cuda:N | mps",
+    ),
+    config_option(
+        "--precision",
+        "train_side.precision",
+        "the side networks' forward: float32, or under bfloat16 autocast",
+        type=click.Choice(_choices("train_side.precision")),
+    ),
+    config_option(
         "--report-to",
         "train_side.report_to",
         "experiment trackers, comma-separated: tensorboard, mlflow (none or empty: no tracking)",
@@ -558,10 +570,12 @@ def _train(
     backbone = None
     if online is not None:
         from ladder.backbones import load_backbone
+        from stages.train_side import side_device
 
-        backbone = load_backbone(
+        backbone = load_backbone(  # beside the side networks: its states feed them
             cfg.backbone.name,
             revision=cfg.backbone.revision,
+            device=side_device(cfg),
             quantization=cfg.backbone.quantization,
         )
     result = train_side(

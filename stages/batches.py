@@ -28,20 +28,27 @@ class Batch:
     visual: torch.Tensor | None = None  # [B, n_tokens, d_v] image features (VL caches)
 
     def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (itself on the CPU). To CUDA from pinned memory without
+        blocking: the copy runs beside the work already queued (:func:`on_device`). ``index``
+        stays on the CPU, where predictions are gathered."""
         if device.type == "cpu":
             return self
+
+        def send(x: torch.Tensor) -> torch.Tensor:
+            if x.device == device:
+                return x
+            pinned = device.type == "cuda" and x.device.type == "cpu"
+            return (x.pin_memory() if pinned else x).to(device, non_blocking=pinned)
+
         return Batch(
             self.index,
-            self.labels.to(device),
-            {
-                s: {n: x.to(device, non_blocking=True) for n, x in d.items()}
-                for s, d in self.states.items()
-            },
-            {s: m.to(device) for s, m in self.masks.items()},
-            {s: x.to(device) for s, x in self.input_ids.items()},
-            {s: x.to(device) for s, x in self.target_ids.items()},
-            None if self.token_type_ids is None else self.token_type_ids.to(device),
-            None if self.visual is None else self.visual.to(device),
+            send(self.labels),
+            {s: {n: send(x) for n, x in d.items()} for s, d in self.states.items()},
+            {s: send(m) for s, m in self.masks.items()},
+            {s: send(x) for s, x in self.input_ids.items()},
+            {s: send(x) for s, x in self.target_ids.items()},
+            None if self.token_type_ids is None else send(self.token_type_ids),
+            None if self.visual is None else send(self.visual),
         )
 
 
@@ -68,3 +75,20 @@ def torch_batches(batches: Iterable[NumpyBatch]) -> Iterator[Batch]:
     """``to_torch`` of each batch of a loader epoch, as they come."""
     for b in batches:
         yield to_torch(b)
+
+
+def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """``batches`` on ``device``, each sent one batch ahead: on CUDA the copy of the next batch
+    is queued before this one is used, so it overlaps this batch's step. On the CPU, as they
+    come."""
+    if device.type == "cpu":
+        yield from batches
+        return
+    ahead: Batch | None = None
+    for b in batches:
+        sent = b.to(device)
+        if ahead is not None:
+            yield ahead
+        ahead = sent
+    if ahead is not None:
+        yield ahead

@@ -138,6 +138,11 @@ class TrainSideConfig(Section):
     # torch.compile of the stacked step (inductor); auto: off on CPU, where it was measured not
     # to pay (README, "Measured here"), on for CUDA
     compile: Literal["auto", "on", "off"] = "auto"
+    # where the side networks train: auto (cuda when present), cpu, cuda, cuda:1, mps
+    device: str = "auto"
+    # the side networks' forward under autocast: bfloat16 (no loss scaling needed); float32
+    # is the authors' and the equivalence tests'
+    precision: Literal["float32", "bfloat16"] = "float32"
 
     @field_validator("reduction_factors", "seeds", "learning_rates")
     @classmethod

@@ -244,7 +244,7 @@ class Predictor:
         else:
             self.net = build_side_network(self.backbone.config, side, lm_head)
         load_into(self.net, state, str(weights))
-        self.net.eval()
+        self.net.to(device).eval()  # beside the backbone
         self.select(task or self.tasks[0])
         if num_beams > 1 and not self.spec.captioning:
             raise StageError(

@@ -101,6 +101,7 @@ from stages.train_side import (
     save_checkpoint,
     score_name,
     side_config,
+    side_device,
     split_outputs,
     split_targets,
     stream_layers,
@@ -239,16 +240,18 @@ def build_multitask_trial(
     specs: dict[str, TaskSpec],
     trial: Trial,
     total_steps: int,
+    device: torch.device | None = None,
 ) -> TrialState:
     """A seeded multi-task side network, initialised as asked (side_init from the first task's
-    cache: magnitude is every task's, Fisher the first task's), its AdamW and schedule. T5: the
+    cache: magnitude is every task's, Fisher the first task's), its AdamW and schedule, on
+    ``device`` (default: the CPU). T5: the
     one-task network (``train_side.build_trial``) of the first task, reading the VL tasks'
     visual tokens."""
     first = next(iter(caches))
     vl = visual_caches(cfg, caches)
     if is_t5(bcfg):
         return build_trial(
-            cfg, caches[first], bcfg, specs[first], trial, total_steps, list(vl.values())
+            cfg, caches[first], bcfg, specs[first], trial, total_steps, list(vl.values()), device
         )
     torch.manual_seed(trial.seed)
     labels = {t: s.num_labels for t, s in specs.items()}
@@ -265,7 +268,7 @@ def build_multitask_trial(
         net.body.set_tokens_per_image(tokens_per_image)  # type: ignore[attr-defined]
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(caches[first], trial.r, cfg.train_side.init))
-    return trial_state(cfg, net, trial, total_steps)
+    return trial_state(cfg, net, trial, total_steps, device)
 
 
 def saved_network(
@@ -345,7 +348,9 @@ def train_multitask_run(
 ) -> TrainResult:
     """The run (see the module docstring); ``progress``, ``echo`` as ``train_side``."""
     tracking.require(cfg.train_side.report_to)
-    torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
+    device = side_device(cfg)
+    if device.type == "cpu":  # as train_side
+        torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
     tasks = cfg.task.names
     if cfg.train_side.head != "cls":
         raise StageError(
@@ -367,7 +372,9 @@ def train_multitask_run(
     total_steps = epochs * steps_per_epoch
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    runs = [build_multitask_trial(cfg, caches, bcfg, specs, tr, total_steps) for tr in trials]
+    runs = [
+        build_multitask_trial(cfg, caches, bcfg, specs, tr, total_steps, device) for tr in trials
+    ]
     for ts in runs:
         for task, weight in class_weights.items():
             if weight is not None:  # T5 label scoring refuses class weights (class_weight_of)
@@ -402,7 +409,7 @@ def train_multitask_run(
             seed=seed0,
             memory_budget=budget,
             images=tables.get(cache.key),
-            widen=train,  # multi-task runs train on the CPU
+            widen=train and device.type == "cpu",  # a GPU widens its own copy
         )
 
     loaders = {s: {t: loader(t, s) for t in caches} for s in ("train", "validation")}
@@ -511,6 +518,7 @@ class MultiTaskRun:
             ) as bar:
                 batches = mixed_batches(self.train_loaders, self.seed, epoch)
                 for step, (task, batch) in enumerate(batches):
+                    batch = batch.to(active[0].device)  # once for every network
                     for ts in active:
                         if ts.stopped is not None:
                             continue

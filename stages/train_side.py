@@ -48,6 +48,8 @@ from cache_store.images import ImageTable
 from cache_store.loader import CacheLoader
 from cache_store.reader import CommittedCache, open_cache
 from cache_store.registry import list_caches
+from ladder.backbones import pick_device
+from ladder.errors import LadderError
 from ladder.side import SideConfig, build_side_network, trainable_parameters
 from ladder.stacked import (
     StackedAdamW,
@@ -65,7 +67,7 @@ from ladder.vision import (
     visual_stats,
 )
 from stages import tracking
-from stages.batches import Batch, torch_batches
+from stages.batches import Batch, on_device, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
 from stages.images import image_layout, vision_mismatch, visual_of
@@ -114,9 +116,11 @@ class TrialState:
     compute_s: float = 0.0
     compile_s: float = 0.0  # steps that compiled a graph (train_side.compile), not in compute_s
     compiled: Callable[..., torch.Tensor] | None = None  # the compiled forward + loss, if any
-    rng: torch.Tensor | None = None  # this network's torch RNG (init, dropout), between steps
+    rng: torch.Tensor | None = None  # this network's RNG on its device (dropout), between steps
     next_epoch: int = 0  # the first epoch (0-based, internal) it has not finished
     stopped: str | None = None  # why training stopped early (a non-finite loss), else None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: torch.dtype | None = None  # train_side.precision below float32: autocast's dtype
 
 
 def task_spec_of(cache: CommittedCache) -> TaskSpec:
@@ -457,8 +461,11 @@ def build_trial(
     trial: Trial,
     total_steps: int,
     images: Sequence[CommittedCache] | None = None,
+    device: torch.device | None = None,
 ) -> TrialState:
-    """A side network (seeded, initialised as asked), its AdamW and linear warm-up schedule.
+    """A side network (seeded, initialised as asked), its AdamW and linear warm-up schedule,
+    on ``device`` (default: the CPU); built on the CPU, so a seed gives the same initial
+    weights on every device.
 
     ``images``: the caches whose image features the network reads, and standardises its visual
     tokens with (default: ``cache``, if the run reads its images; a T5 task list: its VL tasks').
@@ -487,7 +494,7 @@ def build_trial(
         net = build_side_network(bcfg, side_config(cfg, trial.r, spec, cache), lm_head)
     if cfg.train_side.init != "random":
         net.load_side_init(load_side_init(cache, trial.r, cfg.train_side.init))
-    return trial_state(cfg, net, trial, total_steps)
+    return trial_state(cfg, net, trial, total_steps, device)
 
 
 def stream_layers(
@@ -525,15 +532,52 @@ _VISUAL_STATS: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def trial_state(
-    cfg: StageConfig, net: torch.nn.Module, trial: Trial, total_steps: int
+    cfg: StageConfig,
+    net: torch.nn.Module,
+    trial: Trial,
+    total_steps: int,
+    device: torch.device | None = None,
 ) -> TrialState:
-    """A built network with its AdamW and schedule; its RNG stream starts from the global one."""
+    """A built network moved to ``device`` (default: the CPU), with its AdamW and schedule; its
+    RNG stream starts from the device's global one (seeded by ``build_trial``)."""
     t = cfg.train_side
+    device = device or torch.device("cpu")
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=trial.lr, weight_decay=t.weight_decay, eps=1e-8)
     schedule = linear_schedule(warmup_steps_of(cfg, total_steps), total_steps)
     ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-    ts.rng = torch.get_rng_state()  # its own stream from here on: see train_step
+    ts.device = device
+    ts.autocast = torch.bfloat16 if t.precision == "bfloat16" else None
+    ts.rng = get_rng(device)  # its own stream from here on: see train_step
     return ts
+
+
+def side_device(cfg: StageConfig) -> torch.device:
+    """Where the side networks train (``train_side.device``; auto: CUDA when present)."""
+    try:
+        return pick_device(cfg.train_side.device)
+    except LadderError as e:
+        raise StageError(str(e).replace("device ", "train_side.device ", 1)) from None
+
+
+def get_rng(device: torch.device) -> torch.Tensor:
+    """The state of the global random stream that draws on ``device`` (dropout masks)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def set_rng(device: torch.device, state: torch.Tensor) -> None:
+    """Set the global random stream that draws on ``device`` (:func:`get_rng`)."""
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def autocast(ts: TrialState) -> torch.autocast:
+    """The network's forward precision (``train_side.precision``): autocast to bfloat16, or off."""
+    return torch.autocast(ts.device.type, ts.autocast or torch.bfloat16, ts.autocast is not None)
 
 
 # --- where the states come from ----------------------------------------------------------------------
@@ -580,14 +624,21 @@ def train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm:
     global stream as it was.
     """
     if ts.rng is not None:
-        torch.set_rng_state(ts.rng)
+        set_rng(ts.device, ts.rng)
     try:
-        return _train_step(ts, batch, states, max_grad_norm)
+        with autocast(ts):
+            loss = _forward_loss(ts, batch.to(ts.device), states)
+        ts.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
+        ts.opt.step()
+        ts.sched.step()
+        return float(loss.detach())
     finally:
-        ts.rng = torch.get_rng_state()
+        ts.rng = get_rng(ts.device)
 
 
-def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm: float) -> float:
+def _forward_loss(ts: TrialState, batch: Batch, states: StateSource) -> torch.Tensor:
     ts.net.train()
     if "enc" in batch.target_ids:  # generation: the answer tokens, under teacher forcing
         loss = ts.net.lm_loss(states(batch, "enc"), batch.masks["enc"], batch.target_ids["enc"])
@@ -606,12 +657,7 @@ def _train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm
         else:
             logits = ts.net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch))
             loss = ts.net.loss(logits, batch.labels)
-    ts.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
-    ts.opt.step()
-    ts.sched.step()
-    return float(loss.detach())
+    return loss
 
 
 class StackedGroup:
@@ -641,10 +687,11 @@ class StackedGroup:
                     self.opt.exp_avg[name][k].copy_(st["exp_avg"])
                     self.opt.exp_avg_sq[name][k].copy_(st["exp_avg_sq"])
                     self.opt.steps[k] = float(st["step"])
+        self.device = ms[0].device
         self.gens = []
         for ts in ms:
-            g = torch.Generator()
-            g.set_state(ts.rng if ts.rng is not None else torch.get_rng_state())
+            g = torch.Generator(self.device)
+            g.set_state(ts.rng if ts.rng is not None else get_rng(self.device))
             self.gens.append(g)
 
     @torch.no_grad()
@@ -673,12 +720,16 @@ class StackedGroup:
 
     def step(self, batch: Batch, states: StateSource, max_grad_norm: float) -> list[float]:
         """One optimizer step of every network; their losses."""
-        # online dropout: the backbone draws from the first network's stream, as train_step
-        torch.set_rng_state(self.gens[0].get_state())
-        hiddens = states(batch, "enc")
-        self.gens[0].set_state(torch.get_rng_state())
-        logits = self.stack.forward(hiddens, batch.masks["enc"], self.gens, **visual_inputs(batch))
-        losses = self.stack.losses(logits, batch.labels)
+        batch = batch.to(self.device)
+        with autocast(self.members[0]):
+            # online dropout: the backbone draws from the first network's stream, as train_step
+            set_rng(self.device, self.gens[0].get_state())
+            hiddens = states(batch, "enc")
+            self.gens[0].set_state(get_rng(self.device))
+            logits = self.stack.forward(
+                hiddens, batch.masks["enc"], self.gens, **visual_inputs(batch)
+            )
+            losses = self.stack.losses(logits, batch.labels)
         self.opt.zero_grad()
         losses.sum().backward()
         self.opt.clip_(max_grad_norm)
@@ -783,8 +834,9 @@ def batch_outputs(
     """A batch's raw outputs: logits ``[B, labels]`` (a regression head: ``[B, 1]``); for T5 the
     summed log-probability of every candidate label string, ``[B, candidates]``."""
     net.eval()
+    batch = batch.to(next(net.parameters()).device)
     if candidates is None:
-        return net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch)).float()
+        return net(states(batch, "enc"), batch.masks["enc"], **visual_inputs(batch)).float().cpu()
     C = len(candidates)
     streams = layout.cand_streams(C)
     T = max(batch.masks[s].shape[1] for s in streams)
@@ -798,7 +850,7 @@ def batch_outputs(
     dec = {n: torch.stack([pad(p[n], 0.0) for p in per], 1) for n in per[0]}  # [B, C, T, d]
     labels = torch.stack([pad(batch.target_ids[s], -100) for s in streams], 1)  # [B, C, T]
     enc, enc_mask = states(batch, "enc"), batch.masks["enc"]
-    return net.score_candidates(enc, enc_mask, dec, None, labels, **visual_inputs(batch))
+    return net.score_candidates(enc, enc_mask, dec, None, labels, **visual_inputs(batch)).cpu()
 
 
 def predictions_of(
@@ -1042,6 +1094,9 @@ def run_signature(cfg: StageConfig, cache_key: str, online: str | None) -> dict[
     # how the networks are computed changes their figures by float rounding at most
     t.pop("batched", None)
     t.pop("compile", None)
+    t.pop("device", None)  # a checkpoint holds its device's random stream: load_checkpoint
+    if t.get("precision") == "float32":  # runs made before the option
+        t.pop("precision", None)
     # runs made before the option still resume
     for key in ("warmup_ratio", "xladder_depth", "dropout"):
         if t.get(key) is None:
@@ -1134,7 +1189,8 @@ def save_checkpoint(folder: Path, ts: TrialState, epoch: int) -> None:
         "net": ts.net.state_dict(),
         "opt": ts.opt.state_dict(),
         "sched": ts.sched.state_dict(),
-        "rng": ts.rng if ts.rng is not None else torch.get_rng_state(),
+        "rng": ts.rng if ts.rng is not None else get_rng(ts.device),
+        "rng_device": ts.device.type,
         "history": ts.history,
         "best_score": ts.best_score,
         "best_epoch": ts.best_epoch,
@@ -1162,6 +1218,13 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
             f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to retrain "
             "that network from the start"
         ) from None
+    trained_on = ck.get("rng_device", "cpu")
+    if trained_on != ts.device.type:
+        raise StageError(
+            f"checkpoint {path} was trained on {trained_on} (its random stream is that "
+            f"device's); allowed: resume it with train_side.device {trained_on}, or delete it to "
+            "retrain that network from the start"
+        )
     load_into(ts.net, ck["net"], str(path))
     ts.opt.load_state_dict(ck["opt"])
     ts.sched.load_state_dict(ck["sched"])
@@ -1188,7 +1251,7 @@ def load_into(net: torch.nn.Module, state: Mapping[str, torch.Tensor], source: s
 
 def save_best_weights(folder: Path, ts: TrialState) -> None:
     """A network's weights as its best so far: ``<net>.best.safetensors``."""
-    state = {k: v.detach().contiguous() for k, v in ts.net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in ts.net.state_dict().items()}
     write_bytes_atomic(folder / f"{ts.trial.name}.best.safetensors", safetensors_bytes(state))
 
 
@@ -1247,7 +1310,6 @@ def train_side(
     online: Any = None,
     online_dropout: bool = True,
     progress: bool = True,
-    device: str = "cpu",
     echo: bool = True,
 ) -> TrainResult:
     """Train every trial of ``cfg.train_side`` from the cache (or online, given a backbone).
@@ -1256,7 +1318,8 @@ def train_side(
     validation, best so far, time), on stdout beside the bars, else (``--json``) on stderr.
     """
     tracking.require(cfg.train_side.report_to)
-    if device == "cpu":
+    device = side_device(cfg)
+    if device.type == "cpu":
         # the side network's matrices are small: a second intra-op thread costs more in
         # synchronisation than it gains, and the loader thread needs a core of its own
         torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
@@ -1284,7 +1347,7 @@ def train_side(
     total_steps = epochs * -(-n_train // t.batch_size)
     if (warning := warmup_warning(cfg, total_steps)) is not None:
         print(warning, file=sys.stderr, flush=True)
-    runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps) for tr in trials]
+    runs = [build_trial(cfg, cache, bcfg, spec, tr, total_steps, device=device) for tr in trials]
     if class_weight is not None:  # T5 networks have no classification head to weigh
         for ts in runs:
             ts.net.set_class_weight(class_weight)
@@ -1306,7 +1369,7 @@ def train_side(
         memory_budget=budget,
         read_states=online is None,
         images=images,
-        widen=device == "cpu",
+        widen=device.type == "cpu",
     )
     val, test = (
         CacheLoader(
@@ -1330,7 +1393,7 @@ def train_side(
     # a stacked group's activations: the text positions and the visual tokens before them
     tokens = cfg.backbone.max_length + (images.n_tokens if images is not None else 0)
     groups = stack_groups(cfg, runs, tokens)
-    if compile_on(cfg, device):
+    if compile_on(cfg, device.type):
         compile_networks(runs, groups)
     start, tracker, say = open_run(cfg, folder, runs, epochs, total_steps, progress, echo)
     try:
@@ -1417,7 +1480,8 @@ def _train_epochs(
         ) as bar:
             units = _units(active, groups or {})
             index = {id(ts): k for k, ts in enumerate(active)}
-            for step, batch in enumerate(torch_batches(train.epoch(epoch))):
+            batches = on_device(torch_batches(train.epoch(epoch)), active[0].device)
+            for step, batch in enumerate(batches):
                 for unit in units:
                     c0 = time.perf_counter()
                     if isinstance(unit, StackedGroup):
