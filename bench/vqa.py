@@ -153,6 +153,17 @@ def main() -> None:
         help="train_side.batched: the seeds as one stacked model (auto, on) or one by one",
     )
     p.add_argument(
+        "--side-device",
+        default="auto",
+        help="train_side.device: where the side networks train (auto: CUDA when present)",
+    )
+    p.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="train_side.precision: the side networks' forward in float32 or bfloat16 autocast",
+    )
+    p.add_argument(
         "--class-weight",
         default="none",
         choices=["none", "balanced"],
@@ -189,12 +200,14 @@ def main() -> None:
         args.limit, args.epochs = 1000, 2
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    import torch
+
     from cache_store import layout
     from ladder.backbones import load_backbone
     from pipeline.config import Config, apply_overrides
     from stages.extract import extract
     from stages.tasks import load_task_of
-    from stages.train_side import cached_predictions, train_side
+    from stages.train_side import cached_predictions, side_device, train_side
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-vqa-"))
     over: dict[str, Any] = {
@@ -215,6 +228,8 @@ def main() -> None:
         "train_side.class_weight": args.class_weight,
         "train_side.dropout": args.dropout,
         "train_side.batched": args.batched,
+        "train_side.device": args.side_device,
+        "train_side.precision": args.precision,
         "train_side.run_dir": str(work / "runs"),
     }
     cfg = apply_overrides(Config(), over)
@@ -241,6 +256,7 @@ def main() -> None:
     if unknown := [a for a in chosen if a not in ARMS]:
         p.error(f"--arms {','.join(unknown)}: allowed {', '.join(ARMS)}")
     backbone = None
+    device = side_device(cfg)
     for name in chosen:
         arm, fusion, online, readout = ARMS[name]
         c = no_vision
@@ -249,9 +265,11 @@ def main() -> None:
             ts = cfg.train_side.model_copy(update=update)
             c = cfg.model_copy(update={"train_side": ts})
         if online and backbone is None:
-            backbone = load_backbone(cfg.backbone.name)
+            backbone = load_backbone(cfg.backbone.name, device=device)
         memory = PeakMemory()
         memory.start()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t1 = time.perf_counter()
         out = train_side(c, cache_key=res.key, run_name=name, online=backbone if online else None,
                          progress=True)  # fmt: skip
@@ -272,6 +290,11 @@ def main() -> None:
             # a run folder already complete (same --work) is not retrained: then this is not
             # its training's peak
             "peak_above_base": peak["peak_above_base"],
+            **(
+                {"cuda_peak_bytes": torch.cuda.max_memory_allocated(device)}
+                if device.type == "cuda"
+                else {}
+            ),
             "online": online,
             "by_type": by_type(preds, labels, kinds),
             "yes_no": yes_no_diagnostics(preds, labels, questions, images),
@@ -303,6 +326,8 @@ def main() -> None:
         "class_weight": args.class_weight,
         "dropout": args.dropout,
         "batched": args.batched,
+        "side_device": str(device),
+        "precision": args.precision,
         "arms_asked": chosen,
         "splits": {s: v["n_examples"] for s, v in m["splits"].items()},
         "n_images": img["n_images"],
@@ -322,7 +347,9 @@ def main() -> None:
 RUN_KEYS = ("benchmark", "command", "created_at", "machine", "versions")
 # what runs merged by --merge must share: the same cache, networks and training
 SAME = ("cache", "limit", "epochs", "r", "batch_size", "vision_encoder", "vision_pool",
-        "warmup_steps", "lr", "class_weight", "dropout")  # fmt: skip
+        "warmup_steps", "lr", "class_weight", "dropout", "precision")  # fmt: skip
+# what runs made before a setting was recorded used
+SAME_BEFORE = {"precision": "float32"}
 
 
 def merge(paths: list[Path]) -> dict[str, Any]:
@@ -336,10 +363,11 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     seeds: dict[str, list[int]] = {}
     for path, run in zip(paths, runs, strict=True):
         for k in SAME:
-            if run.get(k) != runs[0].get(k):
+            mine, first = (r.get(k, SAME_BEFORE.get(k)) for r in (run, runs[0]))
+            if mine != first:
                 raise ValueError(
-                    f"--merge: {path} has {k}={run.get(k)!r}, {paths[0]} has "
-                    f"{runs[0].get(k)!r}; allowed: runs of one cache and one training setup"
+                    f"--merge: {path} has {k}={mine!r}, {paths[0]} has {first!r}; allowed: "
+                    "runs of one cache and one training setup"
                 )
         for arm, v in run["arms"].items():
             to_result = run["time_to_result_10_epochs_s"][arm]

@@ -334,7 +334,9 @@ class StackedEncoderSide(StackedSide):
         bias = mask_bias(attention_mask[:, None, None, :], dtype).repeat(K, 1, 1, 1)
         x = self._stream(hiddens, bias, gens)
         if net.pool_last:
-            pooled = x[:, torch.arange(B), (attention_mask.long().sum(1) - 1).to(x.device)]
+            pooled = x[
+                :, torch.arange(B, device=x.device), (attention_mask.long().sum(1) - 1).to(x.device)
+            ]
         else:
             pooled = x[:, :, 0]  # (K, B, d/r)
         return self._head(pooled, gens)

@@ -134,3 +134,15 @@ def test_yes_no_diagnostics_split_by_subject_and_by_the_shape_asked():
     assert match["circle"]["triangle"] == {"mean": 100.0, "n": 1}
     assert match["triangle"] == {"circle": {"mean": 100.0, "n": 1}}
     assert "rectangle" not in match
+
+
+def test_a_run_made_before_precision_was_recorded_is_a_float32_run(tmp_path):
+    old = _run(tmp_path, "with images", 90.0)
+    figures = json.loads(old.read_text())
+    del figures["precision"]  # written before train_side.precision existed
+    old.write_text(json.dumps(figures))
+    f32 = _run(tmp_path, "text alone", 60.0, precision="float32")
+    assert set(merge([old, f32])["arms"]) == {"with images", "text alone"}
+    bf16 = _run(tmp_path, "text alone", 60.0, name="bf16", precision="bfloat16")
+    with pytest.raises(ValueError, match="has precision='bfloat16'.*has 'float32'"):
+        merge([old, bf16])
