@@ -19,7 +19,9 @@ All in one run, on the same SST-2 batches (batch 100) with the default MiniLM ba
      alone, on all of SST-2 (an epoch long enough to hold a compile of seconds):
      ``python -m bench.train_side_speed --compile-only --json ...``.
 Repetitions alternate between the arms; medians are reported. The padding fraction of the
-batches (padded token slots / all slots) is reported too.
+batches (padded token slots / all slots) is reported too. ``--side-device cuda`` runs the side
+networks, and the backbone they are compared with, on a GPU (``train_side.device``); on a GPU
+``--precision bfloat16`` runs the side networks' forward under autocast.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ from typing import Any
 from bench.common import REPO, glue_dir, median, parser, table, write_json
 
 R4 = [4, 8, 16, 32]
+# train_side settings of every network the bench builds (--side-device, --precision)
+SIDE: dict[str, Any] = {"train_side.device": "cpu", "train_side.precision": "float32"}
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work (a timing's end); nothing on the CPU."""
+    import torch
+
+    if SIDE["train_side.device"].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def make_cache(root: Path, data: Path, limit: int | None) -> str:
@@ -69,6 +81,7 @@ def _setup(
         backbone_config_of,
         build_trial,
         resolve_cache,
+        side_device,
         task_spec_of,
     )
 
@@ -78,36 +91,41 @@ def _setup(
             "task.name": "sst2",
             "cache.root": str(root),
             "train_side.init": "magnitude",
+            **SIDE,
             **(over or {}),
         },
     )
     cache = resolve_cache(cfg, key)
     spec, bcfg = task_spec_of(cache), backbone_config_of(cache)
     grid = grid or [(r, seed, 3e-3) for r in rs]
-    trials = [build_trial(cfg, cache, bcfg, spec, Trial(*g), 10_000) for g in grid]
+    device = side_device(cfg)
+    trials = [build_trial(cfg, cache, bcfg, spec, Trial(*g), 10_000, device=device) for g in grid]
     return cache, trials, cfg
 
 
 class _TorchLoader:
-    """The cache loader with torch batches (``stages.batches.to_torch``), as train-side uses it."""
+    """The cache loader with torch batches (``stages.batches.to_torch``) on the networks'
+    device (``on_device``: one batch ahead), as train-side uses it."""
 
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
+    def __init__(self, loader: Any, device: Any) -> None:
+        self.loader, self.device = loader, device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def epoch(self, epoch: int) -> Any:
-        from stages.batches import torch_batches
+        from stages.batches import on_device, torch_batches
 
-        return torch_batches(self.loader.epoch(epoch))
+        return on_device(torch_batches(self.loader.epoch(epoch)), self.device)
 
 
 def train_loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
     """The shuffled training batches (as torch tensors) of the states the first trial reads, as
-    train-side reads them on a CPU (widened to float32 on the loader's thread)."""
+    train-side reads them: on a CPU widened to float32 on the loader's thread, on a GPU sent
+    narrow."""
     from cache_store.loader import CacheLoader
 
+    device = trials[0].device
     return _TorchLoader(
         CacheLoader(
             cache,
@@ -115,8 +133,9 @@ def train_loader(cache: Any, trials: list[Any], batch_size: int = 100) -> Any:
             {"enc": trials[0].net.needed_layers()},
             batch_size=batch_size,
             shuffle=True,
-            widen=True,
-        )
+            widen=device.type == "cpu",
+        ),
+        device,
     )
 
 
@@ -176,11 +195,13 @@ def step_over_forward(root: Path, key: str, backbone: Any, reps: int) -> dict[st
     backbone.model.eval()
     step, fwd = [], []
     for i in range(reps + 2):
+        _sync()
         t0 = time.perf_counter()
         train_step(trials[0], batch, cached_states, 1.0)
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # train_step waits for its loss
         with torch.no_grad():
             backbone.model(input_ids=ids, attention_mask=mask.long())
+        _sync()
         t2 = time.perf_counter()
         if i >= 2:  # the first two warm up
             step.append(t1 - t0)
@@ -251,7 +272,7 @@ from pipeline.config import Config, apply_overrides
 from stages.train_side import train_side, resolve_cache
 cfg = apply_overrides(Config(), {{"task.name": "sst2", "cache.root": {str(root)!r},
     "train_side.init": "magnitude", "train_side.epochs": 1, "train_side.memory_mb": {memory_mb},
-    "train_side.run_dir": {str(root / "runs")!r}}})
+    "train_side.run_dir": {str(root / "runs")!r}, **{SIDE!r}}})
 resolve_cache(cfg, {key!r})
 mem = PeakMemory()
 mem.start()
@@ -278,7 +299,7 @@ from pipeline.config import Config, apply_overrides
 from stages.train_side import train_side
 cfg = apply_overrides(Config(), {{"task.name": "sst2", "cache.root": {str(root)!r},
     "train_side.init": "magnitude", "train_side.epochs": 2, "train_side.compile": {mode!r},
-    "train_side.threads": 1, "train_side.run_dir": {str(tmp / "runs")!r}}})
+    "train_side.threads": 1, "train_side.run_dir": {str(tmp / "runs")!r}, **{SIDE!r}}})
 r = train_side(cfg, cache_key={key!r}, run_name={name!r}, progress=False, echo=False)
 print(json.dumps(r.metrics["networks"]["r8-s0-lr0.003"]["epochs"]))
 """
@@ -342,7 +363,12 @@ def main() -> None:
         "SST-2's training split (--quick: 2,000 examples) unless --limit says otherwise",
     )
     p.add_argument("--limit", type=int, default=None, help="training examples (--compile-only)")
+    p.add_argument(
+        "--side-device", default="cpu", help="train_side.device of every network (cpu, cuda, ...)"
+    )
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
+    SIDE.update({"train_side.device": args.side_device, "train_side.precision": args.precision})
     data = glue_dir(args.data_dir)
     limit = 2000 if args.quick else None
     if args.compile_only:
@@ -361,7 +387,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cache"
         key = make_cache(root, data, limit)
-        backbone = load_backbone("minilm-l6")
+        backbone = load_backbone("minilm-l6", device=args.side_device)
         size = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
         rows: dict[str, list[float]] = {
             k: []
@@ -393,6 +419,8 @@ def main() -> None:
     figures = {
         "task": "sst2",
         "train_examples": 2000 if args.quick else "all",
+        "side_device": args.side_device,
+        "precision": args.precision,
         "epoch_s": med,
         "step_over_minilm_forward": step,
         "online_over_cache": med["online"] / med["cache"],

@@ -553,11 +553,21 @@ def trial_state(
 
 
 def side_device(cfg: StageConfig) -> torch.device:
-    """Where the side networks train (``train_side.device``; auto: CUDA when present)."""
+    """Where the side networks train (``train_side.device``; auto: CUDA when present); a line
+    on stderr when bfloat16 is asked for on the CPU, where it is slower than float32."""
     try:
-        return pick_device(cfg.train_side.device)
+        device = pick_device(cfg.train_side.device)
     except LadderError as e:
         raise StageError(str(e).replace("device ", "train_side.device ", 1)) from None
+    if device.type == "cpu" and cfg.train_side.precision == "bfloat16":
+        print(
+            "warning: --precision bfloat16 on the CPU: without bfloat16 arithmetic units it "
+            "runs several times slower than float32 (5-8x in bench.vqa --quick here); it is "
+            "meant for GPUs",
+            file=sys.stderr,
+            flush=True,
+        )
+    return device
 
 
 def get_rng(device: torch.device) -> torch.Tensor:

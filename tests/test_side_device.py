@@ -81,11 +81,15 @@ def _losses(result) -> dict[str, list[float]]:
 
 
 @pytest.mark.parametrize("batched", ["off", "on"])
-def test_bfloat16_autocast_trains_close_to_float32_and_is_a_run_of_its_own(tiny_cache, batched):
+def test_bfloat16_autocast_trains_close_to_float32_and_is_a_run_of_its_own(
+    tiny_cache, batched, capsys
+):
     cfg = apply_overrides(tiny_cache, {"train_side.batched": batched})
     full = train_side(cfg, progress=False, echo=False, run_name=f"f32-{batched}")
+    assert "bfloat16" not in capsys.readouterr().err
     half_cfg = apply_overrides(cfg, {"train_side.precision": "bfloat16"})
     half = train_side(half_cfg, progress=False, echo=False, run_name=f"bf16-{batched}")
+    assert "warning: --precision bfloat16 on the CPU" in capsys.readouterr().err
     a, b = _losses(full), _losses(half)
     assert a.keys() == b.keys() and len(a) == 2
     for name in a:
