@@ -27,6 +27,18 @@ class Batch:
     token_type_ids: torch.Tensor | None = None  # [B, T_enc], BERT pairs
     visual: torch.Tensor | None = None  # [B, n_tokens, d_v] image features (VL caches)
 
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """Every tensor of the batch."""
+        yield self.index
+        yield self.labels
+        for d in self.states.values():
+            yield from d.values()
+        for group in (self.masks, self.input_ids, self.target_ids):
+            yield from group.values()
+        for t in (self.token_type_ids, self.visual):
+            if t is not None:
+                yield t
+
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (itself on the CPU). To CUDA from pinned memory without
         blocking: the copy runs beside the work already queued (:func:`on_device`). ``index``
@@ -78,17 +90,46 @@ def torch_batches(batches: Iterable[NumpyBatch]) -> Iterator[Batch]:
 
 
 def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
-    """``batches`` on ``device``, each sent one batch ahead: on CUDA the copy of the next batch
-    is queued before this one is used, so it overlaps this batch's step. On the CPU, as they
-    come."""
+    """``batches`` on ``device``, each sent one batch ahead: the copy of the next batch is
+    queued before this one is used. On CUDA the copies run on a stream of their own, so the next
+    batch's copy overlaps this batch's step; the step waits for its own batch's copy alone (an
+    event per batch), and the allocator is told the batch is used on the step's stream. On the
+    CPU, the batches as they come."""
     if device.type == "cpu":
         yield from batches
         return
-    ahead: Batch | None = None
+    copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ahead: tuple[Batch, torch.cuda.Event | None] | None = None
     for b in batches:
-        sent = b.to(device)
+        sent = _send(b, device, copies)
         if ahead is not None:
-            yield ahead
+            yield _ready(*ahead)
         ahead = sent
     if ahead is not None:
-        yield ahead
+        yield _ready(*ahead)
+
+
+def _send(
+    b: Batch, device: torch.device, copies: torch.cuda.Stream | None
+) -> tuple[Batch, torch.cuda.Event | None]:
+    """``b`` sent to ``device``: on the ``copies`` stream (CUDA), with the event that marks its
+    end; else as ``Batch.to``."""
+    if copies is None:
+        return b.to(device), None
+    with torch.cuda.stream(copies):
+        sent = b.to(device)
+        done = torch.cuda.Event()
+        done.record(copies)
+    return sent, done
+
+
+def _ready(b: Batch, done: torch.cuda.Event | None) -> Batch:
+    """``b`` once the stream that uses it has waited for its copy (``done``)."""
+    if done is None:
+        return b
+    use = torch.cuda.current_stream(b.labels.device)
+    use.wait_event(done)
+    for t in b.tensors():
+        if t.is_cuda:
+            t.record_stream(use)  # not reused by the copy stream before the step is done
+    return b

@@ -25,6 +25,9 @@ def _batch(k: int) -> Batch:
         states={"enc": {0: torch.full((2, 3, 4), float(k), dtype=torch.float16)}},
         masks={"enc": torch.ones(2, 3, dtype=torch.bool)},
         input_ids={"enc": torch.ones(2, 3, dtype=torch.long)},
+        target_ids={"dec": torch.zeros(2, 1, dtype=torch.long)},
+        token_type_ids=torch.zeros(2, 3, dtype=torch.long),
+        visual=torch.zeros(2, 5, 6),
     )
 
 
@@ -46,6 +49,7 @@ def test_batches_go_to_the_device_one_batch_ahead():
         assert b.states["enc"][0].dtype == torch.float16  # widened on the device, not here
         assert b.masks["enc"].device == meta and b.input_ids["enc"].device == meta
         assert b.index.device.type == "cpu"  # predictions are gathered by index on the CPU
+        assert {t.device for t in b.tensors() if t is not b.index} == {meta}
         seen.append(k)
     assert seen == [0, 1, 2, 3]
     cpu = [_batch(k) for k in range(2)]
