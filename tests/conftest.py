@@ -92,6 +92,15 @@ def tiny_bart(tokenizer, seed: int = 0):
     return from_model("tiny-bart", "", BartModel(cfg), tokenizer)
 
 
+# a short run of small batches from random init: what the tests on tiny backbones train
+SHORT_RUN = {
+    "train_side.init": "random",
+    "train_side.epochs": 2,
+    "train_side.batch_size": 4,
+    "train_side.warmup_steps": 2,
+}
+
+
 def make_config(tmp_path: Path, glue: Path, **overrides):
     """A Config on the real GLUE files with a cache root in tmp_path; small chunks, no side_init."""
     from pipeline.config import Config, apply_overrides

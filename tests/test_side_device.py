@@ -15,7 +15,7 @@ from stages.batches import Batch, on_device
 from stages.errors import StageError
 from stages.extract import extract
 from stages.train_side import train_side
-from tests.conftest import make_config, tiny_bert
+from tests.conftest import SHORT_RUN, make_config, tiny_bert
 
 
 def _batch(k: int) -> Batch:
@@ -65,10 +65,7 @@ def tiny_cache(tmp_path_factory, glue_dir, minilm_tokenizer):
         cfg,
         {
             "backbone.name": backbone.name,
-            "train_side.init": "random",
-            "train_side.epochs": 2,
-            "train_side.batch_size": 4,
-            "train_side.warmup_steps": 2,
+            **SHORT_RUN,
             "train_side.seeds": [0, 1],
             "train_side.device": "cpu",
             "train_side.run_dir": str(tmp / "runs"),

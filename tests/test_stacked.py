@@ -24,7 +24,7 @@ from stages.train_side import (
     task_spec_of,
     train_side,
 )
-from tests.conftest import assert_same_trajectories, make_config, strip_timing, tiny_bert
+from tests.conftest import SHORT_RUN, assert_same_trajectories, make_config, strip_timing, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,7 @@ def tiny(tmp_path_factory, glue_dir, minilm_tokenizer):
         cfg,
         {
             "backbone.name": backbone.name,
-            "train_side.init": "random",
-            "train_side.epochs": 2,
-            "train_side.batch_size": 4,
-            "train_side.warmup_steps": 2,
+            **SHORT_RUN,
             "train_side.reduction_factors": [2, 4],
             "train_side.seeds": [0, 1],
             "train_side.learning_rates": [3e-3],

@@ -13,7 +13,7 @@ from ladder.stacked import StackedCausalSide, stack_networks, stackable
 from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.train_side import train_side
-from tests.conftest import make_config, strip_timing
+from tests.conftest import SHORT_RUN, make_config, strip_timing
 
 
 def tiny_causal(family: str, tokenizer, dropout: float = 0.0):
@@ -119,10 +119,7 @@ def cache(request, tmp_path_factory, glue_dir, minilm_tokenizer):
         cfg,
         {
             "backbone.name": backbone.name,
-            "train_side.init": "random",
-            "train_side.epochs": 2,
-            "train_side.batch_size": 4,
-            "train_side.warmup_steps": 2,
+            **SHORT_RUN,
             "train_side.reduction_factors": [2],
             "train_side.seeds": [0, 1, 2],
             "train_side.learning_rates": [3e-3, 1e-2],
