@@ -160,8 +160,9 @@ def main() -> None:
     p.add_argument(
         "--precision",
         default="float32",
-        choices=["float32", "bfloat16"],
-        help="train_side.precision: the side networks' forward in float32 or bfloat16 autocast",
+        choices=["float32", "bfloat16", "float16"],
+        help="train_side.precision: the side networks' forward in float32, or bfloat16 or float16 "
+        "autocast",
     )
     p.add_argument(
         "--class-weight",

@@ -534,7 +534,8 @@ TRAIN_OPTIONS = [
     config_option(
         "--precision",
         "train_side.precision",
-        "the side networks' forward: float32, or under bfloat16 autocast",
+        "the side networks' forward: float32, or under bfloat16 / float16 autocast (float16: "
+        "with a loss scale)",
         type=click.Choice(_choices("train_side.precision")),
     ),
     config_option(

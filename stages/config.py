@@ -140,9 +140,10 @@ class TrainSideConfig(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     # where the side networks train: auto (cuda when present), cpu, cuda, cuda:1, mps
     device: str = "auto"
-    # the side networks' forward under autocast: bfloat16 (no loss scaling needed); float32
-    # is the authors' and the equivalence tests'
-    precision: Literal["float32", "bfloat16"] = "float32"
+    # the side networks' forward under autocast: bfloat16 (no loss scaling needed), float16
+    # (GPUs without bfloat16: the loss scaled by a GradScaler; networks train one by one);
+    # float32 is the authors' and the equivalence tests'
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("reduction_factors", "seeds", "learning_rates")
     @classmethod

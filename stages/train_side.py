@@ -121,6 +121,7 @@ class TrialState:
     stopped: str | None = None  # why training stopped early (a non-finite loss), else None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     autocast: torch.dtype | None = None  # train_side.precision below float32: autocast's dtype
+    scaler: torch.amp.GradScaler | None = None  # float16: the loss scale (bfloat16 needs none)
 
 
 def task_spec_of(cache: CommittedCache) -> TaskSpec:
@@ -547,7 +548,9 @@ def trial_state(
     schedule = linear_schedule(warmup_steps_of(cfg, total_steps), total_steps)
     ts = TrialState(trial, net, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     ts.device = device
-    ts.autocast = torch.bfloat16 if t.precision == "bfloat16" else None
+    ts.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(t.precision)
+    if t.precision == "float16":
+        ts.scaler = torch.amp.GradScaler(device.type)
     ts.rng = get_rng(device)  # its own stream from here on: see train_step
     return ts
 
@@ -559,11 +562,11 @@ def side_device(cfg: StageConfig) -> torch.device:
         device = pick_device(cfg.train_side.device)
     except LadderError as e:
         raise StageError(str(e).replace("device ", "train_side.device ", 1)) from None
-    if device.type == "cpu" and cfg.train_side.precision == "bfloat16":
+    if device.type == "cpu" and (precision := cfg.train_side.precision) != "float32":
         print(
-            "warning: --precision bfloat16 on the CPU: without bfloat16 arithmetic units it "
-            "runs several times slower than float32 (5-8x in bench.vqa --quick here); it is "
-            "meant for GPUs",
+            f"warning: --precision {precision} on the CPU: without {precision} arithmetic units "
+            "it runs several times slower than float32 (bfloat16: 5-8x in bench.vqa --quick "
+            "here); it is meant for GPUs",
             file=sys.stderr,
             flush=True,
         )
@@ -586,7 +589,8 @@ def set_rng(device: torch.device, state: torch.Tensor) -> None:
 
 
 def autocast(ts: TrialState) -> torch.autocast:
-    """The network's forward precision (``train_side.precision``): autocast to bfloat16, or off."""
+    """The network's forward precision (``train_side.precision``): autocast to bfloat16 or
+    float16, or off."""
     return torch.autocast(ts.device.type, ts.autocast or torch.bfloat16, ts.autocast is not None)
 
 
@@ -639,9 +643,17 @@ def train_step(ts: TrialState, batch: Batch, states: StateSource, max_grad_norm:
         with autocast(ts):
             loss = _forward_loss(ts, batch.to(ts.device), states)
         ts.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
-        ts.opt.step()
+        if ts.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
+            ts.opt.step()
+        else:  # float16: gradients of the scaled loss, unscaled before clipping; a step
+            # whose gradients overflowed is skipped and the scale lowered (GradScaler)
+            ts.scaler.scale(loss).backward()
+            ts.scaler.unscale_(ts.opt)
+            torch.nn.utils.clip_grad_norm_(ts.net.parameters(), max_grad_norm)
+            ts.scaler.step(ts.opt)
+            ts.scaler.update()
         ts.sched.step()
         return float(loss.detach())
     finally:
@@ -681,6 +693,8 @@ class StackedGroup:
     """
 
     def __init__(self, members: list[TrialState]) -> None:
+        if any(ts.scaler is not None for ts in members):
+            raise ValueError("float16 networks train one by one (stack_groups): a loss scale each")
         self.members = members
         self._pack()
 
@@ -762,7 +776,12 @@ def stack_groups(cfg: StageConfig, runs: list[TrialState], tokens: int) -> dict[
     ``train_side.memory_mb``.
     """
     t = cfg.train_side
-    if t.batched == "off":
+    if t.precision == "float16" and t.batched == "on":
+        raise StageError(
+            "--batched on with --precision float16: a stacked group's optimizer has no loss "
+            "scale; allowed: --batched auto or off (one by one), or --precision bfloat16"
+        )
+    if t.batched == "off" or t.precision == "float16":  # auto: one by one, each its scaler
         return {}
     shapes: dict[tuple, list[TrialState]] = {}
     for ts in runs:
@@ -1201,6 +1220,7 @@ def save_checkpoint(folder: Path, ts: TrialState, epoch: int) -> None:
         "sched": ts.sched.state_dict(),
         "rng": ts.rng if ts.rng is not None else get_rng(ts.device),
         "rng_device": ts.device.type,
+        **({"scaler": ts.scaler.state_dict()} if ts.scaler is not None else {}),
         "history": ts.history,
         "best_score": ts.best_score,
         "best_epoch": ts.best_epoch,
@@ -1242,6 +1262,8 @@ def load_checkpoint(folder: Path, ts: TrialState, epochs: int) -> int:
     ts.compute_s = ck.get("compute_s", 0.0)
     ts.compile_s = ck.get("compile_s", 0.0)
     ts.rng = ck["rng"]
+    if ts.scaler is not None and "scaler" in ck:
+        ts.scaler.load_state_dict(ck["scaler"])
     ts.stopped = ck.get("stopped")
     return epochs if ts.stopped else ck["epoch"] + 1
 

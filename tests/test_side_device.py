@@ -101,6 +101,23 @@ def test_bfloat16_autocast_trains_close_to_float32_and_is_a_run_of_its_own(
         train_side(half_cfg, progress=False, echo=False, run_name=f"f32-{batched}")
 
 
+def test_float16_trains_one_by_one_with_a_loss_scale_kept_in_its_checkpoint(tiny_cache, capsys):
+    full = train_side(tiny_cache, progress=False, echo=False, run_name="f32-scaled")
+    cfg = apply_overrides(tiny_cache, {"train_side.precision": "float16"})
+    half = train_side(cfg, progress=False, echo=False, run_name="f16")  # batched auto: 2 seeds
+    assert "warning: --precision float16 on the CPU" in capsys.readouterr().err
+    a, b = _losses(full), _losses(half)
+    for name in a:
+        assert a[name] != b[name], "float16 gave float32's losses bit for bit: no autocast"
+        assert b[name] == pytest.approx(a[name], rel=1e-2)
+    for ck in (half.folder / "checkpoints").glob("*.last.pt"):
+        scaler = torch.load(ck, weights_only=False)["scaler"]
+        assert scaler["scale"] > 1 and scaler["_growth_tracker"] > 0  # scaled, steps taken
+    on = apply_overrides(cfg, {"train_side.batched": "on"})
+    with pytest.raises(StageError, match=r"--batched on with --precision float16.*allowed"):
+        train_side(on, progress=False, echo=False, run_name="f16-on")
+
+
 def test_the_side_network_runs_its_matrices_in_bfloat16_under_autocast(tiny_cache):
     from stages.train_side import (
         Trial,
