@@ -917,13 +917,17 @@ def split_targets(cache: CommittedCache, split: str) -> list[tuple[tuple[int, fl
     )
 
 
-def split_batches(loader: CacheLoader, progress: str | None = None) -> Iterator[Batch]:
+def split_batches(
+    loader: CacheLoader, progress: str | None = None, networks: Sequence[TrialState] = ()
+) -> Iterator[Batch]:
     """One pass over a split's batches, in the loader's order, under a progress bar described
-    ``progress`` (None: no bar): what every evaluation of the networks of a run iterates."""
+    ``progress`` (None: no bar), on the device of ``networks`` (the CPU when none): what every
+    evaluation of the networks of a run iterates."""
+    device = networks[0].device if networks else torch.device("cpu")
     with tqdm(
         total=len(loader), unit="batch", desc=progress, disable=progress is None, leave=False
     ) as bar:
-        for batch in torch_batches(loader.epoch(0)):
+        for batch in on_device(torch_batches(loader.epoch(0)), device):
             yield batch
             bar.update(1)
 
@@ -946,9 +950,9 @@ def evaluate(
         return evaluate_captions(ts_list, loader, states, progress)
     preds: list[list[np.ndarray]] = [[] for _ in ts_list]
     index, labels = [], []
-    for batch in split_batches(loader, progress):
+    for batch in split_batches(loader, progress, ts_list):
         index.append(batch.index.numpy())
-        labels.append(batch.labels.numpy())
+        labels.append(batch.labels.cpu().numpy())
         for k, ts in enumerate(ts_list):
             preds[k].append(predict_batch(ts.net, batch, states, spec, candidates))
     y = np.concatenate(labels)
@@ -1058,7 +1062,7 @@ def evaluate_generation(
     right: list[list[torch.Tensor]] = [[] for _ in ts_list]
     loss = [0.0 for _ in ts_list]
     tokens = [0.0 for _ in ts_list]
-    for batch in split_batches(loader, progress):
+    for batch in split_batches(loader, progress, ts_list):
         for k, ts in enumerate(ts_list):
             lo, n, ok = answer_scores(ts.net, batch, states)
             loss[k] += float(lo.sum())
@@ -1100,7 +1104,7 @@ def evaluate_captions(
     generated captions, hence the live backbone decoder: ``pipeline evaluate``."""
     loss = [0.0 for _ in ts_list]
     tokens = [0 for _ in ts_list]
-    for batch in split_batches(loader, progress):
+    for batch in split_batches(loader, progress, ts_list):
         for k, ts in enumerate(ts_list):
             lo, n = caption_loss(ts.net, batch, states)
             loss[k] += lo
