@@ -556,13 +556,27 @@ def trial_state(
 
 
 def side_device(cfg: StageConfig) -> torch.device:
-    """Where the side networks train (``train_side.device``; auto: CUDA when present); a line
-    on stderr when bfloat16 is asked for on the CPU, where it is slower than float32."""
+    """Where the side networks train (``train_side.device``; auto: CUDA when present), with
+    the precision checked for it (:func:`check_precision`)."""
     try:
         device = pick_device(cfg.train_side.device)
     except LadderError as e:
         raise StageError(str(e).replace("device ", "train_side.device ", 1)) from None
-    if device.type == "cpu" and (precision := cfg.train_side.precision) != "float32":
+    check_precision(cfg, device)
+    return device
+
+
+def check_precision(cfg: StageConfig, device: torch.device) -> None:
+    """``train_side.precision`` against the rest, before any work: float16 with ``batched:
+    on`` is refused (a stacked group has no loss scale); a line on stderr when a half precision
+    is asked for on the CPU, where it is slower than float32."""
+    t = cfg.train_side
+    if t.precision == "float16" and t.batched == "on":
+        raise StageError(
+            "--batched on with --precision float16: a stacked group's optimizer has no loss "
+            "scale; allowed: --batched auto or off (one by one), or --precision bfloat16"
+        )
+    if device.type == "cpu" and (precision := t.precision) != "float32":
         print(
             f"warning: --precision {precision} on the CPU: without {precision} arithmetic units "
             "it runs several times slower than float32 (bfloat16: 5-8x in bench.vqa --quick "
@@ -570,7 +584,6 @@ def side_device(cfg: StageConfig) -> torch.device:
             file=sys.stderr,
             flush=True,
         )
-    return device
 
 
 def get_rng(device: torch.device) -> torch.Tensor:
@@ -776,12 +789,7 @@ def stack_groups(cfg: StageConfig, runs: list[TrialState], tokens: int) -> dict[
     ``train_side.memory_mb``.
     """
     t = cfg.train_side
-    if t.precision == "float16" and t.batched == "on":
-        raise StageError(
-            "--batched on with --precision float16: a stacked group's optimizer has no loss "
-            "scale; allowed: --batched auto or off (one by one), or --precision bfloat16"
-        )
-    if t.batched == "off" or t.precision == "float16":  # auto: one by one, each its scaler
+    if t.batched == "off" or t.precision == "float16":  # float16: one by one (check_precision)
         return {}
     shapes: dict[tuple, list[TrialState]] = {}
     for ts in runs:

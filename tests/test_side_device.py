@@ -116,6 +116,7 @@ def test_float16_trains_one_by_one_with_a_loss_scale_kept_in_its_checkpoint(tiny
     on = apply_overrides(cfg, {"train_side.batched": "on"})
     with pytest.raises(StageError, match=r"--batched on with --precision float16.*allowed"):
         train_side(on, progress=False, echo=False, run_name="f16-on")
+    assert not (half.folder.parent / "f16-on").exists()  # refused before any run folder
 
 
 def test_the_side_network_runs_its_matrices_in_bfloat16_under_autocast(tiny_cache):
