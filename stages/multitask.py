@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +64,7 @@ from ladder.vision import (
     saved_visual_readout,
 )
 from stages import tracking
-from stages.batches import Batch, torch_batches
+from stages.batches import Batch, on_device, torch_batches
 from stages.config import StageConfig
 from stages.errors import StageError
 from stages.images import image_layout, visual_of
@@ -101,7 +100,6 @@ from stages.train_side import (
     save_checkpoint,
     score_name,
     side_config,
-    side_device,
     split_outputs,
     split_targets,
     stream_layers,
@@ -109,6 +107,7 @@ from stages.train_side import (
     task_spec_record,
     train_step,
     train_visual_stats,
+    training_device,
     trial_state,
     visual_config,
     warmup_warning,
@@ -219,11 +218,15 @@ def task_order(counts: dict[str, int], seed: int, epoch: int) -> list[str]:
 
 
 def mixed_batches(
-    loaders: dict[str, CacheLoader], seed: int, epoch: int
+    loaders: dict[str, CacheLoader],
+    seed: int,
+    epoch: int,
+    device: torch.device,
 ) -> Iterator[tuple[str, Batch]]:
-    """(task, batch) for one epoch, in :func:`task_order`; a loader with more batches than its
-    length promised (streamed buffers) gives the rest at the end, none is lost."""
-    its = {t: torch_batches(ld.epoch(epoch)) for t, ld in loaders.items()}
+    """(task, batch) for one epoch, in :func:`task_order`, on ``device`` (each task's batches
+    sent one ahead, ``on_device``); a loader with more batches than its length promised
+    (streamed buffers) gives the rest at the end, none is lost."""
+    its = {t: on_device(torch_batches(ld.epoch(epoch)), device) for t, ld in loaders.items()}
     for task in task_order({t: len(ld) for t, ld in loaders.items()}, seed, epoch):
         batch = next(its[task], None)
         if batch is not None:
@@ -348,9 +351,7 @@ def train_multitask_run(
 ) -> TrainResult:
     """The run (see the module docstring); ``progress``, ``echo`` as ``train_side``."""
     tracking.require(cfg.train_side.report_to)
-    device = side_device(cfg)
-    if device.type == "cpu":  # as train_side
-        torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
+    device = training_device(cfg)
     tasks = cfg.task.names
     if cfg.train_side.head != "cls":
         raise StageError(
@@ -516,9 +517,8 @@ class MultiTaskRun:
                 disable=not progress,
                 leave=False,
             ) as bar:
-                batches = mixed_batches(self.train_loaders, self.seed, epoch)
+                batches = mixed_batches(self.train_loaders, self.seed, epoch, active[0].device)
                 for step, (task, batch) in enumerate(batches):
-                    batch = batch.to(active[0].device)  # once for every network
                     for ts in active:
                         if ts.stopped is not None:
                             continue

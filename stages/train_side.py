@@ -556,13 +556,23 @@ def trial_state(
 
 
 def side_device(cfg: StageConfig) -> torch.device:
-    """Where the side networks train (``train_side.device``; auto: CUDA when present), with
-    the precision checked for it (:func:`check_precision`)."""
+    """Where the side networks train (``train_side.device``; auto: CUDA when present)."""
     try:
-        device = pick_device(cfg.train_side.device)
+        return pick_device(cfg.train_side.device)
     except LadderError as e:
         raise StageError(str(e).replace("device ", "train_side.device ", 1)) from None
+
+
+def training_device(cfg: StageConfig) -> torch.device:
+    """What a training run (one task or a task list) sets up first: the side networks' device
+    (:func:`side_device`), the precision checked for it (:func:`check_precision`), and on the
+    CPU its threads."""
+    device = side_device(cfg)
     check_precision(cfg, device)
+    if device.type == "cpu":
+        # the side network's matrices are small: a second intra-op thread costs more in
+        # synchronisation than it gains, and the loader thread needs a core of its own
+        torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
     return device
 
 
@@ -1362,11 +1372,7 @@ def train_side(
     validation, best so far, time), on stdout beside the bars, else (``--json``) on stderr.
     """
     tracking.require(cfg.train_side.report_to)
-    device = side_device(cfg)
-    if device.type == "cpu":
-        # the side network's matrices are small: a second intra-op thread costs more in
-        # synchronisation than it gains, and the loader thread needs a core of its own
-        torch.set_num_threads(cfg.train_side.threads or max(1, (os.cpu_count() or 2) - 1))
+    device = training_device(cfg)
     cache = resolve_cache(cfg, cache_key)
     visual_of(cfg, cache)  # a run with images on a cache without them stops here
     spec = task_spec_of(cache)
