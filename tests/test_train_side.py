@@ -59,17 +59,20 @@ def test_cache_and_online_lst_follow_the_same_trajectory(
     stacked = family.endswith("stacked")
     if stacked:
         cfg = apply_overrides(cfg, {"train_side.batched": "on", "train_side.seeds": [0, 1]})
-    if family.endswith("compiled"):
-        cfg = apply_overrides(cfg, {"train_side.compile": "on"})
+    compiled = family.endswith("compiled")
+    if compiled:  # one network: compiling is most of this case's time
+        cfg = apply_overrides(
+            cfg, {"train_side.compile": "on", "train_side.reduction_factors": [2]}
+        )
     extract(cfg, backbone=backbone, progress=False)
     cached = train_side(cfg, run_name="cached", progress=False)
     online = train_side(
         cfg, run_name="online", online=backbone, online_dropout=False, progress=False
     )
-    names = {"r2-s0-lr0.003", "r4-s0-lr0.003"}
+    names = {"r2-s0-lr0.003"} if compiled else {"r2-s0-lr0.003", "r4-s0-lr0.003"}
     names |= {"r2-s1-lr0.003", "r4-s1-lr0.003"} if stacked else set()
     assert set(cached.metrics["networks"]) == names
-    if family.endswith("compiled"):
+    if compiled:
         assert all("compile_s" in n for n in cached.metrics["networks"].values())
     for name, c in cached.metrics["networks"].items():
         o = online.metrics["networks"][name]
