@@ -141,6 +141,27 @@ def tiny_llama(tokenizer, seed: int = 0, layers: int = 2, lm_head: bool = False)
     return from_model("tiny-llama", "", model, tokenizer)
 
 
+def tiny_gpt2(tokenizer, seed: int = 0, layers: int = 2):
+    """A tiny random GPT-2 (4 heads of 8 dims, d_ff = 4 d), dropout off as GPT2Config's 0.1 is."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    from ladder.backbones import from_model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=tokenizer.vocab_size,
+        n_embd=32,
+        n_layer=layers,
+        n_head=4,
+        n_positions=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return from_model("tiny-gpt2", "", GPT2Model(cfg), tokenizer)
+
+
 TIMING = ("epoch_s", "compute_s")  # what differs between two runs of the same training
 
 

@@ -7,35 +7,15 @@ import torch
 
 from cache_store.registry import open_cache
 from ladder.errors import LadderError
-from ladder.pruning import fisher_model_for, prune_backbone
+from ladder.pruning import prune_backbone
 from ladder.side import SideConfig, build_side_network
 from pipeline.config import apply_overrides
 from stages.extract import extract
 from stages.tasks import load_task
 from stages.tokens import tokenize_split
 from stages.train_side import train_side
-from tests.conftest import make_config
+from tests.conftest import make_config, tiny_gpt2
 from tests.test_extract import direct_states, stored_rows
-
-
-def tiny_gpt2(tokenizer, seed: int = 0, layers: int = 2):
-    """A tiny random GPT-2 (4 heads of 8 dims, d_ff = 4 d), dropout off as GPT2Config's 0.1 is."""
-    from transformers import GPT2Config, GPT2Model
-
-    from ladder.backbones import from_model
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=tokenizer.vocab_size,
-        n_embd=32,
-        n_layer=layers,
-        n_head=4,
-        n_positions=256,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return from_model("tiny-gpt2", "", GPT2Model(cfg), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -220,37 +200,6 @@ def test_pruning_at_r1_keeps_the_backbone_weights_in_place(gpt2):
     )
     torch.testing.assert_close(weights["layers.0.down.weight"], sd["h.0.mlp.c_proj.weight"].t())
     torch.testing.assert_close(weights["final_ln.bias"], sd["ln_f.bias"])
-
-
-def test_fisher_model_is_gpt2_sequence_classification_pooling_the_last_non_pad(gpt2):
-    model = fisher_model_for("gpt2", gpt2.config, 2, seed=0, pad_token_id=0)
-    assert type(model).__name__ == "GPT2ForSequenceClassification"
-    model.transformer.load_state_dict(gpt2.model.state_dict())
-    ids = torch.tensor([[101, 2054, 2003, 102, 0, 0]])
-    full = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
-    short = model(input_ids=ids[:, :4]).logits
-    torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-6)
-
-
-def test_magnitude_and_fisher_side_init_from_the_extraction(tmp_path, glue_dir, gpt2):
-    cfg = make_config(
-        tmp_path,
-        glue_dir,
-        **{
-            "task.limit": 6,
-            "extract.side_init": ["magnitude", "fisher"],
-            "extract.reduction_factors": [2],
-            "extract.fisher_samples": 4,
-        },
-    )
-    result = extract(cfg, backbone=gpt2, progress=False)
-    cache = open_cache(cfg.cache_root, result.key)
-    from stages.train_side import load_side_init
-
-    fisher, magnitude = load_side_init(cache, 2, "fisher"), load_side_init(cache, 2, "magnitude")
-    for w in (fisher, magnitude):
-        build_side_network(gpt2.config, SideConfig(reduction_factor=2)).load_side_init(w)
-    assert any(not torch.equal(fisher[k], magnitude[k]) for k in fisher)
 
 
 @pytest.mark.parametrize(

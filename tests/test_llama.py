@@ -8,7 +8,7 @@ import torch
 
 from cache_store.registry import open_cache
 from ladder.errors import LadderError
-from ladder.pruning import fisher_model_for, prune_backbone
+from ladder.pruning import prune_backbone
 from ladder.side import SideConfig, build_side_network
 from stages.extract import extract
 from stages.tasks import load_task
@@ -153,41 +153,6 @@ def test_pruning_at_r1_keeps_the_backbone_weights_in_place(llama):
     )
     torch.testing.assert_close(weights["layers.0.down.weight"], sd["layers.0.mlp.down_proj.weight"])
     torch.testing.assert_close(weights["final_ln.weight"], sd["norm.weight"])
-
-
-def test_fisher_model_is_llama_sequence_classification_pooling_the_last_non_pad(llama):
-    model = fisher_model_for("llama", llama.config, 2, seed=0, pad_token_id=0)
-    assert type(model).__name__ == "LlamaForSequenceClassification"
-    assert model.config.pad_token_id == 0
-    model.model.load_state_dict(llama.model.state_dict())
-    ids = torch.tensor([[101, 2054, 2003, 102, 0, 0]])
-    full = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
-    short = model(input_ids=ids[:, :4]).logits
-    torch.testing.assert_close(full, short, rtol=1e-5, atol=1e-6)
-
-
-def test_magnitude_and_fisher_side_init_from_the_extraction(tmp_path, glue_dir, llama):
-    cfg = make_config(
-        tmp_path,
-        glue_dir,
-        **{
-            "task.limit": 6,
-            "extract.side_init": ["magnitude", "fisher"],
-            "extract.reduction_factors": [2],
-            "extract.fisher_samples": 4,
-        },
-    )
-    result = extract(cfg, backbone=llama, progress=False)
-    assert sorted(result.manifest["side_init"]["r2"]) == ["fisher", "magnitude"]
-    cache = open_cache(cfg.cache_root, result.key)
-    from stages.train_side import load_side_init
-
-    for method in ("fisher", "magnitude"):
-        w = load_side_init(cache, 2, method)
-        net = build_side_network(llama.config, SideConfig(reduction_factor=2))
-        net.load_side_init(w)
-    fisher, magnitude = load_side_init(cache, 2, "fisher"), load_side_init(cache, 2, "magnitude")
-    assert any(not torch.equal(fisher[k], magnitude[k]) for k in fisher)
 
 
 @pytest.mark.parametrize(

@@ -185,8 +185,7 @@ def test_gpt2_and_the_encoder_only_network_get_xladder_from_the_same_ladders(
     minilm_tokenizer, family
 ):
     """GPT-2 (the causal network) and BERT (the encoder-only one): 3 blocks, default delta 1."""
-    from tests.conftest import tiny_bert
-    from tests.test_gpt2 import tiny_gpt2
+    from tests.conftest import tiny_bert, tiny_gpt2
 
     backbone = (
         tiny_gpt2(minilm_tokenizer, layers=3) if family == "gpt2" else tiny_bert(minilm_tokenizer)
